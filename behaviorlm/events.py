@@ -1,0 +1,353 @@
+"""Raw interaction events -> one validated, canonical polars frame.
+
+Everything downstream (tokenizer, evaluation, scoring) trusts this contract, so all the
+checking happens here, once:
+
+* canonical columns ``user_id, item_id, event_type, timestamp`` (+ optional ``session_id``);
+  ids keep their original values and dtype, ``timestamp`` is ``Datetime(us, UTC)``;
+* rows sorted by ``(user_id, timestamp)`` with the input order kept for ties (ratings given
+  in the same second stay in file order), so "the last event" is well defined;
+* every problem either raises :class:`EventsError` naming the column and an example row, or
+  -- when the caller asked for ``invalid="drop"`` -- is counted in :class:`ValidationReport`.
+  Nothing is ever dropped silently.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import polars as pl
+
+log = logging.getLogger(__name__)
+
+CANONICAL_ACTIONS: tuple[str, ...] = (
+    "view",
+    "add_to_cart",
+    "remove_from_cart",
+    "add_to_favorites",
+    "purchase",
+    "rate",
+    "interaction",
+)
+
+#: Vocabulary of the bundled datasets (and common trackers) mapped to canonical names.
+DEFAULT_ACTION_ALIASES: dict[str, str] = {
+    "pv": "view",
+    "click": "view",
+    "clicks": "view",
+    "view_product": "view",
+    "product_view": "view",
+    "page_view": "view",
+    "cart": "add_to_cart",
+    "carts": "add_to_cart",
+    "addtocart": "add_to_cart",
+    "add_to_basket": "add_to_cart",
+    "fav": "add_to_favorites",
+    "favorite": "add_to_favorites",
+    "favourite": "add_to_favorites",
+    "wishlist": "add_to_favorites",
+    "buy": "purchase",
+    "order": "purchase",
+    "orders": "purchase",
+    "transaction": "purchase",
+    "checkout": "purchase",
+    "rating": "rate",
+}
+
+CANONICAL_COLUMNS = ("user_id", "item_id", "event_type", "timestamp")
+ITEM_COLUMNS = ("item_id", "title", "category", "brand", "price")
+
+Policy = Literal["raise", "drop"]
+ActionPolicy = Literal["raise", "drop", "keep"]
+EventSource = "str | Path | pl.DataFrame | Any"  # Any: a pandas DataFrame
+
+
+class EventsError(ValueError):
+    """Bad event input. The message names the column and shows an example row."""
+
+
+@dataclass(frozen=True)
+class ColumnMapping:
+    """Which input column holds each canonical field (``action=None``: no action column)."""
+
+    user: str = "user_id"
+    item: str = "item_id"
+    action: str | None = "event_type"
+    timestamp: str = "timestamp"
+    session: str | None = None
+
+
+@dataclass
+class ValidationReport:
+    """What validation did to the input: rows in, rows out, and why each dropped row went."""
+
+    n_input_rows: int
+    n_output_rows: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def n_dropped(self) -> int:
+        return sum(self.dropped.values())
+
+    def drop(self, reason: str, count: int) -> None:
+        if count:
+            self.dropped[reason] = self.dropped.get(reason, 0) + count
+
+    def summary(self) -> str:
+        parts = [f"{self.n_input_rows:,} rows in, {self.n_output_rows:,} kept"]
+        parts += [f"dropped {n:,} ({why})" for why, n in self.dropped.items()]
+        parts += self.notes
+        return "; ".join(parts)
+
+
+@dataclass
+class Events:
+    """A validated event log: the canonical frame plus the report of how it was made."""
+
+    df: pl.DataFrame
+    report: ValidationReport
+
+    def __len__(self) -> int:
+        return self.df.height
+
+    @property
+    def n_users(self) -> int:
+        return self.df["user_id"].n_unique()
+
+    @property
+    def n_items(self) -> int:
+        return self.df["item_id"].n_unique()
+
+    @property
+    def actions(self) -> list[str]:
+        return sorted(self.df["event_type"].unique().to_list())
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_table(source: Any, what: str = "events") -> pl.DataFrame:
+    """Read CSV/TSV (optionally gzipped), Parquet, a polars or a pandas frame into polars."""
+    if isinstance(source, pl.DataFrame):
+        return source
+    if isinstance(source, pl.LazyFrame):
+        return source.collect()
+    if type(source).__module__.startswith("pandas"):
+        return pl.from_pandas(source)
+    if not isinstance(source, str | Path):
+        raise EventsError(
+            f"{what}: expected a path, a polars or a pandas DataFrame, got {type(source).__name__}"
+        )
+    path = Path(source)
+    if not path.exists():
+        raise EventsError(f"{what}: file not found: {path}")
+    name = path.name.lower()
+    try:
+        if name.endswith(".parquet") or name.endswith(".pq"):
+            return pl.read_parquet(path)
+        if name.endswith((".csv", ".csv.gz", ".tsv", ".tsv.gz", ".txt", ".txt.gz")):
+            sep = "\t" if ".tsv" in name else ","
+            return pl.read_csv(path, separator=sep, infer_schema_length=100_000)
+    except (pl.exceptions.PolarsError, OSError) as exc:  # corrupt file, mixed types, ...
+        raise EventsError(f"{what}: could not read {path}: {exc}") from exc
+    raise EventsError(f"{what}: unsupported file type {path.name!r} (use .csv[.gz], .tsv or .parquet)")
+
+
+def _example_row(df: pl.DataFrame, mask: pl.Series) -> str:
+    idx = int(mask.arg_true()[0])
+    row = df.row(idx, named=True)
+    row.pop("__row", None)
+    return f"row {idx} (0-based, header excluded): {row}"
+
+
+def _fail_or_drop(
+    df: pl.DataFrame, bad: pl.Series, message: str, policy: Policy, report: ValidationReport, reason: str
+) -> pl.DataFrame:
+    """Raise with an example row, or drop the bad rows and count them."""
+    n_bad = int(bad.sum())
+    if n_bad == 0:
+        return df
+    if policy == "raise":
+        raise EventsError(f"{message}: {n_bad:,} row(s); first at {_example_row(df, bad)}")
+    report.drop(reason, n_bad)
+    return df.filter(~bad)
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _require_columns(df: pl.DataFrame, needed: Mapping[str, str | None], what: str) -> None:
+    missing = [f"{field_}={col!r}" for field_, col in needed.items() if col and col not in df.columns]
+    if missing:
+        raise EventsError(
+            f"{what}: missing column(s) {', '.join(missing)}; available columns: {df.columns}. "
+            "Pass the right names with the column mapping (e.g. --user-col/--item-col)."
+        )
+
+
+def parse_timestamps(col: pl.Series, time_unit: str = "s") -> pl.Series:
+    """Any sensible timestamp column -> Datetime(us, UTC); unparseable values become null."""
+    dtype = col.dtype
+    if dtype == pl.Datetime:
+        tz = getattr(dtype, "time_zone", None)
+        out = col.dt.replace_time_zone("UTC") if tz is None else col.dt.convert_time_zone("UTC")
+        return out.dt.cast_time_unit("us")
+    if dtype == pl.Date:
+        return col.cast(pl.Datetime("us")).dt.replace_time_zone("UTC")
+    if dtype.is_numeric():
+        scale = {"s": 1_000_000, "ms": 1_000, "us": 1, "ns": 0.001}[time_unit]
+        micros = (col.cast(pl.Float64) * scale).round(0).cast(pl.Int64, strict=False)
+        return micros.cast(pl.Datetime("us")).dt.replace_time_zone("UTC")
+    if dtype == pl.String:
+        stripped = col.str.strip_chars()
+        numeric = stripped.cast(pl.Float64, strict=False)
+        if numeric.null_count() == stripped.null_count():  # all-numeric strings: unix times
+            return parse_timestamps(numeric, time_unit)
+        parsed = stripped.str.to_datetime(strict=False, time_unit="us", time_zone="UTC")
+        return parsed
+    raise EventsError(f"column {col.name!r}: cannot interpret dtype {dtype} as timestamps")
+
+
+def _normalise_actions(
+    df: pl.DataFrame,
+    action_map: Mapping[str, str] | None,
+    unknown_actions: ActionPolicy,
+    report: ValidationReport,
+) -> pl.DataFrame:
+    aliases = {**DEFAULT_ACTION_ALIASES, **{k.strip().lower(): v for k, v in (action_map or {}).items()}}
+    known = set(CANONICAL_ACTIONS) | set(aliases.values())
+    raw = df["event_type"].cast(pl.String).str.strip_chars().str.to_lowercase()
+    mapped = raw.replace(aliases)
+    if unknown_actions == "keep":
+        return df.with_columns(event_type=mapped)
+    bad = mapped.is_not_null() & ~mapped.is_in(sorted(known))
+    if bad.any():
+        names = sorted(set(raw.filter(bad).unique().to_list()))[:10]
+        msg = (
+            f"column 'event_type': unknown action name(s) {names}; known: {sorted(known)}. "
+            "Map them with action_map={'your_name': 'purchase', ...} or unknown_actions='keep'"
+        )
+        df = _fail_or_drop(df, bad, msg, "raise" if unknown_actions == "raise" else "drop", report, "unknown action")
+        mapped = mapped.filter(~bad)
+    return df.with_columns(event_type=mapped)
+
+
+def validate_events(
+    source: Any,
+    mapping: ColumnMapping | None = None,
+    *,
+    action_map: Mapping[str, str] | None = None,
+    unknown_actions: ActionPolicy = "raise",
+    invalid: Policy = "raise",
+    duplicates: Literal["drop", "keep", "raise"] = "drop",
+    time_unit: str = "s",
+    default_action: str = "interaction",
+) -> Events:
+    """Validate and normalise raw events; see the module docstring for the contract.
+
+    ``invalid`` governs null ids, null actions and unparseable timestamps; ``duplicates``
+    governs rows identical in (user, item, action, timestamp).
+    """
+    m = mapping or ColumnMapping()
+    raw = read_table(source, "events")
+    _require_columns(raw, {"user": m.user, "item": m.item, "action": m.action, "timestamp": m.timestamp, "session": m.session}, "events")
+    report = ValidationReport(n_input_rows=raw.height)
+    if raw.height == 0:
+        raise EventsError("events: the input has no rows")
+
+    cols = {"user_id": pl.col(m.user), "item_id": pl.col(m.item), "timestamp_raw": pl.col(m.timestamp)}
+    cols["event_type"] = pl.col(m.action).cast(pl.String) if m.action else pl.lit(default_action)
+    if m.session:
+        cols["session_id"] = pl.col(m.session)
+    df = raw.select(**cols).with_row_index("__row")
+
+    for name, src in (("user_id", m.user), ("item_id", m.item), ("event_type", m.action)):
+        if src:
+            bad = df[name].is_null()
+            df = _fail_or_drop(df, bad, f"column {src!r}: null {name}", invalid, report, f"null {name}")
+
+    ts = parse_timestamps(df["timestamp_raw"], time_unit)
+    bad = ts.is_null()
+    if bad.any() and invalid == "drop":
+        ts = ts.filter(~bad)
+    df = _fail_or_drop(df, bad, f"column {m.timestamp!r}: unparseable timestamp", invalid, report, "unparseable timestamp")
+    df = df.with_columns(timestamp=ts).drop("timestamp_raw")
+
+    df = _normalise_actions(df, action_map, unknown_actions, report)
+    df = _dedupe(df, duplicates, report)
+    df = _sort(df, report)
+    report.n_output_rows = df.height
+    if df.height == 0:
+        raise EventsError(f"events: no valid rows left ({report.summary()})")
+    order = [c for c in (*CANONICAL_COLUMNS, "session_id") if c in df.columns]
+    out = Events(df=df.select(order), report=report)
+    if report.n_dropped:
+        log.warning("events: %s", report.summary())
+    return out
+
+
+def _dedupe(df: pl.DataFrame, policy: str, report: ValidationReport) -> pl.DataFrame:
+    if policy == "keep":
+        return df
+    key = ["user_id", "item_id", "event_type", "timestamp"]
+    dup = df.select(pl.struct(key).is_duplicated() & ~pl.struct(key).is_first_distinct()).to_series()
+    if policy == "raise":
+        return _fail_or_drop(df, dup, "columns (user, item, action, timestamp): duplicate event", "raise", report, "")
+    report.drop("exact duplicate", int(dup.sum()))
+    return df.filter(~dup)
+
+
+def _sort(df: pl.DataFrame, report: ValidationReport) -> pl.DataFrame:
+    """Sort by (user, time), keeping input order for ties; note if the input was unsorted."""
+    sorted_df = df.sort(["user_id", "timestamp", "__row"], maintain_order=True)
+    within_user = df.with_columns(
+        (pl.col("timestamp").diff().over("user_id") < pl.duration(microseconds=0)).alias("__back")
+    )["__back"].sum()
+    if within_user:
+        report.notes.append(f"{within_user:,} event(s) were out of time order within their user; sorted")
+    return sorted_df.drop("__row")
+
+
+def as_events(data: Any, **kwargs: Any) -> Events:
+    """Accept an :class:`Events` as is, or validate anything :func:`validate_events` reads."""
+    if isinstance(data, Events):
+        return data
+    return validate_events(data, **kwargs)
+
+
+# --------------------------------------------------------------------------- items
+
+
+def validate_items(
+    source: Any,
+    *,
+    item_col: str = "item_id",
+    title_col: str | None = "title",
+    category_col: str | None = "category",
+    brand_col: str | None = "brand",
+    price_col: str | None = "price",
+) -> pl.DataFrame:
+    """Item metadata -> ``item_id`` plus whichever of title/category/brand/price exist.
+
+    Optional columns that are absent are simply left out; ``item_id`` must be present,
+    non-null and unique (a duplicated id would make explanations ambiguous).
+    """
+    raw = read_table(source, "items")
+    _require_columns(raw, {"item": item_col}, "items")
+    wanted = {"item_id": item_col, "title": title_col, "category": category_col, "brand": brand_col, "price": price_col}
+    df = raw.select([pl.col(src).alias(dst) for dst, src in wanted.items() if src and src in raw.columns])
+    bad = df["item_id"].is_null()
+    _fail_or_drop(df, bad, f"items: column {item_col!r}: null item id", "raise", ValidationReport(df.height), "")
+    dup = df["item_id"].is_duplicated()
+    _fail_or_drop(df, dup, f"items: column {item_col!r}: duplicated item id", "raise", ValidationReport(df.height), "")
+    if "price" in df.columns:
+        price = df["price"].cast(pl.Float64, strict=False)
+        bad = price.is_null() & df["price"].is_not_null()
+        _fail_or_drop(df, bad, "items: column 'price': not a number", "raise", ValidationReport(df.height), "")
+        df = df.with_columns(price=price)
+    return df

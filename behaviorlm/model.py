@@ -1,0 +1,160 @@
+"""The causal transformer over action sequences, in one readable file (after nanoGPT).
+
+Each position sums four embeddings -- item, action type, time-gap bucket, learned position --
+and a stack of pre-LayerNorm blocks with causal ``scaled_dot_product_attention`` turns it into a
+hidden state ``h_t`` that summarises events ``<= t``. Two heads read it:
+
+* ``action_logits(h)``: the next action type, ``P(a_{t+1} | <=t)``;
+* ``item_logits(h, a)``: the next item given that next action, ``P(i_{t+1} | <=t, a)``. The
+  query is ``h + E_act_out[a]`` and the output matrix is the *input item embedding* (tied), so
+  items share one representation and the head adds only ``n_actions x dim`` parameters.
+
+Sequences are right-padded: with causal attention no real position can see a pad, so padding
+cannot change any real logit, and positions count from the first token of the window, so no
+position id leaks how many events come later.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from behaviorlm.tokenizer import N_SPECIAL, PAD
+
+
+@dataclass
+class ModelConfig:
+    n_items: int  # item vocabulary size, specials included
+    n_actions: int  # action vocabulary size, specials included
+    n_gaps: int  # time-gap buckets, pad and "none" included
+    max_len: int = 200
+    dim: int = 64
+    n_layers: int = 2
+    n_heads: int = 2
+    ffn_mult: int = 4
+    dropout: float = 0.2
+    # Dropout on attention weights forces SDPA's unfused math path on CPU; off by default.
+    attn_dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
+        for name in ("n_items", "n_actions", "n_gaps", "max_len", "dim", "n_layers", "n_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim)
+        self.proj = nn.Linear(cfg.dim, cfg.dim)
+        self.attn_dropout = cfg.attn_dropout
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).split(d, dim=2)
+        q, k, v = (t.view(b, n, self.n_heads, d // self.n_heads).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.attn_dropout if self.training else 0.0
+        )
+        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(b, n, d)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.dim)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.dim)
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.dim, cfg.ffn_mult * cfg.dim),
+            nn.GELU(),
+            nn.Linear(cfg.ffn_mult * cfg.dim, cfg.dim),
+            nn.Dropout(cfg.dropout),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class BehaviorTransformer(nn.Module):
+    """Decoder-only transformer with a next-action head and a tied, action-conditioned item head."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.item_emb = nn.Embedding(cfg.n_items, cfg.dim, padding_idx=PAD)
+        self.action_emb = nn.Embedding(cfg.n_actions, cfg.dim, padding_idx=PAD)
+        self.gap_emb = nn.Embedding(cfg.n_gaps, cfg.dim, padding_idx=PAD)
+        self.pos_emb = nn.Embedding(cfg.max_len, cfg.dim)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.dim)
+        self.action_head = nn.Linear(cfg.dim, cfg.n_actions)
+        self.next_action_emb = nn.Embedding(cfg.n_actions, cfg.dim)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+            if m.padding_idx is not None:
+                with torch.no_grad():
+                    m.weight[m.padding_idx].zero_()
+
+    def forward(self, items: torch.Tensor, actions: torch.Tensor, gaps: torch.Tensor) -> torch.Tensor:
+        """(B, L) token ids -> (B, L, dim) hidden states; row t depends only on tokens <= t."""
+        n = items.shape[1]
+        if n > self.config.max_len:
+            raise ValueError(f"sequence length {n} exceeds max_len {self.config.max_len}")
+        pos = torch.arange(n, device=items.device)
+        x = self.item_emb(items) + self.action_emb(actions) + self.gap_emb(gaps) + self.pos_emb(pos)
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.ln_f(x)
+
+    def action_logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.action_head(h)
+
+    def item_query(self, h: torch.Tensor, next_action: torch.Tensor) -> torch.Tensor:
+        return h + self.next_action_emb(next_action)
+
+    def item_logits(self, h: torch.Tensor, next_action: torch.Tensor) -> torch.Tensor:
+        """Full-catalog logits over the item vocabulary (special tokens set to -inf)."""
+        logits = self.item_query(h, next_action) @ self.item_emb.weight.T
+        logits[..., :N_SPECIAL] = float("-inf")
+        return logits
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, directory: str | Path) -> None:
+        """``config.json`` + ``weights.pt`` (a plain state dict, loadable with weights_only)."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "config.json").write_text(json.dumps(asdict(self.config), indent=2))
+        torch.save(self.state_dict(), d / "weights.pt")
+
+    @classmethod
+    def load(cls, directory: str | Path) -> BehaviorTransformer:
+        d = Path(directory)
+        cfg = ModelConfig(**json.loads((d / "config.json").read_text()))
+        model = cls(cfg)
+        model.load_state_dict(torch.load(d / "weights.pt", weights_only=True, map_location="cpu"))
+        return model.eval()
