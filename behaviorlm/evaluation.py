@@ -67,7 +67,7 @@ def leave_one_out(events: Events | Any, min_events: int = 3) -> Split:
         raise ValueError("leave-one-out needs min_events >= 3 (train, validation, test)")
     ev = as_events(events)
     df = ev.df.with_columns(
-        pl.int_range(pl.len()).over("user_id").alias("__pos"), pl.len().over("user_id").alias("__n")
+        pl.int_range(pl.len()).over("user_id").alias("__pos"), pl.len().over("user_id").cast(pl.Int64).alias("__n")
     )
     evaluated = pl.col("__n") >= min_events
     cols = ev.df.columns
@@ -151,7 +151,7 @@ class Scorer(Protocol):
 def _catalog_index(catalog: pl.Series, ids: pl.Series) -> np.ndarray:
     """Map item ids to positions in the catalog; -1 where absent."""
     ids = ids.cast(catalog.dtype, strict=False)
-    return ids.replace_strict(catalog, np.arange(len(catalog)), default=-1, return_dtype=pl.Int64).to_numpy()
+    return ids.replace_strict(catalog, np.arange(len(catalog)), default=-1, return_dtype=pl.Int64).to_numpy(writable=True)
 
 
 class PopularityBaseline:
@@ -185,9 +185,9 @@ class CooccurrenceBaseline:
             pl.col("item").alias("prev"), pl.col("item").shift(-1).over("user_id").alias("next")
         ).drop_nulls().filter((pl.col("prev") >= 0) & (pl.col("next") >= 0))
         counts = pairs.group_by("prev", "next").len().sort("prev")
-        self.prev_ = counts["prev"].to_numpy()
-        self.next_ = counts["next"].to_numpy()
-        self.val_ = counts["len"].to_numpy().astype(np.float32)
+        self.prev_ = counts["prev"].to_numpy(writable=True)
+        self.next_ = counts["next"].to_numpy(writable=True)
+        self.val_ = counts["len"].to_numpy(writable=True).astype(np.float32)
         self.row_ptr_ = np.searchsorted(self.prev_, np.arange(len(catalog) + 1))
         pop = np.bincount(df["item"].filter(df["item"] >= 0).to_numpy(), minlength=len(catalog)).astype(np.float32)
         self.tiebreak_ = torch.from_numpy(pop / (pop.max() + 1.0))
@@ -265,7 +265,7 @@ def per_user_metrics(ranks: np.ndarray, k: int) -> dict[str, np.ndarray]:
 
 def bootstrap_ci(values: np.ndarray, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> tuple[float, float]:
     """Percentile bootstrap CI of the mean over users."""
-    if len(values) == 0:
+    if len(values) == 0 or n_boot < 1:
         return (float("nan"), float("nan"))
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(values), size=(n_boot, len(values)))
@@ -322,7 +322,7 @@ class EvaluationReport:
 def paired_difference(a: np.ndarray, b: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
     """Mean difference a-b over the same users with a bootstrap CI; says if it is inside the noise."""
     lo, hi = bootstrap_ci(a - b, n_boot, seed)
-    return {"diff": float((a - b).mean()), "ci95": [lo, hi], "significant": bool(lo > 0 or hi < 0)}
+    return {"diff": float((a - b).mean()), "ci95": [lo, hi], "significant": bool(lo > 0 or hi < 0)}  # nan -> False
 
 
 def evaluate(
@@ -342,7 +342,7 @@ def evaluate(
         raise ValueError(f"{split.name} {holdout} holdout has no users to evaluate")
     catalog = split.train.df["item_id"].unique(maintain_order=True)
     ur = rank_targets(model, ho, catalog, k, exclude_seen)
-    _add_action_accuracy(model, ho, ur)
+    _add_action_accuracy(model, split.train, ho, ur)
     results = {"behaviorlm": summarise(ur, k, len(catalog), n_boot)}
     model_metrics = per_user_metrics(ur.ranks, k)
     base_results, paired = {}, {}
@@ -362,9 +362,9 @@ def evaluate(
     return EvaluationReport(protocol, results["behaviorlm"], base_results, paired)
 
 
-def _add_action_accuracy(model: Any, ho: Holdout, ur: UserRanks) -> None:
-    """Next-action-type accuracy, when the scorer predicts action types and there are several."""
-    if not hasattr(model, "next_action_proba") or ho.targets["event_type"].n_unique() < 2:
+def _add_action_accuracy(model: Any, train: Events, ho: Holdout, ur: UserRanks) -> None:
+    """Next-action-type accuracy, when the scorer predicts action types and training has several."""
+    if not hasattr(model, "next_action_proba") or train.df["event_type"].n_unique() < 2:
         return
     proba = model.next_action_proba(events=ho.inputs)
     pred = proba.select("user_id", pl.col("predicted_action"))

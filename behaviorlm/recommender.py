@@ -111,7 +111,8 @@ class BehaviorLM:
     def _remember_users(self, ev: Events) -> None:
         """Keep what recommend(users=...) needs: recent events and the seen-item sets."""
         df = ev.df
-        self.histories_ = df.filter(pl.int_range(pl.len()).over("user_id") >= pl.len().over("user_id") - self.params["max_len"])
+        n = pl.len().over("user_id").cast(pl.Int64)  # UInt32 would underflow for short users
+        self.histories_ = df.filter(pl.int_range(pl.len()).over("user_id") >= n - self.params["max_len"])
         self.seen_ = df.select("user_id", "item_id").unique(maintain_order=True)
 
     def _check_fitted(self) -> None:
@@ -215,6 +216,7 @@ class BehaviorLM:
         for rows, i_logp, _ in self.iter_scores(enc, action, batch_size):
             part = enc.user_ids[rows]
             scores = i_logp.exp()
+            scores[:, :N_SPECIAL] = float("-inf")  # probability 0 is still rankable; specials never are
             if allowed is not None:
                 scores[:, ~allowed] = float("-inf")
             for r, u in enumerate(part):

@@ -150,7 +150,7 @@ class ActionTokenizer:
         target = pl.Int64 if self.item_dtype_ == "int" else pl.String
         s = s.cast(target, strict=False)
         keys = pl.Series(self.items_, dtype=target)
-        return s.replace_strict(keys, np.arange(N_SPECIAL, self.n_items), default=UNK, return_dtype=pl.Int64).to_numpy()
+        return s.replace_strict(keys, np.arange(N_SPECIAL, self.n_items), default=UNK, return_dtype=pl.Int64).to_numpy(writable=True)
 
     def action_index(self, actions: pl.Series | list[str], strict: bool = True) -> np.ndarray:
         """Action names -> ids; with ``strict`` an action unseen in training is an error."""
@@ -162,7 +162,7 @@ class ActionTokenizer:
                 raise EventsError(
                     f"column 'event_type': action(s) {unknown} were not seen in training; known: {self.actions_}"
                 )
-        return s.replace_strict(self.actions_, np.arange(N_SPECIAL, self.n_actions), default=UNK, return_dtype=pl.Int64).to_numpy()
+        return s.replace_strict(self.actions_, np.arange(N_SPECIAL, self.n_actions), default=UNK, return_dtype=pl.Int64).to_numpy(writable=True)
 
     def gap_bucket(self, seconds: np.ndarray) -> np.ndarray:
         """Log2 buckets of inter-event gaps; negative/NaN (first event) -> GAP_NONE."""

@@ -10,15 +10,15 @@ from behaviorlm.events import validate_events
 
 
 def make_events(n_users: int = 40, n_items: int = 12, length: int = 14, seed: int = 0) -> pl.DataFrame:
-    """Each user walks the catalog cyclically (item i -> i+1) from a random start, viewing
-    each item, carting every third and buying every fifth: next-item and next-action are both
-    predictable, so a working model must beat popularity by a wide margin."""
+    """Each user walks the catalog cyclically (item i -> i+1) from a random start with the
+    action cycle view, view, add_to_cart, purchase: next item and next action both follow from
+    the content of the history, so a working model must beat popularity by a wide margin."""
     rng = np.random.default_rng(seed)
     rows = []
     for u in range(n_users):
         start, t = int(rng.integers(n_items)), 1_700_000_000 + int(rng.integers(10_000))
         for j in range(length):
-            action = "purchase" if j % 5 == 4 else "add_to_cart" if j % 3 == 2 else "view"
+            action = ("view", "view", "add_to_cart", "purchase")[(j + start) % 4]
             rows.append((u, f"item{(start + j) % n_items}", action, t))
             t += int(rng.integers(30, 4000))
     return pl.DataFrame(rows, schema=["user_id", "item_id", "event_type", "timestamp"], orient="row")

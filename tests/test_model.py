@@ -1,0 +1,100 @@
+"""Properties of the transformer itself: causality, padding invariance, persistence."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from behaviorlm.model import BehaviorTransformer, ModelConfig
+from behaviorlm.tokenizer import PAD
+from behaviorlm.training import FusedLinearCrossEntropy, TrainConfig, sequence_loss
+
+
+def _model(**kw) -> BehaviorTransformer:
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_items=30, n_actions=7, n_gaps=10, max_len=16, dim=16, n_layers=2, n_heads=2, **kw)
+    return BehaviorTransformer(cfg).eval()
+
+
+def _batch(b=3, n=10, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(4, 30, (b, n), generator=g), torch.randint(4, 7, (b, n), generator=g),
+            torch.randint(1, 10, (b, n), generator=g))
+
+
+def test_causality_later_events_do_not_change_earlier_logits():
+    m = _model()
+    items, actions, gaps = _batch()
+    h = m(items, actions, gaps)
+    items2, actions2 = items.clone(), actions.clone()
+    items2[:, 6:] = (items2[:, 6:] + 5) % 26 + 4
+    actions2[:, 6:] = 4
+    h2 = m(items2, actions2, gaps)
+    torch.testing.assert_close(h[:, :6], h2[:, :6])
+    assert not torch.allclose(h[:, 6:], h2[:, 6:])
+
+
+def test_padding_does_not_change_logits_or_loss():
+    m = _model()
+    items, actions, gaps = _batch(b=2, n=8)
+    tgt_i, tgt_a = torch.roll(items, -1, 1), torch.roll(actions, -1, 1)
+    tgt_i[:, -1] = PAD
+    tgt_a[:, -1] = PAD
+    pad = lambda t: torch.cat([t, torch.full((t.shape[0], 5), PAD)], 1)  # noqa: E731
+    short = dict(items=items, actions=actions, gaps=gaps, target_items=tgt_i, target_actions=tgt_a)
+    long = {k: pad(v) for k, v in short.items()}
+    cfg = TrainConfig()
+    loss_s, n_s = sequence_loss(m, short, cfg)
+    loss_l, n_l = sequence_loss(m, long, cfg)
+    assert n_s == n_l
+    torch.testing.assert_close(loss_s, loss_l)
+    torch.testing.assert_close(m(items, actions, gaps), m(*(long[k] for k in ("items", "actions", "gaps")))[:, :8])
+
+
+def test_fused_cross_entropy_matches_torch():
+    torch.manual_seed(0)
+    h = torch.randn(50, 8, dtype=torch.float64, requires_grad=True)
+    e = torch.randn(20, 8, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(4, 20, (50,))
+    ref_logits = h @ e.T
+    ref_logits = torch.cat([torch.full_like(ref_logits[:, :4], float("-inf")), ref_logits[:, 4:]], 1)
+    ref = F.cross_entropy(ref_logits, t)
+    ref.backward()
+    gh, ge = h.grad.clone(), e.grad.clone()
+    h.grad = e.grad = None
+    got = FusedLinearCrossEntropy.apply(h, e, t, 7)  # chunk smaller than rows
+    got.backward()
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(h.grad, gh)
+    torch.testing.assert_close(e.grad, ge)
+    assert torch.autograd.gradcheck(lambda a, b: FusedLinearCrossEntropy.apply(a, b, t, 16), (h, e))
+
+
+def test_item_head_is_tied_and_specials_never_predicted():
+    m = _model()
+    items, actions, gaps = _batch()
+    h = m(items, actions, gaps)
+    logits = m.item_logits(h, actions)
+    assert torch.isinf(logits[..., :4]).all()
+    assert m.item_emb.weight.data_ptr() == next(p for n, p in m.named_parameters() if n == "item_emb.weight").data_ptr()
+    assert not any("item_out" in n for n, _ in m.named_parameters())
+
+
+def test_save_load_round_trip(tmp_path):
+    m = _model()
+    m.save(tmp_path)
+    back = BehaviorTransformer.load(tmp_path)
+    assert back.config == m.config
+    items, actions, gaps = _batch()
+    torch.testing.assert_close(m(items, actions, gaps), back(items, actions, gaps))
+
+
+def test_config_validation():
+    import pytest
+
+    with pytest.raises(ValueError, match="divisible"):
+        ModelConfig(10, 5, 5, dim=10, n_heads=3)
+    with pytest.raises(ValueError, match="dropout"):
+        ModelConfig(10, 5, 5, dropout=1.5)
+    with pytest.raises(ValueError, match="exceeds max_len"):
+        _model()(*_batch(n=20))
