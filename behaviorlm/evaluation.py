@@ -27,7 +27,6 @@ import torch
 
 from behaviorlm.events import Events, as_events
 
-
 # --------------------------------------------------------------------------- splits
 
 
@@ -104,8 +103,13 @@ def temporal_split(events: Events | Any, test_start: Any = None, val_start: Any 
         raise ValueError(f"temporal split: no events before val_start={val_start}")
     val_in, val_t = _next_event_targets(ev.df, val_start, test_start)
     test_in, test_t = _next_event_targets(ev.df, test_start, None)
-    info = {"split": "temporal", "val_start": str(val_start), "test_start": str(test_start),
-            "users_evaluated": test_t.height, "valid_users": val_t.height}
+    info = {
+        "split": "temporal",
+        "val_start": str(val_start),
+        "test_start": str(test_start),
+        "users_evaluated": test_t.height,
+        "valid_users": val_t.height,
+    }
     return Split(
         "temporal",
         train=_events(train, ev, f"temporal train: events before {val_start}"),
@@ -151,7 +155,9 @@ class Scorer(Protocol):
 def _catalog_index(catalog: pl.Series, ids: pl.Series) -> np.ndarray:
     """Map item ids to positions in the catalog; -1 where absent."""
     ids = ids.cast(catalog.dtype, strict=False)
-    return ids.replace_strict(catalog, np.arange(len(catalog)), default=-1, return_dtype=pl.Int64).to_numpy(writable=True)
+    return ids.replace_strict(catalog, np.arange(len(catalog)), default=-1, return_dtype=pl.Int64).to_numpy(
+        writable=True
+    )
 
 
 class PopularityBaseline:
@@ -181,9 +187,11 @@ class CooccurrenceBaseline:
 
     def fit(self, train: Events, catalog: pl.Series) -> CooccurrenceBaseline:
         df = train.df.with_columns(item=pl.Series(_catalog_index(catalog, train.df["item_id"])))
-        pairs = df.select(
-            pl.col("item").alias("prev"), pl.col("item").shift(-1).over("user_id").alias("next")
-        ).drop_nulls().filter((pl.col("prev") >= 0) & (pl.col("next") >= 0))
+        pairs = (
+            df.select(pl.col("item").alias("prev"), pl.col("item").shift(-1).over("user_id").alias("next"))
+            .drop_nulls()
+            .filter((pl.col("prev") >= 0) & (pl.col("next") >= 0))
+        )
         counts = pairs.group_by("prev", "next").len().sort("prev")
         self.prev_ = counts["prev"].to_numpy(writable=True)
         self.next_ = counts["next"].to_numpy(writable=True)
@@ -297,7 +305,12 @@ class EvaluationReport:
     paired: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.model, "baselines": self.baselines, "paired_vs_baselines": self.paired, "protocol": self.protocol}
+        return {
+            **self.model,
+            "baselines": self.baselines,
+            "paired_vs_baselines": self.paired,
+            "protocol": self.protocol,
+        }
 
     def rows(self) -> list[tuple[str, dict[str, Any]]]:
         return [("behaviorlm", self.model), *self.baselines.items()]
@@ -353,10 +366,17 @@ def evaluate(
         if ur.action_correct is not None:
             bur.action_correct = _majority_action_correct(split.train, ho, bur.users)
         base_results[name] = summarise(bur, k, len(catalog), n_boot)
-        paired[name] = paired_difference(model_metrics[f"ndcg@{k}"], per_user_metrics(bur.ranks, k)[f"ndcg@{k}"], n_boot)
+        paired[name] = paired_difference(
+            model_metrics[f"ndcg@{k}"], per_user_metrics(bur.ranks, k)[f"ndcg@{k}"], n_boot
+        )
     protocol = {
-        **split.info, "holdout": holdout, "k": k, "exclude_seen": exclude_seen, "catalog_size": len(catalog),
-        "users": ho.n_users, "ranking": "full catalog, ties counted against the model",
+        **split.info,
+        "holdout": holdout,
+        "k": k,
+        "exclude_seen": exclude_seen,
+        "catalog_size": len(catalog),
+        "users": ho.n_users,
+        "ranking": "full catalog, ties counted against the model",
         "unrankable_targets": int((_catalog_index(catalog, ho.targets["item_id"]) < 0).sum()),
     }
     return EvaluationReport(protocol, results["behaviorlm"], base_results, paired)
@@ -369,7 +389,9 @@ def _add_action_accuracy(model: Any, train: Events, ho: Holdout, ur: UserRanks) 
     proba = model.next_action_proba(events=ho.inputs)
     pred = proba.select("user_id", pl.col("predicted_action"))
     joined = ho.targets.select("user_id", "event_type").join(pred, on="user_id", how="left")
-    lookup = dict(zip(joined["user_id"].to_list(), (joined["event_type"] == joined["predicted_action"]).to_list(), strict=True))
+    lookup = dict(
+        zip(joined["user_id"].to_list(), (joined["event_type"] == joined["predicted_action"]).to_list(), strict=True)
+    )
     ur.action_correct = np.array([bool(lookup.get(u)) for u in ur.users])
 
 

@@ -140,9 +140,7 @@ def read_table(source: Any, what: str = "events") -> pl.DataFrame:
     if type(source).__module__.startswith("pandas"):
         return pl.from_pandas(source)
     if not isinstance(source, str | Path):
-        raise EventsError(
-            f"{what}: expected a path, a polars or a pandas DataFrame, got {type(source).__name__}"
-        )
+        raise EventsError(f"{what}: expected a path, a polars or a pandas DataFrame, got {type(source).__name__}")
     path = Path(source)
     if not path.exists():
         raise EventsError(f"{what}: file not found: {path}")
@@ -255,7 +253,11 @@ def validate_events(
     """
     m = mapping or ColumnMapping()
     raw = read_table(source, "events")
-    _require_columns(raw, {"user": m.user, "item": m.item, "action": m.action, "timestamp": m.timestamp, "session": m.session}, "events")
+    _require_columns(
+        raw,
+        {"user": m.user, "item": m.item, "action": m.action, "timestamp": m.timestamp, "session": m.session},
+        "events",
+    )
     report = ValidationReport(n_input_rows=raw.height)
     if raw.height == 0:
         raise EventsError("events: the input has no rows")
@@ -275,7 +277,9 @@ def validate_events(
     bad = ts.is_null()
     if bad.any() and invalid == "drop":
         ts = ts.filter(~bad)
-    df = _fail_or_drop(df, bad, f"column {m.timestamp!r}: unparseable timestamp", invalid, report, "unparseable timestamp")
+    df = _fail_or_drop(
+        df, bad, f"column {m.timestamp!r}: unparseable timestamp", invalid, report, "unparseable timestamp"
+    )
     df = df.with_columns(timestamp=ts).drop("timestamp_raw")
 
     df = _normalise_actions(df, action_map, unknown_actions, report)

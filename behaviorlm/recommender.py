@@ -82,8 +82,13 @@ class BehaviorLM:
         p = self.params
         self.tokenizer_ = ActionTokenizer(**{k: p[k] for k in _TOKENIZER_PARAMS}).fit(ev)
         seqs = self.tokenizer_.encode(ev, truncate=False)
-        cfg = ModelConfig(self.tokenizer_.n_items, self.tokenizer_.n_actions, self.tokenizer_.n_gaps,
-                          max_len=p["max_len"], **{k: p[k] for k in _ARCH_PARAMS})
+        cfg = ModelConfig(
+            self.tokenizer_.n_items,
+            self.tokenizer_.n_actions,
+            self.tokenizer_.n_gaps,
+            max_len=p["max_len"],
+            **{k: p[k] for k in _ARCH_PARAMS},
+        )
         torch.manual_seed(p["seed"])
         self.model_ = BehaviorTransformer(cfg)
         self.exclude_seen_ = exclude_seen
@@ -174,7 +179,9 @@ class BehaviorLM:
             ev = as_events(events)
             df = ev.df
             if users is not None:
-                df = df.filter(pl.col("user_id").is_in(pl.Series(users).cast(df["user_id"].dtype, strict=False).implode()))
+                df = df.filter(
+                    pl.col("user_id").is_in(pl.Series(users).cast(df["user_id"].dtype, strict=False).implode())
+                )
             seen = df.select("user_id", "item_id").unique()
         else:
             if users is None:
@@ -229,7 +236,9 @@ class BehaviorLM:
             frames.append(self._popular_frame(cold, k, allowed))
         return _concat(frames, self.tokenizer_)
 
-    def next_action_proba(self, users: list[Any] | None = None, *, events: Any = None, batch_size: int = 256) -> pl.DataFrame:
+    def next_action_proba(
+        self, users: list[Any] | None = None, *, events: Any = None, batch_size: int = 256
+    ) -> pl.DataFrame:
         """``user_id``, one ``p_<action>`` column per action type, and ``predicted_action``."""
         enc, _, _ = self._encode_users(users, events)
         names = self.tokenizer_.actions_
@@ -272,18 +281,22 @@ class BehaviorLM:
         idx = self.tokenizer_.item_index(seen["item_id"])
         g = seen.select("user_id").with_columns(i=pl.Series(idx)).filter(pl.col("i") >= N_SPECIAL)
         g = g.group_by("user_id").agg("i")
-        return {u: torch.tensor(i, dtype=torch.long) for u, i in zip(g["user_id"].to_list(), g["i"].to_list(), strict=True)}
+        return {
+            u: torch.tensor(i, dtype=torch.long) for u, i in zip(g["user_id"].to_list(), g["i"].to_list(), strict=True)
+        }
 
     def _topk_frame(self, users: list[Any], scores: torch.Tensor, k: int) -> pl.DataFrame:
         kk = min(k, scores.shape[1])
         val, idx = torch.topk(scores, kk, dim=1)
         keep = torch.isfinite(val)
-        return pl.DataFrame({
-            "user_id": np.repeat(np.array(users, dtype=object), kk)[keep.flatten().numpy()].tolist(),
-            "item_idx": idx[keep].numpy(),
-            "score": val[keep].numpy().astype(np.float32),
-            "rank": np.tile(np.arange(1, kk + 1), len(users))[keep.flatten().numpy()].astype(np.int32),
-        })
+        return pl.DataFrame(
+            {
+                "user_id": np.repeat(np.array(users, dtype=object), kk)[keep.flatten().numpy()].tolist(),
+                "item_idx": idx[keep].numpy(),
+                "score": val[keep].numpy().astype(np.float32),
+                "rank": np.tile(np.arange(1, kk + 1), len(users))[keep.flatten().numpy()].astype(np.int32),
+            }
+        )
 
     def _popular_frame(self, users: list[Any], k: int, allowed: torch.Tensor | None) -> pl.DataFrame:
         counts = torch.zeros(self.tokenizer_.n_items)
@@ -305,9 +318,13 @@ class BehaviorLM:
         self.histories_.write_parquet(d / "histories.parquet")
         self.seen_.write_parquet(d / "seen.parquet")
         meta = {
-            "params": self.params, "history": asdict(self.history_), "fitted_at": self.fitted_at_,
-            "n_train_events": self.n_train_events_, "exclude_seen": self.exclude_seen_,
-            "model_version": _file_digest(d / "weights.pt"), **getattr(self, "extra_meta_", {}),
+            "params": self.params,
+            "history": asdict(self.history_),
+            "fitted_at": self.fitted_at_,
+            "n_train_events": self.n_train_events_,
+            "exclude_seen": self.exclude_seen_,
+            "model_version": _file_digest(d / "weights.pt"),
+            **getattr(self, "extra_meta_", {}),
         }
         (d / "estimator.json").write_text(json.dumps(meta, indent=2, default=str))
         return d
@@ -326,7 +343,11 @@ class BehaviorLM:
         est.history_ = TrainHistory(**meta["history"])
         est.fitted_at_, est.n_train_events_ = meta["fitted_at"], meta["n_train_events"]
         est.exclude_seen_ = meta.get("exclude_seen", True)
-        est.extra_meta_ = {k: v for k, v in meta.items() if k not in ("params", "history", "fitted_at", "n_train_events", "exclude_seen", "model_version")}
+        est.extra_meta_ = {
+            k: v
+            for k, v in meta.items()
+            if k not in ("params", "history", "fitted_at", "n_train_events", "exclude_seen", "model_version")
+        }
         est.model_version_ = meta["model_version"]
         return est
 

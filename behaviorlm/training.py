@@ -98,8 +98,11 @@ def batch_from_windows(seqs: EncodedSequences, starts: np.ndarray, ends: np.ndar
         return torch.from_numpy(np.where(valid, arr[ix], PAD))
 
     batch = {
-        "items": take(seqs.items, idx), "actions": take(seqs.actions, idx), "gaps": take(seqs.gaps, idx),
-        "target_items": take(seqs.items, tgt_idx), "target_actions": take(seqs.actions, tgt_idx),
+        "items": take(seqs.items, idx),
+        "actions": take(seqs.actions, idx),
+        "gaps": take(seqs.gaps, idx),
+        "target_items": take(seqs.items, tgt_idx),
+        "target_actions": take(seqs.actions, tgt_idx),
     }
     batch["target_items"][batch["target_items"] == UNK] = PAD  # rare items are not targets
     assert batch["items"].shape == (n, width)

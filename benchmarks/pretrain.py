@@ -63,9 +63,19 @@ def main(argv: list[str] | None = None) -> dict:
     split = leave_one_out(data.events) if args.split == "loo" else temporal_split(data.events)
     exclude_seen = not args.no_exclude_seen
     model = BehaviorLM(
-        epochs=args.epochs, dim=args.dim, n_layers=args.layers, n_heads=args.heads, ffn_mult=args.ffn_mult,
-        max_len=args.max_len, batch_size=args.batch_size, lr=args.lr, dropout=args.dropout,
-        patience=args.patience, loss=args.loss, seed=args.seed, progress=False,
+        epochs=args.epochs,
+        dim=args.dim,
+        n_layers=args.layers,
+        n_heads=args.heads,
+        ffn_mult=args.ffn_mult,
+        max_len=args.max_len,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        dropout=args.dropout,
+        patience=args.patience,
+        loss=args.loss,
+        seed=args.seed,
+        progress=False,
         max_time_s=args.max_minutes * 60,
     )
     model.fit(split.train, validation=split.valid, exclude_seen=exclude_seen)
@@ -76,8 +86,12 @@ def main(argv: list[str] | None = None) -> dict:
         "command": "python benchmarks/pretrain.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "args": vars(args),
         "hardware": hardware(),
-        "data": {"events": len(data.events), "users": data.events.n_users, "items": data.events.n_items,
-                 "actions": data.events.actions},
+        "data": {
+            "events": len(data.events),
+            "users": data.events.n_users,
+            "items": data.events.n_items,
+            "actions": data.events.actions,
+        },
         "metrics": report.to_dict(),
         "train": {
             "wall_s": model.history_.train_time_s,
@@ -90,15 +104,19 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "total_wall_s": time.perf_counter() - t0,
     }
-    print(f"\n{args.dataset} / {args.split} / exclude_seen={exclude_seen} / {report.protocol['users']} users, "
-          f"catalog {report.protocol['catalog_size']}")
+    print(
+        f"\n{args.dataset} / {args.split} / exclude_seen={exclude_seen} / {report.protocol['users']} users, "
+        f"catalog {report.protocol['catalog_size']}"
+    )
     print(report.table())
     for name, p in report.paired.items():
         verdict = "significant" if p["significant"] else "inside the noise"
         print(f"ndcg@10 vs {name}: {p['diff']:+.4f} [{p['ci95'][0]:+.4f}, {p['ci95'][1]:+.4f}] ({verdict})")
     tr = result["train"]
-    print(f"train {tr['wall_s'] / 60:.1f} min, {tr['epochs_run']} epochs (best {tr['best_epoch']}), "
-          f"{tr['seconds_per_epoch']:.1f} s/epoch, {tr['tokens_per_s']:,.0f} tokens/s")
+    print(
+        f"train {tr['wall_s'] / 60:.1f} min, {tr['epochs_run']} epochs (best {tr['best_epoch']}), "
+        f"{tr['seconds_per_epoch']:.1f} s/epoch, {tr['tokens_per_s']:,.0f} tokens/s"
+    )
     OUT.mkdir(exist_ok=True)
     path = OUT / f"pretrain_{args.dataset}_{args.split}.json"
     path.write_text(json.dumps(result, indent=2, default=str))

@@ -45,8 +45,9 @@ class RecordingScorer:
 def _with_canaries(df: pl.DataFrame) -> pl.DataFrame:
     """Append to every user one last event on an item nobody else ever touches."""
     last = df.group_by("user_id").agg(pl.col("timestamp").max())
-    canary = last.with_columns(item_id=pl.format("canary-{}", "user_id"), event_type=pl.lit("view"),
-                               timestamp=pl.col("timestamp") + 10)
+    canary = last.with_columns(
+        item_id=pl.format("canary-{}", "user_id"), event_type=pl.lit("view"), timestamp=pl.col("timestamp") + 10
+    )
     return pl.concat([df, canary.select(df.columns)])
 
 
@@ -106,8 +107,14 @@ def test_metric_values():
 
 
 def test_exclude_seen_masks_history_and_target_seen_is_a_miss():
-    df = pl.DataFrame({"user_id": [1] * 5 + [2] * 5, "item_id": ["a", "b", "c", "d", "a", "a", "b", "c", "d", "e"],
-                       "event_type": ["view"] * 10, "timestamp": list(range(10))})
+    df = pl.DataFrame(
+        {
+            "user_id": [1] * 5 + [2] * 5,
+            "item_id": ["a", "b", "c", "d", "a", "a", "b", "c", "d", "e"],
+            "event_type": ["view"] * 10,
+            "timestamp": list(range(10)),
+        }
+    )
     sp = leave_one_out(validate_events(df))
     catalog = sp.train.df["item_id"].unique(maintain_order=True)
     pop = PopularityBaseline().fit(sp.train, catalog)

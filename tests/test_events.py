@@ -95,8 +95,9 @@ def test_duplicates_dropped_and_counted_or_raised():
 
 
 def test_unsorted_input_is_sorted_and_reported_ties_keep_input_order():
-    df = pl.DataFrame({"user_id": [1, 1, 1], "item_id": ["z", "y", "x"], "event_type": ["view"] * 3,
-                       "timestamp": [300, 100, 100]})
+    df = pl.DataFrame(
+        {"user_id": [1, 1, 1], "item_id": ["z", "y", "x"], "event_type": ["view"] * 3, "timestamp": [300, 100, 100]}
+    )
     ev = validate_events(df)
     assert ev.df["item_id"].to_list() == ["y", "x", "z"]  # y before x: same second, input order
     assert any("out of time order" in n for n in ev.report.notes)

@@ -18,8 +18,11 @@ def _model(**kw) -> BehaviorTransformer:
 
 def _batch(b=3, n=10, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randint(4, 30, (b, n), generator=g), torch.randint(4, 7, (b, n), generator=g),
-            torch.randint(1, 10, (b, n), generator=g))
+    return (
+        torch.randint(4, 30, (b, n), generator=g),
+        torch.randint(4, 7, (b, n), generator=g),
+        torch.randint(1, 10, (b, n), generator=g),
+    )
 
 
 def test_causality_later_events_do_not_change_earlier_logits():

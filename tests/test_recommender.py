@@ -61,9 +61,14 @@ def test_recommend_returns_original_ids_and_excludes_seen(fitted):
 
 def test_recommend_for_unseen_user_from_raw_events(fitted):
     model, _ = fitted
-    raw = pl.DataFrame({"user_id": ["new"] * 5, "item_id": [f"item{i}" for i in range(1, 6)],
-                        "event_type": ["view", "add_to_cart", "purchase", "view", "view"],
-                        "timestamp": [10, 20, 30, 40, 50]})
+    raw = pl.DataFrame(
+        {
+            "user_id": ["new"] * 5,
+            "item_id": [f"item{i}" for i in range(1, 6)],
+            "event_type": ["view", "add_to_cart", "purchase", "view", "view"],
+            "timestamp": [10, 20, 30, 40, 50],
+        }
+    )
     recs = model.recommend(events=raw, k=3)
     assert recs["user_id"].to_list() == ["new"] * 3
     assert recs["item_id"][0] == "item6"  # continues the walk it learned
@@ -143,7 +148,9 @@ def test_histories_keep_short_users_whole_and_long_users_recent():
     from tests.conftest import make_events
 
     ev = validate_events(make_events(n_users=4, length=20))
-    m = BehaviorLM(epochs=1, **{**TINY, "max_len": 8}).fit(ev.df.filter(pl.col("user_id") > 0).vstack(ev.df.filter(pl.col("user_id") == 0).head(3)))
+    m = BehaviorLM(epochs=1, **{**TINY, "max_len": 8}).fit(
+        ev.df.filter(pl.col("user_id") > 0).vstack(ev.df.filter(pl.col("user_id") == 0).head(3))
+    )
     per_user = m.histories_.group_by("user_id").len().sort("user_id")
     assert per_user["len"].to_list() == [3, 8, 8, 8]
 
@@ -157,7 +164,7 @@ def test_early_stopping_keeps_the_best_epoch():
     scores = [e["val_score"] for e in h.epochs]
     assert h.stopped_early and len(h.epochs) < 60
     assert h.best_score == max(scores) and scores[h.best_epoch - 1] == h.best_score
-    assert all(s <= h.best_score for s in scores[h.best_epoch:])
+    assert all(s <= h.best_score for s in scores[h.best_epoch :])
     # the restored weights are the best epoch's: validation recomputed now gives the best score
     from behaviorlm.evaluation import per_user_metrics, rank_targets
 

@@ -17,12 +17,15 @@ def test_save_load_exact_round_trip(tmp_path, events):
     for f in ("offsets", "items", "actions", "gaps"):
         np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
     assert a.user_ids == b.user_ids
-    assert list(back.decode_items(a.items[a.items >= N_SPECIAL])) == list(tok.decode_items(a.items[a.items >= N_SPECIAL]))
+    assert list(back.decode_items(a.items[a.items >= N_SPECIAL])) == list(
+        tok.decode_items(a.items[a.items >= N_SPECIAL])
+    )
 
 
 def test_integer_ids_keep_their_type(tmp_path):
-    ev = validate_events(pl.DataFrame({"user_id": [1, 1], "item_id": [10, 20], "event_type": ["view"] * 2,
-                                       "timestamp": [1, 2]}))
+    ev = validate_events(
+        pl.DataFrame({"user_id": [1, 1], "item_id": [10, 20], "event_type": ["view"] * 2, "timestamp": [1, 2]})
+    )
     tok = ActionTokenizer().fit(ev)
     tok.save(tmp_path / "t.json")
     back = ActionTokenizer.load(tmp_path / "t.json")
@@ -32,15 +35,19 @@ def test_integer_ids_keep_their_type(tmp_path):
 
 def test_unknown_and_rare_items_map_to_unk(events):
     tok = ActionTokenizer().fit(events)
-    new = pl.DataFrame({"user_id": ["x", "x"], "item_id": ["item0", "never-seen"], "event_type": ["view", "view"],
-                        "timestamp": [1, 2]})
+    new = pl.DataFrame(
+        {"user_id": ["x", "x"], "item_id": ["item0", "never-seen"], "event_type": ["view", "view"], "timestamp": [1, 2]}
+    )
     enc = tok.encode(validate_events(new))
     assert enc.items.tolist() == [BOS, tok.item_index(["item0"])[0], UNK]
 
 
 def test_min_count_sends_rare_items_to_unk():
-    ev = validate_events(pl.DataFrame({"user_id": [1, 1, 1], "item_id": ["a", "a", "b"], "event_type": ["view"] * 3,
-                                       "timestamp": [1, 2, 3]}))
+    ev = validate_events(
+        pl.DataFrame(
+            {"user_id": [1, 1, 1], "item_id": ["a", "a", "b"], "event_type": ["view"] * 3, "timestamp": [1, 2, 3]}
+        )
+    )
     tok = ActionTokenizer(min_item_count=2).fit(ev)
     assert tok.items_ == ["a"]
     assert tok.encode(ev).items.tolist()[-1] == UNK
@@ -74,6 +81,8 @@ def test_invalid_parameters():
     with pytest.raises(ValueError, match="max_len"):
         ActionTokenizer(max_len=1)
     with pytest.raises(EventsError, match="min_item_count=10000"):
-        ActionTokenizer(min_item_count=10_000).fit(pl.DataFrame({"user_id": [1], "item_id": ["a"], "event_type": ["view"], "timestamp": [1]}))
+        ActionTokenizer(min_item_count=10_000).fit(
+            pl.DataFrame({"user_id": [1], "item_id": ["a"], "event_type": ["view"], "timestamp": [1]})
+        )
     with pytest.raises(RuntimeError, match="not fitted"):
         ActionTokenizer().encode(None)

@@ -1,0 +1,139 @@
+"""The CLI end to end on a small CSV, and its error messages for bad input."""
+
+from __future__ import annotations
+
+import json
+
+import polars as pl
+import pytest
+from typer.testing import CliRunner
+
+from behaviorlm.cli import app
+from tests.conftest import make_events
+
+runner = CliRunner()
+SMALL = ["--epochs", "2", "--dim", "16", "--layers", "1", "--heads", "1", "--max-len", "16", "--batch-size", "16"]
+
+
+@pytest.fixture(scope="module")
+def csv_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "events.csv"
+    make_events(n_items=30).rename({"user_id": "visitor", "event_type": "what"}).write_csv(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(csv_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("model")
+    res = runner.invoke(
+        app,
+        [
+            "train",
+            "--events",
+            str(csv_path),
+            "--user-col",
+            "visitor",
+            "--action-col",
+            "what",
+            "--out",
+            str(out),
+            *SMALL,
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def test_train_evaluate_recommend(trained, csv_path, tmp_path):
+    metrics = tmp_path / "m.json"
+    res = runner.invoke(
+        app,
+        [
+            "evaluate",
+            "--model",
+            str(trained),
+            "--events",
+            str(csv_path),
+            "--user-col",
+            "visitor",
+            "--action-col",
+            "what",
+            "--metrics-out",
+            str(metrics),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert "popularity" in res.output and "ndcg@10" in res.output
+    m = json.loads(metrics.read_text())
+    for key in ("ndcg@10", "hr@10", "mrr"):
+        assert 0 <= m[key] <= 1 and key in m["baselines"]["popularity"]
+    res = runner.invoke(app, ["recommend", "--model", str(trained), "--user", "3", "--k", "4"])
+    assert res.exit_code == 0, res.output
+    assert res.output.count("item") >= 4
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--events", "/nope.csv", "--out", "x"], "file not found: /nope.csv"),
+        (["train", "--out", "x"], "exactly one of --events PATH or --dataset NAME"),
+        (["train", "--dataset", "nope", "--out", "x"], "unknown dataset 'nope'"),
+        (["evaluate", "--model", "/no/model", "--dataset", "otto"], "not a behaviorlm model directory"),
+    ],
+)
+def test_bad_paths_exit_2_without_traceback(args, message):
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2
+    assert message in " ".join(res.output.split())
+    assert "Traceback" not in res.output
+
+
+def test_bad_column_named(csv_path):
+    res = runner.invoke(app, ["train", "--events", str(csv_path), "--out", "x", *SMALL])
+    assert res.exit_code == 2
+    out = " ".join(res.output.split())
+    assert "missing column(s) user='user_id'" in out and "visitor" in out
+
+
+def test_bad_rows_and_actions(tmp_path):
+    path = tmp_path / "bad.csv"
+    pl.DataFrame(
+        {
+            "user_id": [1, 1],
+            "item_id": ["a", "b"],
+            "event_type": ["view", "teleport"],
+            "timestamp": ["2024-01-01", "2024-01-02"],
+        }
+    ).write_csv(path)
+    res = runner.invoke(app, ["train", "--events", str(path), "--out", str(tmp_path / "m"), *SMALL])
+    assert res.exit_code == 2 and "unknown action name(s) ['teleport']" in " ".join(res.output.split())
+    res = runner.invoke(app, ["train", "--events", str(path), "--out", str(tmp_path / "m"), "--action-map", "oops"])
+    assert res.exit_code == 2 and "--action-map" in res.output
+
+
+def test_evaluate_refuses_a_model_trained_on_everything(csv_path, tmp_path):
+    out = tmp_path / "full"
+    args = ["--events", str(csv_path), "--user-col", "visitor", "--action-col", "what"]
+    assert runner.invoke(app, ["train", *args, "--out", str(out), "--holdout", "none", *SMALL]).exit_code == 0
+    res = runner.invoke(app, ["evaluate", "--model", str(out), *args])
+    assert res.exit_code == 2 and "would leak" in " ".join(res.output.split())
+
+
+def test_evaluate_refuses_a_split_mismatch(trained, csv_path):
+    res = runner.invoke(
+        app,
+        [
+            "evaluate",
+            "--model",
+            str(trained),
+            "--events",
+            str(csv_path),
+            "--user-col",
+            "visitor",
+            "--action-col",
+            "what",
+            "--split",
+            "temporal",
+        ],
+    )
+    assert res.exit_code == 2 and "--holdout loo" in res.output
