@@ -69,6 +69,16 @@ class CausalSelfAttention(nn.Module):
         )
         return self.resid_drop(self.proj(y.transpose(1, 2).reshape(b, n, d)))
 
+    def forward_at(self, x: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """Attention output for one query per row (position ``last``) over keys ``<= last``."""
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).split(d, dim=2)
+        q = q[torch.arange(b), last][:, None]  # (b, 1, d)
+        heads = lambda t: t.view(b, t.shape[1], self.n_heads, d // self.n_heads).transpose(1, 2)  # noqa: E731
+        visible = (torch.arange(n, device=x.device)[None, :] <= last[:, None])[:, None, None, :]
+        y = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=visible)
+        return self.proj(y.transpose(1, 2).reshape(b, d))
+
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -86,6 +96,11 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln1(x))
         return x + self.mlp(self.ln2(x))
+
+    def forward_at(self, x: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """The block's output at position ``last`` of each row only: (b, dim)."""
+        y = x[torch.arange(len(last)), last] + self.attn.forward_at(self.ln1(x), last)
+        return y + self.mlp(self.ln2(y))
 
 
 class BehaviorTransformer(nn.Module):
@@ -116,17 +131,28 @@ class BehaviorTransformer(nn.Module):
                 with torch.no_grad():
                     m.weight[m.padding_idx].zero_()
 
-    def forward(self, items: torch.Tensor, actions: torch.Tensor, gaps: torch.Tensor) -> torch.Tensor:
-        """(B, L) token ids -> (B, L, dim) hidden states; row t depends only on tokens <= t."""
+    def forward(
+        self, items: torch.Tensor, actions: torch.Tensor, gaps: torch.Tensor, last: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, L) token ids -> (B, L, dim) hidden states; row t depends only on tokens <= t.
+
+        With ``last`` (one position per row) only those positions' states are returned, (B, dim),
+        and the final block computes queries, attention and MLP for them alone -- what scoring
+        needs, at a fraction of the cost.
+        """
         n = items.shape[1]
         if n > self.config.max_len:
             raise ValueError(f"sequence length {n} exceeds max_len {self.config.max_len}")
         pos = torch.arange(n, device=items.device)
         x = self.item_emb(items) + self.action_emb(actions) + self.gap_emb(gaps) + self.pos_emb(pos)
         x = self.drop(x)
-        for block in self.blocks:
+        if last is None:
+            for block in self.blocks:
+                x = block(x)
+            return self.ln_f(x)
+        for block in self.blocks[:-1]:
             x = block(x)
-        return self.ln_f(x)
+        return self.ln_f(self.blocks[-1].forward_at(x, last))
 
     def action_logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.action_head(h)

@@ -26,7 +26,7 @@ import polars as pl
 import torch
 
 from behaviorlm.evaluation import Holdout, per_user_metrics, rank_targets
-from behaviorlm.events import Events, EventsError, as_events
+from behaviorlm.events import Events, EventsError, as_events, validate_items
 from behaviorlm.model import BehaviorTransformer, ModelConfig
 from behaviorlm.tokenizer import N_SPECIAL, PAD, ActionTokenizer, EncodedSequences
 from behaviorlm.training import TrainConfig, TrainHistory, train
@@ -75,10 +75,20 @@ class BehaviorLM:
 
     # ------------------------------------------------------------------ fit
     def fit(
-        self, events: Events | Any, validation: Holdout | None = None, exclude_seen: bool = True, k_val: int = 10
+        self,
+        events: Events | Any,
+        validation: Holdout | None = None,
+        exclude_seen: bool = True,
+        k_val: int = 10,
+        items: Any = None,
     ) -> BehaviorLM:
-        """Pretrain on ``events``; with a ``validation`` holdout, early-stop on its NDCG@k_val."""
+        """Pretrain on ``events``; with a ``validation`` holdout, early-stop on its NDCG@k_val.
+
+        ``items`` (optional item metadata: ``item_id`` + title/category/brand/price) is validated
+        and kept with the model, so downstream steps (segments, explanations) need no other copy.
+        """
         ev = as_events(events)
+        self.items_ = validate_items(items) if items is not None else None
         p = self.params
         self.tokenizer_ = ActionTokenizer(**{k: p[k] for k in _TOKENIZER_PARAMS}).fit(ev)
         seqs = self.tokenizer_.encode(ev, truncate=False)
@@ -137,7 +147,7 @@ class BehaviorLM:
 
     @torch.inference_mode()
     def iter_scores(
-        self, enc: EncodedSequences, action: str | None = None, batch_size: int = 256, with_items: bool = True
+        self, enc: EncodedSequences, action: str | None = None, batch_size: int = 128, with_items: bool = True
     ) -> Iterator[tuple[slice, torch.Tensor | None, torch.Tensor]]:
         """Yield (row slice, item log-probs (B, n_items), action log-probs (B, n_actions)).
 
@@ -150,18 +160,22 @@ class BehaviorLM:
         lens = enc.lengths()
         for start in range(0, len(enc), batch_size):
             rows = slice(start, min(start + batch_size, len(enc)))
-            items, actions, gaps, last = _pad_right(enc, rows, lens)
-            h = model(items, actions, gaps)[torch.arange(len(last)), last]
-            a_logits = model.action_logits(h)
-            a_logits[:, :N_SPECIAL] = float("-inf")
-            a_logp = torch.log_softmax(a_logits, -1)
+            h, a_logp = self._heads(enc, rows, lens)
             if not with_items:
                 i_logp = None
             elif a_id is not None:
-                i_logp = torch.log_softmax(model.item_logits(h, torch.full((len(last),), a_id)), -1)
+                i_logp = torch.log_softmax(model.item_logits(h, torch.full((len(h),), a_id)), -1)
             else:
                 i_logp = self._marginal_item_logp(model, h, a_logp)
             yield rows, i_logp, a_logp
+
+    def _heads(self, enc: EncodedSequences, rows: slice, lens: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden state at each user's last token, and next-action log-probs (specials -inf)."""
+        items, actions, gaps, last = _pad_right(enc, rows, lens)
+        h = self.model_(items, actions, gaps, last=last)
+        a_logits = self.model_.action_logits(h)
+        a_logits[:, :N_SPECIAL] = float("-inf")
+        return h, torch.log_softmax(a_logits, -1)
 
     def _marginal_item_logp(self, model: BehaviorTransformer, h: torch.Tensor, a_logp: torch.Tensor) -> torch.Tensor:
         real = self._real_actions()
@@ -203,7 +217,7 @@ class BehaviorLM:
         exclude_seen: bool = True,
         allowed_items: list[Any] | None = None,
         action: str | None = None,
-        batch_size: int = 256,
+        batch_size: int = 128,
     ) -> pl.DataFrame:
         """Top-``k`` items per user as ``user_id, item_id, score, rank`` (score = probability).
 
@@ -237,7 +251,7 @@ class BehaviorLM:
         return _concat(frames, self.tokenizer_)
 
     def next_action_proba(
-        self, users: list[Any] | None = None, *, events: Any = None, batch_size: int = 256
+        self, users: list[Any] | None = None, *, events: Any = None, batch_size: int = 128
     ) -> pl.DataFrame:
         """``user_id``, one ``p_<action>`` column per action type, and ``predicted_action``."""
         enc, _, _ = self._encode_users(users, events)
@@ -250,6 +264,19 @@ class BehaviorLM:
         out = out.with_columns(**{f"p_{a}": probs[:, j] for j, a in enumerate(names)})
         pred = [names[j] for j in probs.argmax(1)] if len(probs) else []
         return out.with_columns(predicted_action=pl.Series(pred, dtype=pl.String))
+
+    def generate(self, users: list[Any] | None = None, *, events: Any = None, **decode_kwargs: Any) -> pl.DataFrame:
+        """Decode the next actions as (action, item) trajectories; see :mod:`behaviorlm.decoding`.
+
+        ``decode_kwargs`` are :class:`~behaviorlm.decoding.DecodeConfig` fields: ``n_steps``,
+        ``method`` (greedy | sample | beam), ``temperature``, ``top_k``, ``top_p``,
+        ``beam_width``, ``n_samples``, ``seed``. Users without events are skipped.
+        """
+        from behaviorlm.decoding import DecodeConfig, decode
+
+        cfg = DecodeConfig(**decode_kwargs)
+        enc, _, _ = self._encode_users(users, events)
+        return decode(self, enc, cfg)
 
     def score(self, inputs: Events, users: list[Any], catalog: pl.Series, chunk: int = 256):
         """Scorer protocol for :mod:`behaviorlm.evaluation`: log-probs over ``catalog``."""
@@ -317,6 +344,8 @@ class BehaviorLM:
         self.tokenizer_.save(d / "tokenizer.json")
         self.histories_.write_parquet(d / "histories.parquet")
         self.seen_.write_parquet(d / "seen.parquet")
+        if getattr(self, "items_", None) is not None:
+            self.items_.write_parquet(d / "items.parquet")
         meta = {
             "params": self.params,
             "history": asdict(self.history_),
@@ -340,6 +369,7 @@ class BehaviorLM:
         est.tokenizer_ = ActionTokenizer.load(d / "tokenizer.json")
         est.histories_ = pl.read_parquet(d / "histories.parquet")
         est.seen_ = pl.read_parquet(d / "seen.parquet")
+        est.items_ = pl.read_parquet(d / "items.parquet") if (d / "items.parquet").exists() else None
         est.history_ = TrainHistory(**meta["history"])
         est.fitted_at_, est.n_train_events_ = meta["fitted_at"], meta["n_train_events"]
         est.exclude_seen_ = meta.get("exclude_seen", True)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from behaviorlm.datasets import load_dataset
+from behaviorlm.datasets import data_dir, load_dataset
 from behaviorlm.evaluation import evaluate, leave_one_out, temporal_split
 from behaviorlm.recommender import BehaviorLM
 
@@ -52,9 +52,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dropout", type=float, default=0.2)
     ap.add_argument("--patience", type=int, default=5)
     ap.add_argument("--loss", choices=["full", "sampled"], default="full")
+    ap.add_argument("--n-negatives", type=int, default=1024, help="with --loss sampled")
+    ap.add_argument("--min-item-count", type=int, default=1)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--max-minutes", type=float, default=30.0)
     ap.add_argument("--no-exclude-seen", action="store_true", help="rank already-seen items too (repeat-heavy data)")
+    ap.add_argument("--save", type=Path, default=None, help="model dir (default data/models/<dataset>-<split>)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
 
@@ -74,12 +77,17 @@ def main(argv: list[str] | None = None) -> dict:
         dropout=args.dropout,
         patience=args.patience,
         loss=args.loss,
+        n_negatives=args.n_negatives,
+        min_item_count=args.min_item_count,
         seed=args.seed,
         progress=False,
         max_time_s=args.max_minutes * 60,
     )
     model.fit(split.train, validation=split.valid, exclude_seen=exclude_seen)
     report = evaluate(model, split, k=10, exclude_seen=exclude_seen)
+    save_dir = args.save or data_dir() / "models" / f"{args.dataset}-{args.split}"
+    model.extra_meta_ = {"training_data": {"source": args.dataset, "holdout": args.split}}
+    model.save(save_dir)
     epochs = model.history_.epochs
     result = {
         "dataset": args.dataset,
@@ -103,6 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
             "parameters": model.model_.num_parameters(),
         },
         "total_wall_s": time.perf_counter() - t0,
+        "model_dir": str(save_dir),
     }
     print(
         f"\n{args.dataset} / {args.split} / exclude_seen={exclude_seen} / {report.protocol['users']} users, "

@@ -25,12 +25,18 @@ def csv_path(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(csv_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("model")
+    items = csv_path.parent / "items.csv"
+    pl.DataFrame({"item_id": [f"item{i}" for i in range(30)], "title": [f"Item {i}" for i in range(30)]}).write_csv(
+        items
+    )
     res = runner.invoke(
         app,
         [
             "train",
             "--events",
             str(csv_path),
+            "--items",
+            str(items),
             "--user-col",
             "visitor",
             "--action-col",
@@ -67,6 +73,7 @@ def test_train_evaluate_recommend(trained, csv_path, tmp_path):
     m = json.loads(metrics.read_text())
     for key in ("ndcg@10", "hr@10", "mrr"):
         assert 0 <= m[key] <= 1 and key in m["baselines"]["popularity"]
+    assert pl.read_parquet(trained / "items.parquet")["title"].to_list()[:1] == ["Item 0"]
     res = runner.invoke(app, ["recommend", "--model", str(trained), "--user", "3", "--k", "4"])
     assert res.exit_code == 0, res.output
     assert res.output.count("item") >= 4

@@ -101,3 +101,12 @@ def test_config_validation():
         ModelConfig(10, 5, 5, dropout=1.5)
     with pytest.raises(ValueError, match="exceeds max_len"):
         _model()(*_batch(n=20))
+
+
+def test_last_position_forward_equals_full_forward():
+    m = _model()
+    items, actions, gaps = _batch(b=4, n=12)
+    last = torch.tensor([11, 3, 0, 7])
+    items[1, 4:] = PAD  # right padding after each row's last position
+    full = m(items, actions, gaps)[torch.arange(4), last]
+    torch.testing.assert_close(m(items, actions, gaps, last=last), full)
