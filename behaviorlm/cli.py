@@ -206,6 +206,7 @@ def evaluate(
     ),
 ) -> None:
     """Full-catalog evaluation against popularity and co-occurrence baselines."""
+    from behaviorlm.evaluation import comparison_lines
     from behaviorlm.evaluation import evaluate as run_evaluation
     from behaviorlm.recommender import BehaviorLM
 
@@ -225,7 +226,9 @@ def evaluate(
         f"{report.protocol['catalog_size']:,} items, exclude_seen={excl}",
         highlight=False,
     )
-    out.print(report.table(), highlight=False)
+    typer.echo(report.table())  # plain echo: rich would wrap the wide table when piped
+    for line in comparison_lines(report):
+        typer.echo(line)
     metrics_out.parent.mkdir(parents=True, exist_ok=True)
     tmp = metrics_out.with_suffix(".tmp")
     tmp.write_text(json.dumps(report.to_dict(), indent=2))

@@ -332,6 +332,16 @@ class EvaluationReport:
         return "\n".join(lines)
 
 
+def comparison_lines(report: EvaluationReport) -> list[str]:
+    """One sentence per baseline: the paired NDCG difference, its CI, and whether it is noise."""
+    k = report.protocol["k"]
+    lines = []
+    for name, p in report.paired.items():
+        verdict = "significant" if p["significant"] else "inside the noise"
+        lines.append(f"ndcg@{k} vs {name}: {p['diff']:+.4f} [{p['ci95'][0]:+.4f}, {p['ci95'][1]:+.4f}] ({verdict})")
+    return lines
+
+
 def paired_difference(a: np.ndarray, b: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
     """Mean difference a-b over the same users with a bootstrap CI; says if it is inside the noise."""
     lo, hi = bootstrap_ci(a - b, n_boot, seed)

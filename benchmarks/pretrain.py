@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from behaviorlm.datasets import data_dir, load_dataset
-from behaviorlm.evaluation import evaluate, leave_one_out, temporal_split
+from behaviorlm.evaluation import comparison_lines, evaluate, leave_one_out, temporal_split
 from behaviorlm.recommender import BehaviorLM
 
 OUT = Path(__file__).parent / "out"
@@ -118,9 +118,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"catalog {report.protocol['catalog_size']}"
     )
     print(report.table())
-    for name, p in report.paired.items():
-        verdict = "significant" if p["significant"] else "inside the noise"
-        print(f"ndcg@10 vs {name}: {p['diff']:+.4f} [{p['ci95'][0]:+.4f}, {p['ci95'][1]:+.4f}] ({verdict})")
+    for line in comparison_lines(report):
+        print(line)
     tr = result["train"]
     print(
         f"train {tr['wall_s'] / 60:.1f} min, {tr['epochs_run']} epochs (best {tr['best_epoch']}), "

@@ -70,6 +70,7 @@ def test_train_evaluate_recommend(trained, csv_path, tmp_path):
     )
     assert res.exit_code == 0, res.output
     assert "popularity" in res.output and "ndcg@10" in res.output
+    assert "ndcg@10 vs popularity:" in res.output and ("significant" in res.output or "noise" in res.output)
     m = json.loads(metrics.read_text())
     for key in ("ndcg@10", "hr@10", "mrr"):
         assert 0 <= m[key] <= 1 and key in m["baselines"]["popularity"]
