@@ -51,12 +51,6 @@ class Split:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def _events(df: pl.DataFrame, like: Events, note: str) -> Events:
-    from behaviorlm.events import ValidationReport
-
-    return Events(df=df, report=ValidationReport(n_input_rows=like.df.height, n_output_rows=df.height, notes=[note]))
-
-
 def leave_one_out(events: Events | Any, min_events: int = 3) -> Split:
     """Last event of each user = test, second-to-last = validation, the rest = train.
 
@@ -79,9 +73,9 @@ def leave_one_out(events: Events | Any, min_events: int = 3) -> Split:
     info = {"split": "loo", "min_events": min_events, "users_evaluated": val_t.height, "users_too_short": n_skipped}
     return Split(
         "loo",
-        train=_events(train, ev, "loo train: all but each user's last two events"),
-        valid=Holdout(_events(val_in, ev, "loo validation inputs"), val_t),
-        test=Holdout(_events(test_in, ev, "loo test inputs"), test_t),
+        train=ev.derive(train, "loo train: all but each user's last two events"),
+        valid=Holdout(ev.derive(val_in, "loo validation inputs"), val_t),
+        test=Holdout(ev.derive(test_in, "loo test inputs"), test_t),
         info=info,
     )
 
@@ -112,9 +106,9 @@ def temporal_split(events: Events | Any, test_start: Any = None, val_start: Any 
     }
     return Split(
         "temporal",
-        train=_events(train, ev, f"temporal train: events before {val_start}"),
-        valid=Holdout(_events(val_in, ev, "temporal validation inputs"), val_t),
-        test=Holdout(_events(test_in, ev, "temporal test inputs"), test_t),
+        train=ev.derive(train, f"temporal train: events before {val_start}"),
+        valid=Holdout(ev.derive(val_in, "temporal validation inputs"), val_t),
+        test=Holdout(ev.derive(test_in, "temporal test inputs"), test_t),
         info=info,
     )
 

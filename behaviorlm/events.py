@@ -127,6 +127,15 @@ class Events:
     def actions(self) -> list[str]:
         return sorted(self.df["event_type"].unique().to_list())
 
+    def derive(self, df: pl.DataFrame, note: str) -> Events:
+        """Wrap a subset of these (already validated) events without validating them again."""
+        return Events(df=df, report=ValidationReport(self.df.height, df.height, notes=[note]))
+
+    @classmethod
+    def trusted(cls, df: pl.DataFrame, note: str) -> Events:
+        """Wrap a frame this library produced in canonical form (e.g. a saved model's histories)."""
+        return cls(df=df, report=ValidationReport(df.height, df.height, notes=[note]))
+
 
 # --------------------------------------------------------------------------- reading
 

@@ -203,7 +203,11 @@ class BehaviorLM:
             u = pl.Series("user_id", users).cast(self.histories_["user_id"].dtype, strict=False)
             df = self.histories_.filter(pl.col("user_id").is_in(u.implode()))
             seen = self.seen_.filter(pl.col("user_id").is_in(u.implode()))
-        enc = self.tokenizer_.encode(Events(df, None), truncate=True) if df.height else _empty_encoding()  # type: ignore[arg-type]
+        enc = (
+            self.tokenizer_.encode(Events.trusted(df, "users to score"), truncate=True)
+            if df.height
+            else _empty_encoding()
+        )
         cold = [] if users is None else sorted(set(users) - set(enc.user_ids), key=str)
         return enc, seen, cold
 

@@ -172,7 +172,7 @@ def _score_chunk(
     action: str | None,
     stamp: datetime,
 ) -> pa.Table:
-    enc = est.tokenizer_.encode(Events(chunk, None), truncate=True)  # type: ignore[arg-type]
+    enc = est.tokenizer_.encode(Events.trusted(chunk, "scoring chunk"), truncate=True)
     order = np.argsort(enc.lengths(), kind="stable")  # similar lengths share a batch
     enc = enc.subset(order)
     seen_rows, seen_cols = _seen_pairs(est, chunk, order) if exclude_seen else (np.zeros(0, np.int64),) * 2
