@@ -72,8 +72,14 @@ class CausalSelfAttention(nn.Module):
     def forward_at(self, x: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         """Attention output for one query per row (position ``last``) over keys ``<= last``."""
         b, n, d = x.shape
-        q, k, v = self.qkv(x).split(d, dim=2)
-        q = q[torch.arange(b), last][:, None]  # (b, 1, d)
+        x_last = x[torch.arange(b), last]
+        if isinstance(self.qkv, nn.Linear):  # keys/values everywhere, the query at `last` only
+            w, bias = self.qkv.weight, self.qkv.bias
+            q = F.linear(x_last, w[:d], bias[:d])[:, None]  # (b, 1, d)
+            k, v = F.linear(x, w[d:], bias[d:]).split(d, dim=2)
+        else:  # a quantised Linear cannot be sliced
+            q, k, v = self.qkv(x).split(d, dim=2)
+            q = q[torch.arange(b), last][:, None]
         heads = lambda t: t.view(b, t.shape[1], self.n_heads, d // self.n_heads).transpose(1, 2)  # noqa: E731
         visible = (torch.arange(n, device=x.device)[None, :] <= last[:, None])[:, None, None, :]
         y = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=visible)

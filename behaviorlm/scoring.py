@@ -3,7 +3,7 @@
 Memory stays bounded because users are processed in chunks (``chunk_users`` users' events are
 encoded at a time) and scored in batches (``batch_size`` x catalog floats at a time); the full
 user x item score matrix never exists. Small batches are also *faster* on CPU: on ML-1M
-(2 cores) 128 users per batch score 3.4k users/s against 2.2k at 512 and 1.3k at 1024, because
+(2 cores) 128 users per batch scored 3.4k users/s against 2.2k at 512 and 1.3k at 1024, because
 the attention working set (batch x heads x L x L) then stays in cache. Within a chunk, users
 are sorted by sequence length so a batch carries little padding. Output rows go straight into
 a Parquet writer on a temporary file that is renamed into place at the end, so a crash never
