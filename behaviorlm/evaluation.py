@@ -223,13 +223,25 @@ class UserRanks:
 
 
 def rank_targets(
-    scorer: Scorer, holdout: Holdout, catalog: pl.Series, k: int = 10, exclude_seen: bool = True
+    scorer: Scorer,
+    holdout: Holdout,
+    catalog: pl.Series,
+    k: int = 10,
+    exclude_seen: bool = True,
+    seen: dict[Any, np.ndarray] | None = None,
 ) -> UserRanks:
-    """Rank each user's target among the full catalog (pessimistic ties)."""
+    """Rank each user's target among the full catalog (pessimistic ties).
+
+    ``seen`` (from :func:`seen_lists`) lets callers that rank the same holdout repeatedly --
+    several scorers, or every epoch's validation -- compute the seen-item lists once.
+    """
     targets = holdout.targets
     users = targets["user_id"].to_list()
     tgt = dict(zip(users, _catalog_index(catalog, targets["item_id"]), strict=True))
-    seen = _seen_lists(holdout.inputs, catalog) if exclude_seen else {}
+    if not exclude_seen:
+        seen = {}
+    elif seen is None:
+        seen = seen_lists(holdout.inputs, catalog)
     ranks, tops, order = [], [], []
     for part, scores in scorer.score(holdout.inputs, users, catalog):
         scores = scores.float().clone()
@@ -251,7 +263,8 @@ def rank_targets(
     return UserRanks(order, np.concatenate(ranks), np.concatenate(tops))
 
 
-def _seen_lists(inputs: Events, catalog: pl.Series) -> dict[Any, np.ndarray]:
+def seen_lists(inputs: Events, catalog: pl.Series) -> dict[Any, np.ndarray]:
+    """Catalog positions of the items each user touched in ``inputs``."""
     df = inputs.df.select("user_id", pl.Series("c", _catalog_index(catalog, inputs.df["item_id"])))
     g = df.filter(pl.col("c") >= 0).group_by("user_id").agg(pl.col("c").unique())
     return {u: np.asarray(c, dtype=np.int64) for u, c in zip(g["user_id"].to_list(), g["c"].to_list(), strict=True)}
@@ -358,7 +371,8 @@ def evaluate(
     if ho.n_users == 0:
         raise ValueError(f"{split.name} {holdout} holdout has no users to evaluate")
     catalog = split.train.df["item_id"].unique(maintain_order=True)
-    ur = rank_targets(model, ho, catalog, k, exclude_seen)
+    seen = seen_lists(ho.inputs, catalog) if exclude_seen else {}
+    ur = rank_targets(model, ho, catalog, k, exclude_seen, seen)
     _add_action_accuracy(model, split.train, ho, ur)
     results = {"behaviorlm": summarise(ur, k, len(catalog), n_boot)}
     model_metrics = per_user_metrics(ur.ranks, k)
@@ -366,7 +380,7 @@ def evaluate(
     factories = {"popularity": PopularityBaseline, "cooccurrence": CooccurrenceBaseline}
     for name in baselines:
         base = factories[name]().fit(split.train, catalog)
-        bur = rank_targets(base, ho, catalog, k, exclude_seen)
+        bur = rank_targets(base, ho, catalog, k, exclude_seen, seen)
         if ur.action_correct is not None:
             bur.action_correct = _majority_action_correct(split.train, ho, bur.users)
         base_results[name] = summarise(bur, k, len(catalog), n_boot)

@@ -25,7 +25,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from behaviorlm.evaluation import Holdout, per_user_metrics, rank_targets
+from behaviorlm.evaluation import Holdout, per_user_metrics, rank_targets, seen_lists
 from behaviorlm.events import Events, EventsError, as_events, validate_items
 from behaviorlm.model import BehaviorTransformer, ModelConfig
 from behaviorlm.tokenizer import N_SPECIAL, PAD, ActionTokenizer, EncodedSequences
@@ -106,9 +106,10 @@ class BehaviorLM:
         if validation is not None and validation.n_users:
             catalog = ev.df["item_id"].unique(maintain_order=True)
             metric = f"ndcg@{k_val}"
+            seen = seen_lists(validation.inputs, catalog) if exclude_seen else {}
 
             def validate(_model: BehaviorTransformer) -> float:
-                ranks = rank_targets(self, validation, catalog, k_val, exclude_seen).ranks
+                ranks = rank_targets(self, validation, catalog, k_val, exclude_seen, seen).ranks
                 return float(per_user_metrics(ranks, k_val)[metric].mean())
 
         tcfg = TrainConfig(**{k: p[k] for k in _TRAIN_PARAMS})
