@@ -101,7 +101,7 @@ def joint_step_logp(est: BehaviorLM, enc: EncodedSequences) -> torch.Tensor:
 
     Candidate ``c`` is action ``c // I`` and item ``c % I`` (offsets past the specials).
     """
-    h, a_logp = est._heads(enc, slice(0, len(enc)), enc.lengths())
+    h, a_logp = est.step_heads(enc, slice(0, len(enc)), enc.lengths())
     per_action = [
         a_logp[:, a, None] + torch.log_softmax(est.model_.item_logits(h, torch.full((len(h),), a)), -1)[:, N_SPECIAL:]
         for a in range(N_SPECIAL, est.tokenizer_.n_actions)

@@ -161,7 +161,7 @@ class BehaviorLM:
         lens = enc.lengths()
         for start in range(0, len(enc), batch_size):
             rows = slice(start, min(start + batch_size, len(enc)))
-            h, a_logp = self._heads(enc, rows, lens)
+            h, a_logp = self.step_heads(enc, rows, lens)
             if not with_items:
                 i_logp = None
             elif a_id is not None:
@@ -170,8 +170,11 @@ class BehaviorLM:
                 i_logp = self._marginal_item_logp(model, h, a_logp)
             yield rows, i_logp, a_logp
 
-    def _heads(self, enc: EncodedSequences, rows: slice, lens: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hidden state at each user's last token, and next-action log-probs (specials -inf)."""
+    def step_heads(self, enc: EncodedSequences, rows: slice, lens: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden state at each user's last token, and next-action log-probs (specials -inf).
+
+        Public because decoding builds its joint (action, item) step distribution on it.
+        """
         items, actions, gaps, last = _pad_right(enc, rows, lens)
         h = self.model_(items, actions, gaps, last=last)
         a_logits = self.model_.action_logits(h)
