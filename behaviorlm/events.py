@@ -287,7 +287,7 @@ def validate_events(
     if bad.any() and invalid == "drop":
         ts = ts.filter(~bad)
     df = _fail_or_drop(
-        df, bad, f"column {m.timestamp!r}: unparseable timestamp", invalid, report, "unparseable timestamp"
+        df, bad, f"column {m.timestamp!r}: null or unparseable timestamp", invalid, report, "unparseable timestamp"
     )
     df = df.with_columns(timestamp=ts).drop("timestamp_raw")
 

@@ -68,8 +68,11 @@ def test_null_ids_error_names_column_and_row_or_are_counted():
 
 def test_unparseable_timestamps():
     df = _frame(timestamp=["2024-01-01T00:00:00", "yesterday", "2024-01-02 10:00:00", "2024-01-03"])
-    with pytest.raises(EventsError, match=r"column 'timestamp': unparseable timestamp.*'yesterday'"):
+    with pytest.raises(EventsError, match=r"column 'timestamp': null or unparseable timestamp.*'yesterday'"):
         validate_events(df)
+    missing = _frame(timestamp=[100, None, 150, 160])
+    with pytest.raises(EventsError, match=r"null or unparseable timestamp: 1 row\(s\); first at row 1"):
+        validate_events(missing)
     ev = validate_events(df, invalid="drop")
     assert ev.report.dropped == {"unparseable timestamp": 1}
     assert str(ev.df["timestamp"][0]) == "2024-01-01 00:00:00+00:00"
