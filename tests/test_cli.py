@@ -15,6 +15,11 @@ runner = CliRunner()
 SMALL = ["--epochs", "2", "--dim", "16", "--layers", "1", "--heads", "1", "--max-len", "16", "--batch-size", "16"]
 
 
+def _source(csv_path) -> list[str]:
+    """The events file of these tests, whose columns need mapping."""
+    return ["--events", str(csv_path), "--user-col", "visitor", "--action-col", "what"]
+
+
 @pytest.fixture(scope="module")
 def csv_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("cli") / "events.csv"
@@ -29,45 +34,14 @@ def trained(csv_path, tmp_path_factory):
     pl.DataFrame({"item_id": [f"item{i}" for i in range(30)], "title": [f"Item {i}" for i in range(30)]}).write_csv(
         items
     )
-    res = runner.invoke(
-        app,
-        [
-            "train",
-            "--events",
-            str(csv_path),
-            "--items",
-            str(items),
-            "--user-col",
-            "visitor",
-            "--action-col",
-            "what",
-            "--out",
-            str(out),
-            *SMALL,
-        ],
-    )
+    res = runner.invoke(app, ["train", *_source(csv_path), "--items", str(items), "--out", str(out), *SMALL])
     assert res.exit_code == 0, res.output
     return out
 
 
 def test_train_evaluate_recommend(trained, csv_path, tmp_path):
     metrics = tmp_path / "m.json"
-    res = runner.invoke(
-        app,
-        [
-            "evaluate",
-            "--model",
-            str(trained),
-            "--events",
-            str(csv_path),
-            "--user-col",
-            "visitor",
-            "--action-col",
-            "what",
-            "--metrics-out",
-            str(metrics),
-        ],
-    )
+    res = runner.invoke(app, ["evaluate", "--model", str(trained), *_source(csv_path), "--metrics-out", str(metrics)])
     assert res.exit_code == 0, res.output
     assert "popularity" in res.output and "ndcg@10" in res.output
     assert "ndcg@10 vs popularity:" in res.output and ("significant" in res.output or "noise" in res.output)
@@ -121,27 +95,12 @@ def test_bad_rows_and_actions(tmp_path):
 
 def test_evaluate_refuses_a_model_trained_on_everything(csv_path, tmp_path):
     out = tmp_path / "full"
-    args = ["--events", str(csv_path), "--user-col", "visitor", "--action-col", "what"]
+    args = _source(csv_path)
     assert runner.invoke(app, ["train", *args, "--out", str(out), "--holdout", "none", *SMALL]).exit_code == 0
     res = runner.invoke(app, ["evaluate", "--model", str(out), *args])
     assert res.exit_code == 2 and "would leak" in " ".join(res.output.split())
 
 
 def test_evaluate_refuses_a_split_mismatch(trained, csv_path):
-    res = runner.invoke(
-        app,
-        [
-            "evaluate",
-            "--model",
-            str(trained),
-            "--events",
-            str(csv_path),
-            "--user-col",
-            "visitor",
-            "--action-col",
-            "what",
-            "--split",
-            "temporal",
-        ],
-    )
+    res = runner.invoke(app, ["evaluate", "--model", str(trained), *_source(csv_path), "--split", "temporal"])
     assert res.exit_code == 2 and "--holdout loo" in res.output

@@ -79,36 +79,11 @@ def test_cli_score(setup, tmp_path):
     model.save(tmp_path / "m")
     ev.df.write_parquet(tmp_path / "e.parquet")
     runner = CliRunner()
-    res = runner.invoke(
-        app,
-        [
-            "score",
-            "--model",
-            str(tmp_path / "m"),
-            "--events",
-            str(tmp_path / "e.parquet"),
-            "--out",
-            str(tmp_path / "s.parquet"),
-            "--k",
-            "4",
-            "--quantize",
-            "int8",
-        ],
-    )
+    base = ["score", "--model", str(tmp_path / "m"), "--events", str(tmp_path / "e.parquet")]
+    res = runner.invoke(app, [*base, "--out", str(tmp_path / "s.parquet"), "--k", "4", "--quantize", "int8"])
     assert res.exit_code == 0, res.output
     assert "users/s" in res.output and pl.read_parquet(tmp_path / "s.parquet").height == 120
-    res = runner.invoke(
-        app,
-        [
-            "score",
-            "--model",
-            str(tmp_path / "m"),
-            "--events",
-            str(tmp_path / "e.parquet"),
-            "--out",
-            str(tmp_path / "s.csv"),
-        ],
-    )
+    res = runner.invoke(app, [*base, "--out", str(tmp_path / "s.csv")])
     assert res.exit_code == 2 and "--out must end in .parquet" in res.output
     res = runner.invoke(
         app,
