@@ -240,19 +240,11 @@ class BehaviorLM:
         self._check_fitted()
         enc, seen, cold = self._encode_users(users, events)
         allowed = self._allowed_mask(allowed_items)
-        seen_idx = self._seen_index(seen) if exclude_seen else {}
+        seen_rc = seen_pairs(self.tokenizer_, seen, enc.user_ids) if exclude_seen else NO_SEEN
         frames = []
         for rows, i_logp, _ in self.iter_scores(enc, action, batch_size):
-            part = enc.user_ids[rows]
-            scores = i_logp.exp()
-            scores[:, :N_SPECIAL] = float("-inf")  # probability 0 is still rankable; specials never are
-            if allowed is not None:
-                scores[:, ~allowed] = float("-inf")
-            for r, u in enumerate(part):
-                s = seen_idx.get(u)
-                if s is not None:
-                    scores[r, s] = float("-inf")
-            frames.append(self._topk_frame(part, scores, k))
+            val, idx = mask_top_k(i_logp, rows, seen_rc, allowed, k)
+            frames.append(_topk_frame(enc.user_ids[rows], val, idx))
         if cold:
             log.info("recommend: %d user(s) without events get popular items (cold start)", len(cold))
             frames.append(self._popular_frame(cold, k, allowed))
@@ -312,35 +304,13 @@ class BehaviorLM:
         mask[torch.from_numpy(idx)] = True
         return mask
 
-    def _seen_index(self, seen: pl.DataFrame) -> dict[Any, torch.Tensor]:
-        idx = self.tokenizer_.item_index(seen["item_id"])
-        g = seen.select("user_id").with_columns(i=pl.Series(idx)).filter(pl.col("i") >= N_SPECIAL)
-        g = g.group_by("user_id").agg("i")
-        return {
-            u: torch.tensor(i, dtype=torch.long) for u, i in zip(g["user_id"].to_list(), g["i"].to_list(), strict=True)
-        }
-
-    def _topk_frame(self, users: list[Any], scores: torch.Tensor, k: int) -> pl.DataFrame:
-        kk = min(k, scores.shape[1])
-        val, idx = torch.topk(scores, kk, dim=1)
-        keep = torch.isfinite(val)
-        return pl.DataFrame(
-            {
-                "user_id": np.repeat(np.array(users, dtype=object), kk)[keep.flatten().numpy()].tolist(),
-                "item_idx": idx[keep].numpy(),
-                "score": val[keep].numpy().astype(np.float32),
-                "rank": np.tile(np.arange(1, kk + 1), len(users))[keep.flatten().numpy()].astype(np.int32),
-            }
-        )
-
     def _popular_frame(self, users: list[Any], k: int, allowed: torch.Tensor | None) -> pl.DataFrame:
+        """Cold start: the most popular training items, scored by their training share."""
         counts = torch.zeros(self.tokenizer_.n_items)
         counts[N_SPECIAL:] = torch.tensor(self.tokenizer_.item_counts_, dtype=torch.float32)
-        share = counts / counts.sum()
-        share[:N_SPECIAL] = float("-inf")
-        if allowed is not None:
-            share[~allowed] = float("-inf")
-        return self._topk_frame(users, share.expand(len(users), -1), k)
+        log_share = (counts / counts.sum()).log().expand(len(users), -1).clone()
+        val, idx = mask_top_k(log_share, slice(0, len(users)), NO_SEEN, allowed, k)
+        return _topk_frame(users, val, idx)
 
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | Path) -> Path:
@@ -392,6 +362,58 @@ class BehaviorLM:
     @property
     def model_version(self) -> str:
         return getattr(self, "model_version_", None) or _tensor_digest(self.model_)
+
+
+NO_SEEN = (np.zeros(0, np.int64), np.zeros(0, np.int64))
+
+
+def seen_pairs(tok: ActionTokenizer, seen: pl.DataFrame, user_ids: list[Any]) -> tuple[np.ndarray, np.ndarray]:
+    """(row in ``user_ids``, vocabulary index) of every seen (user, item) pair, sorted by row.
+
+    Vectorised so that masking seen items costs one indexing op per batch, for one user or all.
+    """
+    rows_of = pl.DataFrame(
+        {"user_id": pl.Series(user_ids, dtype=seen["user_id"].dtype), "__row": np.arange(len(user_ids))}
+    )
+    pairs = seen.select("user_id", "item_id").join(rows_of, on="user_id", how="inner")
+    rows, cols = pairs["__row"].to_numpy(writable=True), tok.item_index(pairs["item_id"])
+    keep = cols >= N_SPECIAL
+    order = np.argsort(rows[keep], kind="stable")
+    return rows[keep][order], cols[keep][order]
+
+
+@torch.inference_mode()
+def mask_top_k(
+    logp: torch.Tensor,
+    rows: slice,
+    seen: tuple[np.ndarray, np.ndarray],
+    allowed: torch.Tensor | None,
+    k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` (values, vocabulary indices) of a batch after masking specials, items outside
+    ``allowed`` and each row's ``seen`` items (in place); masked entries come back as -inf."""
+    logp[:, :N_SPECIAL] = float("-inf")
+    if allowed is not None:
+        logp[:, ~allowed] = float("-inf")
+    seen_rows, seen_cols = seen
+    a, b = np.searchsorted(seen_rows, [rows.start, rows.stop])
+    logp[torch.from_numpy(seen_rows[a:b] - rows.start), torch.from_numpy(seen_cols[a:b])] = float("-inf")
+    return torch.topk(logp, min(k, logp.shape[1] - N_SPECIAL), dim=1)
+
+
+def _topk_frame(users: list[Any], logp: torch.Tensor, idx: torch.Tensor) -> pl.DataFrame:
+    """Rows ``user_id, item_idx, score (probability), rank`` from a top-k of log-probs; masked
+    (-inf) slots are dropped, so a user who has seen almost everything gets fewer than k rows."""
+    kk = logp.shape[1]
+    keep = torch.isfinite(logp).flatten().numpy()
+    return pl.DataFrame(
+        {
+            "user_id": np.repeat(np.array(users, dtype=object), kk)[keep].tolist(),
+            "item_idx": idx.flatten().numpy()[keep],
+            "score": logp.exp().flatten().numpy()[keep].astype(np.float32),
+            "rank": np.tile(np.arange(1, kk + 1, dtype=np.int32), len(users))[keep],
+        }
+    )
 
 
 def _pad_right(enc: EncodedSequences, rows: slice, lens: np.ndarray):

@@ -34,8 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from behaviorlm.events import Events, as_events
-from behaviorlm.recommender import BehaviorLM
-from behaviorlm.tokenizer import N_SPECIAL
+from behaviorlm.recommender import NO_SEEN, BehaviorLM, mask_top_k, seen_pairs
 
 
 @dataclass
@@ -83,23 +82,6 @@ def _user_bounds(df: pl.DataFrame) -> np.ndarray:
     users = df["user_id"]
     change = (users[1:] != users[:-1]).to_numpy() if len(users) > 1 else np.zeros(0, bool)
     return np.concatenate([[0], np.flatnonzero(change) + 1, [len(users)]]).astype(np.int64)
-
-
-def _seen_pairs(est: BehaviorLM, chunk: pl.DataFrame, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(batch row, vocabulary index) of every item each user touched, sorted by row.
-
-    ``chunk`` is sorted by user and ``order`` is the length-sorted permutation of its users, so
-    an event's row is ``inverse(order)[its user's position]`` -- no per-event Python.
-    """
-    counts = np.diff(_user_bounds(chunk))
-    inverse = np.empty_like(order)
-    inverse[order] = np.arange(len(order))
-    rows = inverse[np.repeat(np.arange(len(counts)), counts)]
-    cols = est.tokenizer_.item_index(chunk["item_id"])
-    keep = cols >= N_SPECIAL
-    rows, cols = rows[keep], cols[keep]
-    by_row = np.argsort(rows, kind="stable")
-    return rows[by_row], cols[by_row]
 
 
 def score_events(
@@ -175,17 +157,14 @@ def _score_chunk(
     enc = est.tokenizer_.encode(Events.trusted(chunk, "scoring chunk"), truncate=True)
     order = np.argsort(enc.lengths(), kind="stable")  # similar lengths share a batch
     enc = enc.subset(order)
-    seen_rows, seen_cols = _seen_pairs(est, chunk, order) if exclude_seen else (np.zeros(0, np.int64),) * 2
-    kk = min(k, est.tokenizer_.n_items - N_SPECIAL)
+    seen = seen_pairs(est.tokenizer_, chunk, enc.user_ids) if exclude_seen else NO_SEEN
     top_idx, top_val = [], []
     for rows, i_logp, _ in est.iter_scores(enc, action, batch_size):
-        i_logp[:, :N_SPECIAL] = float("-inf")
-        a, b = np.searchsorted(seen_rows, [rows.start, rows.stop])
-        i_logp[torch.from_numpy(seen_rows[a:b] - rows.start), torch.from_numpy(seen_cols[a:b])] = float("-inf")
-        val, idx = torch.topk(i_logp, kk, dim=1)
+        val, idx = mask_top_k(i_logp, rows, seen, None, k)
         top_idx.append(idx.numpy())
         top_val.append(val.numpy())
     idx, logp = np.concatenate(top_idx), np.concatenate(top_val)
+    kk = idx.shape[1]
     keep = np.isfinite(logp)  # a user who has seen (almost) everything gets fewer than k rows
     val = np.exp(logp)
     users = np.repeat(np.arange(len(enc)), kk)[keep.ravel()]
