@@ -17,7 +17,7 @@ import polars as pl
 import typer
 from rich.console import Console
 
-from behaviorlm.events import ColumnMapping, Events, EventsError, validate_events
+from behaviorlm.events import ColumnMapping, Events, EventsError, validate_events, validate_items
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="User behaviour as a language.")
 err = Console(stderr=True)
@@ -69,13 +69,15 @@ def _load_events(
     action_map: str | None,
     invalid: str,
     time_unit: str,
-) -> tuple[Events, str]:
+) -> tuple[Events, str, pl.DataFrame | None]:
+    """Events from --events or --dataset, their source name, and a bundled dataset's items."""
     if (events is None) == (dataset is None):
         raise ValueError("give exactly one of --events PATH or --dataset NAME")
     if dataset is not None:
         from behaviorlm.datasets import load_dataset
 
-        return load_dataset(dataset).events, dataset
+        data = load_dataset(dataset)
+        return data.events, dataset, data.items
     if invalid not in ("raise", "drop"):
         raise ValueError(f"--invalid must be 'raise' or 'drop', got {invalid!r}")
     ev = validate_events(
@@ -87,20 +89,7 @@ def _load_events(
     )
     if ev.report.n_dropped or ev.report.notes:
         err.print(f"events: {ev.report.summary()}", highlight=False)
-    return ev, str(events)
-
-
-def _load_items(items: Path | None, item_col: str, dataset: str | None) -> pl.DataFrame | None:
-    """Item metadata from --items, or the bundled dataset's own table."""
-    from behaviorlm.events import validate_items
-
-    if items is not None:
-        return validate_items(items, item_col=item_col)
-    if dataset is not None:
-        from behaviorlm.datasets import load_dataset
-
-        return load_dataset(dataset).items
-    return None
+    return ev, str(events), None
 
 
 def events_digest(ev: Events) -> str:
@@ -157,8 +146,8 @@ def train(
 
     _setup_logging(verbose)
     mapping = ColumnMapping(user_col, item_col, action_col, time_col)
-    ev, source = _load_events(events, dataset, mapping, action_map, invalid, time_unit)
-    item_table = _load_items(items, item_col, dataset)
+    ev, source, bundled_items = _load_events(events, dataset, mapping, action_map, invalid, time_unit)
+    item_table = validate_items(items, item_col=item_col) if items is not None else bundled_items
     model = BehaviorLM(
         epochs=epochs,
         max_len=max_len,
@@ -214,7 +203,7 @@ def evaluate(
     if k < 1:
         raise ValueError(f"--k must be >= 1, got {k}")
     model = BehaviorLM.load(model_dir)
-    ev, _ = _load_events(
+    ev, _, _ = _load_events(
         events, dataset, ColumnMapping(user_col, item_col, action_col, time_col), action_map, invalid, time_unit
     )
     _check_no_leak(model, ev, split)
@@ -308,7 +297,7 @@ def score(
         raise ValueError(f"--out must end in .parquet, got {out_path}")
     set_threads(threads)
     model = BehaviorLM.load(model_dir)
-    ev, _ = _load_events(
+    ev, _, _ = _load_events(
         events, dataset, ColumnMapping(user_col, item_col, action_col, time_col), action_map, invalid, time_unit
     )
     res = score_events(
