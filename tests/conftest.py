@@ -32,3 +32,39 @@ def raw_events() -> pl.DataFrame:
 @pytest.fixture
 def events(raw_events):
     return validate_events(raw_events)
+
+
+def make_funnel_events(n_users: int = 160, days: int = 6, seed: int = 0) -> pl.DataFrame:
+    """Daily shopping sessions where intent is visible before the purchase.
+
+    Each active day a user views a few items; "shoppers" (a third of users) often add one to
+    the cart, and a cart left unpaid yesterday is usually bought today. So P(purchase
+    tomorrow | history) depends on the recent carts -- learnable from features or sequences.
+    """
+    rng = np.random.default_rng(seed)
+    rows, t0 = [], 1_700_000_000 - 1_700_000_000 % 86400
+    for u in range(n_users):
+        shopper, pending = u % 3 == 0, None
+        for d in range(days):
+            if rng.random() > 0.8:
+                continue
+            t = t0 + d * 86400 + int(rng.integers(3600, 40_000))
+            if pending is not None and rng.random() < 0.8:
+                rows.append((u, pending, "purchase", t))
+                t += int(rng.integers(60, 600))
+            pending = None
+            for _ in range(int(rng.integers(2, 6))):
+                item = f"i{int(rng.integers(30))}"
+                rows.append((u, item, "view", t))
+                t += int(rng.integers(20, 300))
+                if shopper and pending is None and rng.random() < 0.5:
+                    rows.append((u, item, "add_to_cart", t))
+                    pending, t = item, t + int(rng.integers(20, 300))
+            if not shopper and rng.random() < 0.05:
+                rows.append((u, f"i{int(rng.integers(30))}", "purchase", t))
+    return pl.DataFrame(rows, schema=["user_id", "item_id", "event_type", "timestamp"], orient="row")
+
+
+@pytest.fixture(scope="session")
+def funnel_events():
+    return validate_events(make_funnel_events())

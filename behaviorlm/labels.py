@@ -1,0 +1,364 @@
+"""Prediction examples without leakage: who converts (or churns) after a cutoff, from what came before.
+
+An *example* is one prediction the model has to make: a key ``example_id``, the ``user_id`` it is
+about, the reference time ``as_of`` and a binary ``label``. Its *inputs* are the events the model
+may look at, keyed by the same ``example_id``. Two families build them:
+
+* :func:`cutoff_examples` -- the production question "as of time T, will this user purchase
+  (or go silent) within ``[T, T+H)``?". Inputs are the user's events strictly before T; the
+  label looks only at ``[T, T+H)``. :func:`propensity_split` stacks several cutoffs into
+  train / validation / test with the test window last in time, so no event at or after the
+  test cutoff reaches any input or any training label.
+* :func:`prefix_examples` -- early prediction: the events before a user's (or session's) first
+  purchase, cut to the first 10/25/50/75% of them; the label is whether the purchase came.
+  The purchase and everything after it never reach an input.
+
+Keeping inputs as a plain event frame (``example_id`` + the canonical event columns) lets the
+feature builders and the transformer consume exactly the same evidence.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+import numpy as np
+import polars as pl
+
+from behaviorlm.events import Events, EventsError, as_events
+
+Target = Literal["conversion", "churn"]
+EXAMPLE_COLUMNS = ("example_id", "user_id", "as_of", "label")
+DEFAULT_FRACTIONS = (0.1, 0.25, 0.5, 0.75)
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|min|h|d|w)\s*$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+@dataclass
+class ExampleSet:
+    """Prediction examples and the events each may use (``inputs`` is keyed by ``example_id``)."""
+
+    examples: pl.DataFrame
+    inputs: pl.DataFrame
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.examples.height
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.examples["label"].to_numpy().astype(np.int64)
+
+    @property
+    def positive_rate(self) -> float:
+        return float(self.labels.mean()) if len(self) else float("nan")
+
+    def filter(self, mask: pl.Expr) -> ExampleSet:
+        ex = self.examples.filter(mask)
+        return ExampleSet(ex, self.inputs.filter(pl.col("example_id").is_in(ex["example_id"].implode())), self.info)
+
+    @staticmethod
+    def concat(sets: list[ExampleSet]) -> ExampleSet:
+        """Stack example sets, renumbering ``example_id`` so keys stay unique."""
+        exs, ins, offset = [], [], 0
+        for s in sets:
+            exs.append(s.examples.with_columns(pl.col("example_id") + offset))
+            ins.append(s.inputs.with_columns(pl.col("example_id") + offset))
+            offset += int(s.examples["example_id"].max() or 0) + 1 if len(s) else 0
+        info = {"parts": [s.info for s in sets]}
+        return ExampleSet(pl.concat(exs, how="vertical_relaxed"), pl.concat(ins, how="vertical_relaxed"), info)
+
+
+def parse_duration(value: str | timedelta | float | int) -> timedelta:
+    """``"1d"``, ``"12h"``, ``"30m"``, ``"90s"``, ``"2w"`` (or seconds / a timedelta) -> timedelta."""
+    if isinstance(value, timedelta):
+        out = value
+    elif isinstance(value, int | float):
+        out = timedelta(seconds=float(value))
+    else:
+        m = _DURATION.match(str(value))
+        if not m:
+            raise EventsError(f"horizon {value!r} is not a duration such as '1d', '12h', '30m' or '90s'")
+        out = timedelta(seconds=float(m.group(1)) * _UNIT_SECONDS[m.group(2)])
+    if out <= timedelta(0):
+        raise EventsError(f"duration must be positive, got {value!r}")
+    return out
+
+
+def require_action(events: Events, action: str) -> None:
+    """The target action must occur in the data; say which actions do when it does not."""
+    present = events.actions
+    if action not in present:
+        raise EventsError(
+            f"target action {action!r} never occurs in column 'event_type' (actions present: {present}); "
+            "conversion needs it -- map the dataset's purchase-like action to it with an action map"
+        )
+
+
+def _as_datetime(value: Any) -> datetime:
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    s = pl.Series([str(value)]).str.to_datetime(time_zone="UTC", strict=False)
+    if s.is_null().any():
+        raise EventsError(f"cutoff {value!r} is not a date/time such as '2017-12-03' or '2017-12-03T12:00'")
+    return s.item()
+
+
+def cutoff_examples(
+    events: Events | Any,
+    cutoff: Any,
+    horizon: str | timedelta,
+    target: Target = "conversion",
+    action: str = "purchase",
+    users: pl.Series | None = None,
+) -> ExampleSet:
+    """Examples "as of ``cutoff``" for every user with at least one event before it.
+
+    conversion: label 1 when the user performs ``action`` within ``[cutoff, cutoff + horizon)``.
+    churn: label 1 when the user has no event at all in that window.
+    Inputs are the user's events strictly before ``cutoff``.
+    """
+    ev = as_events(events)
+    if target == "conversion":
+        require_action(ev, action)
+    elif target != "churn":
+        raise EventsError(f"target must be 'conversion' or 'churn', got {target!r}")
+    t0, h = _as_datetime(cutoff), parse_duration(horizon)
+    df = ev.df if users is None else ev.df.filter(pl.col("user_id").is_in(users.implode()))
+    before = df.filter(pl.col("timestamp") < t0)
+    window = df.filter(pl.col("timestamp").is_between(t0, t0 + h, closed="left"))
+    if target == "conversion":
+        positives = window.filter(pl.col("event_type") == action)["user_id"].unique()
+    else:
+        active = window["user_id"].unique()
+    ex = before.select(pl.col("user_id").unique(maintain_order=True)).with_columns(
+        pl.lit(t0).alias("as_of"),
+        (
+            pl.col("user_id").is_in(positives.implode())
+            if target == "conversion"
+            else ~pl.col("user_id").is_in(active.implode())
+        )
+        .cast(pl.Int8)
+        .alias("label"),
+    )
+    ex = ex.with_row_index("example_id").with_columns(pl.col("example_id").cast(pl.Int64))
+    inputs = before.join(ex.select("user_id", "example_id"), on="user_id").sort(
+        "example_id", "timestamp", maintain_order=True
+    )
+    info = {"cutoff": str(t0), "horizon_s": h.total_seconds(), "target": target, "action": action}
+    return ExampleSet(ex.select(EXAMPLE_COLUMNS), inputs, info)
+
+
+@dataclass
+class PropensitySplit:
+    """Temporal train / validation / test example sets (validation users never train)."""
+
+    train: ExampleSet
+    valid: ExampleSet
+    test: ExampleSet
+    info: dict[str, Any]
+
+
+def _user_fold(users: pl.Series, frac: float, seed: int) -> pl.Series:
+    """A stable pseudo-random ``frac`` of users, independent of row order."""
+    h = users.cast(pl.String).hash(seed=seed) % 10_000
+    return users.filter(h < int(frac * 10_000))
+
+
+def training_windows(
+    events: Events | Any,
+    labels_end: Any,
+    horizon: str | timedelta,
+    target: Target = "conversion",
+    action: str = "purchase",
+    n_windows: int = 3,
+    stride: str | timedelta | None = None,
+    valid_frac: float = 0.2,
+    seed: int = 0,
+) -> tuple[ExampleSet, ExampleSet, list[datetime]]:
+    """Train and validation examples at cutoffs ``labels_end - horizon - j * stride``.
+
+    Every label window ends at or before ``labels_end``. Validation holds a stable
+    ``valid_frac`` of users (hashed ids) at the same cutoffs; they never train.
+    """
+    ev = as_events(events)
+    if not 0 < valid_frac < 1:
+        raise EventsError(f"valid_frac must be in (0, 1), got {valid_frac}")
+    if n_windows < 1:
+        raise EventsError(f"n_windows must be >= 1, got {n_windows}")
+    h = parse_duration(horizon)
+    step = parse_duration(stride) if stride is not None else h
+    end = _as_datetime(labels_end)
+    cutoffs = [end - h - j * step for j in range(n_windows)]
+    cutoffs = sorted(c for c in cutoffs if (ev.df["timestamp"] < c).any())
+    if not cutoffs:
+        raise EventsError(f"no events before the first training cutoff {end - h}: shorten the horizon")
+    valid_users = _user_fold(ev.df["user_id"].unique().sort(), valid_frac, seed)
+    is_valid = pl.col("user_id").is_in(valid_users.implode())
+    stacked = ExampleSet.concat([cutoff_examples(ev, c, h, target, action) for c in cutoffs])
+    train, valid = stacked.filter(~is_valid), stacked.filter(is_valid)
+    for name, part in (("train", train), ("valid", valid)):
+        _require_both_classes(name, part, target)
+    return train, valid, cutoffs
+
+
+def _require_both_classes(name: str, part: ExampleSet, target: str) -> None:
+    if len(part) == 0 or part.labels.min() == part.labels.max():
+        raise EventsError(
+            f"the {name} examples have a single class (n={len(part)}); a {target} model needs both -- "
+            "try a longer horizon, another stride or more windows"
+        )
+
+
+def propensity_split(
+    events: Events | Any,
+    horizon: str | timedelta,
+    target: Target = "conversion",
+    action: str = "purchase",
+    n_windows: int = 3,
+    stride: str | timedelta | None = None,
+    test_cutoff: Any = None,
+    valid_frac: float = 0.2,
+    seed: int = 0,
+) -> PropensitySplit:
+    """Rolling-origin split. Test: cutoff ``T`` (default: the data's end minus ``horizon``).
+
+    Training cutoffs are ``T - horizon - j * stride`` for ``j < n_windows``, so every training
+    label window ends at or before ``T``: nothing from the test window reaches training
+    (see :func:`training_windows` for the validation users).
+    """
+    ev = as_events(events)
+    h = parse_duration(horizon)
+    end = ev.df["timestamp"].max()
+    t_test = _as_datetime(test_cutoff) if test_cutoff is not None else end - h + timedelta(microseconds=1)
+    if t_test + h > end + timedelta(microseconds=1):
+        raise EventsError(
+            f"test window [{t_test}, {t_test + h}) runs past the last event ({end}): its labels would be censored"
+        )
+    train, valid, cutoffs = training_windows(ev, t_test, h, target, action, n_windows, stride, valid_frac, seed)
+    test = cutoff_examples(ev, t_test, h, target, action)
+    _require_both_classes("test", test, target)
+    info = {
+        "target": target,
+        "action": action,
+        "horizon_s": h.total_seconds(),
+        "test_cutoff": str(t_test),
+        "train_cutoffs": [str(c) for c in cutoffs],
+        "n_train": len(train),
+        "n_valid": len(valid),
+        "n_test": len(test),
+        "positive_rate": {"train": train.positive_rate, "valid": valid.positive_rate, "test": test.positive_rate},
+    }
+    return PropensitySplit(train, valid, test, info)
+
+
+def scoring_examples(events: Events | Any, at: Any = None) -> ExampleSet:
+    """Unlabelled examples "as of ``at``" (default: just after the last event) for every user."""
+    ev = as_events(events)
+    t = ev.df["timestamp"].max() + timedelta(microseconds=1) if at is None else _as_datetime(at)
+    before = ev.df.filter(pl.col("timestamp") < t)
+    ex = (
+        before.select(pl.col("user_id").unique(maintain_order=True))
+        .with_row_index("example_id")
+        .with_columns(
+            pl.col("example_id").cast(pl.Int64), pl.lit(t).alias("as_of"), pl.lit(None, pl.Int8).alias("label")
+        )
+    )
+    inputs = before.join(ex.select("user_id", "example_id"), on="user_id")
+    return ExampleSet(
+        ex.select(EXAMPLE_COLUMNS), inputs.sort("example_id", "timestamp", maintain_order=True), {"as_of": str(t)}
+    )
+
+
+def sessionize(events: Events | Any, gap: str | timedelta = "30m") -> Events:
+    """Split each user's stream into sessions at gaps > ``gap``; ``user_id`` becomes ``user#k``.
+
+    A dataset's own ``session_id`` column is used when present.
+    """
+    ev = as_events(events)
+    df = ev.df
+    if "session_id" in df.columns:
+        sid = pl.col("session_id").cast(pl.String)
+    else:
+        g = parse_duration(gap)
+        new = (pl.col("timestamp").diff().over("user_id") > g).fill_null(True)
+        sid = new.cum_sum().over("user_id").cast(pl.String)
+    out = df.with_columns((pl.col("user_id").cast(pl.String) + "#" + sid).alias("user_id")).sort(
+        "user_id", "timestamp", maintain_order=True
+    )
+    return ev.derive(out, f"sessionized (gap {gap})")
+
+
+def prefix_examples(
+    events: Events | Any,
+    fractions: tuple[float, ...] = DEFAULT_FRACTIONS,
+    action: str = "purchase",
+    min_events: int = 1,
+) -> ExampleSet:
+    """Early-prediction examples: the first ``f`` of each sequence's events before its first ``action``.
+
+    A sequence with a purchase is positive and is cut just before that purchase; one without is
+    negative and keeps all its events. A prefix holds ``ceil(f * n)`` events (at least one).
+    Sequences with fewer than ``min_events`` events before the purchase (e.g. a purchase as
+    the very first event) cannot be predicted early; they are dropped and counted in ``info``.
+    ``as_of`` is the time of the prefix's last event.
+    """
+    ev = as_events(events)
+    require_action(ev, action)
+    for f in fractions:
+        if not 0 < f <= 1:
+            raise EventsError(f"prefix fractions must be in (0, 1], got {f}")
+    df = ev.df.with_columns(pl.int_range(pl.len()).over("user_id").alias("__pos"))
+    first_buy = df.filter(pl.col("event_type") == action).group_by("user_id").agg(pl.col("__pos").min().alias("__buy"))
+    df = df.join(first_buy, on="user_id", how="left")
+    pre = df.filter(pl.col("__buy").is_null() | (pl.col("__pos") < pl.col("__buy")))
+    n_pre = pre.group_by("user_id", maintain_order=True).agg(pl.len().cast(pl.Int64).alias("__n"))
+    all_users = df["user_id"].n_unique()
+    keep = n_pre.filter(pl.col("__n") >= min_events)
+    labels = df.group_by("user_id").agg(pl.col("__buy").is_not_null().any().cast(pl.Int8).alias("label"))
+    keep = keep.join(labels, on="user_id")
+    parts = []
+    for f in fractions:
+        ex = keep.with_columns(
+            pl.lit(f).alias("fraction"), (pl.col("__n") * f).ceil().cast(pl.Int64).clip(1).alias("__k")
+        )
+        parts.append(ex)
+    ex = pl.concat(parts).with_row_index("example_id").with_columns(pl.col("example_id").cast(pl.Int64))
+    inputs = (
+        pre.join(ex.select("user_id", "example_id", "__k"), on="user_id")
+        .filter(pl.col("__pos") < pl.col("__k"))
+        .sort("example_id", "timestamp", maintain_order=True)
+    )
+    as_of = inputs.group_by("example_id").agg(pl.col("timestamp").max().alias("as_of"))
+    ex = ex.join(as_of, on="example_id").sort("example_id")
+    info = {
+        "action": action,
+        "fractions": list(fractions),
+        "n_sequences": all_users,
+        "dropped_sequences": all_users - keep.height,
+        "dropped_reason": f"fewer than {min_events} event(s) before the first {action!r}",
+    }
+    inputs = inputs.drop("__pos", "__buy", "__k")
+    return ExampleSet(ex.select(*EXAMPLE_COLUMNS, "fraction"), inputs, info)
+
+
+def split_users(
+    examples: ExampleSet, valid_frac: float = 0.2, test_frac: float = 0.2, seed: int = 0
+) -> tuple[ExampleSet, ExampleSet, ExampleSet]:
+    """User-disjoint train / validation / test parts (all prefixes of a user stay together)."""
+    users = examples.examples["user_id"].unique().sort()
+    h = users.cast(pl.String).hash(seed=seed) % 10_000
+    test_u = users.filter(h < int(test_frac * 10_000))
+    valid_u = users.filter((h >= int(test_frac * 10_000)) & (h < int((test_frac + valid_frac) * 10_000)))
+    in_test, in_valid = pl.col("user_id").is_in(test_u.implode()), pl.col("user_id").is_in(valid_u.implode())
+    return examples.filter(~in_test & ~in_valid), examples.filter(in_valid), examples.filter(in_test)
+
+
+def n_windows_for(events: Events, horizon: str | timedelta, max_windows: int = 6) -> int:
+    """How many non-overlapping training windows fit before the test window (capped)."""
+    h = parse_duration(horizon).total_seconds()
+    span = (events.df["timestamp"].max() - events.df["timestamp"].min()).total_seconds()
+    return max(1, min(max_windows, math.floor(span / h) - 1))
