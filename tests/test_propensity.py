@@ -1,0 +1,174 @@
+"""Features, calibration and propensity scorers on a synthetic funnel with learnable intent."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from behaviorlm.calibration import (
+    Calibrator,
+    binary_metrics,
+    expected_calibration_error,
+    paired_auc_difference,
+)
+from behaviorlm.events import EventsError
+from behaviorlm.features import heuristic_score, rich_features, seed_features
+from behaviorlm.labels import cutoff_examples, propensity_split
+from behaviorlm.propensity import (
+    HeuristicScorer,
+    LightGBMScorer,
+    PropensityModel,
+    TransformerScorer,
+    ZeroShotScorer,
+    encode_examples,
+)
+from behaviorlm.recommender import BehaviorLM
+from behaviorlm.tokenizer import MASK
+
+
+@pytest.fixture(scope="module")
+def split(funnel_events):
+    return propensity_split(funnel_events, "1d", n_windows=3)
+
+
+@pytest.fixture(scope="module")
+def backbone(funnel_events, split):
+    cutoff = split.test.examples["as_of"][0]
+    before = funnel_events.derive(funnel_events.df.filter(pl.col("timestamp") < cutoff), "before test")
+    return BehaviorLM(max_len=32, dim=16, n_layers=1, n_heads=1, epochs=4, batch_size=32, progress=False).fit(before)
+
+
+# --------------------------------------------------------------------------- features
+
+
+def test_seed_features_and_heuristic_formula(split):
+    f = seed_features(split.test)
+    assert f["example_id"].to_list() == split.test.examples["example_id"].to_list()
+    row = f.row(0, named=True)
+    inputs = split.test.inputs.filter(pl.col("example_id") == row["example_id"])
+    assert row["sequence_length"] == inputs.height
+    assert row["cart_additions"] == (inputs["event_type"] == "add_to_cart").sum()
+    expected = min(
+        1.0,
+        0.1 * row["cart_additions"]
+        + 0.05 * row["product_views"]
+        + 0.3 * row["unique_actions"] / row["sequence_length"],
+    )
+    assert heuristic_score(f)[0] == pytest.approx(expected)
+
+
+def test_rich_features_ignore_everything_after_as_of(funnel_events, split):
+    """Appending future events (purchases, carts) to the log must not change any feature (leakage canary)."""
+    cutoff = split.test.examples["as_of"][0]
+    future = funnel_events.df.head(300).with_columns(
+        pl.lit("purchase").alias("event_type"),
+        (pl.lit(cutoff) + pl.duration(minutes=pl.int_range(300))).alias("timestamp"),
+    )
+    polluted = funnel_events.derive(pl.concat([funnel_events.df, future]).sort("user_id", "timestamp"), "future")
+    clean_ex = cutoff_examples(funnel_events, cutoff, "1d")
+    dirty_ex = cutoff_examples(polluted, cutoff, "1d")
+    base = rich_features(clean_ex)
+    assert base.equals(rich_features(dirty_ex)) and seed_features(clean_ex).equals(seed_features(dirty_ex))
+    assert not np.array_equal(clean_ex.labels, dirty_ex.labels)  # the future did change the labels
+    assert base.height == len(clean_ex) and base["recency_h"].min() >= 0
+    assert (base["n_view"] + base["n_add_to_cart"] + base["n_purchase"] == base["n_events"]).all()
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+def test_calibration_fixes_miscalibrated_scores():
+    rng = np.random.default_rng(0)
+    p_true = rng.uniform(0, 0.5, 4000)
+    y = (rng.random(4000) < p_true).astype(int)
+    raw = np.sqrt(p_true)  # right order, wrong scale
+    assert expected_calibration_error(y, raw) > 0.15
+    for method in ("isotonic", "platt", "auto"):
+        cal = Calibrator(method).fit(raw[:2000], y[:2000])
+        p = cal.predict(raw[2000:])
+        assert expected_calibration_error(y[2000:], p) < 0.04, method
+        assert roc_auc_score(y[2000:], p) == pytest.approx(roc_auc_score(y[2000:], raw[2000:]), abs=0.01)
+        again = Calibrator.from_dict(cal.to_dict())
+        np.testing.assert_allclose(again.predict(raw[2000:]), p)
+
+
+def test_binary_metrics_and_paired_difference():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 600)
+    good, noise = y + rng.normal(0, 0.5, 600), rng.normal(0, 1, 600)
+    m = binary_metrics(y, 1 / (1 + np.exp(-good)), n_boot=100)
+    lo, hi = m["ci95"]["roc_auc"]
+    assert lo <= m["roc_auc"] <= hi and m["roc_auc"] > 0.85 and m["positives"] == y.sum()
+    d = paired_auc_difference(y, good, noise, n_boot=200)
+    assert d["significant"] and d["ci95"][0] > 0
+    same = paired_auc_difference(y, good, good + 1e-9 * noise, n_boot=200)
+    assert not same["significant"]
+
+
+# --------------------------------------------------------------------------- scorers
+
+
+def test_lightgbm_learns_the_funnel(split):
+    s = LightGBMScorer("rich").fit(split.train, split.valid)
+    assert roc_auc_score(split.test.labels, s.decision_function(split.test)) > 0.75
+    assert s.feature_importance()["feature"][0] in {c for c in rich_features(split.test).columns}
+    h = HeuristicScorer().fit(split.train, split.valid).decision_function(split.test)
+    assert ((h >= 0) & (h <= 1)).all()
+
+
+def test_encode_examples_appends_query_gap(backbone, split):
+    tok = backbone.tokenizer_
+    enc = encode_examples(tok, split.test, max_len=8)
+    assert (enc.lengths() <= 8).all()
+    for u in range(3):
+        items, actions, gaps = enc.sequence(u)
+        assert items[-1] == MASK and actions[-1] == MASK
+        ex = split.test.examples.row(u, named=True)
+        last = split.test.inputs.filter(pl.col("example_id") == ex["example_id"])["timestamp"].max()
+        assert gaps[-1] == tok.gap_bucket(np.array([(ex["as_of"] - last).total_seconds()]))[0]
+
+
+def test_transformer_fine_tunes_and_is_deterministic(backbone, split):
+    a = TransformerScorer(backbone, epochs=6, lr=1e-3, patience=6).fit(split.train, split.valid)
+    b = TransformerScorer(backbone, epochs=6, lr=1e-3, patience=6).fit(split.train, split.valid)
+    pa = a.decision_function(split.test)
+    np.testing.assert_array_equal(pa, b.decision_function(split.test))
+    assert roc_auc_score(split.test.labels, pa) > 0.7
+    assert a.embeddings(split.test).shape == (len(split.test), 16)
+    # the pretrained model itself is untouched by fine-tuning
+    assert not any(p is q for p, q in zip(a.net_.backbone.parameters(), backbone.model_.parameters(), strict=True))
+
+
+def test_zero_shot_matches_next_action_probability(backbone, split):
+    """With one step, the estimate is exactly the action head's P(purchase next)."""
+    ex = split.test
+    one = ZeroShotScorer(backbone, n_actions=1, n_samples=2).decision_function(ex)
+    events = ex.inputs.select(pl.col("example_id").alias("user_id"), "item_id", "event_type", "timestamp")
+    direct = backbone.next_action_proba(events=events)["p_purchase"].to_numpy()
+    np.testing.assert_allclose(one, direct, rtol=1e-4, atol=1e-6)
+    five = ZeroShotScorer(backbone, n_actions=5, n_samples=4).decision_function(ex)
+    assert (five >= one - 1e-6).all() and (five <= 1).all()
+
+
+@pytest.mark.parametrize("method", ["lightgbm", "transformer"])
+def test_propensity_model_round_trip(method, funnel_events, backbone, tmp_path):
+    pm = PropensityModel(
+        method, horizon="1d", n_windows=2, scorer_params={"epochs": 2} if method == "transformer" else None
+    )
+    pm.fit(funnel_events, backbone)
+    pred = pm.predict(funnel_events)
+    assert pred.columns == ["user_id", "as_of", "propensity"]
+    assert pred.height == funnel_events.n_users and pred["propensity"].is_between(0, 1).all()
+    again = PropensityModel.load(pm.save(tmp_path / method))
+    np.testing.assert_allclose(again.predict(funnel_events)["propensity"], pred["propensity"], rtol=1e-6)
+
+
+def test_propensity_errors_are_clear(funnel_events):
+    with pytest.raises(EventsError, match="unknown propensity method"):
+        PropensityModel("magic")
+    with pytest.raises(EventsError, match="needs a pretrained model"):
+        PropensityModel("transformer", n_windows=2).fit(funnel_events)
+    with pytest.raises(EventsError, match="duration"):
+        PropensityModel("lightgbm", horizon="soon")
