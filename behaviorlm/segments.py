@@ -1,0 +1,280 @@
+"""User segmentation: propensity tiers, behavioural clusters over learned embeddings, profiles.
+
+Two labels per user, because they answer different questions:
+
+* **tier** (Low / Medium / High) -- *how likely* the user is to convert, from the calibrated
+  propensity and fixed, configurable bins (default ``[0, 0.3, 0.6, 1.0]`` as in the seeds).
+  Fixed bins on a calibrated probability keep a tier's meaning stable across runs.
+* **cluster** -- *how* the user behaves: KMeans over the transformer's user embeddings (the
+  hidden state after the user's latest event, L2-normalised), with ``k`` chosen by silhouette
+  unless given.
+
+:func:`segment_profiles` summarises each segment (size, share, mean propensity, observed
+conversion, activity, recency, top categories/brands, next-action mix) for dashboards; the
+figures are drawn by :mod:`behaviorlm.plots`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import polars as pl
+import torch
+from sklearn.cluster import KMeans
+from sklearn.decomposition import PCA
+from sklearn.metrics import silhouette_score
+
+from behaviorlm.events import Events, EventsError, as_events
+
+if TYPE_CHECKING:
+    from behaviorlm.recommender import BehaviorLM
+
+DEFAULT_BINS = (0.0, 0.3, 0.6, 1.0)
+DEFAULT_TIERS = ("Low", "Medium", "High")
+PROFILE_METRICS = (
+    "share",
+    "mean_propensity",
+    "mean_churn_propensity",
+    "observed_conversion",
+    "actions_per_user",
+    "recency_days",
+)
+
+
+def assign_tiers(
+    propensity: pl.Series | np.ndarray | Sequence[float],
+    bins: Sequence[float] = DEFAULT_BINS,
+    labels: Sequence[str] = DEFAULT_TIERS,
+) -> pl.Series:
+    """Tier label per user; bin ``i`` is ``[bins[i], bins[i+1])``, the last one closed."""
+    b = np.asarray(bins, dtype=np.float64)
+    if len(b) < 2 or np.any(np.diff(b) <= 0) or b[0] > 0 or b[-1] < 1:
+        raise EventsError(f"tier bins must increase strictly and cover [0, 1], got {list(bins)}")
+    if len(labels) != len(b) - 1:
+        raise EventsError(f"{len(b) - 1} tier bins need {len(b) - 1} labels, got {list(labels)}")
+    p = np.asarray(propensity, dtype=np.float64)
+    if np.isnan(p).any() or (p < 0).any() or (p > 1).any():
+        raise EventsError("column 'propensity': values must be probabilities in [0, 1] (no nulls)")
+    idx = np.clip(np.searchsorted(b, p, side="right") - 1, 0, len(labels) - 1)
+    return pl.Series("tier", np.asarray(labels, dtype=object)[idx].tolist(), dtype=pl.String)
+
+
+@torch.inference_mode()
+def user_embeddings(est: BehaviorLM, events: Events | Any = None, users: list[Any] | None = None) -> pl.DataFrame:
+    """``user_id`` plus the L2-normalised hidden state after each user's latest event.
+
+    Without ``events`` the model's stored training histories are used.
+    """
+    enc, _, _ = est._encode_users(users, events)
+    if len(enc) == 0:
+        raise EventsError("no user has events to embed")
+    parts = [est.step_heads(enc, rows, enc.lengths())[0] for rows in _slices(len(enc), 256)]
+    emb = torch.nn.functional.normalize(torch.cat(parts), dim=1).numpy()
+    return pl.DataFrame({"user_id": enc.user_ids, "embedding": emb})
+
+
+def _slices(n: int, size: int) -> list[slice]:
+    return [slice(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+@dataclass
+class Clustering:
+    labels: np.ndarray
+    k: int
+    silhouette: dict[int, float] = field(default_factory=dict)
+    centers: np.ndarray | None = None
+
+
+def cluster_embeddings(
+    emb: np.ndarray, k: int | None = None, k_range: Sequence[int] = range(2, 9), seed: int = 0, sample: int = 3000
+) -> Clustering:
+    """KMeans; with ``k=None`` pick the ``k`` in ``k_range`` with the best silhouette.
+
+    Silhouette is computed on a fixed random sample of at most ``sample`` users (it is
+    quadratic in the number of points).
+    """
+    n = len(emb)
+    if n < 3:
+        raise EventsError(f"clustering needs at least 3 users with embeddings, got {n}")
+    if k is not None and not 2 <= k < n:
+        raise EventsError(f"k must be in [2, {n - 1}] for {n} users, got {k}")
+    candidates = [k] if k is not None else [c for c in k_range if 2 <= c < n]
+    scores, fits = {}, {}
+    for c in candidates:
+        km = KMeans(n_clusters=c, n_init=4, random_state=seed).fit(emb)
+        fits[c] = km
+        if len(set(km.labels_)) > 1:
+            scores[c] = float(silhouette_score(emb, km.labels_, sample_size=min(n, sample), random_state=seed))
+    best = k if k is not None else max(scores, key=scores.get)
+    return Clustering(fits[best].labels_.astype(np.int64), best, scores, fits[best].cluster_centers_)
+
+
+def embedding_coords(emb: np.ndarray, seed: int = 0) -> np.ndarray:
+    """2-D PCA projection for maps (deterministic, fast; t-SNE would distort distances)."""
+    return PCA(n_components=2, random_state=seed).fit_transform(emb)
+
+
+def segment_users(
+    propensity: pl.DataFrame,
+    embeddings: pl.DataFrame,
+    k: int | None = None,
+    bins: Sequence[float] = DEFAULT_BINS,
+    labels: Sequence[str] = DEFAULT_TIERS,
+    seed: int = 0,
+) -> tuple[pl.DataFrame, Clustering]:
+    """User table ``user_id, propensity, [churn_propensity], tier, cluster, pc1, pc2``.
+
+    ``propensity`` needs ``user_id, propensity`` (optionally ``churn_propensity`` and more);
+    users without an embedding keep their tier and get cluster -1 (counted, not dropped).
+    """
+    for col in ("user_id", "propensity"):
+        if col not in propensity.columns:
+            raise EventsError(f"propensity table: missing column {col!r} (has {propensity.columns})")
+    users = propensity.with_columns(assign_tiers(propensity["propensity"], bins, labels))
+    emb_users = embeddings.join(users.select("user_id"), on="user_id", how="semi")
+    matrix = np.stack(emb_users["embedding"].to_numpy()) if emb_users.height else np.zeros((0, 1))
+    clustering = cluster_embeddings(matrix, k, seed=seed)
+    coords = embedding_coords(matrix, seed)
+    clusters = pl.DataFrame(
+        {"user_id": emb_users["user_id"], "cluster": clustering.labels, "pc1": coords[:, 0], "pc2": coords[:, 1]}
+    )
+    users = users.join(clusters, on="user_id", how="left", maintain_order="left").with_columns(
+        pl.col("cluster").fill_null(-1)
+    )
+    return users, clustering
+
+
+def segment_profiles(
+    users: pl.DataFrame,
+    events: Events | Any,
+    by: str = "tier",
+    items: pl.DataFrame | None = None,
+    next_actions: pl.DataFrame | None = None,
+    outcome: pl.DataFrame | None = None,
+    action: str = "purchase",
+    top_n: int = 3,
+) -> pl.DataFrame:
+    """One row per segment of ``users[by]`` with size, share and behaviour.
+
+    ``observed_conversion`` is the share of the segment's users with an ``action`` in
+    ``outcome`` (e.g. the events after the scoring date, when known) or, without it, in their
+    own history. ``next_actions`` (``user_id, p_<action>...`` from
+    :meth:`BehaviorLM.next_action_proba`) adds the mean next-action mix.
+    """
+    if by not in users.columns:
+        raise EventsError(f"user table: no segment column {by!r} (has {users.columns})")
+    df = as_events(events).df.join(users.select("user_id", by), on="user_id", how="inner")
+    end = df["timestamp"].max()
+    per_user = df.group_by("user_id").agg(
+        pl.len().alias("n_events"), ((end - pl.col("timestamp").max()).dt.total_seconds() / 86400).alias("recency_days")
+    )
+    conv_src = outcome if outcome is not None else df
+    converted = as_events(conv_src).df.filter(pl.col("event_type") == action)["user_id"].unique()
+    u = users.join(per_user, on="user_id", how="left").with_columns(
+        pl.col("user_id").is_in(converted.implode()).cast(pl.Float64).alias("converted")
+    )
+    aggs = [
+        pl.len().alias("size"),
+        pl.col("propensity").mean().alias("mean_propensity"),
+        pl.col("converted").mean().alias("observed_conversion"),
+        pl.col("n_events").mean().alias("actions_per_user"),
+        pl.col("recency_days").median().alias("recency_days"),
+    ]
+    if "churn_propensity" in u.columns:
+        aggs.append(pl.col("churn_propensity").mean().alias("mean_churn_propensity"))
+    prof = u.group_by(by).agg(aggs).with_columns((pl.col("size") / pl.col("size").sum()).alias("share"))
+    prof = prof.join(_top_attributes(df, by, items, top_n), on=by, how="left")
+    if next_actions is not None:
+        p_cols = [c for c in next_actions.columns if c.startswith("p_")]
+        mix = next_actions.join(users.select("user_id", by), on="user_id").group_by(by).agg(pl.col(p_cols).mean())
+        prof = prof.join(mix, on=by, how="left")
+    return prof.sort(by).rename({by: "segment"}).with_columns(pl.lit(by).alias("segment_type"))
+
+
+def _top_attributes(df: pl.DataFrame, by: str, items: pl.DataFrame | None, top_n: int) -> pl.DataFrame:
+    """Most frequent categories / brands among each segment's events, as "a, b, c" strings."""
+    out = df.select(by).unique()
+    if items is None:
+        return out
+    for col in ("category", "brand"):
+        if col not in items.columns:
+            continue
+        meta = items.select("item_id", col).with_columns(pl.col("item_id").cast(df["item_id"].dtype, strict=False))
+        top = (
+            df.join(meta, on="item_id", how="inner")
+            .drop_nulls(col)
+            .group_by(by, col)
+            .len()
+            .sort([by, "len", col], descending=[False, True, False])
+            .group_by(by, maintain_order=True)
+            .agg(pl.col(col).head(top_n).cast(pl.String).str.join(", ").alias(f"top_{col}"))
+        )
+        out = out.join(top, on=by, how="left")
+    return out
+
+
+@dataclass
+class SegmentOutputs:
+    users: pl.DataFrame
+    profiles: pl.DataFrame
+    clustering: Clustering
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+def run_segmentation(
+    est: BehaviorLM,
+    events: Events | Any,
+    propensity: pl.DataFrame,
+    out_dir: str | Path | None = None,
+    k: int | None = None,
+    bins: Sequence[float] = DEFAULT_BINS,
+    items: pl.DataFrame | None = None,
+    seed: int = 0,
+) -> SegmentOutputs:
+    """Tiers + clusters + profiles (+ Parquet and PNG files under ``out_dir``), in one call.
+
+    Writes ``users.parquet`` (the user-table contract), ``profiles.parquet`` (tier rows and
+    cluster rows, told apart by ``segment_type``), ``user_segments.png``,
+    ``profile_heatmap.png`` and ``embedding_map.png``; every file atomically.
+    """
+    ev = as_events(events)
+    users, clustering = segment_users(propensity, user_embeddings(est, ev), k, bins, seed=seed)
+    mix = est.next_action_proba(events=ev)
+    items = items if items is not None else getattr(est, "items_", None)
+    by_cluster = users.with_columns(pl.col("cluster").cast(pl.String))
+    profiles = pl.concat(
+        [
+            segment_profiles(users, ev, "tier", items, mix),
+            segment_profiles(by_cluster, ev, "cluster", items, mix),
+        ],
+        how="diagonal_relaxed",
+    )
+    res = SegmentOutputs(users, profiles, clustering)
+    if out_dir is not None:
+        res.files = _write_outputs(res, Path(out_dir), bins)
+    return res
+
+
+def _write_outputs(res: SegmentOutputs, out: Path, bins: Sequence[float]) -> dict[str, Path]:
+    from behaviorlm import plots
+    from behaviorlm.io import write_parquet_atomic
+
+    labelled = res.profiles.with_columns((pl.col("segment_type") + ":" + pl.col("segment")).alias("label"))
+    mapped = res.users.filter(pl.col("cluster") >= 0)
+    coords = mapped.select("pc1", "pc2").to_numpy()
+    return {
+        "users": write_parquet_atomic(res.users, out / "users.parquet"),
+        "profiles": write_parquet_atomic(res.profiles, out / "profiles.parquet"),
+        "user_segments": plots.user_segments(res.users, out / "user_segments.png", bins),
+        "profile_heatmap": plots.profile_heatmap(labelled, out / "profile_heatmap.png", PROFILE_METRICS, "label"),
+        "embedding_map": plots.embedding_map(
+            coords, mapped["cluster"].to_list(), out / "embedding_map.png", "User embeddings (PCA) by cluster"
+        ),
+        "embedding_map_tiers": plots.embedding_map(
+            coords, mapped["tier"].to_list(), out / "embedding_map_tiers.png", "User embeddings (PCA) by tier"
+        ),
+    }
