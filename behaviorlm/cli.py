@@ -364,6 +364,117 @@ def _cast_users(model: Any, user: list[str]) -> list[Any]:
     return users
 
 
+@app.command()
+@cli_errors
+def propensity(
+    out_path: Annotated[Path, typer.Option("--out", help="output .parquet: user_id, as_of, propensity, ...")],
+    model_dir: Annotated[Path | None, typer.Option("--model", help="pretrained model (transformer, zero_shot)")] = None,
+    events: EventsOpt = None,
+    dataset: DatasetOpt = None,
+    items: Annotated[Path | None, typer.Option("--items", help="item metadata for the rich features")] = None,
+    user_col: UserCol = "user_id",
+    item_col: ItemCol = "item_id",
+    action_col: ActionCol = "event_type",
+    time_col: TimeCol = "timestamp",
+    time_unit: TimeUnit = "s",
+    action_map: ActionMap = None,
+    invalid: Invalid = "raise",
+    method: Annotated[str, typer.Option(help="transformer | lightgbm | lightgbm_seed | zero_shot | heuristic")] = (
+        "transformer"
+    ),
+    action: Annotated[str, typer.Option(help="the conversion action")] = "purchase",
+    horizon: Annotated[str, typer.Option(help="label window, e.g. 1d, 12h, 30m")] = "1d",
+    churn_horizon: Annotated[str | None, typer.Option(help="also score churn over this window")] = None,
+    n_windows: Annotated[int, typer.Option(help="training cutoffs before the data's end")] = 3,
+    stride: Annotated[str | None, typer.Option(help="distance between cutoffs (default: horizon)")] = None,
+    calibration: Annotated[str, typer.Option(help="auto | isotonic | platt | none")] = "auto",
+    save_dir: Annotated[Path | None, typer.Option("--save-dir", help="keep the fitted propensity model(s)")] = None,
+    seed: int = 0,
+    verbose: bool = False,
+) -> None:
+    """Calibrated P(ACTION within HORIZON) (and optionally P(churn)) for every user, as of the data's end."""
+    from behaviorlm.io import write_parquet_atomic
+    from behaviorlm.propensity import PropensityModel
+    from behaviorlm.recommender import BehaviorLM
+    from behaviorlm.scoring import set_threads
+
+    _setup_logging(verbose)
+    if out_path.suffix != ".parquet":
+        raise ValueError(f"--out must end in .parquet, got {out_path}")
+    set_threads()
+    mapping = ColumnMapping(user_col, item_col, action_col, time_col)
+    ev, _, bundled_items = _load_events(events, dataset, mapping, action_map, invalid, time_unit)
+    item_table = validate_items(items, item_col=item_col) if items is not None else bundled_items
+    backbone = BehaviorLM.load(model_dir) if model_dir is not None else None
+    if backbone is not None and item_table is None:
+        item_table = backbone.items_
+    targets = [("conversion", horizon, "propensity")]
+    if churn_horizon:
+        targets.append(("churn", churn_horizon, "churn_propensity"))
+    table = None
+    for target, h, column in targets:
+        pm = PropensityModel(method, target, action, h, n_windows, stride, calibration=calibration, seed=seed)
+        pm.fit(ev, backbone, item_table)
+        info = pm.train_info_
+        out.print(
+            f"{column}: {method}, {info['n_train']:,} train / {info['n_valid']:,} validation examples, "
+            f"validation ROC-AUC {info['valid_roc_auc']:.3f} (optimistic), calibration {info['calibration']}",
+            highlight=False,
+        )
+        scores = pm.predict(ev, column=column)
+        table = scores if table is None else table.join(scores.drop("as_of"), on="user_id", how="left")
+        if save_dir is not None:
+            pm.save(save_dir / target)
+    write_parquet_atomic(table, out_path)
+    out.print(f"scored {table.height:,} users; mean propensity {table['propensity'].mean():.3f}; wrote {out_path}")
+
+
+@app.command()
+@cli_errors
+def segment(
+    model_dir: Annotated[Path, typer.Option("--model", help="pretrained model (for the user embeddings)")],
+    scores: Annotated[Path, typer.Option("--scores", help="output of `behaviorlm propensity`")],
+    out_dir: Annotated[Path, typer.Option("--out", help="output folder")],
+    events: EventsOpt = None,
+    dataset: DatasetOpt = None,
+    items: Annotated[Path | None, typer.Option("--items", help="item metadata for top categories/brands")] = None,
+    user_col: UserCol = "user_id",
+    item_col: ItemCol = "item_id",
+    action_col: ActionCol = "event_type",
+    time_col: TimeCol = "timestamp",
+    time_unit: TimeUnit = "s",
+    action_map: ActionMap = None,
+    invalid: Invalid = "raise",
+    k: Annotated[int | None, typer.Option(help="number of clusters (default: best silhouette in 2..8)")] = None,
+    bins: Annotated[str, typer.Option(help="tier edges, e.g. '0,0.3,0.6,1'")] = "0,0.3,0.6,1",
+    seed: int = 0,
+) -> None:
+    """Propensity tiers + behavioural clusters, segment profiles and figures."""
+    from behaviorlm.recommender import BehaviorLM
+    from behaviorlm.segments import run_segmentation
+
+    try:
+        edges = [float(x) for x in bins.split(",")]
+    except ValueError:
+        raise ValueError(f"--bins: expected comma-separated numbers, got {bins!r}") from None
+    if not scores.exists():
+        raise FileNotFoundError(f"--scores: no such file {scores}")
+    table = pl.read_parquet(scores)
+    model = BehaviorLM.load(model_dir)
+    mapping = ColumnMapping(user_col, item_col, action_col, time_col)
+    ev, _, bundled_items = _load_events(events, dataset, mapping, action_map, invalid, time_unit)
+    item_table = validate_items(items, item_col=item_col) if items is not None else bundled_items
+    res = run_segmentation(model, ev, table, out_dir, k=k, bins=edges, items=item_table, seed=seed)
+    tiers = res.users["tier"].value_counts().sort("tier")
+    out.print(
+        f"{res.users.height:,} users; tiers {dict(tiers.iter_rows())}; {res.clustering.k} clusters "
+        f"(silhouette {res.clustering.silhouette.get(res.clustering.k, float('nan')):.3f})",
+        highlight=False,
+    )
+    for name, path in res.files.items():
+        out.print(f"  {name}: {path}", highlight=False)
+
+
 @app.command("fetch-movielens")
 @cli_errors
 def fetch_movielens_cmd(

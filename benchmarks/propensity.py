@@ -1,0 +1,282 @@
+"""Propensity benchmark: the pretrained transformer against LightGBM and the seeds' heuristic.
+
+For each dataset:
+
+* **temporal** conversion (and churn) propensity: rolling-origin split, the test window last in
+  time; the transformer is pretrained only on events before the test cutoff. Every model is
+  calibrated on held-out validation users; ROC-AUC, PR-AUC, Brier and ECE on test with
+  bootstrap 95% intervals, and a paired bootstrap of transformer minus LightGBM (rich) AUC.
+* **early prediction**: prefixes (10/25/50/75%) of the events before the first purchase,
+  user-disjoint train/validation/test; the transformer is pretrained on train+validation users
+  only. ROC-AUC per prefix length, as a table and a plot.
+
+    python benchmarks/propensity.py --dataset taobao --dataset instacart --dataset rees46
+
+Prints tables and writes ``benchmarks/out/propensity_<dataset>.json`` plus PNG figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+
+from behaviorlm import plots
+from behaviorlm.calibration import Calibrator, binary_metrics, paired_auc_difference, reliability_curve
+from behaviorlm.datasets import load_dataset
+from behaviorlm.events import Events, EventsError
+from behaviorlm.labels import ExampleSet, prefix_examples, propensity_split, sessionize, split_users
+from behaviorlm.propensity import make_scorer
+from behaviorlm.recommender import BehaviorLM
+from behaviorlm.scoring import set_threads
+
+OUT = Path(__file__).parent / "out"
+
+
+@dataclass
+class Setup:
+    """Per-dataset protocol: horizons follow each dataset's time span."""
+
+    horizon: str
+    n_windows: int
+    stride: str | None = None
+    churn_horizon: str | None = None
+    early_unit: str = "user"  # or "session"
+    temporal: bool = True
+    notes: list[str] = field(default_factory=list)
+
+
+SETUPS = {
+    "taobao": Setup("1d", 4, churn_horizon="1d"),
+    "instacart": Setup(
+        "7d", 6, churn_horizon=None, notes=["purchase-only data: conversion = places an order within 7 days"]
+    ),
+    "rees46": Setup(
+        "20m", 3, stride="10m", early_unit="session", notes=["3-hour slice: temporal windows hold too few buyers"]
+    ),
+    "tmall": Setup("30d", 3, churn_horizon=None, notes=["61 users: intervals are very wide"]),
+}
+METHODS = ("heuristic", "lightgbm_seed", "lightgbm", "transformer", "zero_shot")
+
+
+def pretrain(events: Events, args: argparse.Namespace) -> tuple[BehaviorLM, float]:
+    """Pretrain the language model on the given (leak-free) events only."""
+    t0 = time.perf_counter()
+    big = events.n_items > 20_000
+    lm = BehaviorLM(
+        max_len=args.max_len,
+        dim=64,
+        n_layers=2,
+        n_heads=2,
+        dropout=0.2,
+        epochs=args.pretrain_epochs,
+        batch_size=32,
+        loss="sampled" if big else "full",
+        n_negatives=2048,
+        seed=args.seed,
+        progress=False,
+        max_time_s=args.pretrain_minutes * 60,
+    ).fit(events)
+    return lm, time.perf_counter() - t0
+
+
+def fit_and_score(method: str, lm: BehaviorLM | None, items, train: ExampleSet, valid: ExampleSet, args) -> dict:
+    """Fit a scorer, calibrate it on validation, return raw and calibrated test-ready pieces."""
+    t0 = time.perf_counter()
+    kw: dict[str, Any] = {}
+    if method in ("lightgbm", "lightgbm_seed"):
+        kw["seed"] = args.seed
+    if method == "transformer":
+        kw.update(seed=args.seed, epochs=args.ft_epochs, max_time_s=args.ft_minutes * 60)
+    scorer = make_scorer(method, lm, items, **kw).fit(train, valid)
+    cal = Calibrator(args.calibration, args.seed).fit(scorer.decision_function(valid), valid.labels)
+    return {"scorer": scorer, "calibrator": cal, "fit_s": time.perf_counter() - t0}
+
+
+def temporal(ds, target: str, setup: Setup, lm: BehaviorLM, args) -> dict:
+    horizon = setup.horizon if target == "conversion" else setup.churn_horizon
+    split = propensity_split(
+        ds.events, horizon, target=target, n_windows=setup.n_windows, stride=setup.stride, seed=args.seed
+    )
+    y = split.test.labels
+    # test users who never contributed a training example (the validation users): a user-disjoint view
+    unseen = split.test.examples["user_id"].is_in(split.valid.examples["user_id"].unique().implode()).to_numpy()
+    rows, preds, curves = {}, {}, {}
+    for method in args.methods:
+        if method == "zero_shot" and target == "churn":
+            continue
+        fitted = fit_and_score(method, lm, ds.items, split.train, split.valid, args)
+        raw = fitted["scorer"].decision_function(split.test)
+        p = fitted["calibrator"].predict(raw)
+        name = fitted["scorer"].name
+        rows[name] = binary_metrics(y, p, n_boot=args.n_boot, seed=args.seed) | {
+            "calibration": fitted["calibrator"].method_,
+            "fit_s": fitted["fit_s"],
+        }
+        rows[name]["unseen_users"] = binary_metrics(y[unseen], p[unseen], n_boot=args.n_boot, seed=args.seed)
+        if method == "heuristic":
+            rows[name]["uncalibrated"] = binary_metrics(y, np.clip(raw, 0, 1), n_boot=0)
+        preds[method], curves[name] = p, reliability_curve(y, p)
+    out = {"split": split.info, "models": rows, "reliability": curves}
+    if "transformer" in preds and "lightgbm" in preds:
+        out["transformer_minus_lightgbm_rich"] = paired_auc_difference(y, preds["transformer"], preds["lightgbm"])
+    fig = OUT / f"propensity_{ds.name}_{target}_reliability.png"
+    plots.reliability_diagram(curves, fig, f"{ds.name}: {target} (test)")
+    out["figure"] = str(fig)
+    return out
+
+
+def early(ds, setup: Setup, args) -> dict:
+    events = sessionize(ds.events) if setup.early_unit == "session" else ds.events
+    ex = prefix_examples(events)
+    train, valid, test = split_users(ex, seed=args.seed)
+    seen_users = pl.concat([train.examples["user_id"], valid.examples["user_id"]]).unique()
+    lm, pre_s = pretrain(
+        events.derive(events.df.filter(pl.col("user_id").is_in(seen_users.implode())), "train users"), args
+    )
+    res: dict[str, Any] = {
+        "unit": setup.early_unit,
+        "info": ex.info,
+        "n_test_sequences": test.examples["user_id"].n_unique(),
+        "test_positive_rate": float(test.examples.group_by("user_id").agg(pl.col("label").first())["label"].mean()),
+        "pretrain_s": pre_s,
+        "curves": {},
+    }
+    preds = {}
+    for method in [m for m in args.methods if m != "zero_shot"]:
+        fitted = fit_and_score(method, lm, ds.items, train, valid, args)
+        name = fitted["scorer"].name
+        curve: dict[str, list] = {"fractions": [], "roc_auc": [], "ci_low": [], "ci_high": [], "pr_auc": []}
+        for f in ex.info["fractions"]:
+            part = test.filter(pl.col("fraction") == f)
+            p = fitted["calibrator"].predict(fitted["scorer"].decision_function(part))
+            m = binary_metrics(part.labels, p, n_boot=args.n_boot, seed=args.seed)
+            preds[(method, f)] = (part.labels, p)
+            curve["fractions"].append(f)
+            curve["roc_auc"].append(m["roc_auc"])
+            curve["ci_low"].append(m["ci95"]["roc_auc"][0])
+            curve["ci_high"].append(m["ci95"]["roc_auc"][1])
+            curve["pr_auc"].append(m["pr_auc"])
+        res["curves"][name] = curve
+    if any(k[0] == "transformer" for k in preds) and any(k[0] == "lightgbm" for k in preds):
+        res["transformer_minus_lightgbm_rich"] = {
+            str(f): paired_auc_difference(
+                preds[("transformer", f)][0], preds[("transformer", f)][1], preds[("lightgbm", f)][1]
+            )
+            for f in ex.info["fractions"]
+        }
+    fig = OUT / f"propensity_{ds.name}_early.png"
+    plots.early_prediction_curve(res["curves"], fig, f"{ds.name}: early purchase prediction ({setup.early_unit}s)")
+    res["figure"] = str(fig)
+    return res
+
+
+def _fmt(m: dict, key: str) -> str:
+    ci = m.get("ci95", {}).get(key)
+    return f"{m[key]:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{m[key]:.3f}"
+
+
+def print_temporal(name: str, target: str, r: dict) -> None:
+    info = r["split"]
+    print(f"\n## {name} - {target}: test cutoff {info['test_cutoff']}, horizon {info['horizon_s'] / 3600:g} h")
+    print(
+        f"train {info['n_train']} / valid {info['n_valid']} / test {info['n_test']} examples; "
+        f"positive rate {info['positive_rate']}"
+    )
+    print("| model | ROC-AUC | PR-AUC | Brier | ECE | calibration |\n|---|---|---|---|---|---|")
+    for model, m in r["models"].items():
+        print(
+            f"| {model} | {_fmt(m, 'roc_auc')} | {_fmt(m, 'pr_auc')} | {_fmt(m, 'brier')} | {_fmt(m, 'ece')} "
+            f"| {m['calibration']} |"
+        )
+    print("ROC-AUC on test users never trained on (user-disjoint): ", end="")
+    print("; ".join(f"{model} {_fmt(m['unseen_users'], 'roc_auc')}" for model, m in r["models"].items()))
+    if "transformer_minus_lightgbm_rich" in r:
+        d = r["transformer_minus_lightgbm_rich"]
+        verdict = "significant" if d["significant"] else "inside the noise"
+        print(
+            f"transformer - LightGBM(rich) ROC-AUC: {d['difference']:+.3f} "
+            f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] ({verdict})"
+        )
+
+
+def print_early(name: str, r: dict) -> None:
+    print(
+        f"\n## {name} - early prediction ({r['unit']}s; {r['n_test_sequences']} test sequences, "
+        f"positive rate {r['test_positive_rate']:.3f}; dropped {r['info']['dropped_sequences']})"
+    )
+    fr = next(iter(r["curves"].values()))["fractions"]
+    print("| model | " + " | ".join(f"{int(f * 100)}%" for f in fr) + " |\n|---|" + "---|" * len(fr))
+    for model, c in r["curves"].items():
+        cells = [
+            f"{a:.3f} [{lo:.3f}, {hi:.3f}]" for a, lo, hi in zip(c["roc_auc"], c["ci_low"], c["ci_high"], strict=True)
+        ]
+        print(f"| {model} | " + " | ".join(cells) + " |")
+
+
+def run_dataset(name: str, args) -> dict:
+    ds, setup = load_dataset(name), SETUPS[name]
+    result: dict[str, Any] = {"dataset": name, "notes": setup.notes, "temporal": {}}
+    if setup.temporal and not args.skip_temporal:
+        try:
+            split = propensity_split(ds.events, setup.horizon, n_windows=setup.n_windows, stride=setup.stride)
+            cutoff = pl.Series([split.info["test_cutoff"]]).str.to_datetime(time_zone="UTC").item()
+            lm, pre_s = pretrain(
+                ds.events.derive(ds.events.df.filter(pl.col("timestamp") < cutoff), "before test"), args
+            )
+            result["pretrain_s"] = pre_s
+            for target in ("conversion", "churn"):
+                if target == "churn" and not setup.churn_horizon:
+                    continue
+                result["temporal"][target] = r = temporal(ds, target, setup, lm, args)
+                print_temporal(name, target, r)
+        except EventsError as e:
+            result["temporal"] = {"not_applicable": str(e)}
+            print(f"\n## {name} - temporal: not applicable: {e}")
+    if not args.skip_early:
+        result["early"] = early(ds, setup, args)
+        print_early(name, result["early"])
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dataset", action="append", help="taobao, instacart, rees46, tmall (repeatable)")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    ap.add_argument("--max-len", type=int, default=100)
+    ap.add_argument("--pretrain-epochs", type=int, default=20)
+    ap.add_argument("--pretrain-minutes", type=float, default=4.0)
+    ap.add_argument("--ft-epochs", type=int, default=20)
+    ap.add_argument("--ft-minutes", type=float, default=4.0)
+    ap.add_argument("--calibration", default="auto")
+    ap.add_argument("--n-boot", type=int, default=500)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--skip-temporal", action="store_true")
+    ap.add_argument("--skip-early", action="store_true")
+    args = ap.parse_args()
+    set_threads()
+    OUT.mkdir(parents=True, exist_ok=True)
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+    }
+    for name in args.dataset or ["taobao", "instacart", "rees46"]:
+        t0 = time.perf_counter()
+        res = run_dataset(name, args) | {"env": env, "args": vars(args)}
+        res["total_s"] = time.perf_counter() - t0
+        path = OUT / f"propensity_{name}.json"
+        path.write_text(json.dumps(res, indent=2, default=str))
+        print(f"\n{name}: {res['total_s'] / 60:.1f} min; wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
