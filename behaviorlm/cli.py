@@ -7,9 +7,11 @@ data it was trained on) prints one clear line and exits with status 2 -- no trac
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -23,15 +25,28 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="User behavio
 err = Console(stderr=True)
 out = Console()
 
-EventsOpt = Annotated[Path | None, typer.Option("--events", help="events file (.csv[.gz], .tsv, .parquet)")]
-DatasetOpt = Annotated[str | None, typer.Option("--dataset", help="bundled dataset name instead of --events")]
-UserCol = Annotated[str, typer.Option("--user-col")]
-ItemCol = Annotated[str, typer.Option("--item-col")]
-ActionCol = Annotated[str | None, typer.Option("--action-col", help="omit if the data has one action type")]
-TimeCol = Annotated[str, typer.Option("--time-col")]
-TimeUnit = Annotated[str, typer.Option("--time-unit", help="unit of numeric timestamps: s, ms, us, ns")]
-ActionMap = Annotated[str | None, typer.Option("--action-map", help="e.g. 'pv=view,buy=purchase'")]
-Invalid = Annotated[str, typer.Option("--invalid", help="raise | drop: rows with null ids or bad timestamps")]
+_DATA = "Input data"
+EventsOpt = Annotated[
+    Path | None, typer.Option("--events", help="events file (.csv[.gz], .tsv, .parquet)", rich_help_panel=_DATA)
+]
+DatasetOpt = Annotated[
+    str | None, typer.Option("--dataset", help="bundled dataset name instead of --events", rich_help_panel=_DATA)
+]
+UserCol = Annotated[str, typer.Option("--user-col", rich_help_panel=_DATA)]
+ItemCol = Annotated[str, typer.Option("--item-col", rich_help_panel=_DATA)]
+ActionCol = Annotated[
+    str | None, typer.Option("--action-col", help="omit if the data has one action type", rich_help_panel=_DATA)
+]
+TimeCol = Annotated[str, typer.Option("--time-col", rich_help_panel=_DATA)]
+TimeUnit = Annotated[
+    str, typer.Option("--time-unit", help="unit of numeric timestamps: s, ms, us, ns", rich_help_panel=_DATA)
+]
+ActionMap = Annotated[
+    str | None, typer.Option("--action-map", help="e.g. 'pv=view,buy=purchase'", rich_help_panel=_DATA)
+]
+Invalid = Annotated[
+    str, typer.Option("--invalid", help="raise | drop: rows with null ids or bad timestamps", rich_help_panel=_DATA)
+]
 
 
 def cli_errors(fn):
@@ -92,6 +107,78 @@ def _load_events(
     return ev, str(events), None
 
 
+@dataclass
+class EventsInput:
+    """Where a command's events (and item metadata) come from: the options every data command shares."""
+
+    events: Path | None = None
+    dataset: str | None = None
+    items: Path | None = None
+    user_col: str = "user_id"
+    item_col: str = "item_id"
+    action_col: str | None = "event_type"
+    time_col: str = "timestamp"
+    time_unit: str = "s"
+    action_map: str | None = None
+    invalid: str = "raise"
+
+    def load(self) -> tuple[Events, str, pl.DataFrame | None]:
+        """Validated events, their source name, and the item table (--items, else the bundled one)."""
+        mapping = ColumnMapping(self.user_col, self.item_col, self.action_col, self.time_col)
+        ev, source, bundled = _load_events(
+            self.events, self.dataset, mapping, self.action_map, self.invalid, self.time_unit
+        )
+        items = validate_items(self.items, item_col=self.item_col) if self.items is not None else bundled
+        return ev, source, items
+
+
+_INPUT_OPTIONS = {
+    "events": (EventsOpt, None),
+    "dataset": (DatasetOpt, None),
+    "user_col": (UserCol, "user_id"),
+    "item_col": (ItemCol, "item_id"),
+    "action_col": (ActionCol, "event_type"),
+    "time_col": (TimeCol, "timestamp"),
+    "time_unit": (TimeUnit, "s"),
+    "action_map": (ActionMap, None),
+    "invalid": (Invalid, "raise"),
+}
+ItemsOpt = Annotated[
+    Path | None,
+    typer.Option("--items", help="item metadata: item_id, title, category, brand, price", rich_help_panel=_DATA),
+]
+
+
+def events_input(with_items: bool = False):
+    """Give a command the shared events options; it receives them as one ``data: EventsInput``.
+
+    Typer reads the wrapper's signature, so the options are declared once here instead of in
+    every command.
+    """
+    options = dict(_INPUT_OPTIONS) | ({"items": (ItemsOpt, None)} if with_items else {})
+
+    def decorate(fn):
+        sig = inspect.signature(fn, eval_str=True)
+        kept = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in sig.parameters.values() if p.name != "data"]
+        added = [
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=ann)
+            for name, (ann, default) in options.items()
+        ]
+
+        @functools.wraps(fn)
+        def wrapper(**kwargs: Any) -> Any:
+            data = EventsInput(**{name: kwargs.pop(name, default) for name, (_, default) in options.items()})
+            return fn(data=data, **kwargs)
+
+        required = [p for p in kept if p.default is inspect.Parameter.empty]
+        params = required + added + [p for p in kept if p.default is not inspect.Parameter.empty]
+        wrapper.__signature__ = sig.replace(parameters=params, return_annotation=sig.return_annotation)
+        wrapper.__annotations__ = {p.name: p.annotation for p in params}
+        return wrapper
+
+    return decorate
+
+
 def events_digest(ev: Events) -> str:
     """Order-independent fingerprint of an event log (to tie a model to its split).
 
@@ -113,18 +200,10 @@ def _split(ev: Events, name: str):
 
 @app.command()
 @cli_errors
+@events_input(with_items=True)
 def train(
     out_dir: Annotated[Path, typer.Option("--out", help="model directory to write")],
-    events: EventsOpt = None,
-    dataset: DatasetOpt = None,
-    items: Annotated[Path | None, typer.Option("--items", help="item metadata: item_id, title, category, ...")] = None,
-    user_col: UserCol = "user_id",
-    item_col: ItemCol = "item_id",
-    action_col: ActionCol = "event_type",
-    time_col: TimeCol = "timestamp",
-    time_unit: TimeUnit = "s",
-    action_map: ActionMap = None,
-    invalid: Invalid = "raise",
+    data: EventsInput,
     holdout: Annotated[str, typer.Option(help="loo | temporal: hold out validation+test; none: train on all")] = "loo",
     epochs: int = 30,
     max_len: int = 200,
@@ -145,9 +224,7 @@ def train(
     from behaviorlm.recommender import BehaviorLM
 
     _setup_logging(verbose)
-    mapping = ColumnMapping(user_col, item_col, action_col, time_col)
-    ev, source, bundled_items = _load_events(events, dataset, mapping, action_map, invalid, time_unit)
-    item_table = validate_items(items, item_col=item_col) if items is not None else bundled_items
+    ev, source, item_table = data.load()
     model = BehaviorLM(
         epochs=epochs,
         max_len=max_len,
@@ -176,17 +253,10 @@ def train(
 
 @app.command()
 @cli_errors
+@events_input()
 def evaluate(
     model_dir: Annotated[Path, typer.Option("--model", help="model directory from `behaviorlm train`")],
-    events: EventsOpt = None,
-    dataset: DatasetOpt = None,
-    user_col: UserCol = "user_id",
-    item_col: ItemCol = "item_id",
-    action_col: ActionCol = "event_type",
-    time_col: TimeCol = "timestamp",
-    time_unit: TimeUnit = "s",
-    action_map: ActionMap = None,
-    invalid: Invalid = "raise",
+    data: EventsInput,
     split: Annotated[str, typer.Option(help="loo | temporal; must match the model's --holdout")] = "loo",
     k: int = 10,
     exclude_seen: Annotated[bool | None, typer.Option(help="default: as in training")] = None,
@@ -203,9 +273,7 @@ def evaluate(
     if k < 1:
         raise ValueError(f"--k must be >= 1, got {k}")
     model = BehaviorLM.load(model_dir)
-    ev, _, _ = _load_events(
-        events, dataset, ColumnMapping(user_col, item_col, action_col, time_col), action_map, invalid, time_unit
-    )
+    ev, _, _ = data.load()
     _check_no_leak(model, ev, split)
     sp = _split(ev, split)
     excl = model.exclude_seen_ if exclude_seen is None else exclude_seen
@@ -270,18 +338,11 @@ def recommend(
 
 @app.command()
 @cli_errors
+@events_input()
 def score(
     model_dir: Annotated[Path, typer.Option("--model", help="model directory")],
     out_path: Annotated[Path, typer.Option("--out", help="output .parquet")],
-    events: EventsOpt = None,
-    dataset: DatasetOpt = None,
-    user_col: UserCol = "user_id",
-    item_col: ItemCol = "item_id",
-    action_col: ActionCol = "event_type",
-    time_col: TimeCol = "timestamp",
-    time_unit: TimeUnit = "s",
-    action_map: ActionMap = None,
-    invalid: Invalid = "raise",
+    data: EventsInput,
     k: int = 10,
     batch_size: int = 128,
     quantize: Annotated[str | None, typer.Option(help="int8: dynamic quantisation of Linear layers")] = None,
@@ -297,9 +358,7 @@ def score(
         raise ValueError(f"--out must end in .parquet, got {out_path}")
     set_threads(threads)
     model = BehaviorLM.load(model_dir)
-    ev, _, _ = _load_events(
-        events, dataset, ColumnMapping(user_col, item_col, action_col, time_col), action_map, invalid, time_unit
-    )
+    ev, _, _ = data.load()
     res = score_events(
         model,
         ev,
@@ -366,19 +425,11 @@ def _cast_users(model: Any, user: list[str]) -> list[Any]:
 
 @app.command()
 @cli_errors
+@events_input(with_items=True)
 def propensity(
     out_path: Annotated[Path, typer.Option("--out", help="output .parquet: user_id, as_of, propensity, ...")],
+    data: EventsInput,
     model_dir: Annotated[Path | None, typer.Option("--model", help="pretrained model (transformer, zero_shot)")] = None,
-    events: EventsOpt = None,
-    dataset: DatasetOpt = None,
-    items: Annotated[Path | None, typer.Option("--items", help="item metadata for the rich features")] = None,
-    user_col: UserCol = "user_id",
-    item_col: ItemCol = "item_id",
-    action_col: ActionCol = "event_type",
-    time_col: TimeCol = "timestamp",
-    time_unit: TimeUnit = "s",
-    action_map: ActionMap = None,
-    invalid: Invalid = "raise",
     method: Annotated[str, typer.Option(help="transformer | lightgbm | lightgbm_seed | zero_shot | heuristic")] = (
         "transformer"
     ),
@@ -402,9 +453,7 @@ def propensity(
     if out_path.suffix != ".parquet":
         raise ValueError(f"--out must end in .parquet, got {out_path}")
     set_threads()
-    mapping = ColumnMapping(user_col, item_col, action_col, time_col)
-    ev, _, bundled_items = _load_events(events, dataset, mapping, action_map, invalid, time_unit)
-    item_table = validate_items(items, item_col=item_col) if items is not None else bundled_items
+    ev, _, item_table = data.load()
     backbone = BehaviorLM.load(model_dir) if model_dir is not None else None
     if backbone is not None and item_table is None:
         item_table = backbone.items_
@@ -431,22 +480,16 @@ def propensity(
 
 @app.command()
 @cli_errors
+@events_input(with_items=True)
 def segment(
     model_dir: Annotated[Path, typer.Option("--model", help="pretrained model (for the user embeddings)")],
     scores: Annotated[Path, typer.Option("--scores", help="output of `behaviorlm propensity`")],
     out_dir: Annotated[Path, typer.Option("--out", help="output folder")],
-    events: EventsOpt = None,
-    dataset: DatasetOpt = None,
-    items: Annotated[Path | None, typer.Option("--items", help="item metadata for top categories/brands")] = None,
-    user_col: UserCol = "user_id",
-    item_col: ItemCol = "item_id",
-    action_col: ActionCol = "event_type",
-    time_col: TimeCol = "timestamp",
-    time_unit: TimeUnit = "s",
-    action_map: ActionMap = None,
-    invalid: Invalid = "raise",
+    data: EventsInput,
     k: Annotated[int | None, typer.Option(help="number of clusters (default: best silhouette in 2..8)")] = None,
-    bins: Annotated[str, typer.Option(help="tier edges, e.g. '0,0.3,0.6,1'")] = "0,0.3,0.6,1",
+    bins: Annotated[str, typer.Option(help="tier edges, e.g. '0,0.3,0.6,1', or 'quantile' (equal-size)")] = (
+        "0,0.3,0.6,1"
+    ),
     seed: int = 0,
 ) -> None:
     """Propensity tiers + behavioural clusters, segment profiles and figures."""
@@ -454,16 +497,14 @@ def segment(
     from behaviorlm.segments import run_segmentation
 
     try:
-        edges = [float(x) for x in bins.split(",")]
+        edges: list[float] | str = bins if bins == "quantile" else [float(x) for x in bins.split(",")]
     except ValueError:
-        raise ValueError(f"--bins: expected comma-separated numbers, got {bins!r}") from None
+        raise ValueError(f"--bins: expected comma-separated numbers or 'quantile', got {bins!r}") from None
     if not scores.exists():
         raise FileNotFoundError(f"--scores: no such file {scores}")
     table = pl.read_parquet(scores)
     model = BehaviorLM.load(model_dir)
-    mapping = ColumnMapping(user_col, item_col, action_col, time_col)
-    ev, _, bundled_items = _load_events(events, dataset, mapping, action_map, invalid, time_unit)
-    item_table = validate_items(items, item_col=item_col) if items is not None else bundled_items
+    ev, _, item_table = data.load()
     res = run_segmentation(model, ev, table, out_dir, k=k, bins=edges, items=item_table, seed=seed)
     tiers = res.users["tier"].value_counts().sort("tier")
     out.print(

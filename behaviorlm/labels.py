@@ -162,10 +162,13 @@ class PropensitySplit:
     info: dict[str, Any]
 
 
+def _user_bucket(users: pl.Series, seed: int) -> pl.Series:
+    """A stable pseudo-random number in [0, 1) per user id, independent of row order."""
+    return (users.cast(pl.String).hash(seed=seed) % 10_000) / 10_000
+
+
 def _user_fold(users: pl.Series, frac: float, seed: int) -> pl.Series:
-    """A stable pseudo-random ``frac`` of users, independent of row order."""
-    h = users.cast(pl.String).hash(seed=seed) % 10_000
-    return users.filter(h < int(frac * 10_000))
+    return users.filter(_user_bucket(users, seed) < frac)
 
 
 def training_windows(
@@ -350,9 +353,9 @@ def split_users(
 ) -> tuple[ExampleSet, ExampleSet, ExampleSet]:
     """User-disjoint train / validation / test parts (all prefixes of a user stay together)."""
     users = examples.examples["user_id"].unique().sort()
-    h = users.cast(pl.String).hash(seed=seed) % 10_000
-    test_u = users.filter(h < int(test_frac * 10_000))
-    valid_u = users.filter((h >= int(test_frac * 10_000)) & (h < int((test_frac + valid_frac) * 10_000)))
+    b = _user_bucket(users, seed)
+    test_u = users.filter(b < test_frac)
+    valid_u = users.filter((b >= test_frac) & (b < test_frac + valid_frac))
     in_test, in_valid = pl.col("user_id").is_in(test_u.implode()), pl.col("user_id").is_in(valid_u.implode())
     return examples.filter(~in_test & ~in_valid), examples.filter(in_valid), examples.filter(in_test)
 

@@ -45,12 +45,29 @@ PROFILE_METRICS = (
 )
 
 
+def quantile_bins(propensity: np.ndarray, n_tiers: int = 3) -> list[float]:
+    """Edges that split users into ``n_tiers`` equal-size groups (ranks, not probabilities).
+
+    For when a calibrated propensity sits far below the fixed thresholds -- at a 16% base rate
+    almost everyone is "Low" -- and the business wants relative tiers instead.
+    """
+    inner = np.quantile(np.asarray(propensity, np.float64), np.linspace(0, 1, n_tiers + 1)[1:-1])
+    return [0.0, *np.maximum.accumulate(inner + np.arange(len(inner)) * 1e-12).tolist(), 1.0]
+
+
 def assign_tiers(
     propensity: pl.Series | np.ndarray | Sequence[float],
-    bins: Sequence[float] = DEFAULT_BINS,
+    bins: Sequence[float] | str = DEFAULT_BINS,
     labels: Sequence[str] = DEFAULT_TIERS,
 ) -> pl.Series:
-    """Tier label per user; bin ``i`` is ``[bins[i], bins[i+1])``, the last one closed."""
+    """Tier label per user; bin ``i`` is ``[bins[i], bins[i+1])``, the last one closed.
+
+    ``bins="quantile"`` uses equal-size tiers (:func:`quantile_bins`).
+    """
+    if isinstance(bins, str):
+        if bins != "quantile":
+            raise EventsError(f"tier bins must be a list of edges or 'quantile', got {bins!r}")
+        bins = quantile_bins(np.asarray(propensity, np.float64), len(labels))
     b = np.asarray(bins, dtype=np.float64)
     if len(b) < 2 or np.any(np.diff(b) <= 0) or b[0] > 0 or b[-1] < 1:
         raise EventsError(f"tier bins must increase strictly and cover [0, 1], got {list(bins)}")
@@ -122,7 +139,7 @@ def segment_users(
     propensity: pl.DataFrame,
     embeddings: pl.DataFrame,
     k: int | None = None,
-    bins: Sequence[float] = DEFAULT_BINS,
+    bins: Sequence[float] | str = DEFAULT_BINS,
     labels: Sequence[str] = DEFAULT_TIERS,
     seed: int = 0,
 ) -> tuple[pl.DataFrame, Clustering]:
@@ -231,7 +248,7 @@ def run_segmentation(
     propensity: pl.DataFrame,
     out_dir: str | Path | None = None,
     k: int | None = None,
-    bins: Sequence[float] = DEFAULT_BINS,
+    bins: Sequence[float] | str = DEFAULT_BINS,
     items: pl.DataFrame | None = None,
     seed: int = 0,
 ) -> SegmentOutputs:
@@ -255,7 +272,8 @@ def run_segmentation(
     )
     res = SegmentOutputs(users, profiles, clustering)
     if out_dir is not None:
-        res.files = _write_outputs(res, Path(out_dir), bins)
+        edges = quantile_bins(users["propensity"].to_numpy()) if bins == "quantile" else bins
+        res.files = _write_outputs(res, Path(out_dir), edges)
     return res
 
 

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 import torch
+from sklearn.linear_model import LogisticRegression
 
 from behaviorlm import plots
 from behaviorlm.calibration import Calibrator, binary_metrics, paired_auc_difference, reliability_curve
@@ -101,6 +102,14 @@ def fit_and_score(method: str, lm: BehaviorLM | None, items, train: ExampleSet, 
     return {"scorer": scorer, "calibrator": cal, "fit_s": time.perf_counter() - t0}
 
 
+def blend(raws: dict[str, tuple[np.ndarray, np.ndarray]], y_valid: np.ndarray) -> np.ndarray:
+    """Logistic regression on (LightGBM logit, transformer logit), fitted on validation users only."""
+    lgb_v, lgb_t = (np.log(np.clip(r, 1e-6, 1 - 1e-6) / (1 - np.clip(r, 1e-6, 1 - 1e-6))) for r in raws["lightgbm"])
+    tr_v, tr_t = raws["transformer"]
+    stack = LogisticRegression(C=100.0).fit(np.c_[lgb_v, tr_v], y_valid)
+    return stack.predict_proba(np.c_[lgb_t, tr_t])[:, 1]
+
+
 def temporal(ds, target: str, setup: Setup, lm: BehaviorLM, args) -> dict:
     horizon = setup.horizon if target == "conversion" else setup.churn_horizon
     split = propensity_split(
@@ -109,12 +118,13 @@ def temporal(ds, target: str, setup: Setup, lm: BehaviorLM, args) -> dict:
     y = split.test.labels
     # test users who never contributed a training example (the validation users): a user-disjoint view
     unseen = split.test.examples["user_id"].is_in(split.valid.examples["user_id"].unique().implode()).to_numpy()
-    rows, preds, curves = {}, {}, {}
+    rows, preds, curves, raws = {}, {}, {}, {}
     for method in args.methods:
         if method == "zero_shot" and target == "churn":
             continue
         fitted = fit_and_score(method, lm, ds.items, split.train, split.valid, args)
         raw = fitted["scorer"].decision_function(split.test)
+        raws[method] = (fitted["scorer"].decision_function(split.valid), raw)
         p = fitted["calibrator"].predict(raw)
         name = fitted["scorer"].name
         rows[name] = binary_metrics(y, p, n_boot=args.n_boot, seed=args.seed) | {
@@ -125,6 +135,12 @@ def temporal(ds, target: str, setup: Setup, lm: BehaviorLM, args) -> dict:
         if method == "heuristic":
             rows[name]["uncalibrated"] = binary_metrics(y, np.clip(raw, 0, 1), n_boot=0)
         preds[method], curves[name] = p, reliability_curve(y, p)
+    if "transformer" in raws and "lightgbm" in raws:
+        name = "blend: LightGBM(rich) + transformer"
+        p = blend(raws, split.valid.labels)
+        rows[name] = binary_metrics(y, p, n_boot=args.n_boot, seed=args.seed) | {"calibration": "logistic stack"}
+        rows[name]["unseen_users"] = binary_metrics(y[unseen], p[unseen], n_boot=args.n_boot, seed=args.seed)
+        preds["blend"], curves[name] = p, reliability_curve(y, p)
     out = {"split": split.info, "models": rows, "reliability": curves}
     if "transformer" in preds and "lightgbm" in preds:
         out["transformer_minus_lightgbm_rich"] = paired_auc_difference(y, preds["transformer"], preds["lightgbm"])

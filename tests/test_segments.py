@@ -22,6 +22,9 @@ def test_tier_boundaries_follow_the_seeds():
     assert tiers == ["Low", "Low", "Medium", "Medium", "High", "High"]
     custom = assign_tiers([0.1, 0.5], bins=[0, 0.2, 1], labels=["cold", "warm"]).to_list()
     assert custom == ["cold", "warm"]
+    p = np.random.default_rng(0).uniform(0.05, 0.25, 300)  # all "Low" on the fixed bins
+    q = assign_tiers(p, bins="quantile").value_counts()
+    assert dict(q.iter_rows()) == {"Low": 100, "Medium": 100, "High": 100}
 
 
 @pytest.mark.parametrize(
@@ -29,6 +32,7 @@ def test_tier_boundaries_follow_the_seeds():
     [
         ([0.5], [0, 0.6, 0.3, 1], ("a", "b", "c"), "increase strictly"),
         ([0.5], [0.1, 1], ("a",), "cover"),
+        ([0.5], "tertiles", ("a",), "or 'quantile'"),
         ([0.5], [0, 0.5, 1], ("a",), "need 2 labels"),
         ([1.5], [0, 0.3, 0.6, 1], ("Low", "Medium", "High"), "column 'propensity'"),
         ([float("nan")], [0, 0.3, 0.6, 1], ("Low", "Medium", "High"), "column 'propensity'"),
