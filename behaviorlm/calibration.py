@@ -7,8 +7,9 @@ examples only, never on test.
 
 ECE here uses equal-mass bins (each holds the same number of examples): with skewed scores,
 equal-width bins leave most bins nearly empty and the estimate noisy. It is still biased
-upwards on small test sets -- at ~100 examples per bin the sampling noise of each bin's
-positive rate alone is ~0.04 -- so it is reported with a bootstrap interval.
+upwards on small test sets -- at ~80 examples per bin and a 18% base rate, each bin's observed
+rate has a standard error of ~0.04 -- so it is reported with a bootstrap interval and with
+:func:`ece_noise_floor`, the ECE a perfectly calibrated model would show on the same examples.
 """
 
 from __future__ import annotations
@@ -104,6 +105,19 @@ def expected_calibration_error(y: np.ndarray, p: np.ndarray, n_bins: int = 10) -
     return float(sum(len(b) / len(p) * abs(p[b].mean() - y[b].mean()) for b in bins if len(b)))
 
 
+def ece_noise_floor(p: np.ndarray, n_bins: int = 10, n_sim: int = 200, seed: int = 0) -> dict[str, float]:
+    """The ECE a *perfectly calibrated* model with these predictions would show on this many examples.
+
+    Outcomes are drawn as ``Bernoulli(p)``; the mean and 95th percentile of the resulting ECE
+    say how much of an observed ECE is sampling noise. An observed ECE below the 95th
+    percentile cannot be told apart from perfect calibration.
+    """
+    p = np.asarray(p, np.float64)
+    rng = np.random.default_rng(seed)
+    sims = [expected_calibration_error((rng.random(len(p)) < p).astype(np.int64), p, n_bins) for _ in range(n_sim)]
+    return {"mean": float(np.mean(sims)), "p95": float(np.quantile(sims, 0.95))}
+
+
 def reliability_curve(y: np.ndarray, p: np.ndarray, n_bins: int = 10) -> dict[str, list[float]]:
     """Per equal-mass bin: mean predicted probability, observed positive rate, count."""
     order = np.argsort(p, kind="stable")
@@ -129,6 +143,7 @@ def binary_metrics(y: np.ndarray, p: np.ndarray, n_boot: int = 500, seed: int = 
     """ROC-AUC, PR-AUC, Brier, ECE, base rate and percentile-bootstrap 95% intervals."""
     y, p = np.asarray(y, np.int64), np.asarray(p, np.float64)
     out: dict[str, Any] = _point_metrics(y, p) | {"n": len(y), "positives": int(y.sum()), "base_rate": float(y.mean())}
+    out["ece_floor"] = ece_noise_floor(p, seed=seed)
     if n_boot:
         rng = np.random.default_rng(seed)
         boots = [_point_metrics(y[i], p[i]) for i in (rng.integers(0, len(y), len(y)) for _ in range(n_boot))]

@@ -97,6 +97,8 @@ def fit_and_score(method: str, lm: BehaviorLM | None, items, train: ExampleSet, 
         kw["seed"] = args.seed
     if method == "transformer":
         kw.update(seed=args.seed, epochs=args.ft_epochs, max_time_s=args.ft_minutes * 60)
+    if method == "zero_shot":
+        kw.update(n_samples=args.zero_shot_samples, seed=args.seed)
     scorer = make_scorer(method, lm, items, **kw).fit(train, valid)
     cal = Calibrator(args.calibration, args.seed).fit(scorer.decision_function(valid), valid.labels)
     return {"scorer": scorer, "calibrator": cal, "fit_s": time.perf_counter() - t0}
@@ -207,11 +209,12 @@ def print_temporal(name: str, target: str, r: dict) -> None:
         f"train {info['n_train']} / valid {info['n_valid']} / test {info['n_test']} examples; "
         f"positive rate {info['positive_rate']}"
     )
-    print("| model | ROC-AUC | PR-AUC | Brier | ECE | calibration |\n|---|---|---|---|---|---|")
+    print("| model | ROC-AUC | PR-AUC | Brier | ECE | ECE if perfectly calibrated (mean / p95) | calibration |")
+    print("|---|---|---|---|---|---|---|")
     for model, m in r["models"].items():
         print(
             f"| {model} | {_fmt(m, 'roc_auc')} | {_fmt(m, 'pr_auc')} | {_fmt(m, 'brier')} | {_fmt(m, 'ece')} "
-            f"| {m['calibration']} |"
+            f"| {m['ece_floor']['mean']:.3f} / {m['ece_floor']['p95']:.3f} | {m['calibration']} |"
         )
     print("ROC-AUC on test users never trained on (user-disjoint): ", end="")
     print("; ".join(f"{model} {_fmt(m['unseen_users'], 'roc_auc')}" for model, m in r["models"].items()))
@@ -273,6 +276,7 @@ def main() -> None:
     ap.add_argument("--ft-epochs", type=int, default=20)
     ap.add_argument("--ft-minutes", type=float, default=4.0)
     ap.add_argument("--calibration", default="auto")
+    ap.add_argument("--zero-shot-samples", type=int, default=8)
     ap.add_argument("--n-boot", type=int, default=500)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-temporal", action="store_true")

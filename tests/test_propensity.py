@@ -10,6 +10,7 @@ from sklearn.metrics import roc_auc_score
 from behaviorlm.calibration import (
     Calibrator,
     binary_metrics,
+    ece_noise_floor,
     expected_calibration_error,
     paired_auc_difference,
 )
@@ -92,6 +93,14 @@ def test_calibration_fixes_miscalibrated_scores():
         assert roc_auc_score(y[2000:], p) == pytest.approx(roc_auc_score(y[2000:], raw[2000:]), abs=0.01)
         again = Calibrator.from_dict(cal.to_dict())
         np.testing.assert_allclose(again.predict(raw[2000:]), p)
+
+
+def test_ece_noise_floor_shrinks_with_sample_size():
+    rng = np.random.default_rng(2)
+    small, large = rng.uniform(0.05, 0.4, 800), rng.uniform(0.05, 0.4, 80_000)
+    f_small, f_large = ece_noise_floor(small, n_sim=50), ece_noise_floor(large, n_sim=20)
+    assert 0.02 < f_small["mean"] < 0.06 and f_small["p95"] > f_small["mean"]
+    assert f_large["mean"] < f_small["mean"] / 5  # ~ 1 / sqrt(n)
 
 
 def test_binary_metrics_and_paired_difference():
