@@ -107,13 +107,25 @@ def _as_datetime(value: Any) -> datetime:
     return s.item()
 
 
+def _as_of(df: pl.DataFrame, t: datetime, label: pl.Expr) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """One example per user with an event before ``t`` (label from ``label``), and its inputs."""
+    before = df.filter(pl.col("timestamp") < t)
+    ex = (
+        before.select(pl.col("user_id").unique(maintain_order=True))
+        .with_columns(pl.lit(t).alias("as_of"), label.cast(pl.Int8).alias("label"))
+        .with_row_index("example_id")
+        .with_columns(pl.col("example_id").cast(pl.Int64))
+    )
+    inputs = before.join(ex.select("user_id", "example_id"), on="user_id")
+    return ex.select(EXAMPLE_COLUMNS), inputs.sort("example_id", "timestamp", maintain_order=True)
+
+
 def cutoff_examples(
     events: Events | Any,
     cutoff: Any,
     horizon: str | timedelta,
     target: Target = "conversion",
     action: str = "purchase",
-    users: pl.Series | None = None,
 ) -> ExampleSet:
     """Examples "as of ``cutoff``" for every user with at least one event before it.
 
@@ -127,29 +139,14 @@ def cutoff_examples(
     elif target != "churn":
         raise EventsError(f"target must be 'conversion' or 'churn', got {target!r}")
     t0, h = _as_datetime(cutoff), parse_duration(horizon)
-    df = ev.df if users is None else ev.df.filter(pl.col("user_id").is_in(users.implode()))
-    before = df.filter(pl.col("timestamp") < t0)
-    window = df.filter(pl.col("timestamp").is_between(t0, t0 + h, closed="left"))
+    window = ev.df.filter(pl.col("timestamp").is_between(t0, t0 + h, closed="left"))
     if target == "conversion":
-        positives = window.filter(pl.col("event_type") == action)["user_id"].unique()
+        label = pl.col("user_id").is_in(window.filter(pl.col("event_type") == action)["user_id"].unique().implode())
     else:
-        active = window["user_id"].unique()
-    ex = before.select(pl.col("user_id").unique(maintain_order=True)).with_columns(
-        pl.lit(t0).alias("as_of"),
-        (
-            pl.col("user_id").is_in(positives.implode())
-            if target == "conversion"
-            else ~pl.col("user_id").is_in(active.implode())
-        )
-        .cast(pl.Int8)
-        .alias("label"),
-    )
-    ex = ex.with_row_index("example_id").with_columns(pl.col("example_id").cast(pl.Int64))
-    inputs = before.join(ex.select("user_id", "example_id"), on="user_id").sort(
-        "example_id", "timestamp", maintain_order=True
-    )
+        label = ~pl.col("user_id").is_in(window["user_id"].unique().implode())
+    ex, inputs = _as_of(ev.df, t0, label)
     info = {"cutoff": str(t0), "horizon_s": h.total_seconds(), "target": target, "action": action}
-    return ExampleSet(ex.select(EXAMPLE_COLUMNS), inputs, info)
+    return ExampleSet(ex, inputs, info)
 
 
 @dataclass
@@ -262,18 +259,8 @@ def scoring_examples(events: Events | Any, at: Any = None) -> ExampleSet:
     """Unlabelled examples "as of ``at``" (default: just after the last event) for every user."""
     ev = as_events(events)
     t = ev.df["timestamp"].max() + timedelta(microseconds=1) if at is None else _as_datetime(at)
-    before = ev.df.filter(pl.col("timestamp") < t)
-    ex = (
-        before.select(pl.col("user_id").unique(maintain_order=True))
-        .with_row_index("example_id")
-        .with_columns(
-            pl.col("example_id").cast(pl.Int64), pl.lit(t).alias("as_of"), pl.lit(None, pl.Int8).alias("label")
-        )
-    )
-    inputs = before.join(ex.select("user_id", "example_id"), on="user_id")
-    return ExampleSet(
-        ex.select(EXAMPLE_COLUMNS), inputs.sort("example_id", "timestamp", maintain_order=True), {"as_of": str(t)}
-    )
+    ex, inputs = _as_of(ev.df, t, pl.lit(None))
+    return ExampleSet(ex, inputs, {"as_of": str(t)})
 
 
 def sessionize(events: Events | Any, gap: str | timedelta = "30m") -> Events:

@@ -43,6 +43,7 @@ from behaviorlm.features import feature_matrix, heuristic_score, rich_features, 
 from behaviorlm.io import write_text_atomic
 from behaviorlm.labels import ExampleSet, Target, parse_duration, scoring_examples, training_windows
 from behaviorlm.model import BehaviorTransformer
+from behaviorlm.recommender import pad_right
 from behaviorlm.tokenizer import MASK, N_SPECIAL, PAD, ActionTokenizer, EncodedSequences
 
 if TYPE_CHECKING:
@@ -88,14 +89,7 @@ def encode_examples(tok: ActionTokenizer, ex: ExampleSet, max_len: int, query: b
 
 
 def _padded(enc: EncodedSequences, rows: np.ndarray) -> tuple[torch.Tensor, ...]:
-    """Right-padded (items, actions, gaps) and last positions for the given rows."""
-    lens = enc.lengths()[rows]
-    width = int(lens.max())
-    idx = enc.offsets[rows][:, None] + np.arange(width)[None, :]
-    valid = np.arange(width)[None, :] < lens[:, None]
-    idx = np.where(valid, idx, 0)
-    take = lambda a: torch.from_numpy(np.where(valid, a[idx], 0))  # noqa: E731
-    return take(enc.items), take(enc.actions), take(enc.gaps), torch.from_numpy(lens - 1)
+    return pad_right(enc, rows, enc.lengths())
 
 
 # --------------------------------------------------------------------------- scorers

@@ -175,7 +175,7 @@ class BehaviorLM:
 
         Public because decoding builds its joint (action, item) step distribution on it.
         """
-        items, actions, gaps, last = _pad_right(enc, rows, lens)
+        items, actions, gaps, last = pad_right(enc, rows, lens)
         h = self.model_(items, actions, gaps, last=last)
         a_logits = self.model_.action_logits(h)
         a_logits[:, :N_SPECIAL] = float("-inf")
@@ -416,11 +416,12 @@ def _topk_frame(users: list[Any], logp: torch.Tensor, idx: torch.Tensor) -> pl.D
     )
 
 
-def _pad_right(enc: EncodedSequences, rows: slice, lens: np.ndarray):
-    """Right-padded tensors for a slice of users, plus each row's last real position."""
+def pad_right(enc: EncodedSequences, rows: slice | np.ndarray, lens: np.ndarray):
+    """Right-padded (items, actions, gaps) tensors for some users (a slice or an index array),
+    plus each row's last real position."""
     part = lens[rows]
     width = int(part.max())
-    starts = enc.offsets[rows.start : rows.stop]
+    starts = enc.offsets[:-1][rows]
     idx = starts[:, None] + np.arange(width)[None, :]
     valid = np.arange(width)[None, :] < part[:, None]
     idx = np.where(valid, idx, 0)
