@@ -516,6 +516,69 @@ def segment(
         out.print(f"  {name}: {path}", highlight=False)
 
 
+@app.command()
+@cli_errors
+@events_input(with_items=True)
+def explain(
+    model_dir: Annotated[Path, typer.Option("--model", help="model directory")],
+    out_path: Annotated[Path, typer.Option("--out", help="output .parquet: user_id, item_id, rationale, ...")],
+    data: EventsInput,
+    user: Annotated[list[str] | None, typer.Option("--user", help="user id (repeatable; default: all)")] = None,
+    max_users: Annotated[int | None, typer.Option(help="explain at most this many users")] = None,
+    k: int = 5,
+    scores: Annotated[Path | None, typer.Option("--scores", help="propensity/segment table for profile facts")] = None,
+    offline: Annotated[bool, typer.Option(help="template explainer only, never call an endpoint")] = False,
+    base_url: Annotated[
+        str | None, typer.Option(help="OpenAI-compatible endpoint (or BEHAVIORLM_LLM_BASE_URL)")
+    ] = None,
+    llm_model: Annotated[str | None, typer.Option(help="model name at the endpoint (or BEHAVIORLM_LLM_MODEL)")] = None,
+    timeout: Annotated[float | None, typer.Option(help="seconds per LLM request")] = None,
+    max_retries: Annotated[int | None, typer.Option(help="SDK retries per LLM request")] = None,
+    concurrency: Annotated[int | None, typer.Option(help="parallel LLM requests")] = None,
+    cache_dir: Annotated[Path, typer.Option(help="rationale cache")] = Path("data/cache/explanations"),
+) -> None:
+    """Rationales for each user's top-K recommendations: an LLM endpoint if configured, else offline templates.
+
+    The API key is read from OPENAI_API_KEY only; it is never printed or stored.
+    """
+    from behaviorlm.explain import LLMConfig, build_contexts, explain_batch, make_explainer
+    from behaviorlm.io import write_parquet_atomic
+    from behaviorlm.recommender import BehaviorLM
+
+    if out_path.suffix != ".parquet":
+        raise ValueError(f"--out must end in .parquet, got {out_path}")
+    model = BehaviorLM.load(model_dir)
+    if data.events is None and data.dataset is None:  # the model's remembered recent events
+        ev = model.histories_
+        item_table = validate_items(data.items, item_col=data.item_col) if data.items is not None else None
+    else:
+        loaded, _, item_table = data.load()
+        ev = loaded.df
+    item_table = item_table if item_table is not None else model.items_
+    users = _cast_users(model, user) if user else ev["user_id"].unique(maintain_order=True).to_list()
+    users = users[:max_users] if max_users else users
+    ev = ev.filter(pl.col("user_id").is_in(users))
+    recs = model.recommend(events=ev, k=k)
+    profiles = pl.read_parquet(scores) if scores is not None else None
+    contexts = build_contexts(recs, ev, item_table, profiles, model_version=model.model_version)
+    cfg = LLMConfig.from_env(
+        base_url=base_url, model=llm_model, timeout_s=timeout, max_retries=max_retries, concurrency=concurrency
+    )
+    explainer = make_explainer(cfg, cache_dir, offline=offline)
+    table = explain_batch(contexts, explainer, progress=sys.stderr.isatty())
+    write_parquet_atomic(table, out_path)
+    where = (
+        f"LLM {cfg.model} at {cfg.base_url or 'the OpenAI API'}" if explainer.source == "llm" else "offline templates"
+    )
+    out.print(f"explained {table.height:,} recommendations for {len(contexts):,} users with {where}; wrote {out_path}")
+    if explainer.source == "llm":
+        out.print(json.dumps(explainer.stats.summary(), default=str), highlight=False)
+    for row in table.head(3).iter_rows(named=True):
+        out.print(
+            f"  user {row['user_id']} / item {row['item_id']}: {row['rationale']} {row['evidence']}", highlight=False
+        )
+
+
 @app.command("fetch-movielens")
 @cli_errors
 def fetch_movielens_cmd(

@@ -272,9 +272,10 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
     ap.add_argument("--max-len", type=int, default=100)
     ap.add_argument("--pretrain-epochs", type=int, default=20)
-    ap.add_argument("--pretrain-minutes", type=float, default=4.0)
+    # time caps make results depend on machine load; generous defaults keep runs epoch-determined
+    ap.add_argument("--pretrain-minutes", type=float, default=60.0)
     ap.add_argument("--ft-epochs", type=int, default=20)
-    ap.add_argument("--ft-minutes", type=float, default=4.0)
+    ap.add_argument("--ft-minutes", type=float, default=60.0)
     ap.add_argument("--calibration", default="auto")
     ap.add_argument("--zero-shot-samples", type=int, default=8)
     ap.add_argument("--n-boot", type=int, default=500)

@@ -40,7 +40,7 @@ def main() -> None:
     ap.add_argument("--bins", default="0,0.3,0.6,1")
     ap.add_argument("--max-len", type=int, default=100)
     ap.add_argument("--pretrain-epochs", type=int, default=20)
-    ap.add_argument("--pretrain-minutes", type=float, default=4.0)
+    ap.add_argument("--pretrain-minutes", type=float, default=60.0)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     set_threads()

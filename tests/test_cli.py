@@ -104,3 +104,24 @@ def test_evaluate_refuses_a_model_trained_on_everything(csv_path, tmp_path):
 def test_evaluate_refuses_a_split_mismatch(trained, csv_path):
     res = runner.invoke(app, ["evaluate", "--model", str(trained), *_source(csv_path), "--split", "temporal"])
     assert res.exit_code == 2 and "--holdout loo" in res.output
+
+
+def test_explain_offline_and_against_a_scripted_endpoint(trained, tmp_path, monkeypatch):
+    from behaviorlm.testing import ScriptedLLM
+
+    for var in ("OPENAI_API_KEY", "BEHAVIORLM_LLM_BASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    out = tmp_path / "r.parquet"
+    args = ["explain", "--model", str(trained), "--out", str(out), "--k", "3", "--max-users", "4"]
+    res = runner.invoke(app, [*args, "--cache-dir", str(tmp_path / "c")])
+    assert res.exit_code == 0, res.output
+    assert "offline templates" in res.output
+    df = pl.read_parquet(out)
+    assert df.height == 12 and set(df["source"]) == {"template"} and df["rationale"].str.len_chars().min() > 10
+    with ScriptedLLM(["good"]) as llm:
+        res = runner.invoke(app, [*args, "--base-url", llm.base_url, "--cache-dir", str(tmp_path / "c2")])
+    assert res.exit_code == 0, res.output
+    assert set(pl.read_parquet(out)["source"]) == {"llm"} and len(llm.requests) == 4
+    assert '"grounding_rate": 1.0' in res.output
+    res = runner.invoke(app, ["explain", "--model", str(trained), "--out", "r.csv"])
+    assert res.exit_code == 2 and "--out must end in .parquet" in res.output
