@@ -114,10 +114,12 @@ def build_contexts(
     profiles: pl.DataFrame | None = None,
     n_events: int = 20,
     model_version: str = "",
+    n_purchases: int = 5,
 ) -> list[UserContext]:
     """One context per user in ``recommendations`` (``user_id, item_id, score, rank``).
 
-    ``events`` are the users' own events (the most recent ``n_events`` are shown), ``items`` the
+    ``events`` are the users' own events (the most recent ``n_events`` are shown, plus their last
+    ``n_purchases`` purchases), ``items`` the
     catalog, ``profiles`` optional per-user facts (e.g. ``propensity``, ``tier``, ``cluster``).
     """
     missing = {"user_id", "item_id", "score", "rank"} - set(recommendations.columns)
@@ -125,7 +127,15 @@ def build_contexts(
         raise EventsError(f"recommendations: missing column(s) {sorted(missing)}")
     ev = as_events(events).df
     users = recommendations["user_id"].unique(maintain_order=True)
-    recent = ev.filter(pl.col("user_id").is_in(users.implode())).group_by("user_id", maintain_order=True).tail(n_events)
+    mine = ev.filter(pl.col("user_id").is_in(users.implode())).with_row_index("__r")
+    # the most recent events, plus the last purchases even when they are older than those
+    recent = pl.concat(
+        [
+            mine.group_by("user_id", maintain_order=True).tail(n_events),
+            mine.filter(pl.col("event_type") == "purchase").group_by("user_id", maintain_order=True).tail(n_purchases),
+        ]
+    )
+    recent = recent.unique("__r").sort("user_id", "__r").drop("__r")
     attrs = _item_attributes(
         items,
         pl.concat([recent["item_id"].cast(pl.String), recommendations["item_id"].cast(pl.String)]).unique().to_list(),
@@ -391,6 +401,7 @@ class LLMExplainer:
         self.fallback = TemplateExplainer()
         self.stats = ExplainStats()
         self._client = client
+        self._json_mode = True
 
     @property
     def client(self) -> Any:
@@ -467,17 +478,20 @@ class LLMExplainer:
             return None, [f"the answer is not valid JSON of the required shape ({e.error_count()} error(s))"]
 
     def _complete(self, messages: list[dict[str, str]]) -> str | None:
-        from openai import OpenAIError
+        from openai import BadRequestError, OpenAIError
 
         c = self.config
+        kwargs = {"model": c.model, "messages": messages, "temperature": c.temperature, "max_tokens": c.max_tokens}
         try:
-            resp = self.client.chat.completions.create(
-                model=c.model,
-                messages=messages,
-                temperature=c.temperature,
-                max_tokens=c.max_tokens,
-                response_format={"type": "json_object"},
-            )
+            try:
+                fmt = {"response_format": {"type": "json_object"}} if self._json_mode else {}
+                resp = self.client.chat.completions.create(**kwargs, **fmt)
+            except BadRequestError:
+                if not self._json_mode:
+                    raise
+                # some OpenAI-compatible servers reject response_format: ask for JSON in words only
+                self._json_mode = False
+                resp = self.client.chat.completions.create(**kwargs)
         except OpenAIError as e:
             self.stats.add(errors=1)
             log.warning("LLM call failed (%s); using the offline explainer", type(e).__name__)

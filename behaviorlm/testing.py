@@ -4,7 +4,8 @@ Test code that uses :mod:`behaviorlm.explain` needs an endpoint that misbehaves 
 without a key or a network. Each request takes the next behaviour from ``script`` (the last one
 repeats) or, with ``mix``, draws one with a seeded generator: ``good``, ``malformed`` (broken
 JSON), ``hallucinated_item``, ``invented_evidence``, ``injection_echo`` (obeys an injected
-catalog title), ``http500`` and ``slow`` (answers after ``slow_s``). Behaviours read the
+catalog title), ``http500``, ``slow`` (answers after ``slow_s``) and ``no_json_mode`` (rejects
+``response_format`` with HTTP 400, as some servers do, and answers well without it). Behaviours read the
 recommended items and facts from the prompt's ``<data>`` block, so a "good" answer is good for
 whatever context was sent. Requests are recorded. It binds to loopback only and stops on exit.
 """
@@ -40,7 +41,7 @@ def _good(data: dict[str, Any]) -> dict[str, Any]:
 
 def answer(behaviour: str, data: dict[str, Any]) -> str:
     good = _good(data)
-    if behaviour == "good":
+    if behaviour in ("good", "no_json_mode"):
         return json.dumps(good)
     if behaviour == "malformed":
         return '{"explanations": [{"item_id": "oops", '
@@ -80,6 +81,8 @@ class ScriptedLLM:
                 behaviour = outer._next(body, {k.lower(): v for k, v in self.headers.items()})
                 if not self.path.endswith("/chat/completions"):
                     return self._send(404, {"error": {"message": "not found"}})
+                if behaviour == "no_json_mode" and "response_format" in body:
+                    return self._send(400, {"error": {"message": "response_format is not supported"}})
                 if behaviour == "http500":
                     return self._send(500, {"error": {"message": "scripted failure", "type": "server_error"}})
                 if behaviour == "slow":

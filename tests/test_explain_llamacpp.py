@@ -1,0 +1,68 @@
+"""Opt-in: the explainer against a real small instruct model behind llama-cpp-python's server.
+
+No small instruct model ships inside a package on the registries this project can reach, so
+this test runs only when ``BEHAVIORLM_TEST_GGUF`` names a local GGUF file and
+``pip install 'llama-cpp-python[server]'`` has been done. It binds to 127.0.0.1, bounds its
+wait and its requests, and whatever the model says is still validated: the assertion is that
+every rationale is grounded (the model's own when valid, the template's otherwise).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from behaviorlm.explain import ExplanationAnswer, ItemRationale, LLMConfig, LLMExplainer, validate_answer
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def llama_server():
+    gguf = os.environ.get("BEHAVIORLM_TEST_GGUF")
+    if not gguf:
+        pytest.skip("set BEHAVIORLM_TEST_GGUF to a small instruct GGUF model to run this test")
+    pytest.importorskip("llama_cpp.server")
+    port = _free_port()
+    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1", "--port", str(port)]
+    proc = subprocess.Popen([*cmd, "--n_ctx", "4096"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}/v1"
+    try:
+        for _ in range(240):
+            try:
+                with urllib.request.urlopen(f"{base}/models", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, OSError):
+                time.sleep(0.5)
+        else:
+            pytest.fail("llama.cpp server did not start within 120 s")
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_real_model_rationales_are_grounded(llama_server, contexts):
+    ex = LLMExplainer(LLMConfig(base_url=llama_server, model="local", timeout_s=120, max_retries=0, concurrency=1))
+    for ctx in contexts:
+        out = ex.explain(ctx)
+        answer = ExplanationAnswer(
+            explanations=[ItemRationale(item_id=r.item_id, rationale=r.rationale, evidence=r.evidence) for r in out]
+        )
+        good, problems = validate_answer(ctx, answer)
+        assert not problems and len(good) == len(ctx.recommendations)
+    print(ex.stats.summary())
