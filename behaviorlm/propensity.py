@@ -119,10 +119,11 @@ class LightGBMScorer:
         num_leaves: int = 15,
         min_child_samples: int = 20,
         seed: int = 0,
+        drop: tuple[str, ...] = (),
     ):
         if features not in ("rich", "seed"):
             raise ValueError(f"features must be 'rich' or 'seed', got {features!r}")
-        self.features, self.items, self.seed = features, items, seed
+        self.features, self.items, self.seed, self.drop = features, items, seed, tuple(drop)
         self.name = f"LightGBM ({features} features)"
         self.params = {
             "objective": "binary",
@@ -143,7 +144,7 @@ class LightGBMScorer:
 
     def _x(self, ex: ExampleSet) -> np.ndarray:
         frame = rich_features(ex, self.items) if self.features == "rich" else seed_features(ex)
-        x, cols = feature_matrix(frame)
+        x, cols = feature_matrix(frame.drop(self.drop, strict=False))
         if hasattr(self, "feature_names_") and cols != self.feature_names_:
             missing = sorted(set(self.feature_names_) - set(cols))
             raise EventsError(f"feature columns differ from training; missing: {missing}")
@@ -174,12 +175,13 @@ class LightGBMScorer:
     def save(self, directory: Path) -> None:
         self.booster_.save_model(str(directory / "lightgbm.txt"), num_iteration=self.best_iteration_)
         meta = {"features": self.features, "feature_names": self.feature_names_, "best_iteration": self.best_iteration_}
+        meta["drop"] = list(self.drop)
         (directory / "lightgbm.json").write_text(json.dumps(meta))
 
     @classmethod
     def load(cls, directory: Path, items: pl.DataFrame | None = None) -> LightGBMScorer:
         meta = json.loads((directory / "lightgbm.json").read_text())
-        s = cls(meta["features"], items)
+        s = cls(meta["features"], items, drop=tuple(meta.get("drop", ())))
         s.booster_ = lgb.Booster(model_file=str(directory / "lightgbm.txt"))
         s.feature_names_, s.best_iteration_ = meta["feature_names"], meta["best_iteration"]
         return s

@@ -154,7 +154,7 @@ def temporal(ds, target: str, setup: Setup, lm: BehaviorLM, args) -> dict:
 
 def early(ds, setup: Setup, args) -> dict:
     events = sessionize(ds.events) if setup.early_unit == "session" else ds.events
-    ex = prefix_examples(events)
+    ex = prefix_examples(events, negatives=args.negatives, seed=args.seed)
     train, valid, test = split_users(ex, seed=args.seed)
     seen_users = pl.concat([train.examples["user_id"], valid.examples["user_id"]]).unique()
     lm, pre_s = pretrain(
@@ -163,6 +163,7 @@ def early(ds, setup: Setup, args) -> dict:
     res: dict[str, Any] = {
         "unit": setup.early_unit,
         "info": ex.info,
+        "negatives": ex.info["negatives"],
         "n_test_sequences": test.examples["user_id"].n_unique(),
         "test_positive_rate": float(test.examples.group_by("user_id").agg(pl.col("label").first())["label"].mean()),
         "pretrain_s": pre_s,
@@ -229,7 +230,8 @@ def print_temporal(name: str, target: str, r: dict) -> None:
 
 def print_early(name: str, r: dict) -> None:
     print(
-        f"\n## {name} - early prediction ({r['unit']}s; {r['n_test_sequences']} test sequences, "
+        f"\n## {name} - early prediction ({r['unit']}s, {r['negatives']} negatives; "
+        f"{r['n_test_sequences']} test sequences, "
         f"positive rate {r['test_positive_rate']:.3f}; dropped {r['info']['dropped_sequences']})"
     )
     fr = next(iter(r["curves"].values()))["fractions"]
@@ -261,8 +263,12 @@ def run_dataset(name: str, args) -> dict:
             result["temporal"] = {"not_applicable": str(e)}
             print(f"\n## {name} - temporal: not applicable: {e}")
     if not args.skip_early:
-        result["early"] = early(ds, setup, args)
-        print_early(name, result["early"])
+        try:
+            result["early"] = early(ds, setup, args)
+            print_early(name, result["early"])
+        except EventsError as e:
+            result["early"] = {"not_applicable": str(e)}
+            print(f"\n## {name} - early prediction: not applicable: {e}")
     return result
 
 
@@ -282,6 +288,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-temporal", action="store_true")
     ap.add_argument("--skip-early", action="store_true")
+    ap.add_argument(
+        "--negatives", default="matched", help="early prediction: 'matched' (length-matched) or 'full' (leaks length)"
+    )
     args = ap.parse_args()
     set_threads()
     OUT.mkdir(parents=True, exist_ok=True)
@@ -294,7 +303,8 @@ def main() -> None:
         t0 = time.perf_counter()
         res = run_dataset(name, args) | {"env": env, "args": vars(args)}
         res["total_s"] = time.perf_counter() - t0
-        path = OUT / f"propensity_{name}.json"
+        part = "_early" if args.skip_temporal else "_temporal" if args.skip_early else ""
+        path = OUT / f"propensity_{name}{part}.json"
         path.write_text(json.dumps(res, indent=2, default=str))
         print(f"\n{name}: {res['total_s'] / 60:.1f} min; wrote {path}")
 

@@ -92,13 +92,29 @@ def test_prefixes_stop_before_first_purchase():
         + [(2, f"i{j}", "view", j) for j in range(4)]
         + [(3, "z", "purchase", 5), (3, "z", "view", 6)]  # buys first: nothing to predict from
     )
-    ex = prefix_examples(ev, fractions=(0.1, 0.5, 1.0))
+    ex = prefix_examples(ev, fractions=(0.1, 0.5, 1.0), negatives="full")
     assert ex.info["dropped_sequences"] == 1
     assert "purchase" not in ex.inputs["event_type"].to_list() and "y" not in ex.inputs["item_id"].to_list()
     n = ex.inputs.group_by("example_id").len().join(ex.examples, on="example_id")
     got = {(r["user_id"], r["fraction"]): r["len"] for r in n.iter_rows(named=True)}
     assert got == {(1, 0.1): 1, (1, 0.5): 4, (1, 1.0): 8, (2, 0.1): 1, (2, 0.5): 2, (2, 1.0): 4}
     assert dict(ex.examples.select("user_id", "label").unique().iter_rows()) == {1: 1, 2: 0}
+
+
+def test_matched_negatives_remove_the_length_leak():
+    """Negatives are cut at lengths drawn from the positives', so length no longer tells the label."""
+    rows = [(u, f"i{j}", "view", j) for u in range(40) for j in range(5)]  # positives: 5 events, then a purchase
+    rows += [(u, "x", "purchase", 100) for u in range(40)]
+    rows += [(u, f"i{j}", "view", j) for u in range(40, 80) for j in range(50)]  # negatives: 50 events
+    ev = _ev(rows)
+    full = prefix_examples(ev, fractions=(1.0,), negatives="full")
+    matched = prefix_examples(ev, fractions=(1.0,), negatives="matched")
+    lengths = lambda ex: ex.inputs.group_by("example_id").len().join(ex.examples, on="example_id")  # noqa: E731
+    assert set(lengths(full).filter(pl.col("label") == 0)["len"]) == {50}
+    assert set(lengths(matched)["len"]) == {5} and matched.info["negatives"] == "matched"
+    assert prefix_examples(ev, negatives="matched").examples.equals(prefix_examples(ev, negatives="matched").examples)
+    with pytest.raises(EventsError, match="negatives must be"):
+        prefix_examples(ev, negatives="some")
 
 
 def test_split_users_is_user_disjoint(funnel_events):
