@@ -523,18 +523,10 @@ def explain_batch(
         parts = [one(c) for c in contexts]
     bar.close()
     rows = [asdict(r) for part in parts for r in part]
-    schema = {
-        "user_id": None,
-        "item_id": pl.String,
-        "rationale": pl.String,
-        "evidence": pl.List(pl.String),
-        "source": pl.String,
-        "model_version": pl.String,
-    }
     if not rows:
-        return pl.DataFrame(schema={k: v or pl.String for k, v in schema.items()})
-    df = pl.DataFrame(rows)
-    return df.with_columns(pl.col("evidence").cast(pl.List(pl.String))).select(RATIONALE_COLUMNS)
+        return pl.DataFrame(schema=dict.fromkeys(RATIONALE_COLUMNS, pl.String))
+    df = pl.DataFrame(rows).with_columns(pl.col("evidence").cast(pl.List(pl.String)))
+    return df.select(RATIONALE_COLUMNS)
 
 
 def make_explainer(config: LLMConfig | None = None, cache_dir: str | Path | None = None, offline: bool = False):
