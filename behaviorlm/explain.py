@@ -229,6 +229,18 @@ def validate_answer(ctx: UserContext, answer: ExplanationAnswer) -> tuple[dict[s
     return good, problems
 
 
+def validate_rationales(
+    ctx: UserContext, rationales: Sequence[Rationale]
+) -> tuple[dict[str, ItemRationale], list[str]]:
+    """Re-check finished rationales (any source) against their context, as :func:`validate_answer`."""
+    answer = ExplanationAnswer.model_construct(
+        explanations=[
+            ItemRationale.model_construct(**{k: getattr(r, k) for k in ItemRationale.model_fields}) for r in rationales
+        ]
+    )
+    return validate_answer(ctx, answer)
+
+
 # --------------------------------------------------------------------------- template
 
 

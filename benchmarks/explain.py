@@ -31,14 +31,13 @@ import polars as pl
 
 from behaviorlm.datasets import load_dataset
 from behaviorlm.explain import (
-    ExplanationAnswer,
-    ItemRationale,
     LLMConfig,
     LLMExplainer,
+    Rationale,
     TemplateExplainer,
     build_contexts,
     explain_batch,
-    validate_answer,
+    validate_rationales,
 )
 from behaviorlm.recommender import BehaviorLM
 from behaviorlm.scoring import set_threads
@@ -58,19 +57,10 @@ BAD_MIX = {
 
 def grounding(contexts, table: pl.DataFrame) -> float:
     """Share of output rows whose item is recommended and whose evidence all exists."""
-    ok = 0
     by_user = {c.user_id: c for c in contexts}
+    ok = 0
     for (user,), rows in table.partition_by("user_id", as_dict=True).items():
-        ctx = by_user[user]
-        answer = ExplanationAnswer(
-            explanations=[
-                ItemRationale(
-                    item_id=r["item_id"], rationale=r["rationale"][:300] or "-", evidence=r["evidence"] or ["-"]
-                )
-                for r in rows.iter_rows(named=True)
-            ]
-        )
-        good, _ = validate_answer(ctx, answer)
+        good, _ = validate_rationales(by_user[user], [Rationale(**r) for r in rows.iter_rows(named=True)])
         ok += len(good)
     return ok / table.height if table.height else float("nan")
 

@@ -13,15 +13,13 @@ import pytest
 from behaviorlm.events import validate_events
 from behaviorlm.explain import (
     MAX_TEXT,
-    ExplanationAnswer,
-    ItemRationale,
     LLMConfig,
     LLMExplainer,
     TemplateExplainer,
     build_contexts,
     explain_batch,
     make_explainer,
-    validate_answer,
+    validate_rationales,
 )
 from behaviorlm.testing import INJECTED_ITEM, ScriptedLLM
 from tests.conftest import INJECTION
@@ -48,12 +46,7 @@ def test_template_is_deterministic_and_cites_real_facts(contexts):
     for ctx in contexts:
         out = t.explain(ctx)
         assert out == t.explain(ctx)
-        answer = ExplanationAnswer(
-            explanations=[
-                ItemRationale(**{k: getattr(r, k) for k in ("item_id", "rationale", "evidence")}) for r in out
-            ]
-        )
-        good, problems = validate_answer(ctx, answer)
+        good, problems = validate_rationales(ctx, out)
         assert not problems and set(good) == set(ctx.item_ids())
     by_item = {r.item_id: r for r in t.explain(contexts[0])}
     assert "cart" in by_item["c"].rationale and by_item["c"].evidence == ["E3"]  # the user carted it

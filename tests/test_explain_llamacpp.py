@@ -19,7 +19,7 @@ import urllib.request
 
 import pytest
 
-from behaviorlm.explain import ExplanationAnswer, ItemRationale, LLMConfig, LLMExplainer, validate_answer
+from behaviorlm.explain import LLMConfig, LLMExplainer, validate_rationales
 
 pytestmark = pytest.mark.slow
 
@@ -60,9 +60,6 @@ def test_real_model_rationales_are_grounded(llama_server, contexts):
     ex = LLMExplainer(LLMConfig(base_url=llama_server, model="local", timeout_s=120, max_retries=0, concurrency=1))
     for ctx in contexts:
         out = ex.explain(ctx)
-        answer = ExplanationAnswer(
-            explanations=[ItemRationale(item_id=r.item_id, rationale=r.rationale, evidence=r.evidence) for r in out]
-        )
-        good, problems = validate_answer(ctx, answer)
+        good, problems = validate_rationales(ctx, out)
         assert not problems and len(good) == len(ctx.recommendations)
     print(ex.stats.summary())
