@@ -346,6 +346,11 @@ class ZeroShotScorer:
         backbone._check_fitted()
         self.backbone, self.n_actions, self.n_samples, self.seed = backbone, n_actions, n_samples, seed
         self.action_id = backbone._action_id(action)
+        if backbone.tokenizer_.actions_ == [action]:
+            raise EventsError(
+                f"zero-shot propensity needs more than one action type: every event is {action!r}, "
+                "so the language model's P(next action) carries no information"
+            )
         self.name = f"zero-shot LM P({action} in next {n_actions})"
 
     def fit(self, train: ExampleSet, valid: ExampleSet) -> ZeroShotScorer:
@@ -378,6 +383,8 @@ class ZeroShotScorer:
             if step == self.n_actions - 1:
                 break
             a_logits[:, self.action_id] = float("-inf")
+            # a path the model is sure ends in a purchase already has weight ~0: continue it anyhow
+            a_logits[~torch.isfinite(a_logits).any(1), N_SPECIAL:] = 0.0
             a = torch.multinomial(torch.softmax(a_logits, -1), 1, generator=gen).squeeze(1)
             i = torch.multinomial(torch.softmax(model.item_logits(h, a), -1), 1, generator=gen).squeeze(1)
             items[rows, last + 1], actions[rows, last + 1], gaps[rows, last + 1] = i, a, gaps[rows, last]

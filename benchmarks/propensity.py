@@ -122,8 +122,8 @@ def temporal(ds, target: str, setup: Setup, lm: BehaviorLM, args) -> dict:
     unseen = split.test.examples["user_id"].is_in(split.valid.examples["user_id"].unique().implode()).to_numpy()
     rows, preds, curves, raws = {}, {}, {}, {}
     for method in args.methods:
-        if method == "zero_shot" and target == "churn":
-            continue
+        if method == "zero_shot" and (target == "churn" or ds.events.actions == ["purchase"]):
+            continue  # zero-shot scores P(purchase); a purchase-only log gives it nothing to say
         fitted = fit_and_score(method, lm, ds.items, split.train, split.valid, args)
         raw = fitted["scorer"].decision_function(split.test)
         raws[method] = (fitted["scorer"].decision_function(split.valid), raw)

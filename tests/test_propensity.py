@@ -174,6 +174,13 @@ def test_propensity_model_round_trip(method, funnel_events, backbone, tmp_path):
     np.testing.assert_allclose(again.predict(funnel_events)["propensity"], pred["propensity"], rtol=1e-6)
 
 
+def test_zero_shot_refuses_single_action_data(funnel_events):
+    buys = funnel_events.derive(funnel_events.df.with_columns(pl.lit("purchase").alias("event_type")), "all buys")
+    lm = BehaviorLM(max_len=16, dim=8, n_layers=1, n_heads=1, epochs=1, progress=False).fit(buys)
+    with pytest.raises(EventsError, match="more than one action type"):
+        ZeroShotScorer(lm)
+
+
 def test_propensity_errors_are_clear(funnel_events):
     with pytest.raises(EventsError, match="unknown propensity method"):
         PropensityModel("magic")
