@@ -209,7 +209,8 @@ def segment_profiles(
         p_cols = [c for c in next_actions.columns if c.startswith("p_")]
         mix = next_actions.join(users.select("user_id", by), on="user_id").group_by(by).agg(pl.col(p_cols).mean())
         prof = prof.join(mix, on=by, how="left")
-    return prof.sort(by).rename({by: "segment"}).with_columns(pl.lit(by).alias("segment_type"))
+    prof = prof.sort("mean_propensity" if by == "tier" else by)  # tiers from Low to High
+    return prof.rename({by: "segment"}).with_columns(pl.lit(by).alias("segment_type"))
 
 
 def _top_attributes(df: pl.DataFrame, by: str, items: pl.DataFrame | None, top_n: int) -> pl.DataFrame:
