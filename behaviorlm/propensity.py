@@ -260,9 +260,8 @@ class TransformerScorer:
         torch.manual_seed(self.seed)
         rng = np.random.default_rng(self.seed)
         self.net_ = PropensityHead(copy.deepcopy(self.backbone.model_))
-        max_len = self.net_.backbone.config.max_len
-        enc, y = encode_examples(self.tokenizer_, train, max_len), torch.tensor(train.labels, dtype=torch.float32)
-        venc, vy = encode_examples(self.tokenizer_, valid, max_len), valid.labels
+        enc, y = self._encode(train), torch.tensor(train.labels, dtype=torch.float32)
+        venc, vy = self._encode(valid), valid.labels
         opt, best, bad, t0 = self._optimizer(self.net_), (-1.0, None), 0, time.perf_counter()
         self.history_: list[dict[str, float]] = []
         for epoch in tqdm(range(self.epochs), desc="fine-tune", disable=not self.progress):
@@ -300,23 +299,27 @@ class TransformerScorer:
         return total / max(1, len(order))
 
     @torch.inference_mode()
-    def _logits(self, enc: EncodedSequences, batch_size: int = 256) -> np.ndarray:
+    def _batched(self, enc: EncodedSequences, fn, batch_size: int = 256) -> torch.Tensor:
+        """``fn(items, actions, gaps, last)`` over all sequences in batches, in eval mode."""
         self.net_.eval()
         rows = np.arange(len(enc))
-        out = [self.net_(*_padded(enc, rows[s : s + batch_size])) for s in range(0, len(rows), batch_size)]
-        return torch.cat(out).numpy().astype(np.float64) if out else np.zeros(0)
+        return torch.cat([fn(*_padded(enc, rows[s : s + batch_size])) for s in range(0, len(rows), batch_size)])
+
+    def _logits(self, enc: EncodedSequences) -> np.ndarray:
+        return self._batched(enc, self.net_).numpy().astype(np.float64) if len(enc) else np.zeros(0)
+
+    def _encode(self, ex: ExampleSet) -> EncodedSequences:
+        return encode_examples(self.tokenizer_, ex, self.net_.backbone.config.max_len)
 
     def decision_function(self, ex: ExampleSet) -> np.ndarray:
-        return self._logits(encode_examples(self.tokenizer_, ex, self.net_.backbone.config.max_len))
+        return self._logits(self._encode(ex))
 
     def embeddings(self, ex: ExampleSet) -> np.ndarray:
         """Hidden state at the query position: the fine-tuned user representation."""
-        enc = encode_examples(self.tokenizer_, ex, self.net_.backbone.config.max_len)
-        with torch.inference_mode():
-            self.net_.eval()
-            rows = np.arange(len(enc))
-            parts = [self.net_.backbone(*_padded(enc, rows[s : s + 256])) for s in range(0, len(rows), 256)]
-        return torch.cat(parts).numpy() if parts else np.zeros((0, self.net_.backbone.config.dim))
+        enc = self._encode(ex)
+        if not len(enc):
+            return np.zeros((0, self.net_.backbone.config.dim))
+        return self._batched(enc, self.net_.backbone).numpy()
 
     def save(self, directory: Path) -> None:
         self.net_.backbone.save(directory / "backbone")
