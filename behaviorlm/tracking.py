@@ -1,0 +1,155 @@
+"""MLflow glue: where runs go, the model as a pyfunc, and the champion/challenger promotion gate.
+
+No business logic lives here -- the pyfunc only calls :class:`~behaviorlm.recommender.BehaviorLM`.
+
+* :func:`tracking_uri` -- ``MLFLOW_TRACKING_URI`` when set, else a SQLite store inside the
+  project (``data/mlflow/mlflow.db``, artifacts beside it): no server needed. To use a server,
+  ``export MLFLOW_TRACKING_URI=http://mlflow.internal:5000``.
+* :class:`BehaviorLMPyfunc` -- ``predict(DataFrame of user ids, or raw events)`` with
+  ``params={"k", "exclude_seen"}`` returns ``user_id, item_id, score, rank``. Its artifacts are
+  the saved model directory (weights, tokenizer vocabulary, id maps, config), loaded with
+  ``weights_only`` torch loading -- no pickle of library objects.
+* :func:`promote` -- a new registered version becomes ``champion`` only when its validation
+  NDCG@10 is at least the current champion's minus a tolerance; otherwise ``challenger``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from behaviorlm.datasets import data_dir
+
+MODEL_NAME = "behaviorlm"
+PREDICT_PARAMS = {"k": 10, "exclude_seen": True}
+EVENT_COLUMNS = ("user_id", "item_id", "event_type", "timestamp")
+
+
+def tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else a project-local SQLite store (created on demand)."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    folder = data_dir() / "mlflow"
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder.resolve() / 'mlflow.db'}"
+
+
+def setup(experiment: str = "behaviorlm") -> str:
+    """Point MLflow at :func:`tracking_uri` and an experiment whose artifacts stay in the project."""
+    import mlflow
+
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    if mlflow.get_experiment_by_name(experiment) is None:
+        location = None
+        if uri.startswith("sqlite:"):
+            location = (data_dir() / "mlflow" / "artifacts").resolve().as_uri()
+        mlflow.create_experiment(experiment, artifact_location=location)
+    mlflow.set_experiment(experiment)
+    return uri
+
+
+try:  # the class must subclass PythonModel, but importing this module must not need mlflow
+    from mlflow.pyfunc import PythonModel as _PythonModel
+except ImportError:  # pragma: no cover - mlflow is a dependency; this keeps the import cheap elsewhere
+    _PythonModel = object
+
+
+class BehaviorLMPyfunc(_PythonModel):
+    """MLflow wrapper: known users by id, or anyone from raw events."""
+
+    def load_context(self, context: Any) -> None:
+        from behaviorlm.recommender import BehaviorLM
+        from behaviorlm.scoring import set_threads
+
+        set_threads()
+        self.model = BehaviorLM.load(context.artifacts["model_dir"])
+
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        return predict_frame(self.model, model_input, params)
+
+
+def predict_frame(model: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+    """What the pyfunc serves; separate so it is testable without MLflow."""
+    import polars as pl
+
+    p = PREDICT_PARAMS | dict(params or {})
+    k, exclude_seen = int(p["k"]), bool(p["exclude_seen"])
+    if not isinstance(model_input, pd.DataFrame) or "user_id" not in model_input.columns:
+        raise ValueError("model input must be a DataFrame with a 'user_id' column (plus event columns for raw events)")
+    if set(EVENT_COLUMNS) <= set(model_input.columns):
+        recs = model.recommend(events=pl.from_pandas(model_input[list(EVENT_COLUMNS)]), k=k, exclude_seen=exclude_seen)
+    else:
+        users = model_input["user_id"].drop_duplicates().tolist()
+        dtype = model.histories_["user_id"].dtype
+        users = pl.Series(users).cast(dtype, strict=False).to_list()
+        recs = model.recommend(users, k=k, exclude_seen=exclude_seen)
+    return recs.to_pandas()
+
+
+def log_model(model: Any, model_dir: str | Path, name: str = "model", registered_model_name: str | None = None):
+    """Log a saved model directory as a pyfunc with signature and input example; optionally register."""
+    import mlflow
+    from mlflow.models import infer_signature
+
+    users = model.histories_["user_id"].unique(maintain_order=True).head(2).to_list()
+    example = pd.DataFrame({"user_id": users})
+    output = predict_frame(model, example, {"k": 3})
+    signature = infer_signature(example, output, params=PREDICT_PARAMS)
+    return mlflow.pyfunc.log_model(
+        name=name,
+        python_model=BehaviorLMPyfunc(),
+        artifacts={"model_dir": str(model_dir)},
+        signature=signature,
+        input_example=example,
+        registered_model_name=registered_model_name,
+        pip_requirements=_requirements(),
+    )
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import version
+
+    pkgs = ("torch", "numpy", "polars", "pyarrow", "pandas", "mlflow")
+    return [f"{p}=={version(p)}" for p in pkgs] + ["behaviorlm"]
+
+
+@dataclass
+class PromotionDecision:
+    version: str
+    alias: str  # "champion" | "challenger"
+    new_score: float
+    champion_version: str | None
+    champion_score: float | None
+    tolerance: float
+
+    def as_params(self) -> dict[str, Any]:
+        return {f"promotion_{k}": v for k, v in self.__dict__.items()}
+
+
+def promote(
+    version: str, new_score: float, name: str = MODEL_NAME, metric: str = "val_ndcg_10", tolerance: float = 0.0
+) -> PromotionDecision:
+    """Champion if ``new_score >= champion_score - tolerance`` (or no champion yet), else challenger.
+
+    The score is also stored as a tag on the version, so the next decision can read the
+    champion's without re-evaluating it.
+    """
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    client.set_model_version_tag(name, version, metric, str(new_score))
+    try:
+        champ = client.get_model_version_by_alias(name, "champion")
+        champ_version, champ_score = str(champ.version), float(champ.tags.get(metric, "nan"))
+    except MlflowException:
+        champ_version, champ_score = None, None
+    wins = champ_score is None or champ_score != champ_score or new_score >= champ_score - tolerance
+    alias = "champion" if wins else "challenger"
+    client.set_registered_model_alias(name, alias, version)
+    return PromotionDecision(str(version), alias, new_score, champ_version, champ_score, tolerance)
