@@ -35,7 +35,7 @@ bench: data
 	$(BIN)/python benchmarks/pretrain.py --dataset taobao --no-exclude-seen --epochs 40 --max-len 100 --batch-size 32
 
 lint: install
-	$(BIN)/ruff check behaviorlm tests benchmarks
+	$(BIN)/ruff check behaviorlm tests benchmarks pipelines
 
 clean:
 	rm -rf $(VENV) build .pytest_cache

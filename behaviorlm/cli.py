@@ -19,7 +19,7 @@ import polars as pl
 import typer
 from rich.console import Console
 
-from behaviorlm.events import ColumnMapping, Events, EventsError, validate_events, validate_items
+from behaviorlm.events import ColumnMapping, Events, EventsError, events_digest, validate_events, validate_items
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="User behaviour as a language.")
 err = Console(stderr=True)
@@ -177,15 +177,6 @@ def events_input(with_items: bool = False):
         return wrapper
 
     return decorate
-
-
-def events_digest(ev: Events) -> str:
-    """Order-independent fingerprint of an event log (to tie a model to its split).
-
-    Row hashes are polars's, stable within a polars version; a mismatch only warns.
-    """
-    h = ev.df.select("user_id", "item_id", "event_type", "timestamp").hash_rows(seed=0)
-    return f"{int(h.sum()) % (1 << 64):016x}-{ev.df.height}"
 
 
 def _split(ev: Events, name: str):

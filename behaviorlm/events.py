@@ -364,3 +364,12 @@ def validate_items(
         _fail_or_drop(df, bad, "items: column 'price': not a number", "raise", ValidationReport(df.height), "")
         df = df.with_columns(price=price)
     return df
+
+
+def events_digest(ev: Events) -> str:
+    """Order-independent fingerprint of an event log (to tie a model to its split).
+
+    Row hashes are polars's, stable within a polars version; a mismatch only warns.
+    """
+    h = ev.df.select("user_id", "item_id", "event_type", "timestamp").hash_rows(seed=0)
+    return f"{int(h.sum()) % (1 << 64):016x}-{ev.df.height}"

@@ -17,6 +17,7 @@ embedding matrix, not a Linear, and stays fp32, so ranking precision at the outp
 from __future__ import annotations
 
 import copy
+import json
 import os
 import resource
 import time
@@ -33,7 +34,8 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-from behaviorlm.events import Events, as_events
+from behaviorlm.events import Events, as_events, events_digest
+from behaviorlm.io import atomic_path, write_text_atomic
 from behaviorlm.recommender import NO_SEEN, BehaviorLM, mask_top_k, seen_pairs
 
 
@@ -196,3 +198,73 @@ def _schema(user_dtype: pl.DataType, item_dtype: pl.DataType) -> pa.Schema:
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+PLAN_FILE, SUCCESS_FILE = "_PLAN.json", "_SUCCESS"
+
+
+def score_partition(
+    est: BehaviorLM,
+    events: Events | Any,
+    out_dir: str | Path,
+    scored_at: datetime,
+    k: int = 10,
+    chunk_users: int = 2048,
+    batch_size: int = 128,
+    exclude_seen: bool = True,
+    pause_s: float = 0.0,
+    progress: bool = True,
+) -> ScoreSummary:
+    """Resumable, idempotent batch scoring into a folder of ``part-NNNNN.parquet`` files.
+
+    Users are chunked in a fixed order; each chunk is written atomically as its own part, so a
+    run killed midway leaves only complete parts and the rerun scores just the missing ones.
+    ``_PLAN.json`` records what the parts were computed from (model version, events digest,
+    k, chunking, ``scored_at``): a rerun with a different plan discards the old parts instead
+    of mixing them. ``_SUCCESS`` is written last. Same inputs give byte-identical output, since
+    ``scored_at`` is an argument, not the clock. ``pause_s`` sleeps between chunks, leaving CPU
+    to other jobs on a shared machine.
+    """
+
+    ev = as_events(events)
+    df = ev.df
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stray in out_dir.glob(".*.tmp"):  # left by a killed writer
+        stray.unlink()
+    stamp = scored_at.astimezone(UTC).replace(microsecond=0)
+    plan = {
+        "model_version": est.model_version,
+        "events_digest": events_digest(ev),
+        "k": k,
+        "chunk_users": chunk_users,
+        "exclude_seen": exclude_seen,
+        "scored_at": stamp.isoformat(),
+    }
+    plan_path = out_dir / PLAN_FILE
+    if not plan_path.exists() or json.loads(plan_path.read_text()) != plan:
+        for old in [*out_dir.glob("part-*.parquet"), out_dir / SUCCESS_FILE]:
+            old.unlink(missing_ok=True)
+        write_text_atomic(json.dumps(plan, indent=2), plan_path)
+    bounds = _user_bounds(df)
+    n_users = len(bounds) - 1
+    t0, n_rows, n_new = time.perf_counter(), 0, 0
+    for i, c in enumerate(tqdm(range(0, n_users, chunk_users), desc="scoring chunks", disable=not progress)):
+        part = out_dir / f"part-{i:05d}.parquet"
+        if part.exists():
+            n_rows += pq.ParquetFile(part).metadata.num_rows
+            continue
+        lo, hi = int(bounds[c]), int(bounds[min(c + chunk_users, n_users)])
+        table = _score_chunk(est, df.slice(lo, hi - lo), k, batch_size, exclude_seen, None, stamp)
+        with atomic_path(part) as tmp:
+            pq.write_table(table, tmp)
+        n_rows, n_new = n_rows + table.num_rows, n_new + 1
+        if pause_s:
+            time.sleep(pause_s)
+    dt = time.perf_counter() - t0
+    summary = ScoreSummary(
+        out_dir, n_users, n_rows, dt, n_users / max(dt, 1e-9), peak_rss_mb(), est.model_version, stamp.isoformat(), None
+    )
+    done = {"n_users": n_users, "n_rows": n_rows, "parts": -(-n_users // chunk_users), "parts_written_now": n_new}
+    write_text_atomic(json.dumps(plan | done, indent=2), out_dir / SUCCESS_FILE)
+    return summary

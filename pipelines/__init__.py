@@ -1,0 +1,1 @@
+"""Production jobs over the behaviorlm library; each module is one step with its own entry point."""

@@ -1,0 +1,103 @@
+"""Scheduled batch scoring for one day: ``python -m pipelines.batch_score --date 2017-12-03``.
+
+Loads the champion model (``models:/behaviorlm@champion`` from the MLflow registry, or a local
+model directory), takes every event before the end of ``--date`` (UTC), and writes top-K
+recommendations for every user active up to then to
+``data/outputs/scores/date=YYYY-MM-DD/part-NNNNN.parquet`` (+ ``_PLAN.json``, ``_SUCCESS``).
+
+Safe to rerun: the same date and inputs give identical files and no duplicates, and a run killed
+midway resumes from its completed parts (see ``behaviorlm.scoring.score_partition``). Cron:
+
+    15 2 * * *  cd /srv/behaviorlm && .venv/bin/python -m pipelines.batch_score --date $(date -u -d yesterday +\\%F)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import polars as pl
+
+from behaviorlm.events import EventsError, read_table, validate_events
+from behaviorlm.scoring import score_partition, set_threads
+
+CHAMPION = "models:/behaviorlm@champion"
+
+
+def load_model(ref: str):
+    """A registry URI (``models:/name@alias``) or a local model directory -> BehaviorLM."""
+    if ref.startswith("models:/"):
+        import mlflow
+
+        from behaviorlm.tracking import setup
+
+        setup()
+        return mlflow.pyfunc.load_model(ref).unwrap_python_model().model
+    from behaviorlm.recommender import BehaviorLM
+
+    return BehaviorLM.load(ref)
+
+
+def _events(args: argparse.Namespace):
+    if (args.events is None) == (args.dataset is None):
+        raise EventsError("give exactly one of --events PATH or --dataset NAME")
+    if args.dataset:
+        from behaviorlm.datasets import load_dataset
+
+        return load_dataset(args.dataset).events
+    return validate_events(read_table(args.events))
+
+
+def run(args: argparse.Namespace) -> Path:
+    try:
+        day = datetime.strptime(args.date, "%Y-%m-%d").replace(tzinfo=UTC)
+    except ValueError:
+        raise EventsError(f"--date must be YYYY-MM-DD, got {args.date!r}") from None
+    end = day + timedelta(days=1)
+    ev = _events(args)
+    upto = ev.derive(ev.df.filter(pl.col("timestamp") < end), f"events before {end:%Y-%m-%d}")
+    if len(upto) == 0:
+        raise EventsError(f"no events before the end of {args.date}: nothing to score")
+    set_threads()
+    model = load_model(args.model)
+    out_dir = Path(args.out) / "scores" / f"date={args.date}"
+    s = score_partition(
+        model,
+        upto,
+        out_dir,
+        scored_at=end,
+        k=args.k,
+        chunk_users=args.chunk_users,
+        pause_s=args.pause_s,
+        progress=sys.stderr.isatty(),
+    )
+    print(f"scored {s.n_users:,} users -> {s.n_rows:,} rows (model {s.model_version}) in {out_dir}")
+    return out_dir
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--date", required=True, help="YYYY-MM-DD: score users active up to the end of this day (UTC)")
+    ap.add_argument("--model", default=CHAMPION, help="registry URI or local model directory")
+    ap.add_argument("--events", help="events file in canonical columns (user_id,item_id,event_type,timestamp)")
+    ap.add_argument("--dataset", help="bundled dataset name instead of --events")
+    ap.add_argument("--out", default="data/outputs")
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--chunk-users", type=int, default=2048)
+    ap.add_argument("--pause-s", type=float, default=0.0, help="sleep between chunks (shared machines)")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        run(parse(argv))
+    except (EventsError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
