@@ -6,7 +6,9 @@ No business logic lives here -- the pyfunc only calls :class:`~behaviorlm.recomm
   project (``data/mlflow/mlflow.db``, artifacts beside it): no server needed. To use a server,
   ``export MLFLOW_TRACKING_URI=http://mlflow.internal:5000``.
 * :class:`BehaviorLMPyfunc` -- ``predict(DataFrame of user ids, or raw events)`` with
-  ``params={"k", "exclude_seen"}`` returns ``user_id, item_id, score, rank``. Its artifacts are
+  ``params={"k", "exclude_seen"}`` returns ``user_id, item_id, score, rank``; with
+  ``params={"format": "items"}`` one list of item ids per input row, the shape Spark's
+  ``mlflow.pyfunc.spark_udf`` needs (see ``pipelines/spark_score.py``). Its artifacts are
   the saved model directory (weights, tokenizer vocabulary, id maps, config), loaded with
   ``weights_only`` torch loading -- no pickle of library objects.
 * :func:`promote` -- a new registered version becomes ``champion`` only when its validation
@@ -25,7 +27,7 @@ import pandas as pd
 from behaviorlm.datasets import data_dir
 
 MODEL_NAME = "behaviorlm"
-PREDICT_PARAMS = {"k": 10, "exclude_seen": True}
+PREDICT_PARAMS = {"k": 10, "exclude_seen": True, "format": "long"}
 EVENT_COLUMNS = ("user_id", "item_id", "event_type", "timestamp")
 
 
@@ -79,6 +81,10 @@ def predict_frame(model: Any, model_input: pd.DataFrame, params: dict[str, Any] 
 
     p = PREDICT_PARAMS | dict(params or {})
     k, exclude_seen = int(p["k"]), bool(p["exclude_seen"])
+    if p["format"] not in ("long", "items"):
+        raise ValueError(
+            f"params.format must be 'long' (user_id, item_id, score, rank) or 'items', got {p['format']!r}"
+        )
     if not isinstance(model_input, pd.DataFrame) or "user_id" not in model_input.columns:
         raise ValueError("model input must be a DataFrame with a 'user_id' column (plus event columns for raw events)")
     if set(EVENT_COLUMNS) <= set(model_input.columns):
@@ -88,7 +94,23 @@ def predict_frame(model: Any, model_input: pd.DataFrame, params: dict[str, Any] 
         dtype = model.histories_["user_id"].dtype
         users = pl.Series(users).cast(dtype, strict=False).to_list()
         recs = model.recommend(users, k=k, exclude_seen=exclude_seen)
+    if p["format"] == "items":
+        return _wide_items(recs, model_input["user_id"], k)
     return recs.to_pandas()
+
+
+def _wide_items(recs: Any, users: pd.Series, k: int) -> pd.DataFrame:
+    """One row per input row, columns ``rank_1..rank_k`` of item ids ("" when fewer than k).
+
+    That is the shape ``mlflow.pyfunc.spark_udf(..., result_type="array<string>")`` turns
+    into one array per row (it reads each row's columns as the array's elements).
+    """
+    import polars as pl
+
+    lists = recs.group_by("user_id", maintain_order=True).agg(pl.col("item_id").cast(pl.String))
+    by_user = dict(zip(lists["user_id"].cast(pl.String), lists["item_id"].to_list(), strict=True))
+    rows = [(by_user.get(str(u), []) + [""] * k)[:k] for u in users]
+    return pd.DataFrame(rows, columns=[f"rank_{i}" for i in range(1, k + 1)])
 
 
 def log_model(model: Any, model_dir: str | Path, name: str = "model", registered_model_name: str | None = None):

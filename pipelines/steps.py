@@ -68,7 +68,9 @@ def step_train(args, ev, items, source, out: Path) -> dict[str, Any]:
     from behaviorlm.tracking import MODEL_NAME, log_model, promote
 
     split = leave_one_out(ev)
-    params = {"epochs": args.epochs, "max_len": args.max_len, "dim": 64, "seed": 42}
+    # full softmax over a large catalog is slow on CPU; sampled softmax is the usual trade
+    loss = "sampled" if ev.n_items > 20_000 else "full"
+    params = {"epochs": args.epochs, "max_len": args.max_len, "dim": 64, "seed": 42, "loss": loss}
     mlflow.log_params(params)
     _log_input(split.train, source, "training")
     model = BehaviorLM(**params, progress=False).fit(split.train, validation=split.valid, items=items)

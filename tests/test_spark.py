@@ -1,0 +1,46 @@
+"""Spark scale-out: spark_udf over the registered pyfunc equals the single-process scorer."""
+
+from __future__ import annotations
+
+import shutil
+
+import pandas as pd
+import pytest
+
+from behaviorlm.recommender import BehaviorLM
+from tests.conftest import make_events
+
+pyspark = pytest.importorskip("pyspark")
+mlflow = pytest.importorskip("mlflow")
+if shutil.which("java") is None:
+    pytest.skip("Spark needs a Java runtime", allow_module_level=True)
+
+from behaviorlm import tracking  # noqa: E402
+from pipelines.spark_score import spark_recommendations  # noqa: E402
+
+
+def test_spark_udf_equals_single_process(tmp_path, monkeypatch):
+    from pyspark.sql import SparkSession
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("BEHAVIORLM_DATA_DIR", str(tmp_path / "data"))
+    uri = tracking.setup("spark")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # the Python workers resolve models:/ too
+    model = BehaviorLM(max_len=16, dim=16, n_layers=1, n_heads=1, epochs=1, progress=False).fit(
+        make_events(n_users=25, n_items=40, length=8)
+    )
+    model.save(tmp_path / "model")
+    with mlflow.start_run():
+        info = tracking.log_model(model, tmp_path / "model", registered_model_name="behaviorlm")
+    tracking.promote(info.registered_model_version, 0.1)
+    spark = SparkSession.builder.master("local[2]").appName("test").config("spark.ui.enabled", "false").getOrCreate()
+    try:
+        users = spark.createDataFrame(pd.DataFrame({"user_id": list(range(25))}))
+        got = spark_recommendations(spark, users, "models:/behaviorlm@champion", k=5).toPandas()
+    finally:
+        spark.stop()
+    expected = model.recommend(list(range(25)), k=5)
+    want = {u: g["item_id"].to_list() for (u,), g in expected.partition_by("user_id", as_dict=True).items()}
+    assert len(got) == 25
+    for u, items in zip(got["user_id"], got["item_ids"], strict=True):
+        assert [i for i in items if i] == [str(i) for i in want[u]]
