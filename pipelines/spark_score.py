@@ -12,6 +12,7 @@ this package and its dependencies installed, or ``env_manager="virtualenv"``) an
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -35,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--master", default="local[2]")
     args = ap.parse_args(argv)
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # local workers: this environment's python
     from pyspark.sql import SparkSession
 
     from behaviorlm.tracking import setup

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 
 import pandas as pd
 import pytest
@@ -22,6 +23,7 @@ from pipelines.spark_score import spark_recommendations  # noqa: E402
 def test_spark_udf_equals_single_process(tmp_path, monkeypatch):
     from pyspark.sql import SparkSession
 
+    monkeypatch.setenv("PYSPARK_PYTHON", sys.executable)  # workers must use this venv, not PATH's python3
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("BEHAVIORLM_DATA_DIR", str(tmp_path / "data"))
     uri = tracking.setup("spark")
