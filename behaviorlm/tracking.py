@@ -27,7 +27,7 @@ import pandas as pd
 from behaviorlm.datasets import data_dir
 
 MODEL_NAME = "behaviorlm"
-PREDICT_PARAMS = {"k": 10, "exclude_seen": True, "format": "long"}
+PREDICT_PARAMS = {"k": 10, "exclude_seen": True, "format": "long", "explain": False}
 EVENT_COLUMNS = ("user_id", "item_id", "event_type", "timestamp")
 
 
@@ -87,8 +87,10 @@ def predict_frame(model: Any, model_input: pd.DataFrame, params: dict[str, Any] 
         )
     if not isinstance(model_input, pd.DataFrame) or "user_id" not in model_input.columns:
         raise ValueError("model input must be a DataFrame with a 'user_id' column (plus event columns for raw events)")
+    events = None
     if set(EVENT_COLUMNS) <= set(model_input.columns):
-        recs = model.recommend(events=pl.from_pandas(model_input[list(EVENT_COLUMNS)]), k=k, exclude_seen=exclude_seen)
+        events = pl.from_pandas(model_input[list(EVENT_COLUMNS)])
+        recs = model.recommend(events=events, k=k, exclude_seen=exclude_seen)
     else:
         users = model_input["user_id"].drop_duplicates().tolist()
         dtype = model.histories_["user_id"].dtype
@@ -96,7 +98,28 @@ def predict_frame(model: Any, model_input: pd.DataFrame, params: dict[str, Any] 
         recs = model.recommend(users, k=k, exclude_seen=exclude_seen)
     if p["format"] == "items":
         return _wide_items(recs, model_input["user_id"], k)
+    if p["explain"]:
+        recs = _with_rationales(model, recs, events)
     return recs.to_pandas()
+
+
+def _with_rationales(model: Any, recs: Any, events: Any) -> Any:
+    """Add ``rationale, evidence, rationale_source``: an LLM endpoint if configured, else templates."""
+    import polars as pl
+
+    from behaviorlm.explain import build_contexts, explain_batch, make_explainer
+
+    history = events if events is not None else model.histories_
+    contexts = build_contexts(recs, history, model.items_, model_version=model.model_version)
+    table = explain_batch(contexts, make_explainer()).select(
+        pl.col("user_id").cast(pl.String).alias("__u"),
+        pl.col("item_id").cast(pl.String).alias("__i"),
+        "rationale",
+        "evidence",
+        pl.col("source").alias("rationale_source"),
+    )
+    keys = [pl.col("user_id").cast(pl.String).alias("__u"), pl.col("item_id").cast(pl.String).alias("__i")]
+    return recs.with_columns(keys).join(table, on=["__u", "__i"], how="left", maintain_order="left").drop("__u", "__i")
 
 
 def _wide_items(recs: Any, users: pd.Series, k: int) -> pd.DataFrame:

@@ -64,12 +64,19 @@ def test_pyfunc_loads_and_predicts_in_a_fresh_process(store, saved):
     assert got["score"] == pytest.approx(expected["score"].to_list(), rel=1e-5)
 
 
-def test_pyfunc_predicts_from_raw_events_and_rejects_bad_input(saved):
+def test_pyfunc_predicts_from_raw_events_and_rejects_bad_input(saved, monkeypatch):
+    for var in ("OPENAI_API_KEY", "BEHAVIORLM_LLM_BASE_URL"):
+        monkeypatch.delenv(var, raising=False)
     _, model = saved
     events = make_events(n_users=3, seed=5).to_pandas()
     events["timestamp"] = pd.to_datetime(events["timestamp"], unit="s", utc=True)
     out = tracking.predict_frame(model, events, {"k": 2, "exclude_seen": False})  # 14 events cover all 12 items
     assert list(out.columns) == ["user_id", "item_id", "score", "rank"] and len(out) == 6
+    explained = tracking.predict_frame(
+        model, pd.DataFrame({"user_id": [1, 2]}), {"k": 2, "exclude_seen": False, "explain": True}
+    )
+    assert len(explained) == 4 and explained["rationale"].str.len().min() > 10
+    assert set(explained["rationale_source"]) == {"template"} and explained["evidence"].map(len).min() >= 1
     with pytest.raises(ValueError, match="'user_id' column"):
         tracking.predict_frame(model, pd.DataFrame({"visitor": [1]}))
 
