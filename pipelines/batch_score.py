@@ -20,8 +20,9 @@ from pathlib import Path
 
 import polars as pl
 
-from behaviorlm.events import EventsError, read_table, validate_events
+from behaviorlm.events import EventsError
 from behaviorlm.scoring import score_partition, set_threads
+from pipelines.common import load_events
 
 CHAMPION = "models:/behaviorlm@champion"
 
@@ -40,23 +41,13 @@ def load_model(ref: str):
     return BehaviorLM.load(ref)
 
 
-def _events(args: argparse.Namespace):
-    if (args.events is None) == (args.dataset is None):
-        raise EventsError("give exactly one of --events PATH or --dataset NAME")
-    if args.dataset:
-        from behaviorlm.datasets import load_dataset
-
-        return load_dataset(args.dataset).events
-    return validate_events(read_table(args.events))
-
-
 def run(args: argparse.Namespace) -> Path:
     try:
         day = datetime.strptime(args.date, "%Y-%m-%d").replace(tzinfo=UTC)
     except ValueError:
         raise EventsError(f"--date must be YYYY-MM-DD, got {args.date!r}") from None
     end = day + timedelta(days=1)
-    ev = _events(args)
+    ev, _, _ = load_events(args)
     upto = ev.derive(ev.df.filter(pl.col("timestamp") < end), f"events before {end:%Y-%m-%d}")
     if len(upto) == 0:
         raise EventsError(f"no events before the end of {args.date}: nothing to score")

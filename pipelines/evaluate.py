@@ -1,0 +1,35 @@
+"""Evaluate step: full-catalog metrics of the saved model against baselines, logged as metrics and JSON.
+
+Run alone: ``python -m pipelines.evaluate --date YYYY-MM-DD --dataset NAME`` (reads the earlier steps' outputs).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from pipelines.common import log_input
+
+
+def run_step(args, ev, items, source, out: Path) -> dict[str, Any]:
+    import mlflow
+
+    from behaviorlm.evaluation import evaluate, leave_one_out
+    from behaviorlm.recommender import BehaviorLM
+
+    model = BehaviorLM.load(out / "model")
+    log_input(ev, source, "evaluation")
+    report = evaluate(model, leave_one_out(ev), k=10, exclude_seen=model.exclude_seen_)
+    metrics = report.to_dict()
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    mlflow.log_metrics({k.replace("@", "_at_"): v for k, v in metrics.items() if isinstance(v, float)})
+    mlflow.log_artifact(str(out / "metrics.json"))
+    return {"ndcg@10": metrics["ndcg@10"]}
+
+
+if __name__ == "__main__":
+    from pipelines.steps import main
+
+    sys.exit(main(["evaluate", *sys.argv[1:]]))
