@@ -24,7 +24,15 @@ def run_step(args, ev, items, source, out: Path) -> dict[str, Any]:
     upto = ev.derive(ev.df.filter(pl.col("timestamp") < end), "events up to the date")
     log_input(upto, source, "scoring")
     model = BehaviorLM.load(out / "model")
-    s = score_partition(model, upto, out / "scores" / f"date={args.date}", scored_at=end, k=10, progress=False)
+    s = score_partition(
+        model,
+        upto,
+        out / "scores" / f"date={args.date}",
+        scored_at=end,
+        k=10,
+        exclude_seen=model.exclude_seen_,
+        progress=False,
+    )
     mlflow.log_metrics({"users": s.n_users, "rows": s.n_rows, "users_per_s": s.users_per_s})
     return {"users": s.n_users, "rows": s.n_rows}
 

@@ -65,6 +65,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--experiment", default="behaviorlm")
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--max-len", type=int, default=100)
+    ap.add_argument("--keep-seen", action="store_true", help="recommend already-seen items (repeat-heavy clickstreams)")
     ap.add_argument("--tolerance", type=float, default=0.0, help="promotion: allowed NDCG@10 drop vs the champion")
     ap.add_argument("--propensity-method", default="lightgbm")
     ap.add_argument("--horizon", default="1d")

@@ -25,7 +25,10 @@ def run_step(args, ev, items, source, out: Path) -> dict[str, Any]:
     params = {"epochs": args.epochs, "max_len": args.max_len, "dim": 64, "seed": 42, "loss": loss}
     mlflow.log_params(params)
     log_input(split.train, source, "training")
-    model = BehaviorLM(**params, progress=False).fit(split.train, validation=split.valid, items=items)
+    mlflow.log_param("exclude_seen", not args.keep_seen)
+    model = BehaviorLM(**params, progress=False).fit(
+        split.train, validation=split.valid, items=items, exclude_seen=not args.keep_seen
+    )
     model.save(out / "model")
     score = float(model.history_.best_score or 0.0)
     mlflow.log_metric("val_ndcg_10", score)
