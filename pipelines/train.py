@@ -23,6 +23,7 @@ def run_step(args, ev, items, source, out: Path) -> dict[str, Any]:
     # full softmax over a large catalog is slow on CPU; sampled softmax is the usual trade
     loss = "sampled" if ev.n_items > 20_000 else "full"
     params = {"epochs": args.epochs, "max_len": args.max_len, "dim": 64, "seed": 42, "loss": loss}
+    params["batch_size"] = args.batch_size  # small data needs small batches to get enough optimiser steps
     mlflow.log_params(params)
     log_input(split.train, source, "training")
     mlflow.log_param("exclude_seen", not args.keep_seen)
