@@ -66,6 +66,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--max-len", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--patience", type=int, default=8, help="epochs without validation gain before stopping")
     ap.add_argument("--keep-seen", action="store_true", help="recommend already-seen items (repeat-heavy clickstreams)")
     ap.add_argument("--tolerance", type=float, default=0.0, help="promotion: allowed NDCG@10 drop vs the champion")
     ap.add_argument("--propensity-method", default="lightgbm")
