@@ -22,7 +22,7 @@ import polars as pl
 
 from behaviorlm.events import EventsError
 from behaviorlm.scoring import score_partition, set_threads
-from pipelines.common import load_events
+from pipelines.common import cli_main, load_events
 
 CHAMPION = "models:/behaviorlm@champion"
 
@@ -82,12 +82,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        run(parse(argv))
-    except (EventsError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return cli_main(run, parse, argv)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import subprocess
+import sys
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -43,3 +45,13 @@ def day_end(date: str) -> datetime:
         return datetime.strptime(date, "%Y-%m-%d").replace(tzinfo=UTC) + timedelta(days=1)
     except ValueError:
         raise EventsError(f"--date must be YYYY-MM-DD, got {date!r}") from None
+
+
+def cli_main(run: Callable[[argparse.Namespace], object], parse: Callable, argv: list[str] | None) -> int:
+    """Run a job; expected failures print one line and exit 2, as the library's CLI does."""
+    try:
+        run(parse(argv))
+    except (EventsError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -17,9 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from behaviorlm.events import EventsError
 from pipelines import evaluate, explain, score, segment, train
-from pipelines.common import code_version, load_events
+from pipelines.common import cli_main, code_version, load_events
 
 STEPS = ("train", "evaluate", "score", "segment", "explain")
 
@@ -78,12 +77,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        run(parse(argv))
-    except (EventsError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return cli_main(run, parse, argv)
 
 
 if __name__ == "__main__":
