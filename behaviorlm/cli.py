@@ -485,12 +485,9 @@ def segment(
 ) -> None:
     """Propensity tiers + behavioural clusters, segment profiles and figures."""
     from behaviorlm.recommender import BehaviorLM
-    from behaviorlm.segments import run_segmentation
+    from behaviorlm.segments import parse_bins, run_segmentation
 
-    try:
-        edges: list[float] | str = bins if bins == "quantile" else [float(x) for x in bins.split(",")]
-    except ValueError:
-        raise ValueError(f"--bins: expected comma-separated numbers or 'quantile', got {bins!r}") from None
+    edges = parse_bins(bins, what="--bins")
     if not scores.exists():
         raise FileNotFoundError(f"--scores: no such file {scores}")
     table = pl.read_parquet(scores)

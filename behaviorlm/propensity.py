@@ -493,3 +493,25 @@ class PropensityModel:
         m.scorer_ = TransformerScorer.load(d) if method == "transformer" else LightGBMScorer.load(d, items)
         m.calibrator_, m.train_info_ = Calibrator.from_dict(meta["calibrator"]), meta["train_info"]
         return m
+
+
+def user_propensities(
+    events: Events | Any,
+    backbone: BehaviorLM | None = None,
+    items: Any = None,
+    method: str = "transformer",
+    horizon: str = "1d",
+    n_windows: int = 3,
+    at: Any = None,
+    seed: int = 0,
+) -> tuple[pl.DataFrame, dict[str, PropensityModel]]:
+    """``user_id, as_of, propensity, churn_propensity`` for every user, and the two fitted models."""
+    table, models = None, {}
+    for target, column in (("conversion", "propensity"), ("churn", "churn_propensity")):
+        pm = PropensityModel(method, target, horizon=horizon, n_windows=n_windows, seed=seed).fit(
+            events, backbone, items
+        )
+        scores = pm.predict(events, at=at, column=column)
+        table = scores if table is None else table.join(scores.drop("as_of"), on="user_id")
+        models[column] = pm
+    return table, models

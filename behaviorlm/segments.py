@@ -55,6 +55,16 @@ def quantile_bins(propensity: np.ndarray, n_tiers: int = 3) -> list[float]:
     return [0.0, *np.maximum.accumulate(inner + np.arange(len(inner)) * 1e-12).tolist(), 1.0]
 
 
+def parse_bins(text: str, what: str = "tier bins") -> list[float] | str:
+    """``"0,0.3,0.6,1"`` -> edges; ``"quantile"`` stays as it is (equal-size tiers)."""
+    if text == "quantile":
+        return text
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise EventsError(f"{what}: expected comma-separated numbers or 'quantile', got {text!r}") from None
+
+
 def assign_tiers(
     propensity: pl.Series | np.ndarray | Sequence[float],
     bins: Sequence[float] | str = DEFAULT_BINS,

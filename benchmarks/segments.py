@@ -25,9 +25,9 @@ from propensity import SETUPS, pretrain  # noqa: E402  (the sibling benchmark sc
 
 from behaviorlm.datasets import load_dataset  # noqa: E402
 from behaviorlm.labels import parse_duration  # noqa: E402
-from behaviorlm.propensity import PropensityModel  # noqa: E402
+from behaviorlm.propensity import user_propensities  # noqa: E402
 from behaviorlm.scoring import set_threads  # noqa: E402
-from behaviorlm.segments import run_segmentation, segment_profiles  # noqa: E402
+from behaviorlm.segments import parse_bins, run_segmentation, segment_profiles  # noqa: E402
 
 OUT = Path(__file__).parent / "out"
 SHOW = ["segment", "size", "share", "mean_propensity", "observed_conversion", "mean_churn_propensity"]
@@ -52,13 +52,10 @@ def main() -> None:
     before = ds.events.derive(ds.events.df.filter(pl.col("timestamp") < cutoff), "before cutoff")
     window = ds.events.derive(ds.events.df.filter(pl.col("timestamp") >= cutoff), "outcome window")
     lm, _ = pretrain(before, args)
-    scores = None
-    for target, column in (("conversion", "propensity"), ("churn", "churn_propensity")):
-        pm = PropensityModel(args.method, target, horizon=setup.horizon, n_windows=setup.n_windows, seed=args.seed)
-        pm.fit(before, lm, ds.items)
-        s = pm.predict(before, at=cutoff, column=column)
-        scores = s if scores is None else scores.join(s.drop("as_of"), on="user_id")
-    bins = args.bins if args.bins == "quantile" else [float(x) for x in args.bins.split(",")]
+    scores, _ = user_propensities(
+        before, lm, ds.items, args.method, setup.horizon, setup.n_windows, at=cutoff, seed=args.seed
+    )
+    bins = parse_bins(args.bins)
     out_dir = OUT / f"segments_{args.dataset}"
     res = run_segmentation(lm, before, scores, out_dir, bins=bins, items=ds.items, seed=args.seed)
     report = {"dataset": args.dataset, "cutoff": str(cutoff), "horizon": setup.horizon, "k": res.clustering.k}

@@ -17,21 +17,17 @@ from pipelines.common import day_end
 def run_step(args, ev, items, source, out: Path) -> dict[str, Any]:
     import mlflow
 
-    from behaviorlm.propensity import PropensityModel
+    from behaviorlm.propensity import user_propensities
     from behaviorlm.recommender import BehaviorLM
-    from behaviorlm.segments import run_segmentation
+    from behaviorlm.segments import parse_bins, run_segmentation
 
     end = day_end(args.date)
     upto = ev.derive(ev.df.filter(pl.col("timestamp") < end), "events up to the date")
     model = BehaviorLM.load(out / "model")
-    table = None
-    for target, column in (("conversion", "propensity"), ("churn", "churn_propensity")):
-        pm = PropensityModel(args.propensity_method, target, horizon=args.horizon, n_windows=args.n_windows)
-        pm.fit(upto, model, items)
+    table, models = user_propensities(upto, model, items, args.propensity_method, args.horizon, args.n_windows, at=end)
+    for column, pm in models.items():
         mlflow.log_metric(f"{column}_valid_roc_auc", pm.train_info_["valid_roc_auc"])
-        s = pm.predict(upto, at=end, column=column)
-        table = s if table is None else table.join(s.drop("as_of"), on="user_id")
-    bins = args.bins if args.bins == "quantile" else [float(x) for x in args.bins.split(",")]
+    bins = parse_bins(args.bins)
     res = run_segmentation(model, upto, table, out / "segments" / f"date={args.date}", bins=bins, items=items)
     for path in res.files.values():
         mlflow.log_artifact(str(path), artifact_path="segments")
