@@ -597,6 +597,35 @@ def demo(
     evaluate(model_dir=out_dir, dataset=dataset, metrics_out=out_dir / "metrics.json")
 
 
+@app.command()
+@cli_errors
+def serve(
+    model: Annotated[
+        str, typer.Option(help="models:/behaviorlm@champion, models:/behaviorlm/3 or a model directory")
+    ] = ("models:/behaviorlm@champion"),
+    segments: Annotated[
+        Path | None, typer.Option(help="batch segments folder (date=D, or its parent: the latest) for propensity")
+    ] = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_batch: Annotated[int, typer.Option(help="requests answered by one forward pass at most")] = 32,
+    log_level: str = "info",
+) -> None:
+    """Serve recommendations, next actions, propensity and segments over HTTP (docs at /docs).
+
+    Set BEHAVIORLM_API_KEY to require that key (header X-API-Key) on every /v1 call.
+    """
+    import uvicorn
+
+    from behaviorlm.api import create_app
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    # one process, event loop + one inference thread: the 2-core budget; scale out with more replicas
+    uvicorn.run(
+        create_app(model, segments, max_batch=max_batch), host=host, port=port, log_level=log_level, access_log=False
+    )
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

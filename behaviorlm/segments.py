@@ -16,6 +16,7 @@ figures are drawn by :mod:`behaviorlm.plots`.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -246,10 +247,43 @@ def _top_attributes(df: pl.DataFrame, by: str, items: pl.DataFrame | None, top_n
 
 
 @dataclass
+class SegmentAssigner:
+    """Tier edges and cluster centres of one segmentation run, to label users it never saw.
+
+    The online service uses it for raw-event requests: a new user gets the tier their
+    propensity falls in and the nearest centre of their (L2-normalised) embedding, exactly as
+    a user in the batch run would have.
+    """
+
+    edges: list[float]
+    labels: list[str]
+    centers: np.ndarray
+
+    def tiers(self, propensity: np.ndarray) -> list[str]:
+        return assign_tiers(propensity, self.edges, self.labels).to_list()
+
+    def clusters(self, embeddings: np.ndarray) -> list[int]:
+        d = ((embeddings[:, None, :] - self.centers[None, :, :]) ** 2).sum(-1)
+        return d.argmin(1).astype(int).tolist()
+
+    def save(self, path: Path) -> Path:
+        from behaviorlm.io import write_text_atomic
+
+        meta = {"edges": self.edges, "labels": self.labels, "centers": self.centers.tolist()}
+        return write_text_atomic(json.dumps(meta), path)
+
+    @classmethod
+    def load(cls, path: Path) -> SegmentAssigner:
+        meta = json.loads(Path(path).read_text())
+        return cls(meta["edges"], meta["labels"], np.asarray(meta["centers"], np.float32))
+
+
+@dataclass
 class SegmentOutputs:
     users: pl.DataFrame
     profiles: pl.DataFrame
     clustering: Clustering
+    assigner: SegmentAssigner
     files: dict[str, Path] = field(default_factory=dict)
 
 
@@ -281,9 +315,10 @@ def run_segmentation(
         ],
         how="diagonal_relaxed",
     )
-    res = SegmentOutputs(users, profiles, clustering)
+    edges = quantile_bins(users["propensity"].to_numpy()) if bins == "quantile" else list(bins)
+    assigner = SegmentAssigner(list(map(float, edges)), list(DEFAULT_TIERS), clustering.centers)
+    res = SegmentOutputs(users, profiles, clustering, assigner)
     if out_dir is not None:
-        edges = quantile_bins(users["propensity"].to_numpy()) if bins == "quantile" else bins
         res.files = _write_outputs(res, Path(out_dir), edges)
     return res
 
@@ -298,6 +333,7 @@ def _write_outputs(res: SegmentOutputs, out: Path, bins: Sequence[float]) -> dic
     return {
         "users": write_parquet_atomic(res.users, out / "users.parquet"),
         "profiles": write_parquet_atomic(res.profiles, out / "profiles.parquet"),
+        "assigner": res.assigner.save(out / "assigner.json"),
         "user_segments": plots.user_segments(res.users, out / "user_segments.png", bins),
         "profile_heatmap": plots.profile_heatmap(labelled, out / "profile_heatmap.png", PROFILE_METRICS, "label"),
         "embedding_map": plots.embedding_map(

@@ -27,6 +27,7 @@ import pandas as pd
 from behaviorlm.datasets import data_dir
 
 MODEL_NAME = "behaviorlm"
+CHAMPION_URI = f"models:/{MODEL_NAME}@champion"
 PREDICT_PARAMS = {"k": 10, "exclude_seen": True, "format": "long", "explain": False}
 EVENT_COLUMNS = ("user_id", "item_id", "event_type", "timestamp")
 
@@ -198,3 +199,26 @@ def promote(
     alias = "champion" if wins else "challenger"
     client.set_registered_model_alias(name, alias, version)
     return PromotionDecision(str(version), alias, new_score, champ_version, champ_score, tolerance)
+
+
+def load_model_ref(ref: str) -> tuple[Any, dict[str, Any]]:
+    """A registry URI (``models:/name@alias`` or ``models:/name/3``) or a local model directory
+    -> (BehaviorLM, provenance: ``model_uri``, ``run_id``, ``registry_version``).
+
+    The batch job and the service load the same way, so both can say which model answered.
+    """
+    if not str(ref).startswith("models:/"):
+        from behaviorlm.recommender import BehaviorLM
+
+        return BehaviorLM.load(ref), {"model_uri": str(Path(ref).resolve()), "run_id": None, "registry_version": None}
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    loaded = mlflow.pyfunc.load_model(ref)
+    provenance: dict[str, Any] = {"model_uri": ref, "run_id": loaded.metadata.run_id, "registry_version": None}
+    name, _, alias = ref.removeprefix("models:/").partition("@")
+    if alias:
+        provenance["registry_version"] = str(mlflow.MlflowClient().get_model_version_by_alias(name, alias).version)
+    elif "/" in name:
+        provenance["registry_version"] = name.split("/", 1)[1]
+    return loaded.unwrap_python_model().model, provenance

@@ -3,7 +3,10 @@
 Loads the champion model (``models:/behaviorlm@champion`` from the MLflow registry, or a local
 model directory), takes every event before the end of ``--date`` (UTC), and writes top-K
 recommendations for every user active up to then to
-``data/outputs/scores/date=YYYY-MM-DD/part-NNNNN.parquet`` (+ ``_PLAN.json``, ``_SUCCESS``).
+``data/outputs/scores/date=YYYY-MM-DD/part-NNNNN.parquet`` (+ ``_PLAN.json``, ``_SUCCESS``), then
+conversion and churn propensities, tiers and clusters for the same users to
+``data/outputs/segments/date=YYYY-MM-DD/`` (``users.parquet``, ``profiles.parquet``, figures,
+``_SUCCESS`` with the plan and the model's registry version and MLflow run).
 
 Safe to rerun: the same date and inputs give identical files and no duplicates, and a run killed
 midway resumes from its completed parts (see ``behaviorlm.scoring.score_partition``). Cron:
@@ -22,23 +25,9 @@ import polars as pl
 
 from behaviorlm.events import EventsError
 from behaviorlm.scoring import score_partition, set_threads
+from behaviorlm.tracking import CHAMPION_URI, load_model_ref
 from pipelines.common import cli_main, load_events
-
-CHAMPION = "models:/behaviorlm@champion"
-
-
-def load_model(ref: str):
-    """A registry URI (``models:/name@alias``) or a local model directory -> BehaviorLM."""
-    if ref.startswith("models:/"):
-        import mlflow
-
-        from behaviorlm.tracking import setup
-
-        setup()
-        return mlflow.pyfunc.load_model(ref).unwrap_python_model().model
-    from behaviorlm.recommender import BehaviorLM
-
-    return BehaviorLM.load(ref)
+from pipelines.segment import config_from, segment_day
 
 
 def run(args: argparse.Namespace) -> Path:
@@ -47,12 +36,12 @@ def run(args: argparse.Namespace) -> Path:
     except ValueError:
         raise EventsError(f"--date must be YYYY-MM-DD, got {args.date!r}") from None
     end = day + timedelta(days=1)
-    ev, _, _ = load_events(args)
+    ev, items, _ = load_events(args)
     upto = ev.derive(ev.df.filter(pl.col("timestamp") < end), f"events before {end:%Y-%m-%d}")
     if len(upto) == 0:
         raise EventsError(f"no events before the end of {args.date}: nothing to score")
     set_threads()
-    model = load_model(args.model)
+    model, provenance = load_model_ref(args.model)
     out_dir = Path(args.out) / "scores" / f"date={args.date}"
     s = score_partition(
         model,
@@ -60,24 +49,35 @@ def run(args: argparse.Namespace) -> Path:
         out_dir,
         scored_at=end,
         k=args.k,
+        exclude_seen=model.exclude_seen_,
         chunk_users=args.chunk_users,
         pause_s=args.pause_s,
         progress=sys.stderr.isatty(),
     )
     print(f"scored {s.n_users:,} users -> {s.n_rows:,} rows (model {s.model_version}) in {out_dir}")
+    if not args.no_segments:
+        seg_dir = Path(args.out) / "segments" / f"date={args.date}"
+        day = segment_day(model, upto, items, seg_dir, end, config_from(args), provenance)
+        how = "reused" if day.reused else f"{day.clusters} clusters"
+        print(f"segmented {day.users:,} users ({how}, mean propensity {day.mean_propensity:.3f}) in {seg_dir}")
     return out_dir
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--date", required=True, help="YYYY-MM-DD: score users active up to the end of this day (UTC)")
-    ap.add_argument("--model", default=CHAMPION, help="registry URI or local model directory")
+    ap.add_argument("--model", default=CHAMPION_URI, help="registry URI or local model directory")
     ap.add_argument("--events", help="events file in canonical columns (user_id,item_id,event_type,timestamp)")
     ap.add_argument("--dataset", help="bundled dataset name instead of --events")
     ap.add_argument("--out", default="data/outputs")
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--chunk-users", type=int, default=2048)
     ap.add_argument("--pause-s", type=float, default=0.0, help="sleep between chunks (shared machines)")
+    ap.add_argument("--no-segments", action="store_true", help="only the recommendations, no propensities/segments")
+    ap.add_argument("--propensity-method", default="lightgbm", help="heuristic|lightgbm|transformer|zero_shot")
+    ap.add_argument("--horizon", default="1d", help="conversion/churn window, e.g. 1d, 7d")
+    ap.add_argument("--n-windows", type=int, default=3, help="rolling training windows for the propensity models")
+    ap.add_argument("--bins", default="quantile", help="tier edges 'a,b' or 'quantile'")
     return ap.parse_args(argv)
 
 

@@ -17,16 +17,22 @@ def run_step(args, ev, items, source, out: Path) -> dict[str, Any]:
     import mlflow
 
     from behaviorlm.evaluation import evaluate, leave_one_out
+    from behaviorlm.io import write_text_atomic
     from behaviorlm.recommender import BehaviorLM
 
     model = BehaviorLM.load(out / "model")
     log_input(ev, source, "evaluation")
     report = evaluate(model, leave_one_out(ev), k=10, exclude_seen=model.exclude_seen_)
     metrics = report.to_dict()
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    mlflow.log_metrics({k.replace("@", "_at_"): v for k, v in metrics.items() if isinstance(v, float)})
+    write_text_atomic(json.dumps(metrics, indent=2), out / "metrics.json")
+    for prefix, figures in report.rows():  # the model and every baseline side by side in the run
+        mlflow.log_metrics({f"{prefix}.{k.replace('@', '_at_')}": v for k, v in figures.items() if _is_number(v)})
     mlflow.log_artifact(str(out / "metrics.json"))
-    return {"ndcg@10": metrics["ndcg@10"]}
+    return {"ndcg@10": metrics["ndcg@10"], **{f"{b}_ndcg@10": m["ndcg@10"] for b, m in report.baselines.items()}}
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,15 @@
 """Segment step: conversion and churn propensity, tiers, clusters, profiles and figures as of the date.
 
 Run alone: ``python -m pipelines.segment --date YYYY-MM-DD --dataset NAME`` (reads the earlier steps' outputs).
+``segment_day`` is shared with ``pipelines.batch_score``, which runs it on the registry champion.
 """
 
 from __future__ import annotations
 
+import json
 import sys
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -13,26 +17,92 @@ import polars as pl
 
 from pipelines.common import day_end
 
+META_FILE = "_SUCCESS"
+
+
+@dataclass
+class SegmentConfig:
+    """How propensities and tiers are made; part of the output's plan, so a change recomputes."""
+
+    method: str = "lightgbm"
+    horizon: str = "1d"
+    n_windows: int = 3
+    bins: str = "quantile"
+
+
+@dataclass
+class DaySegments:
+    out_dir: Path
+    users: int
+    clusters: int
+    mean_propensity: float
+    valid_roc_auc: dict[str, float] = field(default_factory=dict)
+    files: list[Path] = field(default_factory=list)
+    reused: bool = False
+
+
+def segment_day(
+    model, upto, items, out_dir: Path, end: datetime, cfg: SegmentConfig, provenance: dict[str, Any]
+) -> DaySegments:
+    """Propensities + segments for the users active before ``end``, written under ``out_dir``.
+
+    Propensity models (LightGBM by default) are re-fitted on rolling windows that end at ``end``,
+    so scoring a past date never sees later events. ``_SUCCESS`` holds the plan (model, events
+    digest, config), the summary and the provenance (model URI, registry version, MLflow run, for
+    the dashboard) and is written last: a rerun with the same plan reuses the folder, a different
+    plan recomputes it.
+    """
+    from behaviorlm.events import events_digest
+    from behaviorlm.io import write_text_atomic
+    from behaviorlm.propensity import user_propensities
+    from behaviorlm.segments import parse_bins, run_segmentation
+
+    plan = {"events_digest": events_digest(upto), "end": end.isoformat(), "config": asdict(cfg)}
+    plan["model_version"] = model.model_version
+    meta = out_dir / META_FILE
+    if meta.exists() and (old := json.loads(meta.read_text())).get("plan") == plan:
+        return DaySegments(out_dir, files=_files(out_dir), reused=True, **old["summary"])
+    meta.unlink(missing_ok=True)
+    table, models = user_propensities(upto, model, items, cfg.method, cfg.horizon, cfg.n_windows, at=end)
+    res = run_segmentation(model, upto, table, out_dir, bins=parse_bins(cfg.bins), items=items)
+    for column, pm in models.items():  # the online service scores raw events with these
+        if hasattr(pm.scorer_, "save"):
+            pm.save(out_dir / "propensity" / column)
+    summary = {
+        "users": res.users.height,
+        "clusters": res.clustering.k,
+        "mean_propensity": float(table["propensity"].mean()),
+        "valid_roc_auc": {c: float(pm.train_info_["valid_roc_auc"]) for c, pm in models.items()},
+    }
+    record = {"plan": plan, "summary": summary, "provenance": provenance}
+    write_text_atomic(json.dumps(record, indent=2), meta)
+    return DaySegments(out_dir, files=_files(out_dir), **summary)
+
+
+def _files(out_dir: Path) -> list[Path]:
+    return sorted(p for p in out_dir.iterdir() if p.suffix in (".parquet", ".png", ".json") and p.name[0] != "_")
+
+
+def config_from(args) -> SegmentConfig:
+    return SegmentConfig(args.propensity_method, args.horizon, args.n_windows, args.bins)
+
 
 def run_step(args, ev, items, source, out: Path) -> dict[str, Any]:
     import mlflow
 
-    from behaviorlm.propensity import user_propensities
     from behaviorlm.recommender import BehaviorLM
-    from behaviorlm.segments import parse_bins, run_segmentation
 
     end = day_end(args.date)
     upto = ev.derive(ev.df.filter(pl.col("timestamp") < end), "events up to the date")
     model = BehaviorLM.load(out / "model")
-    table, models = user_propensities(upto, model, items, args.propensity_method, args.horizon, args.n_windows, at=end)
-    for column, pm in models.items():
-        mlflow.log_metric(f"{column}_valid_roc_auc", pm.train_info_["valid_roc_auc"])
-    bins = parse_bins(args.bins)
-    res = run_segmentation(model, upto, table, out / "segments" / f"date={args.date}", bins=bins, items=items)
-    for path in res.files.values():
+    origin = {"model_uri": str(out / "model"), "run_id": mlflow.active_run().info.run_id}
+    day = segment_day(model, upto, items, out / "segments" / f"date={args.date}", end, config_from(args), origin)
+    for column, auc in day.valid_roc_auc.items():
+        mlflow.log_metric(f"{column}_valid_roc_auc", auc)
+    for path in day.files:
         mlflow.log_artifact(str(path), artifact_path="segments")
-    mlflow.log_metrics({"clusters": res.clustering.k, "mean_propensity": float(table["propensity"].mean())})
-    return {"users": res.users.height, "clusters": res.clustering.k}
+    mlflow.log_metrics({"clusters": day.clusters, "mean_propensity": day.mean_propensity})
+    return {"users": day.users, "clusters": day.clusters}
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--dataset")
     ap.add_argument("--out", default="data/outputs")
     ap.add_argument("--experiment", default="behaviorlm")
-    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--max-len", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--patience", type=int, default=8, help="epochs without validation gain before stopping")

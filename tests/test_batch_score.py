@@ -40,6 +40,7 @@ def _args(root: Path, out: Path, *extra: str) -> list[str]:
         str(root / "events.csv"),
         "--out",
         str(out),
+        "--no-segments",  # segments from the champion: tests/test_pipeline.py
         *extra,
     ]
 

@@ -1,12 +1,17 @@
-"""The MLflow pipeline end to end on a small synthetic clickstream, then one step rerun alone."""
+"""The MLflow pipeline end to end: a synthetic clickstream (fast), then Taobao with the scheduled job."""
 
 from __future__ import annotations
+
+import json
 
 import polars as pl
 import pytest
 
-from pipelines import steps
+from behaviorlm.datasets import shared_data_dir
+from pipelines import batch_score, steps
 from tests.conftest import make_funnel_events
+
+needs_shared = pytest.mark.skipif(not shared_data_dir().exists(), reason="../shared/data not present")
 
 mlflow = pytest.importorskip("mlflow")
 
@@ -49,3 +54,36 @@ def test_all_steps_as_nested_runs_then_one_step_again(workspace):
 def test_step_errors_are_clear(workspace, capsys):
     assert steps.main(["score", "--date", "yesterday", "--events", str(workspace / "events.csv")]) == 2
     assert "--date must be YYYY-MM-DD" in capsys.readouterr().err
+
+
+@needs_shared
+def test_taobao_pipeline_then_champion_batch_scoring(workspace):
+    """The real shared clickstream end to end: every step, then the scheduled job from the registry."""
+    out, date = workspace / "outputs", "2017-12-02"
+    fast = ["--epochs", "1", "--max-len", "32", "--n-windows", "2", "--explain-users", "5", "--experiment", "tb"]
+    res = steps.run(
+        steps.parse(["all", "--dataset", "taobao", "--date", date, "--out", str(out), "--keep-seen", *fast])
+    )
+    assert res["train"]["alias"] == "champion" and res["segment"]["users"] == 814
+    assert 0.0 < json.loads((out / "metrics.json").read_text())["ndcg@10"] and "cooccurrence_ndcg@10" in res["evaluate"]
+
+    daily = workspace / "daily"
+    argv = ["--date", date, "--dataset", "taobao", "--out", str(daily), "--chunk-users", "300"]
+    assert batch_score.main(argv) == 0  # models:/behaviorlm@champion
+    scores = pl.read_parquet(sorted((daily / "scores" / f"date={date}").glob("part-*.parquet")))
+    assert scores["user_id"].n_unique() == scores.height // 10 and scores["model_version"].n_unique() == 1
+    seg_dir = daily / "segments" / f"date={date}"
+    users = pl.read_parquet(seg_dir / "users.parquet")
+    assert set(users["user_id"]) == set(scores["user_id"]) and users["propensity"].is_between(0, 1).all()
+    assert set(users["tier"]) == {"Low", "Medium", "High"}
+    meta = json.loads((seg_dir / "_SUCCESS").read_text())
+    assert meta["provenance"]["registry_version"] == res["train"]["version"] and meta["provenance"]["run_id"]
+    assert {"user_segments.png", "profiles.parquet"} <= {p.name for p in seg_dir.iterdir()}
+
+    stamps = {
+        p: p.stat().st_mtime_ns for p in [*seg_dir.iterdir(), *(daily / "scores" / f"date={date}").glob("part-*")]
+    }
+    assert batch_score.main(argv) == 0  # same date again: nothing recomputed, nothing duplicated
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps and pl.read_parquet(seg_dir / "users.parquet").equals(
+        users
+    )

@@ -1,0 +1,527 @@
+"""Recommendation service: FastAPI over a fitted model (``behaviorlm serve``).
+
+Endpoints: ``GET /health`` (liveness), ``GET /ready`` (model loaded, which one),
+``POST /v1/recommend``, ``/v1/next-actions``, ``/v1/propensity``, ``/v1/segment``; OpenAPI
+docs at ``/docs``. Every ``/v1`` body names a user either by ``user_id`` (someone the model saw
+in training) or by ``events`` (their recent raw events; anyone).
+
+Design notes:
+
+* The model loads once at start-up (registry alias or local folder); ``/ready`` is 503 until then.
+* Plain recommendations go through :class:`~behaviorlm.serving.MicroBatcher`: one worker thread
+  owns the forward pass and batches whatever requests are waiting, so the event loop never
+  blocks on torch and throughput rises with concurrency. Explanations, decoding and propensity
+  run in the thread pool, so a slow LLM never delays a plain call.
+* Propensity and segments come from a batch pipeline's day folder
+  (``data/outputs/segments/date=D``): known users get the batch figures, raw-event requests
+  are scored online with the propensity models and tier edges / cluster centres saved there.
+* Limits: ``k``, events per request, string lengths, list sizes and the body size are bounded;
+  a malformed request gets a 4xx whose message names the field. An API key is required when
+  ``BEHAVIORLM_API_KEY`` is set (header ``X-API-Key`` or ``Authorization: Bearer``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import re
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import numpy as np
+import polars as pl
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from behaviorlm.events import Events, EventsError, validate_events
+
+log = logging.getLogger("behaviorlm.api")
+
+MAX_K = 100
+MAX_EVENTS = 1000
+MAX_ALLOWED_ITEMS = 10_000
+MAX_BODY_BYTES = 1 << 20
+MAX_ID_CHARS = 128
+API_KEY_ENV = "BEHAVIORLM_API_KEY"
+
+Id = int | Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS)]
+
+
+# ---------------------------------------------------------------- request / response schemas
+class EventIn(BaseModel):
+    """One raw event of the requesting user."""
+
+    model_config = ConfigDict(extra="forbid")
+    item_id: Id
+    event_type: Annotated[str, Field(min_length=1, max_length=64)]
+    timestamp: datetime | Annotated[float, Field(ge=0, le=1e10)] = Field(
+        description="ISO-8601 time or unix seconds (UTC)"
+    )
+
+
+class UserInput(BaseModel):
+    """Who to answer for: a known ``user_id``, or raw ``events`` (optionally with a ``user_id`` label)."""
+
+    model_config = ConfigDict(extra="forbid")
+    user_id: Id | None = None
+    events: Annotated[list[EventIn], Field(min_length=1, max_length=MAX_EVENTS)] | None = None
+
+    @model_validator(mode="after")
+    def _needs_someone(self) -> UserInput:
+        if self.user_id is None and self.events is None:
+            raise ValueError("give 'user_id' (a known user) or 'events' (recent raw events)")
+        return self
+
+
+_EVENTS_EXAMPLE = [
+    {"item_id": "1", "event_type": "view", "timestamp": "2024-05-01T10:00:00Z"},
+    {"item_id": "2", "event_type": "add_to_cart", "timestamp": "2024-05-01T10:03:00Z"},
+]
+
+
+class RecommendRequest(UserInput):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"user_id": "42", "k": 10}, {"events": _EVENTS_EXAMPLE, "k": 5}]},
+    )
+    k: Annotated[int, Field(ge=1, le=MAX_K)] = 10
+    exclude_seen: bool | None = Field(None, description="default: what the model was trained/evaluated with")
+    allowed_items: Annotated[list[Id], Field(min_length=1, max_length=MAX_ALLOWED_ITEMS)] | None = None
+    explain: bool = Field(False, description="add grounded rationales (slower; LLM if configured, else templates)")
+
+
+class ItemOut(BaseModel):
+    item_id: Id
+    score: float
+    rank: int
+
+
+class RationaleOut(BaseModel):
+    item_id: str
+    rationale: str
+    evidence: list[str]
+    source: str
+
+
+class RecommendResponse(BaseModel):
+    user_id: Id | None
+    model_version: str
+    cold_start: bool
+    items: list[ItemOut]
+    rationales: list[RationaleOut] | None = None
+
+
+class NextActionsRequest(UserInput):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"user_id": "42", "method": "sample", "n_steps": 3, "top_p": 0.9}]},
+    )
+    method: Literal["greedy", "sample", "beam"] = "greedy"
+    n_steps: Annotated[int, Field(ge=1, le=20)] = 3
+    temperature: Annotated[float, Field(gt=0, le=10)] = 1.0
+    top_k: Annotated[int, Field(ge=1, le=10_000)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    beam_width: Annotated[int, Field(ge=1, le=16)] = 5
+    n_samples: Annotated[int, Field(ge=1, le=16)] = 1
+    seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0
+
+
+class StepOut(BaseModel):
+    trajectory: int
+    step: int
+    action: str
+    item_id: Id
+    step_logprob: float
+    logprob: float
+
+
+class NextActionsResponse(BaseModel):
+    user_id: Id | None
+    model_version: str
+    action_probabilities: dict[str, float]
+    steps: list[StepOut]
+
+
+class PropensityRequest(UserInput):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"user_id": "42"}]})
+
+
+class PropensityResponse(BaseModel):
+    user_id: Id | None
+    propensity: float = Field(description="calibrated P(purchase within the horizon)")
+    churn_propensity: float | None
+    horizon: str
+    as_of: str
+    source: Literal["batch", "online"]
+
+
+class SegmentResponse(PropensityResponse):
+    tier: str
+    cluster: int
+    segments_date: str
+
+
+# ---------------------------------------------------------------- service state
+@dataclass
+class Segments:
+    """A batch day folder: the user table plus what is needed to label unseen users."""
+
+    folder: Path
+    date: str
+    users: dict[str, dict[str, Any]]
+    models: dict[str, Any]
+    assigner: Any
+    horizon: str
+
+    @classmethod
+    def load(cls, folder: str | Path, items: pl.DataFrame | None) -> Segments:
+        from behaviorlm.propensity import PropensityModel
+        from behaviorlm.segments import SegmentAssigner
+
+        d = resolve_segments(folder)
+        table = pl.read_parquet(d / "users.parquet")
+        users = {str(r["user_id"]): r for r in table.iter_rows(named=True)}
+        models = {
+            p.name: PropensityModel.load(p, items)
+            for p in sorted((d / "propensity").glob("*"))
+            if (p / "propensity.json").exists()
+        }
+        if "propensity" not in models:
+            raise FileNotFoundError(f"{d}: no saved propensity model under propensity/propensity")
+        horizon = models["propensity"].params.get("horizon", "?")
+        return cls(d, d.name.removeprefix("date="), users, models, SegmentAssigner.load(d / "assigner.json"), horizon)
+
+
+def resolve_segments(folder: str | Path) -> Path:
+    """A ``date=D`` folder, or a parent holding several: the latest complete one (``_SUCCESS``)."""
+    d = Path(folder)
+    if (d / "users.parquet").exists():
+        return d
+    days = sorted(p for p in d.glob("date=*") if (p / "_SUCCESS").exists())
+    if not days:
+        raise FileNotFoundError(f"{d}: no segments day folder (date=YYYY-MM-DD with _SUCCESS) found")
+    return days[-1]
+
+
+@dataclass
+class ServiceState:
+    model: Any = None
+    online: Any = None
+    batcher: Any = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+    segments: Segments | None = None
+    explainer: Any = None
+    loaded_at: str | None = None
+
+    @property
+    def version(self) -> str:
+        reg = self.provenance.get("registry_version")
+        return f"{self.model.model_version}" + (f" (registry v{reg})" if reg else "")
+
+
+# ---------------------------------------------------------------- app factory
+def create_app(
+    model: Any,
+    segments: str | Path | None = None,
+    api_key: str | None = None,
+    max_batch: int = 32,
+    max_body_bytes: int = MAX_BODY_BYTES,
+) -> FastAPI:
+    """The service for ``model``: a fitted ``BehaviorLM``, a local model folder, or ``models:/...``.
+
+    ``api_key=None`` reads ``BEHAVIORLM_API_KEY``; an empty key means no authentication.
+    """
+    state = ServiceState()
+    key = os.environ.get(API_KEY_ENV, "") if api_key is None else api_key
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await run_in_threadpool(_load, state, model, segments, max_batch)
+        yield
+        if state.batcher is not None:
+            state.batcher.close()
+
+    app = FastAPI(
+        title="behaviorlm",
+        version=_package_version(),
+        summary="Next-action recommendations, propensity and segments from a clickstream transformer.",
+        lifespan=lifespan,
+        max_body_size=max_body_bytes,  # 413 on larger bodies, streamed (chunked) ones included
+    )
+    app.state.service = state
+    _add_middleware(app)
+    _add_error_handlers(app)
+    auth = _auth_dependency(key)
+    _add_routes(app, state, auth)
+    return app
+
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("behaviorlm")
+    except PackageNotFoundError:
+        return "0"
+
+
+def _load(state: ServiceState, model: Any, segments: str | Path | None, max_batch: int) -> None:
+    from behaviorlm.scoring import set_threads
+    from behaviorlm.serving import MicroBatcher, OnlineRecommender
+    from behaviorlm.tracking import load_model_ref
+
+    set_threads()
+    t0 = time.perf_counter()
+    if isinstance(model, str | Path):
+        state.model, state.provenance = load_model_ref(str(model))
+    else:
+        state.model, state.provenance = model, {"model_uri": "in-process", "registry_version": None}
+    state.online = OnlineRecommender(state.model)
+    state.batcher = MicroBatcher(state.online.recommend, max_batch=max_batch, name="recommend-batcher")
+    if segments is not None:
+        state.segments = Segments.load(segments, getattr(state.model, "items_", None))
+    state.loaded_at = datetime.now(UTC).isoformat(timespec="seconds")
+    log.info(
+        "model %s loaded in %.1fs (%d known users)", state.version, time.perf_counter() - t0, len(state.online.rows_)
+    )
+
+
+# ---------------------------------------------------------------- middleware, errors, auth
+def _add_middleware(app: FastAPI) -> None:
+    """Request id + one log line per request (the body size cap is FastAPI's ``max_body_size``)."""
+
+    @app.middleware("http")
+    async def request_context(request: Request, call_next):
+        rid = request.headers.get("x-request-id", "")
+        if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", rid):
+            rid = uuid.uuid4().hex
+        t0 = time.perf_counter()
+        response = await call_next(request)
+        response.headers["x-request-id"] = rid
+        ms = (time.perf_counter() - t0) * 1000
+        log.info("%s %s %s %d %.1fms", rid, request.method, request.url.path, response.status_code, ms)
+        return response
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    from fastapi.exceptions import RequestValidationError
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        errors = [_describe(e) for e in exc.errors()]
+        return JSONResponse({"detail": "; ".join(errors), "errors": errors}, status_code=422)
+
+    @app.exception_handler(EventsError)
+    async def bad_events(request: Request, exc: EventsError):
+        return JSONResponse({"detail": str(exc)}, status_code=422)
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+    return f"field '{loc}': {err.get('msg', 'invalid')}"
+
+
+def _auth_dependency(key: str):
+    def check(request: Request) -> None:
+        if not key:
+            return
+        given = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ")
+        if not hmac.compare_digest(given.encode(), key.encode()):
+            raise HTTPException(401, "missing or wrong API key (header X-API-Key or Authorization: Bearer)")
+
+    return check
+
+
+# ---------------------------------------------------------------- routes
+def _add_routes(app: FastAPI, state: ServiceState, auth) -> None:
+    secured = [Depends(auth)]
+
+    @app.get("/health", tags=["ops"])
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready", tags=["ops"])
+    async def ready():
+        if state.online is None:
+            return JSONResponse({"ready": False, "detail": "model is loading"}, status_code=503)
+        return {
+            "ready": True,
+            "model_version": state.version,
+            "model_uri": state.provenance.get("model_uri"),
+            "registry_version": state.provenance.get("registry_version"),
+            "known_users": len(state.online.rows_),
+            "segments_date": state.segments.date if state.segments else None,
+            "loaded_at": state.loaded_at,
+        }
+
+    @app.post("/v1/recommend", tags=["v1"], dependencies=secured, response_model=RecommendResponse)
+    async def recommend(req: RecommendRequest) -> RecommendResponse:
+        online = _ready(state)
+        exclude = online.model.exclude_seen_ if req.exclude_seen is None else req.exclude_seen
+        allowed = online.allowed_index(req.allowed_items) if req.allowed_items is not None else None
+        if allowed is not None and len(allowed) == 0:
+            raise HTTPException(422, "field 'allowed_items': none of these items is in the model's catalog")
+        opts = {"k": req.k, "exclude_seen": exclude, "allowed": allowed}
+        events = await run_in_threadpool(_request_events, req) if req.events else None
+        if events is not None:
+            query = await run_in_threadpool(online.query_for_events, req.user_id, events, **opts)
+        elif online.knows(req.user_id):
+            query = online.query_for_user(req.user_id, **opts)
+        else:
+            raise _unknown(req.user_id)
+        cold = not query.has_known_items()
+        if cold:  # nothing in the events is in the catalog: popular items, as BehaviorLM.recommend does
+            ranked = online.popular(req.k, allowed)
+            ranked.user_id = query.user_id
+        else:
+            ranked = await asyncio.wrap_future(state.batcher.submit(query))
+        pairs = zip(ranked.item_ids, ranked.scores, strict=True)
+        items = [ItemOut(item_id=i, score=s, rank=r) for r, (i, s) in enumerate(pairs, 1)]
+        res = RecommendResponse(user_id=req.user_id, model_version=state.version, cold_start=cold, items=items)
+        if req.explain:
+            res.rationales = await run_in_threadpool(_explain, state, req.user_id, ranked, events)
+        return res
+
+    @app.post("/v1/next-actions", tags=["v1"], dependencies=secured, response_model=NextActionsResponse)
+    async def next_actions(req: NextActionsRequest) -> NextActionsResponse:
+        _ready(state)
+        return await run_in_threadpool(_next_actions, state, req)
+
+    @app.post("/v1/propensity", tags=["v1"], dependencies=secured, response_model=PropensityResponse)
+    async def propensity(req: PropensityRequest) -> PropensityResponse:
+        row = await run_in_threadpool(_segment_row, state, req)
+        return PropensityResponse(**{k: row[k] for k in PropensityResponse.model_fields})
+
+    @app.post("/v1/segment", tags=["v1"], dependencies=secured, response_model=SegmentResponse)
+    async def segment(req: PropensityRequest) -> SegmentResponse:
+        row = await run_in_threadpool(_segment_row, state, req)
+        return SegmentResponse(**row)
+
+
+def _ready(state: ServiceState):
+    if state.online is None:
+        raise HTTPException(503, "model is still loading; retry after GET /ready returns 200")
+    return state.online
+
+
+def _unknown(user_id: Any) -> HTTPException:
+    return HTTPException(404, f"unknown user_id {user_id!r}: not in the model's training data; send 'events' instead")
+
+
+def _request_events(req: UserInput) -> Events:
+    """The request's events as a validated one-user log (errors name the row and column)."""
+    assert req.events is not None
+    ts = [e.timestamp if isinstance(e.timestamp, datetime) else float(e.timestamp) for e in req.events]
+    stamps = [
+        (t if t.tzinfo else t.replace(tzinfo=UTC)).astimezone(UTC) if isinstance(t, datetime) else _from_unix(t)
+        for t in ts
+    ]
+    uid = "request" if req.user_id is None else str(req.user_id)
+    frame = pl.DataFrame(
+        {
+            "user_id": [uid] * len(ts),
+            "item_id": [str(e.item_id) for e in req.events],
+            "event_type": [e.event_type for e in req.events],
+            "timestamp": pl.Series(stamps, dtype=pl.Datetime("us", "UTC")),
+        }
+    )
+    return validate_events(frame, duplicates="keep")
+
+
+def _from_unix(t: float) -> datetime:
+    return datetime.fromtimestamp(t, UTC)
+
+
+def _explain(state: ServiceState, user_id: Any, ranked: Any, events: Events | None) -> list[RationaleOut]:
+    from behaviorlm.explain import build_contexts, make_explainer
+    from behaviorlm.serving import ranked_frame
+
+    if state.explainer is None:
+        state.explainer = make_explainer()
+    model = state.model
+    uid = ranked.user_id
+    history = events.df if events is not None else model.histories_.filter(pl.col("user_id") == uid)
+    recs = ranked_frame(ranked, uid).with_columns(pl.col("user_id").cast(history["user_id"].dtype))
+    contexts = build_contexts(recs, history, model.items_, model_version=model.model_version)
+    if not contexts:
+        return []
+    return [
+        RationaleOut(item_id=str(r.item_id), rationale=r.rationale, evidence=r.evidence, source=r.source)
+        for r in state.explainer.explain(contexts[0])
+    ]
+
+
+def _next_actions(state: ServiceState, req: NextActionsRequest) -> NextActionsResponse:
+    model = state.model
+    cfg = req.model_dump(include={"method", "n_steps", "temperature", "top_k", "top_p", "beam_width", "n_samples"})
+    cfg["seed"] = req.seed
+    if req.events:
+        ev = _request_events(req)
+        kwargs: dict[str, Any] = {"events": ev}
+    elif state.online.knows(req.user_id):
+        kwargs = {"users": [state.online.query_for_user(req.user_id).user_id]}
+    else:
+        raise _unknown(req.user_id)
+    try:
+        paths = model.generate(**kwargs, **cfg)
+    except ValueError as e:
+        raise HTTPException(422, str(e)) from None
+    probs = model.next_action_proba(**kwargs).drop("user_id", "predicted_action").row(0, named=True)
+    steps = [StepOut(**{k: r[k] for k in StepOut.model_fields}) for r in paths.iter_rows(named=True)]
+    return NextActionsResponse(
+        user_id=req.user_id,
+        model_version=state.version,
+        action_probabilities={k.removeprefix("p_"): float(v) for k, v in probs.items()},
+        steps=steps,
+    )
+
+
+def _segment_row(state: ServiceState, req: UserInput) -> dict[str, Any]:
+    """Batch figures for a known user; online scoring of raw events otherwise."""
+    _ready(state)
+    seg = state.segments
+    if seg is None:
+        raise HTTPException(503, "propensity/segments are not configured: start the service with --segments DIR")
+    base = {"user_id": req.user_id, "horizon": seg.horizon, "segments_date": seg.date}
+    if not req.events:
+        row = seg.users.get(str(req.user_id))
+        if row is None:
+            raise HTTPException(
+                404, f"user_id {req.user_id!r} has no batch segment for {seg.date}; send 'events' to score online"
+            )
+        return base | {
+            "propensity": float(row["propensity"]),
+            "churn_propensity": _opt_float(row.get("churn_propensity")),
+            "as_of": str(row.get("as_of", seg.date)),
+            "tier": row["tier"],
+            "cluster": int(row["cluster"]),
+            "source": "batch",
+        }
+    from behaviorlm.segments import user_embeddings
+
+    ev = _request_events(req)
+    scores = {c: m.predict(ev, column=c) for c, m in seg.models.items()}
+    p = float(scores["propensity"]["propensity"][0])
+    churn = scores.get("churn_propensity")
+    emb = np.stack(user_embeddings(state.model, ev)["embedding"].to_numpy())
+    return base | {
+        "propensity": p,
+        "churn_propensity": None if churn is None else float(churn["churn_propensity"][0]),
+        "as_of": str(scores["propensity"]["as_of"][0]),
+        "tier": seg.assigner.tiers(np.array([p]))[0],
+        "cluster": seg.assigner.clusters(emb)[0],
+        "source": "online",
+    }
+
+
+def _opt_float(v: Any) -> float | None:
+    return None if v is None else float(v)

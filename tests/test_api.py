@@ -1,0 +1,242 @@
+"""The HTTP service on a real uvicorn server (127.0.0.1) driven with httpx, plus fuzzed bodies."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+
+import httpx
+import polars as pl
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from behaviorlm.api import create_app
+from behaviorlm.events import validate_events
+from behaviorlm.recommender import BehaviorLM
+from behaviorlm.testing import UvicornThread
+from pipelines.segment import SegmentConfig, segment_day
+from tests.conftest import make_funnel_events
+
+END = datetime(2023, 11, 20, tzinfo=UTC)
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    ev = validate_events(make_funnel_events(n_users=90))
+    model = BehaviorLM(max_len=32, dim=32, n_layers=1, n_heads=2, epochs=3, seed=0, progress=False).fit(ev)
+    seg = tmp_path_factory.mktemp("seg") / "date=2023-11-19"
+    segment_day(model, ev, None, seg, END, SegmentConfig(n_windows=2), {"model_uri": "test"})
+    return ev, model, seg
+
+
+@pytest.fixture(scope="module")
+def app(fitted):
+    _, model, seg = fitted
+    return create_app(model, seg.parent, api_key="")
+
+
+@pytest.fixture(scope="module")
+def base(app):
+    with UvicornThread(app) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(base):
+    with httpx.Client(base_url=base, timeout=30) as c:
+        yield c
+
+
+def _events_of(ev, user, n=None):
+    df = ev.df.filter(pl.col("user_id") == user).sort("timestamp")
+    df = df if n is None else df.tail(n)
+    return [
+        {"item_id": r["item_id"], "event_type": r["event_type"], "timestamp": r["timestamp"].isoformat()}
+        for r in df.iter_rows(named=True)
+    ]
+
+
+def test_health_ready_and_request_ids(client):
+    assert client.get("/health").json() == {"status": "ok"}
+    ready = client.get("/ready").json()
+    assert ready["ready"] and ready["known_users"] == 90 and ready["segments_date"] == "2023-11-19"
+    r = client.get("/health", headers={"x-request-id": "abc-123"})
+    assert r.headers["x-request-id"] == "abc-123"
+    assert len(client.get("/health", headers={"x-request-id": "bad id!"}).headers["x-request-id"]) == 32
+    assert "/v1/recommend" in client.get("/openapi.json").json()["paths"]
+
+
+def test_recommend_matches_the_library(client, fitted):
+    ev, model, _ = fitted
+    for user in (0, 7, 42):
+        got = client.post("/v1/recommend", json={"user_id": user, "k": 5}).json()
+        want = model.recommend([user], k=5)
+        assert [i["item_id"] for i in got["items"]] == want["item_id"].to_list()
+        assert [i["score"] for i in got["items"]] == pytest.approx(want["score"].to_list(), rel=1e-4)
+        assert got["model_version"].startswith(model.model_version) and got["rationales"] is None
+    # the same user as raw events (any user, known or not) ranks like recommend(events=...)
+    events = _events_of(ev, 3, n=12)
+    got = client.post("/v1/recommend", json={"events": events, "k": 4}).json()
+    want = model.recommend(events=ev.df.filter(pl.col("user_id") == 3).sort("timestamp").tail(12), k=4)
+    assert [i["item_id"] for i in got["items"]] == want["item_id"].to_list()
+    # string ids of a model with integer user ids are the same user
+    assert client.post("/v1/recommend", json={"user_id": "7", "k": 5}).json()["items"][0]["item_id"]
+
+
+def test_recommend_options(client, fitted):
+    ev, model, _ = fitted
+    seen = set(ev.df.filter(pl.col("user_id") == 0)["item_id"])
+    got = client.post("/v1/recommend", json={"user_id": 0, "k": 30, "exclude_seen": True}).json()["items"]
+    assert not {i["item_id"] for i in got} & seen and [i["rank"] for i in got] == list(range(1, len(got) + 1))
+    allowed = ["i1", "i2", "i3", "nope"]
+    got = client.post("/v1/recommend", json={"user_id": 0, "k": 10, "allowed_items": allowed, "exclude_seen": False})
+    assert {i["item_id"] for i in got.json()["items"]} == {"i1", "i2", "i3"}
+    cold = [{"item_id": "unknown-item", "event_type": "view", "timestamp": 1_700_000_000}]
+    got = client.post("/v1/recommend", json={"events": cold, "k": 3}).json()
+    assert got["cold_start"] and len(got["items"]) == 3
+
+
+def test_explanations_only_when_asked(client):
+    got = client.post("/v1/recommend", json={"user_id": 5, "k": 3, "explain": True}).json()
+    items = {i["item_id"] for i in got["items"]}
+    assert got["rationales"] and {r["item_id"] for r in got["rationales"]} == items
+    assert all(r["source"] == "template" and r["evidence"] for r in got["rationales"])
+
+
+def test_next_actions(client, fitted):
+    _, model, _ = fitted
+    body = {"user_id": 4, "method": "beam", "n_steps": 2, "beam_width": 3}
+    got = client.post("/v1/next-actions", json=body).json()
+    assert sum(got["action_probabilities"].values()) == pytest.approx(1, abs=1e-4)
+    assert {s["trajectory"] for s in got["steps"]} == {0, 1, 2} and {s["step"] for s in got["steps"]} == {1, 2}
+    sample = {"user_id": 4, "method": "sample", "n_steps": 3, "top_p": 0.9, "seed": 7}
+    assert client.post("/v1/next-actions", json=sample).json() == client.post("/v1/next-actions", json=sample).json()
+    want = model.generate([4], method="greedy", n_steps=2)
+    got = client.post("/v1/next-actions", json={"user_id": 4, "n_steps": 2}).json()["steps"]
+    assert [s["item_id"] for s in got] == want["item_id"].to_list()
+
+
+def test_propensity_and_segment(client, fitted):
+    ev, _, seg = fitted
+    users = pl.read_parquet(seg / "users.parquet")
+    row = users.filter(pl.col("user_id") == 9).row(0, named=True)
+    got = client.post("/v1/segment", json={"user_id": 9}).json()
+    assert got["source"] == "batch" and got["tier"] == row["tier"] and got["cluster"] == row["cluster"]
+    assert got["propensity"] == pytest.approx(row["propensity"]) and got["segments_date"] == "2023-11-19"
+    online = client.post("/v1/segment", json={"events": _events_of(ev, 9)}).json()
+    assert online["source"] == "online" and online["tier"] in {"Low", "Medium", "High"}
+    assert 0 <= online["propensity"] <= 1 and 0 <= online["churn_propensity"] <= 1
+    p = client.post("/v1/propensity", json={"user_id": 9}).json()
+    assert p["propensity"] == got["propensity"] and "tier" not in p and p["horizon"] == "1d"
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "field"),
+    [
+        ({"user_id": 10_000}, 404, "unknown user_id"),
+        ({}, 422, "'user_id' (a known user) or 'events'"),
+        ({"user_id": 1, "k": 0}, 422, "field 'k'"),
+        ({"user_id": 1, "k": 101}, 422, "field 'k'"),
+        ({"user_id": 1, "kk": 3}, 422, "field 'kk'"),
+        ({"user_id": "x" * 500}, 422, "field 'user_id"),
+        ({"events": []}, 422, "field 'events'"),
+        ({"events": [{"item_id": "i1", "event_type": "view"}]}, 422, "field 'events.0.timestamp'"),
+        ({"events": [{"item_id": "i1", "event_type": "view", "timestamp": "soon"}]}, 422, "events.0.timestamp"),
+        ({"events": [{"item_id": "i1", "event_type": "teleport", "timestamp": 1}]}, 422, "teleport"),
+        ({"user_id": 1, "allowed_items": ["zzz"]}, 422, "field 'allowed_items'"),
+    ],
+)
+def test_bad_requests_name_the_field(client, body, status, field):
+    r = client.post("/v1/recommend", json=body)
+    assert r.status_code == status and field in r.json()["detail"], r.text
+
+
+def test_malformed_bodies(client):
+    r = client.post("/v1/recommend", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "JSON" in r.json()["detail"]
+    big = json.dumps({"user_id": 1, "allowed_items": ["i1"] * 200_000}).encode()
+    assert client.post("/v1/recommend", content=big, headers={"content-type": "application/json"}).status_code == 413
+
+    def chunks():  # no Content-Length: the cap counts streamed bytes
+        yield b'{"user_id": 1, "allowed_items": ['
+        for _ in range(100):
+            yield b'"i1",' * 4000
+        yield b'"i1"]}'
+
+    r = client.post("/v1/recommend", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    r = client.post("/v1/next-actions", json={"user_id": 1, "method": "nucleus"})
+    assert r.status_code == 422 and "field 'method'" in r.json()["detail"]
+
+
+def test_concurrent_requests_are_batched_and_identical(client, app):
+    batcher = app.state.service.batcher
+    before = (batcher.batches, batcher.items)
+    bodies = [{"user_id": u, "k": 5} for u in range(60)]
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda b: client.post("/v1/recommend", json=b).json(), bodies))
+    batches, items = batcher.batches - before[0], batcher.items - before[1]
+    assert items == 60 and batches < items  # requests that waited shared a forward pass
+    for b, a in zip(bodies, answers, strict=True):
+        single = client.post("/v1/recommend", json=b).json()
+        assert [i["item_id"] for i in a["items"]] == [i["item_id"] for i in single["items"]]
+        assert [i["score"] for i in a["items"]] == pytest.approx([i["score"] for i in single["items"]], rel=1e-4)
+
+
+def test_api_key(fitted):
+    _, model, _ = fitted
+    with UvicornThread(create_app(model, api_key="s3cret")) as url, httpx.Client(base_url=url) as c:
+        assert c.get("/health").status_code == 200
+        r = c.post("/v1/recommend", json={"user_id": 1})
+        assert r.status_code == 401 and "API key" in r.json()["detail"]
+        assert c.post("/v1/recommend", json={"user_id": 1}, headers={"x-api-key": "wrong"}).status_code == 401
+        assert c.post("/v1/recommend", json={"user_id": 1}, headers={"x-api-key": "s3cret"}).status_code == 200
+        ok = c.post("/v1/recommend", json={"user_id": 1}, headers={"authorization": "Bearer s3cret"})
+        assert ok.status_code == 200
+        assert c.post("/v1/segment", json={"user_id": 1}, headers={"x-api-key": "s3cret"}).status_code == 503
+
+
+# ---------------------------------------------------------------- property-based fuzzing: never a 5xx
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=40),
+)
+values = st.recursive(scalars, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=12), c, max_size=4))
+event = st.fixed_dictionaries(
+    {},
+    optional={
+        "item_id": st.one_of(st.sampled_from(["i1", "i2", "zz"]), st.integers(-5, 40), values),
+        "event_type": st.one_of(st.sampled_from(["view", "add_to_cart", "purchase", ""]), values),
+        "timestamp": st.one_of(st.integers(-10, 2**40), st.sampled_from(["2023-11-18T10:00:00Z", "x"]), values),
+    },
+)
+body = st.fixed_dictionaries(
+    {},
+    optional={
+        "user_id": st.one_of(st.integers(-3, 100), st.text(max_size=8), values),
+        "events": st.one_of(st.lists(event, max_size=5), values),
+        "k": st.one_of(st.integers(-3, 120), values),
+        "exclude_seen": values,
+        "allowed_items": st.one_of(st.lists(st.sampled_from(["i1", "i5", "q"]), max_size=3), values),
+        "explain": st.one_of(st.booleans(), values),
+        "method": st.one_of(st.sampled_from(["greedy", "sample", "beam"]), values),
+        "n_steps": st.one_of(st.integers(-2, 25), values),
+        "temperature": st.one_of(st.floats(-1, 12), values),
+        "top_k": st.one_of(st.integers(-2, 50), values),
+        "top_p": st.one_of(st.floats(-0.5, 1.5), values),
+        "beam_width": st.one_of(st.integers(-1, 20), values),
+    },
+)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(path=st.sampled_from(["/v1/recommend", "/v1/next-actions", "/v1/propensity", "/v1/segment"]), payload=body)
+def test_fuzzed_bodies_never_5xx(client, path, payload):
+    r = client.post(path, content=json.dumps(payload, allow_nan=True), headers={"content-type": "application/json"})
+    assert r.status_code < 500, (path, payload, r.text)
+    assert r.status_code == 200 or r.json()["detail"]
