@@ -609,6 +609,7 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     max_batch: Annotated[int, typer.Option(help="requests answered by one forward pass at most")] = 32,
+    threads: Annotated[int, typer.Option(help="torch intra-op threads (the event loop needs a core too)")] = 1,
     log_level: str = "info",
 ) -> None:
     """Serve recommendations, next actions, propensity and segments over HTTP (docs at /docs).
@@ -622,8 +623,35 @@ def serve(
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     # one process, event loop + one inference thread: the 2-core budget; scale out with more replicas
     uvicorn.run(
-        create_app(model, segments, max_batch=max_batch), host=host, port=port, log_level=log_level, access_log=False
+        create_app(model, segments, max_batch=max_batch, threads=threads),
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=False,
     )
+
+
+@app.command()
+@cli_errors
+def dashboard(
+    outputs: Annotated[Path, typer.Option(help="the batch pipeline's outputs folder")] = Path("data/outputs"),
+    host: str = "127.0.0.1",
+    port: int = 8501,
+) -> None:
+    """Open the Streamlit segment dashboard over the batch outputs (scores, propensities, segments)."""
+    import os
+    import subprocess
+
+    from behaviorlm.datasets import PROJECT_ROOT
+
+    script = PROJECT_ROOT / "dashboards" / "app.py"
+    if not script.exists():
+        raise FileNotFoundError(f"{script} not found: the dashboard ships with the repository checkout")
+    cmd = [sys.executable, "-m", "streamlit", "run", str(script), "--server.address", host]
+    cmd += ["--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+    env = dict(os.environ, BEHAVIORLM_OUTPUTS=str(outputs.resolve()))
+    out.print(f"dashboard on http://{host}:{port} over {outputs}", highlight=False)
+    raise typer.Exit(subprocess.call(cmd, env=env))
 
 
 def main() -> None:  # pragma: no cover - console entry point

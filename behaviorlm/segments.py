@@ -224,6 +224,42 @@ def segment_profiles(
     return prof.rename({by: "segment"}).with_columns(pl.lit(by).alias("segment_type"))
 
 
+def user_activity(
+    events: Events | Any, items: pl.DataFrame | None = None, n_recent: int = 50, action: str = "purchase"
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Per-user facts for dashboards, and each user's ``n_recent`` latest events.
+
+    The first table has ``user_id, n_events, n_<action>s, first_seen, last_seen`` and, with a
+    catalog, ``top_category`` (the user's most frequent category, ties broken by name); the
+    second ``user_id, timestamp, event_type, item_id[, category]``, newest last. Both are small
+    (bounded per user), so a dashboard can drill into a user without the raw event log.
+    """
+    df = as_events(events).df.select("user_id", "item_id", "event_type", "timestamp")
+    if items is not None and "category" in items.columns:
+        meta = items.select("item_id", pl.col("category").cast(pl.String))
+        meta = meta.with_columns(pl.col("item_id").cast(df["item_id"].dtype, strict=False))
+        df = df.join(meta, on="item_id", how="left", maintain_order="left")
+    per_user = df.group_by("user_id").agg(
+        pl.len().alias("n_events"),
+        (pl.col("event_type") == action).sum().alias(f"n_{action}s"),
+        pl.col("timestamp").min().alias("first_seen"),
+        pl.col("timestamp").max().alias("last_seen"),
+    )
+    if "category" in df.columns:
+        top = (
+            df.drop_nulls("category")
+            .group_by("user_id", "category")
+            .len()
+            .sort(["user_id", "len", "category"], descending=[False, True, False])
+            .group_by("user_id", maintain_order=True)
+            .first()
+            .select("user_id", pl.col("category").alias("top_category"))
+        )
+        per_user = per_user.join(top, on="user_id", how="left")
+    recent = df.sort("user_id", "timestamp").group_by("user_id", maintain_order=True).tail(n_recent)
+    return per_user.sort("user_id"), recent
+
+
 def _top_attributes(df: pl.DataFrame, by: str, items: pl.DataFrame | None, top_n: int) -> pl.DataFrame:
     """Most frequent categories / brands among each segment's events, as "a, b, c" strings."""
     out = df.select(by).unique()
@@ -284,6 +320,8 @@ class SegmentOutputs:
     profiles: pl.DataFrame
     clustering: Clustering
     assigner: SegmentAssigner
+    activity: pl.DataFrame | None = None
+    recent_events: pl.DataFrame | None = None
     files: dict[str, Path] = field(default_factory=dict)
 
 
@@ -300,8 +338,9 @@ def run_segmentation(
     """Tiers + clusters + profiles (+ Parquet and PNG files under ``out_dir``), in one call.
 
     Writes ``users.parquet`` (the user-table contract), ``profiles.parquet`` (tier rows and
-    cluster rows, told apart by ``segment_type``), ``user_segments.png``,
-    ``profile_heatmap.png`` and ``embedding_map.png``; every file atomically.
+    cluster rows, told apart by ``segment_type``), ``user_activity.parquet`` and
+    ``recent_events.parquet`` (:func:`user_activity`), ``assigner.json``, ``user_segments.png``,
+    ``profile_heatmap.png`` and ``embedding_map(_tiers).png``; every file atomically.
     """
     ev = as_events(events)
     users, clustering = segment_users(propensity, user_embeddings(est, ev), k, bins, seed=seed)
@@ -317,7 +356,7 @@ def run_segmentation(
     )
     edges = quantile_bins(users["propensity"].to_numpy()) if bins == "quantile" else list(bins)
     assigner = SegmentAssigner(list(map(float, edges)), list(DEFAULT_TIERS), clustering.centers)
-    res = SegmentOutputs(users, profiles, clustering, assigner)
+    res = SegmentOutputs(users, profiles, clustering, assigner, *user_activity(ev, items))
     if out_dir is not None:
         res.files = _write_outputs(res, Path(out_dir), edges)
     return res
@@ -334,6 +373,8 @@ def _write_outputs(res: SegmentOutputs, out: Path, bins: Sequence[float]) -> dic
         "users": write_parquet_atomic(res.users, out / "users.parquet"),
         "profiles": write_parquet_atomic(res.profiles, out / "profiles.parquet"),
         "assigner": res.assigner.save(out / "assigner.json"),
+        "activity": write_parquet_atomic(res.activity, out / "user_activity.parquet"),
+        "recent_events": write_parquet_atomic(res.recent_events, out / "recent_events.parquet"),
         "user_segments": plots.user_segments(res.users, out / "user_segments.png", bins),
         "profile_heatmap": plots.profile_heatmap(labelled, out / "profile_heatmap.png", PROFILE_METRICS, "label"),
         "embedding_map": plots.embedding_map(

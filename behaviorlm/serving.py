@@ -40,6 +40,7 @@ class Query:
     k: int = 10
     exclude_seen: bool = True
     allowed: np.ndarray | None = None  # vocabulary indices, or None for the whole catalog
+    known_row: int = -1  # row of a user seen at fit time (their hidden state can be cached)
 
     def has_known_items(self) -> bool:
         return bool((self.items >= N_SPECIAL).any())
@@ -64,7 +65,11 @@ class OnlineRecommender:
         rows, cols = seen_pairs(self.tok, seen, enc.user_ids)
         cuts = np.searchsorted(rows, np.arange(len(enc) + 1))
         self.seen_ = [cols[cuts[i] : cuts[i + 1]] for i in range(len(enc))]
-        self.user_dtype_ = model.histories_["user_id"].dtype
+        # A known user's history is fixed, so is their last hidden state: computed on first
+        # request, then only the output layer runs (exact, not an approximation).
+        self.hidden_ = torch.zeros(len(enc), model.model_.config.dim)
+        self.action_logp_ = torch.zeros(len(enc), self.tok.n_actions)
+        self.cached_ = np.zeros(len(enc), dtype=bool)
 
     @staticmethod
     def _key(user_id: Any) -> str:
@@ -77,7 +82,7 @@ class OnlineRecommender:
         """The stored history of a user seen at fit time; ``KeyError`` for anyone else."""
         row = self.rows_[self._key(user_id)]
         items, actions, gaps = self.enc_.sequence(row)
-        return Query(self.enc_.user_ids[row], items, actions, gaps, self.seen_[row], **opts)
+        return Query(self.enc_.user_ids[row], items, actions, gaps, self.seen_[row], known_row=row, **opts)
 
     def query_for_events(self, user_id: Any, events: Events, **opts: Any) -> Query:
         """Raw recent events of one user (validated :class:`Events`), encoded on the fly."""
@@ -94,10 +99,9 @@ class OnlineRecommender:
 
     @torch.inference_mode()
     def recommend(self, queries: list[Query]) -> list[Ranked]:
-        """Top-k for each query from one padded forward pass over all of them."""
-        enc = _stack(queries)
+        """Top-k for each query from one padded forward pass over those not cached."""
         model = self.model
-        h, a_logp = model.step_heads(enc, slice(0, len(queries)), enc.lengths())
+        h, a_logp = self._heads(queries)
         logp = model._marginal_item_logp(model.model_, h, a_logp)
         logp[:, :N_SPECIAL] = float("-inf")
         out = []
@@ -114,6 +118,21 @@ class OnlineRecommender:
             items = self.tok.decode_items(idx[ok].numpy()).tolist()
             out.append(Ranked(q.user_id, items, val[ok].exp().tolist()))
         return out
+
+    def _heads(self, queries: list[Query]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Last hidden state and next-action log-probs per query; cached rows skip the transformer."""
+        rows = torch.tensor([q.known_row for q in queries])
+        hit = (rows >= 0) & torch.from_numpy(self.cached_[rows.clamp(min=0).numpy()])
+        h = self.hidden_[rows.clamp(min=0)]
+        a_logp = self.action_logp_[rows.clamp(min=0)]
+        todo = (~hit).nonzero().flatten()
+        if len(todo):
+            enc = _stack([queries[i] for i in todo.tolist()])
+            h[todo], a_logp[todo] = self.model.step_heads(enc, slice(0, len(todo)), enc.lengths())
+            known = todo[rows[todo] >= 0]
+            self.hidden_[rows[known]], self.action_logp_[rows[known]] = h[known], a_logp[known]
+            self.cached_[rows[known].numpy()] = True
+        return h, a_logp
 
     def popular(self, k: int, allowed: np.ndarray | None = None) -> Ranked:
         """Cold start: the most popular items (score = training share), as ``recommend`` does."""
