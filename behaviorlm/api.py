@@ -7,7 +7,9 @@ in training) or by ``events`` (their recent raw events; anyone).
 
 Design notes:
 
-* The model loads once at start-up (registry alias or local folder); ``/ready`` is 503 until then.
+* The model loads once, in the background at start-up (registry alias or local folder):
+  ``/health`` answers at once, ``/ready`` and ``/v1`` are 503 until it is loaded (or say why
+  it failed).
 * Plain recommendations go through :class:`~behaviorlm.serving.MicroBatcher`: one worker thread
   owns the forward pass and batches whatever requests are waiting, so the event loop never
   blocks on torch and throughput rises with concurrency. Explanations, decoding and propensity
@@ -223,6 +225,7 @@ class ServiceState:
     segments: Segments | None = None
     explainer: Any = None
     loaded_at: str | None = None
+    load_error: str | None = None
 
     @property
     def version(self) -> str:
@@ -250,8 +253,10 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        await run_in_threadpool(_load, state, model, segments, max_batch, threads)
+        # load in the background: /health answers at once (liveness), /ready only when loaded
+        loading = asyncio.create_task(_load_in_background(state, model, segments, max_batch, threads))
         yield
+        await asyncio.wait([loading], timeout=0)
         if state.batcher is not None:
             state.batcher.close()
 
@@ -279,6 +284,14 @@ def _package_version() -> str:
         return "0"
 
 
+async def _load_in_background(state: ServiceState, *args: Any) -> None:
+    try:
+        await run_in_threadpool(_load, state, *args)
+    except Exception as e:  # keep serving /health and say why on /ready
+        state.load_error = f"{type(e).__name__}: {e}"
+        log.exception("model failed to load")
+
+
 def _load(state: ServiceState, model: Any, segments: str | Path | None, max_batch: int, threads: int) -> None:
     from behaviorlm.scoring import set_threads
     from behaviorlm.serving import MicroBatcher, OnlineRecommender
@@ -290,10 +303,11 @@ def _load(state: ServiceState, model: Any, segments: str | Path | None, max_batc
         state.model, state.provenance = load_model_ref(str(model))
     else:
         state.model, state.provenance = model, {"model_uri": "in-process", "registry_version": None}
-    state.online = OnlineRecommender(state.model)
-    state.batcher = MicroBatcher(state.online.recommend, max_batch=max_batch, name="recommend-batcher")
     if segments is not None:
         state.segments = Segments.load(segments, getattr(state.model, "items_", None))
+    online = OnlineRecommender(state.model)
+    state.batcher = MicroBatcher(online.recommend, max_batch=max_batch, name="recommend-batcher")
+    state.online = online  # last: being set means ready
     state.loaded_at = datetime.now(UTC).isoformat(timespec="seconds")
     # Everything loaded so far lives as long as the process: keep it out of the cyclic GC, whose
     # full collections over millions of start-up objects showed up as 100-200 ms p99 stalls.
@@ -382,7 +396,7 @@ def _add_routes(app: FastAPI, state: ServiceState, auth) -> None:
     @app.get("/ready", tags=["ops"])
     async def ready():
         if state.online is None:
-            return JSONResponse({"ready": False, "detail": "model is loading"}, status_code=503)
+            return JSONResponse({"ready": False, "detail": _not_ready(state)}, status_code=503)
         return {
             "ready": True,
             "model_version": state.version,
@@ -439,8 +453,14 @@ def _add_routes(app: FastAPI, state: ServiceState, auth) -> None:
 
 def _ready(state: ServiceState):
     if state.online is None:
-        raise HTTPException(503, "model is still loading; retry after GET /ready returns 200")
+        raise HTTPException(503, _not_ready(state))
     return state.online
+
+
+def _not_ready(state: ServiceState) -> str:
+    if state.load_error:
+        return f"model failed to load: {state.load_error}"
+    return "model is still loading; retry after GET /ready returns 200"
 
 
 def _unknown(user_id: Any) -> HTTPException:

@@ -620,6 +620,8 @@ def serve(
 
     from behaviorlm.api import create_app
 
+    if not model.startswith("models:/") and not (Path(model) / "weights.pt").exists():
+        raise FileNotFoundError(f"--model {model}: not a registry URI (models:/...) nor a saved model directory")
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     # one process, event loop + one inference thread: the 2-core budget; scale out with more replicas
     uvicorn.run(

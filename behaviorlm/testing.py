@@ -140,7 +140,7 @@ class UvicornThread:
     when the block starts, and the server shuts down cleanly when it ends.
     """
 
-    def __init__(self, app: Any, startup_timeout_s: float = 120.0):
+    def __init__(self, app: Any, startup_timeout_s: float = 120.0, ready_path: str | None = "/ready"):
         import socket
 
         import uvicorn
@@ -152,7 +152,7 @@ class UvicornThread:
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-        self.timeout = startup_timeout_s
+        self.timeout, self.ready_path = startup_timeout_s, ready_path
 
     def __enter__(self) -> str:
         self.thread.start()
@@ -161,9 +161,28 @@ class UvicornThread:
             if not self.thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError("uvicorn did not start (see the log above)")
             time.sleep(0.02)
-        return f"http://127.0.0.1:{self.port}"
+        url = f"http://127.0.0.1:{self.port}"
+        while self.ready_path and time.monotonic() < deadline:  # the model loads in the background
+            code, body = _get(url + self.ready_path)
+            if code == 200:
+                break
+            if "failed" in body:
+                raise RuntimeError(body)
+            time.sleep(0.05)
+        return url
 
     def __exit__(self, *exc: Any) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
         self.sock.close()
+
+
+def _get(url: str) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
@@ -241,3 +242,24 @@ def test_fuzzed_bodies_never_5xx(client, path, payload):
     r = client.post(path, content=json.dumps(payload, allow_nan=True), headers={"content-type": "application/json"})
     assert r.status_code < 500, (path, payload, r.text)
     assert r.status_code == 200 or r.json()["detail"]
+
+
+def test_load_failure_keeps_liveness_and_says_why(tmp_path):
+    (tmp_path / "weights.pt").write_bytes(b"not a model")
+    with UvicornThread(create_app(str(tmp_path), api_key=""), ready_path=None) as url, httpx.Client(base_url=url) as c:
+        assert c.get("/health").status_code == 200
+        deadline = time.monotonic() + 30
+        while "failed" not in (ready := c.get("/ready")).text and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ready.status_code == 503 and "model failed to load" in ready.json()["detail"]
+        r = c.post("/v1/recommend", json={"user_id": 1})
+        assert r.status_code == 503 and "failed to load" in r.json()["detail"]
+
+
+def test_serve_refuses_a_missing_model(tmp_path):
+    from typer.testing import CliRunner
+
+    from behaviorlm.cli import app as cli
+
+    res = CliRunner().invoke(cli, ["serve", "--model", str(tmp_path / "nope")])
+    assert res.exit_code == 2 and "not a registry URI" in res.output
