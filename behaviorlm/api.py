@@ -470,15 +470,11 @@ def _unknown(user_id: Any) -> HTTPException:
 def _request_events(req: UserInput) -> Events:
     """The request's events as a validated one-user log (errors name the row and column)."""
     assert req.events is not None
-    ts = [e.timestamp if isinstance(e.timestamp, datetime) else float(e.timestamp) for e in req.events]
-    stamps = [
-        (t if t.tzinfo else t.replace(tzinfo=UTC)).astimezone(UTC) if isinstance(t, datetime) else _from_unix(t)
-        for t in ts
-    ]
+    stamps = [_utc(e.timestamp) for e in req.events]
     uid = "request" if req.user_id is None else str(req.user_id)
     frame = pl.DataFrame(
         {
-            "user_id": [uid] * len(ts),
+            "user_id": [uid] * len(stamps),
             "item_id": [str(e.item_id) for e in req.events],
             "event_type": [e.event_type for e in req.events],
             "timestamp": pl.Series(stamps, dtype=pl.Datetime("us", "UTC")),
@@ -487,8 +483,11 @@ def _request_events(req: UserInput) -> Events:
     return validate_events(frame, duplicates="keep")
 
 
-def _from_unix(t: float) -> datetime:
-    return datetime.fromtimestamp(t, UTC)
+def _utc(t: datetime | float) -> datetime:
+    """ISO times without a zone are taken as UTC, like unix seconds."""
+    if not isinstance(t, datetime):
+        return datetime.fromtimestamp(t, UTC)
+    return (t if t.tzinfo else t.replace(tzinfo=UTC)).astimezone(UTC)
 
 
 def _explain(state: ServiceState, user_id: Any, ranked: Any, events: Events | None) -> list[RationaleOut]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import polars as pl
@@ -26,16 +25,12 @@ import polars as pl
 from behaviorlm.events import EventsError
 from behaviorlm.scoring import score_partition, set_threads
 from behaviorlm.tracking import CHAMPION_URI, load_model_ref
-from pipelines.common import cli_main, load_events
-from pipelines.segment import config_from, segment_day
+from pipelines.common import cli_main, day_end, load_events
+from pipelines.segment import add_segment_args, config_from, segment_day
 
 
 def run(args: argparse.Namespace) -> Path:
-    try:
-        day = datetime.strptime(args.date, "%Y-%m-%d").replace(tzinfo=UTC)
-    except ValueError:
-        raise EventsError(f"--date must be YYYY-MM-DD, got {args.date!r}") from None
-    end = day + timedelta(days=1)
+    end = day_end(args.date)
     ev, items, _ = load_events(args)
     upto = ev.derive(ev.df.filter(pl.col("timestamp") < end), f"events before {end:%Y-%m-%d}")
     if len(upto) == 0:
@@ -74,10 +69,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--chunk-users", type=int, default=2048)
     ap.add_argument("--pause-s", type=float, default=0.0, help="sleep between chunks (shared machines)")
     ap.add_argument("--no-segments", action="store_true", help="only the recommendations, no propensities/segments")
-    ap.add_argument("--propensity-method", default="lightgbm", help="heuristic|lightgbm|transformer|zero_shot")
-    ap.add_argument("--horizon", default="1d", help="conversion/churn window, e.g. 1d, 7d")
-    ap.add_argument("--n-windows", type=int, default=3, help="rolling training windows for the propensity models")
-    ap.add_argument("--bins", default="quantile", help="tier edges 'a,b' or 'quantile'")
+    add_segment_args(ap)
     return ap.parse_args(argv)
 
 

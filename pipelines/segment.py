@@ -7,6 +7,7 @@ Run alone: ``python -m pipelines.segment --date YYYY-MM-DD --dataset NAME`` (rea
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -63,6 +64,7 @@ def segment_day(
     if meta.exists() and (old := json.loads(meta.read_text())).get("plan") == plan:
         return DaySegments(out_dir, files=_files(out_dir), reused=True, **old["summary"])
     meta.unlink(missing_ok=True)
+    shutil.rmtree(out_dir / "propensity", ignore_errors=True)  # models of an older plan must not outlive it
     table, models = user_propensities(upto, model, items, cfg.method, cfg.horizon, cfg.n_windows, at=end)
     res = run_segmentation(model, upto, table, out_dir, bins=parse_bins(cfg.bins), items=items)
     for column, pm in models.items():  # the online service scores raw events with these
@@ -81,6 +83,14 @@ def segment_day(
 
 def _files(out_dir: Path) -> list[Path]:
     return sorted(p for p in out_dir.iterdir() if p.suffix in (".parquet", ".png", ".json") and p.name[0] != "_")
+
+
+def add_segment_args(ap) -> None:
+    """The options of :class:`SegmentConfig`, shared by the pipeline and the scheduled job."""
+    ap.add_argument("--propensity-method", default="lightgbm", help="heuristic|lightgbm|transformer|zero_shot")
+    ap.add_argument("--horizon", default="1d", help="conversion/churn window, e.g. 1d, 7d")
+    ap.add_argument("--n-windows", type=int, default=3, help="rolling training windows for the propensity models")
+    ap.add_argument("--bins", default="quantile", help="tier edges 'a,b' or 'quantile'")
 
 
 def config_from(args) -> SegmentConfig:

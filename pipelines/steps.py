@@ -68,10 +68,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--patience", type=int, default=8, help="epochs without validation gain before stopping")
     ap.add_argument("--keep-seen", action="store_true", help="recommend already-seen items (repeat-heavy clickstreams)")
     ap.add_argument("--tolerance", type=float, default=0.0, help="promotion: allowed NDCG@10 drop vs the champion")
-    ap.add_argument("--propensity-method", default="lightgbm")
-    ap.add_argument("--horizon", default="1d")
-    ap.add_argument("--n-windows", type=int, default=3)
-    ap.add_argument("--bins", default="quantile")
+    segment.add_segment_args(ap)
     ap.add_argument("--explain-users", type=int, default=50)
     return ap.parse_args(argv)
 
