@@ -171,15 +171,12 @@ def user_detail(p: Partition, user_id: Any) -> dict[str, pl.DataFrame | None]:
             return None
         return df.filter(pl.col("user_id").cast(pl.String) == str(user_id))
 
-    recs = pick(p.scores)
-    if recs is not None:
-        recs = recs.sort("rank").select("rank", "item_id", "score")
-    events = pick(p.recent)
-    if events is not None:
-        events = events.sort("timestamp", descending=True).drop("user_id")
+    mine_scores, mine_events = pick(p.scores), pick(p.recent)
+    recs = None if mine_scores is None else mine_scores.sort("rank").select("rank", "item_id", "score")
+    events = None if mine_events is None else mine_events.sort("timestamp", descending=True).drop("user_id")
     rationales = pick(p.rationales)
     if (rationales is None or rationales.height == 0) and recs is not None and recs.height and events is not None:
-        rationales = template_rationales(pick(p.scores), pick(p.recent))  # the explain step covers a sample only
+        rationales = template_rationales(mine_scores, mine_events)  # the explain step covers a sample only
     if rationales is not None:
         rationales = rationales.select(
             [c for c in ("item_id", "rationale", "evidence", "source") if c in rationales.columns]
