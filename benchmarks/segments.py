@@ -23,10 +23,10 @@ import polars as pl
 sys.path.insert(0, str(Path(__file__).parent))
 from propensity import SETUPS, pretrain  # noqa: E402  (the sibling benchmark script)
 
-from behaviorlm.datasets import load_dataset  # noqa: E402
-from behaviorlm.labels import parse_duration  # noqa: E402
+from behaviorlm.data.datasets import load_dataset  # noqa: E402
+from behaviorlm.inference.batch import set_threads  # noqa: E402
 from behaviorlm.propensity import user_propensities  # noqa: E402
-from behaviorlm.scoring import set_threads  # noqa: E402
+from behaviorlm.propensity.labels import parse_duration  # noqa: E402
 from behaviorlm.segments import parse_bins, run_segmentation, segment_profiles  # noqa: E402
 
 OUT = Path(__file__).parent / "out"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import polars as pl
 
-from behaviorlm.datasets import load_dataset
+from behaviorlm.data.datasets import load_dataset
 
 OUT = Path(__file__).parent / "out"
 

@@ -26,6 +26,8 @@ from typing import Any
 
 import polars as pl
 
+from behaviorlm.segments import store
+
 DEFAULT_OUTPUTS = Path("data/outputs")
 TIERS = ("Low", "Medium", "High")
 
@@ -47,10 +49,10 @@ def list_partitions(outputs: Path) -> list[str]:
             "`python -m pipelines.batch_score --date YYYY-MM-DD --dataset taobao`, "
             "or point BEHAVIORLM_OUTPUTS at another outputs folder."
         )
-    days = [p.name.removeprefix("date=") for p in seg.glob("date=*") if (p / "users.parquet").exists()]
+    days = store.complete_dates(seg)
     if not days:
-        raise DashboardDataError(f"{seg} has no date=YYYY-MM-DD folder with users.parquet yet.")
-    return sorted(days, reverse=True)
+        raise DashboardDataError(f"{seg} has no complete date=YYYY-MM-DD folder (one with {store.SUCCESS}) yet.")
+    return days
 
 
 @dataclass
@@ -73,23 +75,23 @@ class Partition:
 
 
 def load_partition(outputs: Path, date: str) -> Partition:
-    folder = outputs / "segments" / f"date={date}"
-    users = _read(folder / "users.parquet", required=True)
+    folder = store.day_folder(outputs / "segments", date)
+    users = _read(folder / store.USERS, required=True)
     if users.height == 0:
         raise DashboardDataError(f"{folder / 'users.parquet'} is empty: the batch run scored no users for {date}.")
     missing = {"user_id", "propensity", "tier", "cluster"} - set(users.columns)
     if missing:
         raise DashboardDataError(f"{folder / 'users.parquet'} lacks columns {sorted(missing)}; rerun the batch job.")
-    meta = json.loads((folder / "_SUCCESS").read_text()) if (folder / "_SUCCESS").exists() else {}
-    edges = json.loads((folder / "assigner.json").read_text())["edges"] if (folder / "assigner.json").exists() else None
+    meta = store.read_record(folder) or {}
+    edges = json.loads((folder / store.ASSIGNER).read_text())["edges"] if (folder / store.ASSIGNER).exists() else None
     parts = sorted((outputs / "scores" / f"date={date}").glob("part-*.parquet"))
     return Partition(
         date=date,
         folder=folder,
         users=users,
-        profiles=_read(folder / "profiles.parquet", required=True),
-        activity=_read(folder / "user_activity.parquet"),
-        recent=_read(folder / "recent_events.parquet"),
+        profiles=_read(folder / store.PROFILES, required=True),
+        activity=_read(folder / store.ACTIVITY),
+        recent=_read(folder / store.RECENT),
         scores=pl.read_parquet(parts) if parts else None,
         rationales=_read(outputs / "rationales" / f"date={date}.parquet"),
         meta=meta,
@@ -186,9 +188,11 @@ def user_detail(p: Partition, user_id: Any) -> dict[str, pl.DataFrame | None]:
 
 def template_rationales(recs: pl.DataFrame, events: pl.DataFrame) -> pl.DataFrame:
     """Offline, deterministic rationales grounded in the user's stored recent events."""
+    from behaviorlm.data.events import Events
     from behaviorlm.explain import TemplateExplainer, build_contexts, explain_batch
 
-    contexts = build_contexts(recs.select("user_id", "item_id", "score", "rank"), events)
+    stored = Events.trusted(events, "recent events stored by the batch run")
+    contexts = build_contexts(recs.select("user_id", "item_id", "score", "rank"), stored)
     return explain_batch(contexts, TemplateExplainer())
 
 

@@ -9,7 +9,7 @@ conversion and churn propensities, tiers and clusters for the same users to
 ``_SUCCESS`` with the plan and the model's registry version and MLflow run).
 
 Safe to rerun: the same date and inputs give identical files and no duplicates, and a run killed
-midway resumes from its completed parts (see ``behaviorlm.scoring.score_partition``). Cron:
+midway resumes from its completed parts (see ``behaviorlm.inference.batch.score_partition``). Cron:
 
     15 2 * * *  cd /srv/behaviorlm && .venv/bin/python -m pipelines.batch_score --date $(date -u -d yesterday +\\%F)
 """
@@ -22,8 +22,9 @@ from pathlib import Path
 
 import polars as pl
 
-from behaviorlm.events import EventsError
-from behaviorlm.scoring import score_partition, set_threads
+from behaviorlm.data.events import EventsError
+from behaviorlm.inference.batch import ScoringOptions, score_partition, set_threads
+from behaviorlm.segments.store import day_folder
 from behaviorlm.tracking import CHAMPION_URI, load_model_ref
 from pipelines.common import cli_main, day_end, load_events
 from pipelines.segment import add_segment_args, config_from, segment_day
@@ -35,23 +36,24 @@ def run(args: argparse.Namespace) -> Path:
     upto = ev.derive(ev.df.filter(pl.col("timestamp") < end), f"events before {end:%Y-%m-%d}")
     if len(upto) == 0:
         raise EventsError(f"no events before the end of {args.date}: nothing to score")
-    set_threads()
+    set_threads(args.threads)
     model, provenance = load_model_ref(args.model)
     out_dir = Path(args.out) / "scores" / f"date={args.date}"
+    options = ScoringOptions(k=args.k, exclude_seen=model.exclude_seen_, action=args.action)
     s = score_partition(
-        model,
+        model.engine,
         upto,
         out_dir,
-        scored_at=end,
-        k=args.k,
-        exclude_seen=model.exclude_seen_,
+        end,
+        options,
         chunk_users=args.chunk_users,
+        quantize=args.quantize,
         pause_s=args.pause_s,
         progress=sys.stderr.isatty(),
     )
     print(f"scored {s.n_users:,} users -> {s.n_rows:,} rows (model {s.model_version}) in {out_dir}")
     if not args.no_segments:
-        seg_dir = Path(args.out) / "segments" / f"date={args.date}"
+        seg_dir = day_folder(Path(args.out) / "segments", args.date)
         day = segment_day(model, upto, items, seg_dir, end, config_from(args), provenance)
         how = "reused" if day.reused else f"{day.clusters} clusters"
         print(f"segmented {day.users:,} users ({how}, mean propensity {day.mean_propensity:.3f}) in {seg_dir}")
@@ -68,6 +70,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--chunk-users", type=int, default=2048)
     ap.add_argument("--pause-s", type=float, default=0.0, help="sleep between chunks (shared machines)")
+    ap.add_argument("--action", default=None, help="rank by P(item | next action = ACTION)")
+    ap.add_argument("--quantize", default=None, choices=["int8"], help="dynamic int8 quantisation")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: $OMP_NUM_THREADS, else all)")
     ap.add_argument("--no-segments", action="store_true", help="only the recommendations, no propensities/segments")
     add_segment_args(ap)
     return ap.parse_args(argv)

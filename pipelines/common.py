@@ -11,7 +11,9 @@ from pathlib import Path
 
 import polars as pl
 
-from behaviorlm.events import Events, EventsError, read_table, validate_events
+from behaviorlm.data.events import Events
+from behaviorlm.data.loading import load_events as load_source
+from behaviorlm.errors import BehaviorLMError, ConfigurationError
 
 
 def code_version() -> str:
@@ -23,14 +25,9 @@ def code_version() -> str:
 
 
 def load_events(args: argparse.Namespace) -> tuple[Events, pl.DataFrame | None, str]:
-    if (args.events is None) == (args.dataset is None):
-        raise EventsError("give exactly one of --events PATH or --dataset NAME")
-    if args.dataset:
-        from behaviorlm.datasets import load_dataset
-
-        ds = load_dataset(args.dataset)
-        return ds.events, ds.items, args.dataset
-    return validate_events(read_table(args.events)), None, str(args.events)
+    """``--events`` / ``--dataset`` through the same loader the CLI uses."""
+    loaded = load_source(args.events, args.dataset)
+    return loaded.events, loaded.items, loaded.source
 
 
 def log_input(ev: Events, source: str, context: str) -> None:
@@ -44,14 +41,15 @@ def day_end(date: str) -> datetime:
     try:
         return datetime.strptime(date, "%Y-%m-%d").replace(tzinfo=UTC) + timedelta(days=1)
     except ValueError:
-        raise EventsError(f"--date must be YYYY-MM-DD, got {date!r}") from None
+        raise ConfigurationError(f"--date must be YYYY-MM-DD, got {date!r}") from None
 
 
 def cli_main(run: Callable[[argparse.Namespace], object], parse: Callable, argv: list[str] | None) -> int:
-    """Run a job; expected failures print one line and exit 2, as the library's CLI does."""
+    """Run a job; the library's deliberate errors print one line and exit 2, as the CLI does.
+    Anything else is a bug and keeps its traceback."""
     try:
         run(parse(argv))
-    except (EventsError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except BehaviorLMError as e:
+        print(f"error: {e.cli_message()}", file=sys.stderr)
         return 2
     return 0

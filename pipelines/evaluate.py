@@ -1,12 +1,11 @@
 """Evaluate step: full-catalog metrics of the saved model against baselines, logged as metrics and JSON.
 
-Run alone: ``python -m pipelines.evaluate --date YYYY-MM-DD --dataset NAME`` (reads the earlier steps' outputs).
+Run alone: ``python -m pipelines.steps evaluate --date YYYY-MM-DD --dataset NAME`` (reads the earlier steps' outputs).
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +15,8 @@ from pipelines.common import log_input
 def run_step(args, ev, items, source, out: Path) -> dict[str, Any]:
     import mlflow
 
+    from behaviorlm.data.io import write_text_atomic
     from behaviorlm.evaluation import evaluate, leave_one_out
-    from behaviorlm.io import write_text_atomic
     from behaviorlm.recommender import BehaviorLM
 
     model = BehaviorLM.load(out / "model")
@@ -33,9 +32,3 @@ def run_step(args, ev, items, source, out: Path) -> dict[str, Any]:
 
 def _is_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
-
-
-if __name__ == "__main__":
-    from pipelines.steps import main
-
-    sys.exit(main(["evaluate", *sys.argv[1:]]))

@@ -1,11 +1,10 @@
 """Explain step: rationales for the top recommendations of the first users scored on the date.
 
-Run alone: ``python -m pipelines.explain --date YYYY-MM-DD --dataset NAME`` (reads the earlier steps' outputs).
+Run alone: ``python -m pipelines.steps explain --date YYYY-MM-DD --dataset NAME`` (reads the earlier steps' outputs).
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,19 +16,19 @@ from pipelines.common import day_end
 def run_step(args, ev, items, source, out: Path) -> dict[str, Any]:
     import mlflow
 
+    from behaviorlm.data.io import write_parquet_atomic
     from behaviorlm.explain import build_contexts, explain_batch, make_explainer
-    from behaviorlm.io import write_parquet_atomic
     from behaviorlm.recommender import BehaviorLM
+    from behaviorlm.segments import store
 
     model = BehaviorLM.load(out / "model")
     scores = pl.read_parquet(sorted((out / "scores" / f"date={args.date}").glob("part-*.parquet")))
     users = scores["user_id"].unique(maintain_order=True).head(args.explain_users)
     recs = scores.filter(pl.col("user_id").is_in(users.implode()) & (pl.col("rank") <= 5))
-    seg_path = out / "segments" / f"date={args.date}" / "users.parquet"
-    profiles = (
-        pl.read_parquet(seg_path).select("user_id", "propensity", "tier", "cluster") if seg_path.exists() else None
-    )
-    mine = ev.df.filter(pl.col("user_id").is_in(users.implode()) & (pl.col("timestamp") < day_end(args.date)))
+    seg_users = store.read_users(store.day_folder(out / "segments", args.date))
+    profiles = seg_users.select("user_id", "propensity", "tier", "cluster") if seg_users is not None else None
+    keep = pl.col("user_id").is_in(users.implode()) & (pl.col("timestamp") < day_end(args.date))
+    mine = ev.derive(ev.df.filter(keep), "the explained users' events up to the date")
     contexts = build_contexts(
         recs, mine, items if items is not None else model.items_, profiles, model_version=model.model_version
     )
@@ -40,9 +39,3 @@ def run_step(args, ev, items, source, out: Path) -> dict[str, Any]:
     fallback = float((table["source"] == "fallback").mean()) if table.height else 0.0
     mlflow.log_metrics({"rationales": table.height, "fallback_rate": fallback})
     return {"rationales": table.height, "source": explainer.source}
-
-
-if __name__ == "__main__":
-    from pipelines.steps import main
-
-    sys.exit(main(["explain", *sys.argv[1:]]))

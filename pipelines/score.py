@@ -1,11 +1,10 @@
 """Score step: resumable top-K for every user active up to the date (see ``pipelines.batch_score``).
 
-Run alone: ``python -m pipelines.score --date YYYY-MM-DD --dataset NAME`` (reads the earlier steps' outputs).
+Run alone: ``python -m pipelines.steps score --date YYYY-MM-DD --dataset NAME`` (reads the earlier steps' outputs).
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,27 +16,14 @@ from pipelines.common import day_end, log_input
 def run_step(args, ev, items, source, out: Path) -> dict[str, Any]:
     import mlflow
 
+    from behaviorlm.inference.batch import ScoringOptions, score_partition
     from behaviorlm.recommender import BehaviorLM
-    from behaviorlm.scoring import score_partition
 
     end = day_end(args.date)
     upto = ev.derive(ev.df.filter(pl.col("timestamp") < end), "events up to the date")
     log_input(upto, source, "scoring")
     model = BehaviorLM.load(out / "model")
-    s = score_partition(
-        model,
-        upto,
-        out / "scores" / f"date={args.date}",
-        scored_at=end,
-        k=10,
-        exclude_seen=model.exclude_seen_,
-        progress=False,
-    )
+    options = ScoringOptions(k=10, exclude_seen=model.exclude_seen_)
+    s = score_partition(model.engine, upto, out / "scores" / f"date={args.date}", end, options, progress=False)
     mlflow.log_metrics({"users": s.n_users, "rows": s.n_rows, "users_per_s": s.users_per_s})
     return {"users": s.n_users, "rows": s.n_rows}
-
-
-if __name__ == "__main__":
-    from pipelines.steps import main
-
-    sys.exit(main(["score", *sys.argv[1:]]))

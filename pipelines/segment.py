@@ -1,14 +1,11 @@
 """Segment step: conversion and churn propensity, tiers, clusters, profiles and figures as of the date.
 
-Run alone: ``python -m pipelines.segment --date YYYY-MM-DD --dataset NAME`` (reads the earlier steps' outputs).
+Run alone: ``python -m pipelines.steps segment --date YYYY-MM-DD --dataset NAME`` (reads the earlier steps' outputs).
 ``segment_day`` is shared with ``pipelines.batch_score``, which runs it on the registry champion.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
-import sys
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -17,8 +14,6 @@ from typing import Any
 import polars as pl
 
 from pipelines.common import day_end
-
-META_FILE = "_SUCCESS"
 
 
 @dataclass
@@ -53,36 +48,21 @@ def segment_day(
     the dashboard) and is written last: a rerun with the same plan reuses the folder, a different
     plan recomputes it.
     """
-    from behaviorlm.events import events_digest
-    from behaviorlm.io import write_text_atomic
+    from behaviorlm.data.events import events_digest
     from behaviorlm.propensity import user_propensities
-    from behaviorlm.segments import parse_bins, run_segmentation
+    from behaviorlm.segments import parse_bins, run_segmentation, store
 
     plan = {"events_digest": events_digest(upto), "end": end.isoformat(), "config": asdict(cfg)}
     plan["model_version"] = model.model_version
-    meta = out_dir / META_FILE
-    if meta.exists() and (old := json.loads(meta.read_text())).get("plan") == plan:
-        return DaySegments(out_dir, files=_files(out_dir), reused=True, **old["summary"])
-    meta.unlink(missing_ok=True)
-    shutil.rmtree(out_dir / "propensity", ignore_errors=True)  # models of an older plan must not outlive it
+    old = store.read_record(out_dir)
+    if old is not None and old.get("plan") == plan:
+        return DaySegments(out_dir, files=store.output_files(out_dir), reused=True, **old["summary"])
     table, models = user_propensities(upto, model, items, cfg.method, cfg.horizon, cfg.n_windows, at=end)
-    res = run_segmentation(model, upto, table, out_dir, bins=parse_bins(cfg.bins), items=items)
-    for column, pm in models.items():  # the online service scores raw events with these
-        if hasattr(pm.scorer_, "save"):
-            pm.save(out_dir / "propensity" / column)
-    summary = {
-        "users": res.users.height,
-        "clusters": res.clustering.k,
-        "mean_propensity": float(table["propensity"].mean()),
-        "valid_roc_auc": {c: float(pm.train_info_["valid_roc_auc"]) for c, pm in models.items()},
-    }
-    record = {"plan": plan, "summary": summary, "provenance": provenance}
-    write_text_atomic(json.dumps(record, indent=2), meta)
-    return DaySegments(out_dir, files=_files(out_dir), **summary)
-
-
-def _files(out_dir: Path) -> list[Path]:
-    return sorted(p for p in out_dir.iterdir() if p.suffix in (".parquet", ".png", ".json") and p.name[0] != "_")
+    saved = {c: pm for c, pm in models.items() if hasattr(pm.scorer_, "save")}  # the service scores new users
+    auc = {c: float(pm.train_info_["valid_roc_auc"]) for c, pm in models.items()}
+    record = {"plan": plan, "summary": {"valid_roc_auc": auc}, "provenance": provenance, "date": end.date().isoformat()}
+    run_segmentation(model, upto, table, out_dir, bins=parse_bins(cfg.bins), items=items, models=saved, record=record)
+    return DaySegments(out_dir, files=store.output_files(out_dir), **store.read_record(out_dir)["summary"])
 
 
 def add_segment_args(ap) -> None:
@@ -113,9 +93,3 @@ def run_step(args, ev, items, source, out: Path) -> dict[str, Any]:
         mlflow.log_artifact(str(path), artifact_path="segments")
     mlflow.log_metrics({"clusters": day.clusters, "mean_propensity": day.mean_propensity})
     return {"users": day.users, "clusters": day.clusters}
-
-
-if __name__ == "__main__":
-    from pipelines.steps import main
-
-    sys.exit(main(["segment", *sys.argv[1:]]))

@@ -35,7 +35,7 @@ RUNNERS: dict[str, Callable[..., dict[str, Any]]] = {
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import mlflow
 
-    from behaviorlm.scoring import set_threads
+    from behaviorlm.inference.batch import set_threads
     from behaviorlm.tracking import setup
 
     setup(args.experiment)
@@ -62,10 +62,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--dataset")
     ap.add_argument("--out", default="data/outputs")
     ap.add_argument("--experiment", default="behaviorlm")
-    ap.add_argument("--epochs", type=int, default=40)
-    ap.add_argument("--max-len", type=int, default=100)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--patience", type=int, default=8, help="epochs without validation gain before stopping")
+    ap.add_argument("--recipe", default="clickstream-small", help="training recipe (behaviorlm.recipes)")
+    ap.add_argument("--epochs", type=int, default=None, help="default: the recipe's")
+    ap.add_argument("--max-len", type=int, default=None, help="default: the recipe's")
+    ap.add_argument("--batch-size", type=int, default=None, help="default: the recipe's")
+    ap.add_argument(
+        "--patience", type=int, default=None, help="validations without gain before stopping; default: the recipe's"
+    )
     ap.add_argument("--keep-seen", action="store_true", help="recommend already-seen items (repeat-heavy clickstreams)")
     ap.add_argument("--tolerance", type=float, default=0.0, help="promotion: allowed NDCG@10 drop vs the champion")
     segment.add_segment_args(ap)

@@ -1,11 +1,10 @@
 """Train step: fit on a leave-one-out split, log and register the model, apply the promotion gate.
 
-Run alone: ``python -m pipelines.train --date YYYY-MM-DD --dataset NAME`` (reads the earlier steps' outputs).
+Run alone: ``python -m pipelines.steps train --date YYYY-MM-DD --dataset NAME`` (reads the earlier steps' outputs).
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,17 +19,19 @@ def run_step(args, ev, items, source, out: Path) -> dict[str, Any]:
     from behaviorlm.tracking import MODEL_NAME, log_model, promote
 
     split = leave_one_out(ev)
-    # full softmax over a large catalog is slow on CPU; sampled softmax is the usual trade
-    loss = "sampled" if ev.n_items > 20_000 else "full"
-    params = {"epochs": args.epochs, "max_len": args.max_len, "dim": 64, "seed": 42, "loss": loss}
-    params["batch_size"] = args.batch_size  # small data needs small batches to get enough optimiser steps
-    # the recipe measured on Taobao (benchmarks/RESULTS.md 1b): slow starts need patience
-    params |= {"lr": 2e-3, "patience": args.patience, "dropout": 0.1, "n_negatives": 4096}
-    mlflow.log_params(params)
+    overrides = {
+        "epochs": args.epochs,
+        "max_len": args.max_len,
+        "batch_size": args.batch_size,
+        "patience": args.patience,
+    }
+    model = BehaviorLM(args.recipe, progress=False, **overrides)
+    mlflow.log_params({"recipe": repr(model), **model.params})
     log_input(split.train, source, "training")
     mlflow.log_param("exclude_seen", not args.keep_seen)
-    model = BehaviorLM(**params, progress=False).fit(
-        split.train, validation=split.valid, items=items, exclude_seen=not args.keep_seen
+    provenance = {"source": source, "holdout": "loo"}
+    model.fit(
+        split.train, validation=split.valid, items=items, exclude_seen=not args.keep_seen, training_data=provenance
     )
     model.save(out / "model")
     score = float(model.history_.best_score or 0.0)
@@ -39,9 +40,3 @@ def run_step(args, ev, items, source, out: Path) -> dict[str, Any]:
     decision = promote(info.registered_model_version, score, tolerance=args.tolerance)
     mlflow.log_params(decision.as_params())
     return {"val_ndcg_10": score, "version": decision.version, "alias": decision.alias}
-
-
-if __name__ == "__main__":
-    from pipelines.steps import main
-
-    sys.exit(main(["train", *sys.argv[1:]]))

@@ -6,7 +6,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from behaviorlm.events import validate_events
+from behaviorlm.data.events import validate_events
 from behaviorlm.explain import build_contexts
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -13,9 +14,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from behaviorlm.api import create_app
-from behaviorlm.events import validate_events
+from behaviorlm.data.events import validate_events
 from behaviorlm.recommender import BehaviorLM
+from behaviorlm.service.api import create_app
 from behaviorlm.testing import UvicornThread
 from pipelines.segment import SegmentConfig, segment_day
 from tests.conftest import make_funnel_events
@@ -174,13 +175,34 @@ def test_malformed_bodies(client):
 
 
 def test_concurrent_requests_are_batched_and_identical(client, app):
+    """Deterministic: the first forward pass is held until every other request is queued, so the
+    60 requests must take exactly 1 + ceil(59 / max_batch) passes, however fast the machine is."""
     batcher = app.state.service.batcher
+    gate, started, fn = threading.Event(), threading.Event(), batcher.fn
+
+    def held(queries):
+        started.set()
+        gate.wait(timeout=60)
+        return fn(queries)
+
+    batcher.fn = held
     before = (batcher.batches, batcher.items)
     bodies = [{"user_id": u, "k": 5} for u in range(60)]
-    with ThreadPoolExecutor(16) as pool:
-        answers = list(pool.map(lambda b: client.post("/v1/recommend", json=b).json(), bodies))
+    post = lambda b: client.post("/v1/recommend", json=b).json()  # noqa: E731
+    try:
+        with ThreadPoolExecutor(60) as pool:
+            futures = [pool.submit(post, bodies[0])]
+            assert started.wait(timeout=60)  # the inference thread is inside the first pass
+            futures += [pool.submit(post, b) for b in bodies[1:]]
+            deadline = time.monotonic() + 60
+            while batcher.pending() < 59 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            gate.set()
+            answers = [f.result(timeout=60) for f in futures]
+    finally:
+        batcher.fn, _ = fn, gate.set()
     batches, items = batcher.batches - before[0], batcher.items - before[1]
-    assert items == 60 and batches < items  # requests that waited shared a forward pass
+    assert items == 60 and batches == 1 + -(-59 // batcher.max_batch)  # waiting requests shared a pass
     for b, a in zip(bodies, answers, strict=True):
         single = client.post("/v1/recommend", json=b).json()
         assert [i["item_id"] for i in a["items"]] == [i["item_id"] for i in single["items"]]

@@ -7,6 +7,8 @@ import pytest
 from typer.testing import CliRunner
 
 from behaviorlm.cli import app
+from behaviorlm.segments import store
+from behaviorlm.segments.store import SegmentsFolder
 from tests.conftest import make_funnel_events
 
 runner = CliRunner()
@@ -32,7 +34,9 @@ def test_propensity_then_segment(workspace):
     table = pl.read_parquet(scores)
     assert table.columns == ["user_id", "as_of", "propensity", "churn_propensity"]
     assert table["propensity"].is_between(0, 1).all() and table["user_id"].n_unique() == table.height
-    assert (root / "pm" / "conversion" / "propensity.json").exists()
+    # a segments folder the service can serve: models under propensity/<column>/, _SUCCESS last
+    served = SegmentsFolder.load(root / "pm")
+    assert set(served.models) == {"propensity", "churn_propensity"} and served.assigner is None
     out = root / "segments"
     res = runner.invoke(
         app, ["segment", *src, "--model", str(root / "model"), "--scores", str(scores), "--out", str(out), "--k", "3"]
@@ -42,6 +46,7 @@ def test_propensity_then_segment(workspace):
     users = pl.read_parquet(out / "users.parquet")
     assert {"tier", "cluster", "propensity", "churn_propensity"} <= set(users.columns)
     assert (out / "user_segments.png").exists() and (out / "profiles.parquet").exists()
+    assert store.is_complete(out) and store.read_record(out)["summary"]["clusters"] == 3
 
 
 @pytest.mark.parametrize(

@@ -22,9 +22,9 @@ import httpx
 import polars as pl
 import pytest
 
-from behaviorlm.events import validate_events
+from behaviorlm.data.events import validate_events
+from behaviorlm.inference.batch import ScoringOptions, score_partition
 from behaviorlm.recommender import BehaviorLM
-from behaviorlm.scoring import score_partition
 from dashboards import data
 from pipelines.segment import SegmentConfig, segment_day
 from tests.conftest import make_funnel_events
@@ -42,7 +42,7 @@ def outputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("outputs")
     ev = validate_events(make_funnel_events(n_users=90))
     model = BehaviorLM(max_len=32, dim=32, n_layers=1, n_heads=2, epochs=2, seed=0, progress=False).fit(ev)
-    score_partition(model, ev, root / "scores" / f"date={DATE}", scored_at=END, k=5, progress=False)
+    score_partition(model.engine, ev, root / "scores" / f"date={DATE}", END, ScoringOptions(k=5), progress=False)
     items = pl.DataFrame({"item_id": [f"i{i}" for i in range(30)], "category": [f"cat{i % 4}" for i in range(30)]})
     prov = {"model_uri": "models:/behaviorlm@champion", "run_id": None, "registry_version": "3"}
     segment_day(model, ev, items, root / "segments" / f"date={DATE}", END, SegmentConfig(n_windows=2), prov)
@@ -52,10 +52,13 @@ def outputs(tmp_path_factory):
 def test_partitions_and_clear_messages(tmp_path, outputs):
     with pytest.raises(data.DashboardDataError, match="Run the batch job first"):
         data.list_partitions(tmp_path)
-    (tmp_path / "segments" / "date=2023-01-01").mkdir(parents=True)
-    with pytest.raises(data.DashboardDataError, match="no date=YYYY-MM-DD folder with users.parquet"):
-        data.list_partitions(tmp_path)
-    (tmp_path / "segments" / "date=2023-01-01" / "users.parquet").write_bytes(b"not parquet")
+    day = tmp_path / "segments" / "date=2023-01-01"
+    day.mkdir(parents=True)
+    (day / "users.parquet").write_bytes(b"not parquet")
+    with pytest.raises(data.DashboardDataError, match="no complete date=YYYY-MM-DD folder"):
+        data.list_partitions(tmp_path)  # complete means _SUCCESS, for the dashboard as for the API
+    (day / "_SUCCESS").write_text("{}")
+    assert data.list_partitions(tmp_path) == ["2023-01-01"]
     with pytest.raises(data.DashboardDataError, match="cannot be read"):
         data.load_partition(tmp_path, "2023-01-01")
     assert data.list_partitions(outputs) == [DATE]

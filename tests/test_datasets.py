@@ -5,7 +5,7 @@ from __future__ import annotations
 import polars as pl
 import pytest
 
-from behaviorlm.datasets import SHARED, _convert_movielens, load_dataset, shared_data_dir
+from behaviorlm.data.datasets import SHARED, convert_movielens, load_dataset, shared_data_dir
 
 needs_shared = pytest.mark.skipif(not shared_data_dir().exists(), reason="../shared/data not present")
 
@@ -37,7 +37,7 @@ def test_movielens_conversion_from_wheel_layout(tmp_path):
         b"Toy Story (1995)\tToy Story\t1995\tAnimation Children's\n"
         b'Heat "Remix" (1995)\tHeat\t1995\tAction\n'
     )
-    _convert_movielens("ml-1m", inter, item, tmp_path)
+    convert_movielens("ml-1m", inter, item, tmp_path)
     r = pl.read_parquet(tmp_path / "ratings.parquet")
     m = pl.read_parquet(tmp_path / "movies.parquet")
     assert r["user_id"].to_list() == [1, 1, 2] and r["item_id"].to_list() == [1, 2, 1]
@@ -46,7 +46,7 @@ def test_movielens_conversion_from_wheel_layout(tmp_path):
 
 
 def test_unknown_dataset_is_a_clear_error():
-    from behaviorlm.events import EventsError
+    from behaviorlm.data.events import EventsError
 
     with pytest.raises(EventsError, match="unknown dataset 'nope'"):
         load_dataset("nope")

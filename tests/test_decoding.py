@@ -9,10 +9,16 @@ import polars as pl
 import pytest
 import torch
 
-from behaviorlm.decoding import DecodeConfig, apply_temperature, decode, joint_step_logp, top_k_filter, top_p_filter
-from behaviorlm.events import validate_events
+from behaviorlm.data.events import Events, validate_events
+from behaviorlm.inference.decoding import (
+    DecodeConfig,
+    apply_temperature,
+    decode,
+    top_k_filter,
+    top_p_filter,
+)
 from behaviorlm.recommender import BehaviorLM
-from behaviorlm.tokenizer import N_SPECIAL
+from behaviorlm.sequence.tokenizer import SPECIAL_TOKENS
 from tests.conftest import make_events
 
 
@@ -74,25 +80,25 @@ def tiny():
 
 
 def test_joint_step_probabilities_sum_to_one(tiny):
-    enc = tiny.tokenizer_.encode(tiny.histories_)
-    logp = joint_step_logp(tiny, enc)
+    enc = tiny.engine.encode(tiny.history_events())
+    logp = tiny.engine.joint_step_logp(enc)
     assert logp.shape == (len(enc), 2 * 3)
     torch.testing.assert_close(logp.exp().sum(1), torch.ones(len(enc)))
 
 
 def test_beam_with_all_candidates_equals_brute_force(tiny):
-    enc = tiny.tokenizer_.encode(tiny.histories_.filter(tiny.histories_["user_id"] == 0))
+    enc = tiny.engine.encode(Events.trusted(tiny.histories_.filter(tiny.histories_["user_id"] == 0), "user 0"))
     n_steps, n_cand = 3, 6
-    beams = decode(tiny, enc, DecodeConfig(n_steps=n_steps, method="beam", beam_width=n_cand**n_steps))
-    from behaviorlm.decoding import _encode_paths, _extend, _Path
+    beams = decode(tiny.engine, enc, DecodeConfig(n_steps=n_steps, method="beam", beam_width=n_cand**n_steps))
+    from behaviorlm.inference.decoding import Trajectory, encode_paths, extend_path
 
     items, actions, gaps = (x.tolist() for x in enc.sequence(0))
     scores = {}
     for combo in itertools.product(range(n_cand), repeat=n_steps):
-        path = _Path(items, actions, gaps, [])
+        path = Trajectory(items, actions, gaps, [])
         for c in combo:
-            lp = joint_step_logp(tiny, _encode_paths([path], 16))
-            path = _extend(path, c, 3, float(lp[0, c]))
+            lp = tiny.engine.joint_step_logp(encode_paths([path], 16))
+            path = extend_path(path, c, 3, float(lp[0, c]))
         scores[combo] = path.logprob
     brute = sorted(scores.values(), reverse=True)
     got = beams.group_by("trajectory", maintain_order=True).agg(pl.col("logprob").first())["logprob"].to_list()
@@ -103,15 +109,16 @@ def test_beam_with_all_candidates_equals_brute_force(tiny):
 
 
 def test_greedy_is_beam_width_one_and_sampling_is_seeded(tiny):
-    enc = tiny.tokenizer_.encode(tiny.histories_)
-    greedy = decode(tiny, enc, DecodeConfig(n_steps=2))
-    beam1 = decode(tiny, enc, DecodeConfig(n_steps=2, method="beam", beam_width=1))
+    enc = tiny.engine.encode(tiny.history_events())
+    greedy = decode(tiny.engine, enc, DecodeConfig(n_steps=2))
+    beam1 = decode(tiny.engine, enc, DecodeConfig(n_steps=2, method="beam", beam_width=1))
     assert greedy["item_id"].to_list() == beam1["item_id"].to_list()
     cfg = DecodeConfig(n_steps=3, method="sample", n_samples=4, temperature=1.2, top_k=4, top_p=0.9, seed=7)
-    a, b = decode(tiny, enc, cfg), decode(tiny, enc, cfg)
+    a, b = decode(tiny.engine, enc, cfg), decode(tiny.engine, enc, cfg)
     assert a.equals(b)
-    c = decode(tiny, enc, DecodeConfig(**{**cfg.__dict__, "seed": 8}))
+    c = decode(tiny.engine, enc, DecodeConfig(**{**cfg.__dict__, "seed": 8}))
     assert not a.equals(c)
     assert set(a["action"]) <= {"view", "add_to_cart"}
     assert a.columns == ["user_id", "trajectory", "step", "action", "item_id", "step_logprob", "logprob"]
-    assert (a["step_logprob"] <= 0).all() and N_SPECIAL == 4
+    assert (a["step_logprob"] <= 0).all()
+    assert not set(a["item_id"].to_list()) & set(SPECIAL_TOKENS)  # decoded steps are real items, never specials

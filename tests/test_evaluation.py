@@ -7,6 +7,7 @@ import polars as pl
 import pytest
 import torch
 
+from behaviorlm.data.events import validate_events
 from behaviorlm.evaluation import (
     CooccurrenceBaseline,
     PopularityBaseline,
@@ -17,7 +18,6 @@ from behaviorlm.evaluation import (
     rank_targets,
     temporal_split,
 )
-from behaviorlm.events import validate_events
 from tests.conftest import make_events
 
 

@@ -4,7 +4,7 @@ import pandas as pd
 import polars as pl
 import pytest
 
-from behaviorlm.events import ColumnMapping, EventsError, validate_events, validate_items
+from behaviorlm.data.events import ColumnMapping, EventsError, validate_events, validate_items
 
 
 def _frame(**overrides):

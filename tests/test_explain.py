@@ -10,7 +10,7 @@ import time
 import polars as pl
 import pytest
 
-from behaviorlm.events import validate_events
+from behaviorlm.data.events import validate_events
 from behaviorlm.explain import (
     MAX_TEXT,
     LLMConfig,
@@ -129,6 +129,8 @@ def test_http_errors_and_timeouts_fall_back_within_bounds(contexts):
         t0 = time.perf_counter()
         out = ex.explain(contexts[1])
         elapsed = time.perf_counter() - t0
+    # the 0.5 s timeout cut the 3 s answer short: 2.5 s leaves 5x headroom on a loaded machine and
+    # is still below what waiting for the slow server would take
     assert elapsed < 2.5 and [r.source for r in out] == ["fallback", "fallback"] and ex.stats.errors == 1
 
 

@@ -7,8 +7,8 @@ from datetime import UTC, datetime, timedelta
 import polars as pl
 import pytest
 
-from behaviorlm.events import EventsError, validate_events
-from behaviorlm.labels import (
+from behaviorlm.data.events import EventsError, validate_events
+from behaviorlm.propensity.labels import (
     cutoff_examples,
     parse_duration,
     prefix_examples,

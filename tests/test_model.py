@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from behaviorlm.model import BehaviorTransformer, ModelConfig
-from behaviorlm.tokenizer import PAD
-from behaviorlm.training import FusedLinearCrossEntropy, TrainConfig, sequence_loss
+from behaviorlm.nn.model import BehaviorTransformer, ModelConfig
+from behaviorlm.nn.training import FusedLinearCrossEntropy, TrainConfig, sequence_loss
+from behaviorlm.sequence.tokenizer import PAD
 
 
 def _model(**kw) -> BehaviorTransformer:
@@ -79,8 +79,17 @@ def test_item_head_is_tied_and_specials_never_predicted():
     h = m(items, actions, gaps)
     logits = m.item_logits(h, actions)
     assert torch.isinf(logits[..., :4]).all()
-    assert m.item_emb.weight.data_ptr() == next(p for n, p in m.named_parameters() if n == "item_emb.weight").data_ptr()
-    assert not any("item_out" in n for n, _ in m.named_parameters())
+    # tied: the output layer is the input item embedding itself, so editing one row of it moves
+    # exactly that item's logit and no other parameter holds an item-sized output matrix
+    q = m.item_query(h, actions)
+    torch.testing.assert_close(logits[..., 4:], (q @ m.item_emb.weight.T)[..., 4:])
+    with torch.no_grad():
+        m.item_emb.weight[10] += 1.0
+    moved = m.item_logits(h, actions)
+    assert not torch.allclose(moved[..., 10], logits[..., 10])
+    torch.testing.assert_close(moved[..., 11:], logits[..., 11:])
+    n_items = m.config.n_items
+    assert [n for n, p in m.named_parameters() if n_items in p.shape] == ["item_emb.weight"]
 
 
 def test_save_load_round_trip(tmp_path):

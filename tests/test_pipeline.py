@@ -7,7 +7,7 @@ import json
 import polars as pl
 import pytest
 
-from behaviorlm.datasets import shared_data_dir
+from behaviorlm.data.datasets import shared_data_dir
 from pipelines import batch_score, steps
 from tests.conftest import make_funnel_events
 

@@ -7,16 +7,8 @@ import polars as pl
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from behaviorlm.calibration import (
-    Calibrator,
-    binary_metrics,
-    ece_noise_floor,
-    expected_calibration_error,
-    paired_auc_difference,
-)
-from behaviorlm.events import EventsError
-from behaviorlm.features import heuristic_score, rich_features, seed_features
-from behaviorlm.labels import cutoff_examples, propensity_split
+from behaviorlm.data.events import EventsError, validate_events
+from behaviorlm.errors import ConfigurationError
 from behaviorlm.propensity import (
     HeuristicScorer,
     LightGBMScorer,
@@ -25,8 +17,17 @@ from behaviorlm.propensity import (
     ZeroShotScorer,
     encode_examples,
 )
+from behaviorlm.propensity.calibration import (
+    Calibrator,
+    binary_metrics,
+    ece_noise_floor,
+    expected_calibration_error,
+    paired_auc_difference,
+)
+from behaviorlm.propensity.features import heuristic_score, rich_features, seed_features
+from behaviorlm.propensity.labels import cutoff_examples, propensity_split
 from behaviorlm.recommender import BehaviorLM
-from behaviorlm.tokenizer import MASK
+from behaviorlm.sequence.tokenizer import MASK
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,9 @@ def split(funnel_events):
 def backbone(funnel_events, split):
     cutoff = split.test.examples["as_of"][0]
     before = funnel_events.derive(funnel_events.df.filter(pl.col("timestamp") < cutoff), "before test")
-    return BehaviorLM(max_len=32, dim=16, n_layers=1, n_heads=1, epochs=4, batch_size=32, progress=False).fit(before)
+    # a small backbone with a wide FFN and a gentle learning rate: enough signal to fine-tune in seconds
+    small = {"max_len": 32, "dim": 16, "n_layers": 1, "n_heads": 1, "ffn_mult": 4, "dropout": 0.2, "lr": 1e-3}
+    return BehaviorLM(epochs=4, batch_size=32, progress=False, **small).fit(before)
 
 
 # --------------------------------------------------------------------------- features
@@ -51,13 +54,24 @@ def test_seed_features_and_heuristic_formula(split):
     inputs = split.test.inputs.filter(pl.col("example_id") == row["example_id"])
     assert row["sequence_length"] == inputs.height
     assert row["cart_additions"] == (inputs["event_type"] == "add_to_cart").sum()
-    expected = min(
-        1.0,
-        0.1 * row["cart_additions"]
-        + 0.05 * row["product_views"]
-        + 0.3 * row["unique_actions"] / row["sequence_length"],
+
+
+def test_heuristic_matches_the_seeds_worked_examples():
+    """Hand-computed from the seeds' formula, not from the implementation: user 1 has 3 views,
+    2 carts and a purchase (6 events, 3 action types): 0.1*2 + 0.05*3 + 0.3*3/6 = 0.5; user 2's
+    12 carts cap at 1.0; user 3 has one view: 0.05 + 0.3 = 0.35."""
+    rows = [(1, "view")] * 3 + [(1, "add_to_cart")] * 2 + [(1, "purchase")] + [(2, "add_to_cart")] * 12 + [(3, "view")]
+    log = pl.DataFrame(
+        {
+            "user_id": [u for u, _ in rows],
+            "item_id": [f"i{j}" for j in range(len(rows))],
+            "event_type": [a for _, a in rows],
+            "timestamp": list(range(100, 100 + len(rows))),
+        }
     )
-    assert heuristic_score(f)[0] == pytest.approx(expected)
+    ex = cutoff_examples(validate_events(log), "1971-01-01", "1d")
+    scores = dict(zip(ex.examples["user_id"].to_list(), heuristic_score(seed_features(ex)), strict=True))
+    assert scores == pytest.approx({1: 0.5, 2: 1.0, 3: 0.35})
 
 
 def test_rich_features_ignore_everything_after_as_of(funnel_events, split):
@@ -182,9 +196,9 @@ def test_zero_shot_refuses_single_action_data(funnel_events):
 
 
 def test_propensity_errors_are_clear(funnel_events):
-    with pytest.raises(EventsError, match="unknown propensity method"):
+    with pytest.raises(ConfigurationError, match="unknown propensity method"):
         PropensityModel("magic")
-    with pytest.raises(EventsError, match="needs a pretrained model"):
+    with pytest.raises(ConfigurationError, match="needs a pretrained model"):
         PropensityModel("transformer", n_windows=2).fit(funnel_events)
     with pytest.raises(EventsError, match="duration"):
         PropensityModel("lightgbm", horizon="soon")

@@ -9,9 +9,9 @@ import pytest
 from typer.testing import CliRunner
 
 from behaviorlm.cli import app
-from behaviorlm.events import validate_events
+from behaviorlm.data.events import validate_events
+from behaviorlm.inference.batch import ScoringOptions, score_events
 from behaviorlm.recommender import BehaviorLM
-from behaviorlm.scoring import quantized, score_events
 from tests.conftest import make_events
 
 STAMP = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -26,11 +26,10 @@ def setup():
 
 def test_scores_match_recommend_and_are_chunk_invariant(setup, tmp_path):
     model, ev = setup
-    a = score_events(
-        model, ev, tmp_path / "a.parquet", k=5, batch_size=7, chunk_users=4, progress=False, scored_at=STAMP
-    )
+    opts_a, opts_b = ScoringOptions(k=5, batch_size=7), ScoringOptions(k=5, batch_size=64)
+    a = score_events(model.engine, ev, tmp_path / "a.parquet", opts_a, chunk_users=4, progress=False, scored_at=STAMP)
     b = score_events(
-        model, ev, tmp_path / "b.parquet", k=5, batch_size=64, chunk_users=1000, progress=False, scored_at=STAMP
+        model.engine, ev, tmp_path / "b.parquet", opts_b, chunk_users=1000, progress=False, scored_at=STAMP
     )
     fa, fb = pl.read_parquet(a.out), pl.read_parquet(b.out)
     # batch shape changes BLAS blocking: identical ranking, scores equal to float noise
@@ -48,30 +47,47 @@ def test_output_is_atomic_and_rerun_replaces(setup, tmp_path):
     model, ev = setup
     out = tmp_path / "s.parquet"
     out.write_text("old junk")
-    score_events(model, ev, out, k=3, progress=False)
+    score_events(model.engine, ev, out, ScoringOptions(k=3), progress=False)
     assert pl.read_parquet(out).height == 90
     assert [p.name for p in tmp_path.iterdir()] == ["s.parquet"]  # no temp files left
 
 
 def test_int8_quantisation_stays_close(setup, tmp_path):
     model, ev = setup
-    q = quantized(model, "int8")
-    assert q.model_version.endswith("-int8") and q.model_ is not model.model_
-    assert "DynamicQuantizedLinear" in repr(q.model_) and "DynamicQuantizedLinear" not in repr(model.model_)
-    fp = pl.read_parquet(score_events(model, ev, tmp_path / "f.parquet", k=5, progress=False).out)
-    i8 = pl.read_parquet(score_events(model, ev, tmp_path / "q.parquet", k=5, quantize="int8", progress=False).out)
+    q = model.engine.quantized("int8")
+    assert q.version.endswith("-int8") and q.network is not model.model_
+    assert "DynamicQuantizedLinear" in repr(q.network) and "DynamicQuantizedLinear" not in repr(model.model_)
+    five = ScoringOptions(k=5)
+    fp = pl.read_parquet(score_events(model.engine, ev, tmp_path / "f.parquet", five, progress=False).out)
+    i8 = pl.read_parquet(
+        score_events(model.engine, ev, tmp_path / "q.parquet", five, quantize="int8", progress=False).out
+    )
+    assert (i8["model_version"] == f"{model.model_version}-int8").all()
     overlap = fp.join(i8, on=["user_id", "item_id"], how="semi").height / fp.height
     assert overlap > 0.8
     with pytest.raises(ValueError, match="quantize must be"):
-        quantized(model, "int4")
+        model.engine.quantized("int4")
 
 
 def test_bad_arguments(setup, tmp_path):
     model, ev = setup
     with pytest.raises(ValueError, match="k must be"):
-        score_events(model, ev, tmp_path / "x.parquet", k=0)
+        ScoringOptions(k=0)
     with pytest.raises(ValueError, match="batch_size"):
-        score_events(model, ev, tmp_path / "x.parquet", batch_size=0)
+        ScoringOptions(batch_size=0)
+    with pytest.raises(TypeError, match="expected validated Events"):  # the boundary validates, not this layer
+        score_events(model.engine, ev.df, tmp_path / "x.parquet")
+
+
+def test_batch_scoring_takes_allow_lists_and_a_next_action(setup, tmp_path):
+    """Batch scoring is the same engine as recommend(): allow-lists and action conditioning agree."""
+    model, ev = setup
+    allowed = [f"item{i}" for i in range(0, 40, 3)]
+    opts = ScoringOptions(k=4, action="purchase", allowed_items=tuple(allowed))
+    got = pl.read_parquet(score_events(model.engine, ev, tmp_path / "a.parquet", opts, progress=False).out)
+    want = model.recommend(events=ev, k=4, action="purchase", allowed_items=allowed).sort("user_id", "rank")
+    assert set(got["item_id"]) <= set(allowed)
+    assert got["item_id"].to_list() == want["item_id"].to_list()
 
 
 def test_cli_score(setup, tmp_path):

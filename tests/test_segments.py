@@ -6,14 +6,13 @@ import numpy as np
 import polars as pl
 import pytest
 
-from behaviorlm.events import EventsError
+from behaviorlm.data.events import EventsError
 from behaviorlm.recommender import BehaviorLM
 from behaviorlm.segments import (
     assign_tiers,
     cluster_embeddings,
     run_segmentation,
     segment_profiles,
-    user_embeddings,
 )
 
 
@@ -76,7 +75,7 @@ def test_profiles_add_up(funnel_events, lm):
 
 
 def test_run_segmentation_writes_the_user_table(funnel_events, lm, tmp_path):
-    emb = user_embeddings(lm, funnel_events)
+    emb = lm.embed(events=funnel_events)
     assert np.allclose(np.linalg.norm(np.stack(emb["embedding"].to_numpy()), axis=1), 1.0, atol=1e-5)
     prop = emb.select("user_id").with_columns(
         pl.Series("propensity", np.linspace(0.05, 0.9, emb.height)), pl.lit(0.2).alias("churn_propensity")

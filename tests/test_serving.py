@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from behaviorlm.recommender import BehaviorLM
-from behaviorlm.serving import MicroBatcher, OnlineRecommender
+from behaviorlm.service.online import MicroBatcher, OnlineRecommender
 from tests.conftest import make_events
 
 
@@ -21,7 +23,7 @@ def _items(ranked):
 
 @pytest.mark.parametrize("exclude_seen", [True, False])
 def test_online_equals_batch_recommend_cold_and_cached(model, exclude_seen):
-    online = OnlineRecommender(model)
+    online = OnlineRecommender.from_model(model)
     users = model.histories_["user_id"].unique().sort().to_list()
     want = model.recommend(users, k=7, exclude_seen=exclude_seen)
     want_items = [want.filter(want["user_id"] == u)["item_id"].to_list() for u in users]
@@ -35,7 +37,7 @@ def test_online_equals_batch_recommend_cold_and_cached(model, exclude_seen):
 
 
 def test_allowed_items_and_events(model):
-    online = OnlineRecommender(model)
+    online = OnlineRecommender.from_model(model)
     u = model.histories_["user_id"][0]
     allowed = list(model.tokenizer_.items_[:10])
     q = online.query_for_user(u, k=5, exclude_seen=False, allowed=online.allowed_index(allowed))
@@ -44,9 +46,11 @@ def test_allowed_items_and_events(model):
 
 
 def test_batcher_batches_and_propagates_errors():
-    seen = []
+    seen, gate, started = [], threading.Event(), threading.Event()
 
     def fn(xs):
+        started.set()
+        gate.wait(timeout=30)  # the first batch is held until everything else is queued
         seen.append(len(xs))
         if "boom" in xs:
             raise ValueError("boom")
@@ -54,9 +58,12 @@ def test_batcher_batches_and_propagates_errors():
 
     b = MicroBatcher(fn, max_batch=4)
     try:
-        futs = [b.submit(i) for i in range(10)]
+        futs = [b.submit(0)]
+        assert started.wait(timeout=30)  # the worker is inside the first batch
+        futs += [b.submit(i) for i in range(1, 10)]
+        gate.set()
         assert [f.result(timeout=5) for f in futs] == [i * 2 for i in range(10)]
-        assert max(seen) <= 4 and sum(seen) == 10
+        assert seen == [1, 4, 4, 1]  # one alone, then full batches of what waited
         with pytest.raises(ValueError, match="boom"):
             b.submit("boom").result(timeout=5)
         assert b.submit(5).result(timeout=5) == 10  # the worker survived

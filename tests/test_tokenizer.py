@@ -4,8 +4,9 @@ import numpy as np
 import polars as pl
 import pytest
 
-from behaviorlm.events import EventsError, validate_events
-from behaviorlm.tokenizer import BOS, GAP_NONE, N_SPECIAL, UNK, ActionTokenizer
+from behaviorlm.data.events import EventsError, validate_events
+from behaviorlm.errors import NotFittedError
+from behaviorlm.sequence.tokenizer import BOS, GAP_NONE, N_SPECIAL, UNK, ActionTokenizer
 
 
 def test_save_load_exact_round_trip(tmp_path, events):
@@ -80,9 +81,10 @@ def test_unknown_actions_strict(events):
 def test_invalid_parameters():
     with pytest.raises(ValueError, match="max_len"):
         ActionTokenizer(max_len=1)
+    raw = pl.DataFrame({"user_id": [1], "item_id": ["a"], "event_type": ["view"], "timestamp": [1]})
     with pytest.raises(EventsError, match="min_item_count=10000"):
-        ActionTokenizer(min_item_count=10_000).fit(
-            pl.DataFrame({"user_id": [1], "item_id": ["a"], "event_type": ["view"], "timestamp": [1]})
-        )
-    with pytest.raises(RuntimeError, match="not fitted"):
+        ActionTokenizer(min_item_count=10_000).fit(validate_events(raw))
+    with pytest.raises(NotFittedError, match="not fitted"):
         ActionTokenizer().encode(None)
+    with pytest.raises(TypeError, match="expected validated Events"):  # inner layer: the boundary validates
+        ActionTokenizer().fit(raw)

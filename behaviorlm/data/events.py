@@ -22,6 +22,10 @@ from typing import Any, Literal
 
 import polars as pl
 
+from behaviorlm.data.schema import ActionPolicy, ColumnMapping, InputSchema
+from behaviorlm.data.timestamps import parse_timestamps
+from behaviorlm.errors import InputDataError
+
 log = logging.getLogger(__name__)
 
 CANONICAL_ACTIONS: tuple[str, ...] = (
@@ -59,26 +63,13 @@ DEFAULT_ACTION_ALIASES: dict[str, str] = {
 }
 
 CANONICAL_COLUMNS = ("user_id", "item_id", "event_type", "timestamp")
-ITEM_COLUMNS = ("item_id", "title", "category", "brand", "price")
 
 Policy = Literal["raise", "drop"]
-ActionPolicy = Literal["raise", "drop", "keep"]
-EventSource = "str | Path | pl.DataFrame | Any"  # Any: a pandas DataFrame
+__all__ = ["ColumnMapping", "Events", "EventsError", "InputSchema", "ValidationReport", "validate_events"]
 
 
-class EventsError(ValueError):
+class EventsError(InputDataError):
     """Bad event input. The message names the column and shows an example row."""
-
-
-@dataclass(frozen=True)
-class ColumnMapping:
-    """Which input column holds each canonical field (``action=None``: no action column)."""
-
-    user: str = "user_id"
-    item: str = "item_id"
-    action: str | None = "event_type"
-    timestamp: str = "timestamp"
-    session: str | None = None
 
 
 @dataclass
@@ -107,10 +98,12 @@ class ValidationReport:
 
 @dataclass
 class Events:
-    """A validated event log: the canonical frame plus the report of how it was made."""
+    """A validated event log: the canonical frame, the report of how it was made, and the schema
+    that mapped the source onto the contract (``None`` for frames the library made itself)."""
 
     df: pl.DataFrame
     report: ValidationReport
+    schema: InputSchema | None = None
 
     def __len__(self) -> int:
         return self.df.height
@@ -129,7 +122,7 @@ class Events:
 
     def derive(self, df: pl.DataFrame, note: str) -> Events:
         """Wrap a subset of these (already validated) events without validating them again."""
-        return Events(df=df, report=ValidationReport(self.df.height, df.height, notes=[note]))
+        return Events(df=df, report=ValidationReport(self.df.height, df.height, notes=[note]), schema=self.schema)
 
     @classmethod
     def trusted(cls, df: pl.DataFrame, note: str) -> Events:
@@ -192,32 +185,10 @@ def _require_columns(df: pl.DataFrame, needed: Mapping[str, str | None], what: s
     missing = [f"{field_}={col!r}" for field_, col in needed.items() if col and col not in df.columns]
     if missing:
         raise EventsError(
-            f"{what}: missing column(s) {', '.join(missing)}; available columns: {df.columns}. "
-            "Pass the right names with the column mapping (e.g. --user-col/--item-col)."
+            f"{what}: missing column(s) {', '.join(missing)}; available columns: {df.columns}",
+            hint="pass the right names with ColumnMapping(user=..., item=..., action=..., timestamp=...)",
+            cli_hint="pass the right names with --user-col/--item-col/--action-col/--time-col",
         )
-
-
-def parse_timestamps(col: pl.Series, time_unit: str = "s") -> pl.Series:
-    """Any sensible timestamp column -> Datetime(us, UTC); unparseable values become null."""
-    dtype = col.dtype
-    if dtype == pl.Datetime:
-        tz = getattr(dtype, "time_zone", None)
-        out = col.dt.replace_time_zone("UTC") if tz is None else col.dt.convert_time_zone("UTC")
-        return out.dt.cast_time_unit("us")
-    if dtype == pl.Date:
-        return col.cast(pl.Datetime("us")).dt.replace_time_zone("UTC")
-    if dtype.is_numeric():
-        scale = {"s": 1_000_000, "ms": 1_000, "us": 1, "ns": 0.001}[time_unit]
-        micros = (col.cast(pl.Float64) * scale).round(0).cast(pl.Int64, strict=False)
-        return micros.cast(pl.Datetime("us")).dt.replace_time_zone("UTC")
-    if dtype == pl.String:
-        stripped = col.str.strip_chars()
-        numeric = stripped.cast(pl.Float64, strict=False)
-        if numeric.null_count() == stripped.null_count():  # all-numeric strings: unix times
-            return parse_timestamps(numeric, time_unit)
-        parsed = stripped.str.to_datetime(strict=False, time_unit="us", time_zone="UTC")
-        return parsed
-    raise EventsError(f"column {col.name!r}: cannot interpret dtype {dtype} as timestamps")
 
 
 def _normalise_actions(
@@ -235,11 +206,17 @@ def _normalise_actions(
     bad = mapped.is_not_null() & ~mapped.is_in(sorted(known))
     if bad.any():
         names = sorted(set(raw.filter(bad).unique().to_list()))[:10]
-        msg = (
-            f"column 'event_type': unknown action name(s) {names}; known: {sorted(known)}. "
-            "Map them with action_map={'your_name': 'purchase', ...} or unknown_actions='keep'"
-        )
-        df = _fail_or_drop(df, bad, msg, "raise" if unknown_actions == "raise" else "drop", report, "unknown action")
+        msg = f"column 'event_type': unknown action name(s) {names}; known: {sorted(known)}"
+        if unknown_actions == "raise":
+            n_bad = int(bad.sum())
+            raise EventsError(
+                f"{msg}: {n_bad:,} row(s); first at {_example_row(df, bad)}",
+                hint=f"map them with action_map={{{names[0]!r}: 'interaction', ...}} or keep them as their "
+                "own action type with unknown_actions='keep'",
+                cli_hint=f"map them with --action-map '{names[0]}=interaction' or keep them as their own "
+                "action type with --unknown-actions keep",
+            )
+        df = _fail_or_drop(df, bad, msg, "drop", report, "unknown action")
         mapped = mapped.filter(~bad)
     return df.with_columns(event_type=mapped)
 
@@ -258,9 +235,11 @@ def validate_events(
     """Validate and normalise raw events; see the module docstring for the contract.
 
     ``invalid`` governs null ids, null actions and unparseable timestamps; ``duplicates``
-    governs rows identical in (user, item, action, timestamp).
+    governs rows identical in (user, item, action, timestamp). The returned events remember
+    the :class:`InputSchema` applied, so a model trained on them applies it again by default.
     """
     m = mapping or ColumnMapping()
+    schema = InputSchema(m, dict(action_map or {}), unknown_actions, time_unit, default_action)
     raw = read_table(source, "events")
     _require_columns(
         raw,
@@ -298,7 +277,7 @@ def validate_events(
     if df.height == 0:
         raise EventsError(f"events: no valid rows left ({report.summary()})")
     order = [c for c in (*CANONICAL_COLUMNS, "session_id") if c in df.columns]
-    out = Events(df=df.select(order), report=report)
+    out = Events(df=df.select(order), report=report, schema=schema)
     if report.n_dropped:
         log.warning("events: %s", report.summary())
     return out
@@ -326,11 +305,34 @@ def _sort(df: pl.DataFrame, report: ValidationReport) -> pl.DataFrame:
     return sorted_df.drop("__row")
 
 
-def as_events(data: Any, **kwargs: Any) -> Events:
-    """Accept an :class:`Events` as is, or validate anything :func:`validate_events` reads."""
+def as_events(data: Any, schema: InputSchema | None = None, **kwargs: Any) -> Events:
+    """The public boundary: an :class:`Events` passes as is; anything else is validated once
+    (with ``schema`` when given, e.g. the one a model was trained with)."""
     if isinstance(data, Events):
         return data
+    if schema is not None:
+        return validate_schema(data, schema, **kwargs)
     return validate_events(data, **kwargs)
+
+
+def validate_schema(source: Any, schema: InputSchema, **kwargs: Any) -> Events:
+    """:func:`validate_events` with everything an :class:`InputSchema` fixes taken from it."""
+    return validate_events(
+        source,
+        schema.columns,
+        action_map=schema.action_map,
+        unknown_actions=schema.unknown_actions,
+        time_unit=schema.time_unit,
+        default_action=schema.default_action,
+        **kwargs,
+    )
+
+
+def require_events(data: Any, what: str = "events") -> Events:
+    """Inner layers take validated :class:`Events` only; anything else is a programming error."""
+    if not isinstance(data, Events):
+        raise TypeError(f"{what}: expected validated Events (see behaviorlm.data.events.as_events), got {type(data)}")
+    return data
 
 
 # --------------------------------------------------------------------------- items

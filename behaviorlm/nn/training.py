@@ -18,15 +18,16 @@ import copy
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from behaviorlm.model import BehaviorTransformer
-from behaviorlm.tokenizer import N_SPECIAL, PAD, UNK, EncodedSequences
+from behaviorlm.errors import ConfigurationError, InputDataError
+from behaviorlm.nn.model import BehaviorTransformer
+from behaviorlm.sequence.tokenizer import N_SPECIAL, PAD, UNK, EncodedSequences
 
 
 @dataclass
@@ -38,7 +39,7 @@ class TrainConfig:
     warmup_frac: float = 0.05
     min_lr_frac: float = 0.1
     grad_clip: float = 1.0
-    loss: str = "full"  # "full" | "sampled"
+    loss: str = "full"  # "full" | "sampled" | "auto" (full up to AUTO_FULL_MAX_ITEMS items, else sampled)
     n_negatives: int = 1024
     action_loss_weight: float = 0.5
     patience: int = 5  # epochs without validation improvement before stopping
@@ -48,10 +49,21 @@ class TrainConfig:
     max_time_s: float | None = None  # stop (keeping the best) once training exceeds this
 
     def __post_init__(self) -> None:
-        if self.loss not in ("full", "sampled"):
-            raise ValueError(f"loss must be 'full' or 'sampled', got {self.loss!r}")
+        if self.loss not in ("full", "sampled", "auto"):
+            raise ConfigurationError(f"loss must be 'full', 'sampled' or 'auto', got {self.loss!r}")
         if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("epochs and batch_size must be >= 1")
+            raise ConfigurationError("epochs and batch_size must be >= 1")
+
+    def resolved(self, n_items: int) -> TrainConfig:
+        """``loss="auto"`` made concrete for a vocabulary of ``n_items`` items."""
+        if self.loss != "auto":
+            return self
+        return replace(self, loss="full" if n_items <= AUTO_FULL_MAX_ITEMS else "sampled")
+
+
+#: Above this many items the full softmax's (tokens x catalog) work dominates a CPU epoch, and
+#: sampled softmax is the usual trade (what the Taobao recipe, 55k items, was measured with).
+AUTO_FULL_MAX_ITEMS = 20_000
 
 
 @dataclass
@@ -143,11 +155,11 @@ def sequence_loss(
 class FusedLinearCrossEntropy(torch.autograd.Function):
     """Mean CE of ``softmax(h @ E.T)`` computed in row chunks, gradients included.
 
-    Why: on CPU the (tokens x catalog) logit matrix is memory-bound -- materialising it for a
-    25k-token batch over 3.7k items costs 380 MB and 1.8 s per step. Chunks of 2k rows stay in
+    Why: on CPU the (tokens x catalog) logit matrix is memory-bound. Chunks of 2k rows stay in
     cache, and since the gradient ``softmax - onehot`` is known in the forward pass, nothing of
-    size tokens x catalog is kept for backward: 2.2x faster, exact to 1e-9 (tested against
-    ``F.cross_entropy``). Special-token columns are excluded from the softmax.
+    size tokens x catalog is kept for backward (speed-up measured in benchmarks/RESULTS.md
+    section 1; exactness tested against ``F.cross_entropy``). Special-token columns are
+    excluded from the softmax.
     """
 
     @staticmethod
@@ -223,12 +235,13 @@ def train(
     log: Callable[[dict], None] | None = None,
 ) -> TrainHistory:
     """Train in place; with ``validate`` keep the best epoch's weights and stop early."""
+    cfg = cfg.resolved(model.config.n_items)
     seed_everything(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     windows = make_windows(seqs, model.config.max_len)
     if len(windows.starts) == 0:
-        raise ValueError("no training examples: every user needs at least one event")
+        raise InputDataError("no training examples: every user needs at least one event")
     steps_per_epoch = math.ceil(len(windows.starts) / cfg.batch_size)
     opt = _optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.epochs * steps_per_epoch, cfg))

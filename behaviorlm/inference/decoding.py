@@ -13,16 +13,15 @@ future gap is unknown; the last one is the best single guess and keeps the input
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import polars as pl
 import torch
 
-from behaviorlm.tokenizer import N_SPECIAL, EncodedSequences
-
-if TYPE_CHECKING:
-    from behaviorlm.recommender import BehaviorLM
+from behaviorlm.errors import ConfigurationError
+from behaviorlm.inference.engine import InferenceEngine
+from behaviorlm.sequence.tokenizer import N_SPECIAL, EncodedSequences
 
 Method = Literal["greedy", "sample", "beam"]
 TRAJECTORY_COLUMNS = ("user_id", "trajectory", "step", "action", "item_id", "step_logprob", "logprob")
@@ -35,7 +34,7 @@ NEG_INF = float("-inf")
 def apply_temperature(logp: torch.Tensor, temperature: float) -> torch.Tensor:
     """Renormalised ``log softmax(logp / T)``; ``T -> 0`` puts all mass on the argmax."""
     if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+        raise ConfigurationError(f"temperature must be >= 0, got {temperature}")
     if temperature == 0:
         out = torch.full_like(logp, NEG_INF)
         return out.scatter_(-1, logp.argmax(-1, keepdim=True), 0.0)
@@ -45,7 +44,7 @@ def apply_temperature(logp: torch.Tensor, temperature: float) -> torch.Tensor:
 def top_k_filter(logp: torch.Tensor, k: int) -> torch.Tensor:
     """Keep the ``k`` most likely candidates (renormalised); the rest get -inf."""
     if k < 1:
-        raise ValueError(f"top_k must be >= 1, got {k}")
+        raise ConfigurationError(f"top_k must be >= 1, got {k}")
     k = min(k, logp.shape[-1])
     kth = torch.topk(logp, k, dim=-1).values[..., -1:]
     return torch.log_softmax(logp.masked_fill(logp < kth, NEG_INF), -1)
@@ -54,7 +53,7 @@ def top_k_filter(logp: torch.Tensor, k: int) -> torch.Tensor:
 def top_p_filter(logp: torch.Tensor, p: float) -> torch.Tensor:
     """Nucleus: keep the smallest set of most likely candidates whose mass is >= ``p``."""
     if not 0 < p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {p}")
+        raise ConfigurationError(f"top_p must be in (0, 1], got {p}")
     sorted_logp, order = torch.sort(logp, dim=-1, descending=True)
     mass_before = torch.cumsum(sorted_logp.exp(), -1) - sorted_logp.exp()
     drop_sorted = mass_before >= p  # a candidate is needed only while the mass so far is < p
@@ -83,11 +82,11 @@ class DecodeConfig:
 
     def __post_init__(self) -> None:
         if self.method not in ("greedy", "sample", "beam"):
-            raise ValueError(f"method must be greedy, sample or beam, got {self.method!r}")
+            raise ConfigurationError(f"method must be greedy, sample or beam, got {self.method!r}")
         if self.n_steps < 1 or self.n_steps > 50:
-            raise ValueError(f"n_steps must be in [1, 50], got {self.n_steps}")
+            raise ConfigurationError(f"n_steps must be in [1, 50], got {self.n_steps}")
         if self.beam_width < 1 or self.n_samples < 1:
-            raise ValueError("beam_width and n_samples must be >= 1")
+            raise ConfigurationError("beam_width and n_samples must be >= 1")
         apply_temperature(torch.zeros(1), self.temperature)  # validates
         if self.top_k is not None:
             top_k_filter(torch.zeros(1), self.top_k)
@@ -95,22 +94,8 @@ class DecodeConfig:
             top_p_filter(torch.zeros(1), self.top_p)
 
 
-@torch.inference_mode()
-def joint_step_logp(est: BehaviorLM, enc: EncodedSequences) -> torch.Tensor:
-    """``(sequences, A * I)`` log-probs of the next (action, item) pair, real tokens only.
-
-    Candidate ``c`` is action ``c // I`` and item ``c % I`` (offsets past the specials).
-    """
-    h, a_logp = est.step_heads(enc, slice(0, len(enc)), enc.lengths())
-    per_action = [
-        a_logp[:, a, None] + torch.log_softmax(est.model_.item_logits(h, torch.full((len(h),), a)), -1)[:, N_SPECIAL:]
-        for a in range(N_SPECIAL, est.tokenizer_.n_actions)
-    ]
-    return torch.cat(per_action, 1)
-
-
 @dataclass
-class _Path:
+class Trajectory:
     items: list[int]
     actions: list[int]
     gaps: list[int]
@@ -118,16 +103,16 @@ class _Path:
     logprob: float = 0.0
 
 
-def _encode_paths(paths: list[_Path], max_len: int) -> EncodedSequences:
+def encode_paths(paths: list[Trajectory], max_len: int) -> EncodedSequences:
     lens = [min(len(p.items), max_len) for p in paths]
     cat = lambda f: np.concatenate([np.asarray(getattr(p, f)[-max_len:], np.int64) for p in paths])  # noqa: E731
     offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
     return EncodedSequences(list(range(len(paths))), offsets, cat("items"), cat("actions"), cat("gaps"))
 
 
-def _extend(path: _Path, cand: int, n_items: int, step_logp: float) -> _Path:
+def extend_path(path: Trajectory, cand: int, n_items: int, step_logp: float) -> Trajectory:
     a, i = cand // n_items + N_SPECIAL, cand % n_items + N_SPECIAL
-    return _Path(
+    return Trajectory(
         path.items + [i],
         path.actions + [a],
         path.gaps + [path.gaps[-1]],
@@ -137,8 +122,8 @@ def _extend(path: _Path, cand: int, n_items: int, step_logp: float) -> _Path:
 
 
 def _step_candidates(
-    logp: torch.Tensor, paths: list[_Path], cfg: DecodeConfig, gen: torch.Generator, n_items: int
-) -> list[_Path]:
+    logp: torch.Tensor, paths: list[Trajectory], cfg: DecodeConfig, gen: torch.Generator, n_items: int
+) -> list[Trajectory]:
     """Advance every path by one step according to the decoding method."""
     if cfg.method == "beam":
         total = torch.tensor([p.logprob for p in paths], dtype=logp.dtype)[:, None] + logp
@@ -153,10 +138,10 @@ def _step_candidates(
         if cfg.top_p is not None:
             dist = top_p_filter(dist, cfg.top_p)
         rows, chosen = torch.arange(len(paths)), sample(dist, gen)
-    return [_extend(paths[int(r)], int(c), n_items, float(logp[r, c])) for r, c in zip(rows, chosen, strict=True)]
+    return [extend_path(paths[int(r)], int(c), n_items, float(logp[r, c])) for r, c in zip(rows, chosen, strict=True)]
 
 
-def decode(est: BehaviorLM, enc: EncodedSequences, cfg: DecodeConfig) -> pl.DataFrame:
+def decode(engine: InferenceEngine, enc: EncodedSequences, cfg: DecodeConfig) -> pl.DataFrame:
     """Trajectories of the next ``cfg.n_steps`` actions for every user in ``enc``.
 
     Returns ``user_id, trajectory, step, action, item_id, step_logprob, logprob`` where
@@ -165,23 +150,23 @@ def decode(est: BehaviorLM, enc: EncodedSequences, cfg: DecodeConfig) -> pl.Data
     ``n_samples``, beam search ``beam_width`` ranked by log-probability.
     """
     gen = torch.Generator().manual_seed(cfg.seed)
-    n_items = est.tokenizer_.n_items - N_SPECIAL
-    max_len = est.model_.config.max_len
+    n_items = engine.n_items - N_SPECIAL
+    max_len = engine.max_len
     frames = []
     for u in range(len(enc)):
         items, actions, gaps = (x.tolist() for x in enc.sequence(u))
         width = cfg.n_samples if cfg.method == "sample" else 1
-        paths = [_Path(items, actions, gaps, []) for _ in range(width)]
+        paths = [Trajectory(items, actions, gaps, []) for _ in range(width)]
         for _ in range(cfg.n_steps):
-            logp = joint_step_logp(est, _encode_paths(paths, max_len))
+            logp = engine.joint_step_logp(encode_paths(paths, max_len))
             paths = _step_candidates(logp, paths, cfg, gen, n_items)
         if cfg.method == "beam":
             paths.sort(key=lambda p: -p.logprob)
-        frames.append(_paths_frame(est, enc.user_ids[u], paths))
+        frames.append(_paths_frame(engine, enc.user_ids[u], paths))
     return pl.concat(frames) if frames else pl.DataFrame(schema=list(TRAJECTORY_COLUMNS))
 
 
-def _paths_frame(est: BehaviorLM, user: Any, paths: list[_Path]) -> pl.DataFrame:
+def _paths_frame(engine: InferenceEngine, user: Any, paths: list[Trajectory]) -> pl.DataFrame:
     recs = [(t, s + 1, a, i, lp, p.logprob) for t, p in enumerate(paths) for s, (a, i, lp) in enumerate(p.steps)]
     t, s, a, i, lp, tot = (list(col) for col in zip(*recs, strict=True))
     return pl.DataFrame(
@@ -189,8 +174,8 @@ def _paths_frame(est: BehaviorLM, user: Any, paths: list[_Path]) -> pl.DataFrame
             "user_id": [user] * len(recs),
             "trajectory": t,
             "step": s,
-            "action": est.tokenizer_.decode_actions(a),
-            "item_id": est.tokenizer_.decode_items(np.array(i)).tolist(),
+            "action": engine.tokenizer.decode_actions(a),
+            "item_id": engine.tokenizer.decode_items(np.array(i)).tolist(),
             "step_logprob": lp,
             "logprob": tot,
         }

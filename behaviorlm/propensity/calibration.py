@@ -22,6 +22,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score
 from sklearn.model_selection import StratifiedKFold
 
+from behaviorlm.errors import ConfigurationError
+
 Method = Literal["auto", "isotonic", "platt", "none"]
 _EPS = 1e-6
 
@@ -44,7 +46,7 @@ class Calibrator:
 
     def __init__(self, method: Method = "auto", seed: int = 0):
         if method not in ("auto", "isotonic", "platt", "none"):
-            raise ValueError(f"calibration must be auto, isotonic, platt or none, got {method!r}")
+            raise ConfigurationError(f"calibration must be auto, isotonic, platt or none, got {method!r}")
         self.method = method
         self.seed = seed
 

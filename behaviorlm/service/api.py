@@ -10,7 +10,7 @@ Design notes:
 * The model loads once, in the background at start-up (registry alias or local folder):
   ``/health`` answers at once, ``/ready`` and ``/v1`` are 503 until it is loaded (or say why
   it failed).
-* Plain recommendations go through :class:`~behaviorlm.serving.MicroBatcher`: one worker thread
+* Plain recommendations go through :class:`~behaviorlm.service.online.MicroBatcher`: one worker thread
   owns the forward pass and batches whatever requests are waiting, so the event loop never
   blocks on torch and throughput rises with concurrency. Explanations, decoding and propensity
   run in the thread pool, so a slow LLM never delays a plain call.
@@ -46,9 +46,12 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from behaviorlm.events import Events, EventsError, validate_events
+from behaviorlm.data.events import Events, validate_schema
+from behaviorlm.data.timestamps import to_utc
+from behaviorlm.errors import BehaviorLMError
+from behaviorlm.segments.store import SegmentsFolder
 
-log = logging.getLogger("behaviorlm.api")
+log = logging.getLogger("behaviorlm.service.api")
 
 MAX_K = 100
 MAX_EVENTS = 1000
@@ -176,53 +179,12 @@ class SegmentResponse(PropensityResponse):
 
 # ---------------------------------------------------------------- service state
 @dataclass
-class Segments:
-    """A batch day folder: the user table plus what is needed to label unseen users."""
-
-    folder: Path
-    date: str
-    users: dict[str, dict[str, Any]]
-    models: dict[str, Any]
-    assigner: Any
-    horizon: str
-
-    @classmethod
-    def load(cls, folder: str | Path, items: pl.DataFrame | None) -> Segments:
-        from behaviorlm.propensity import PropensityModel
-        from behaviorlm.segments import SegmentAssigner
-
-        d = resolve_segments(folder)
-        table = pl.read_parquet(d / "users.parquet")
-        users = {str(r["user_id"]): r for r in table.iter_rows(named=True)}
-        models = {
-            p.name: PropensityModel.load(p, items)
-            for p in sorted((d / "propensity").glob("*"))
-            if (p / "propensity.json").exists()
-        }
-        if "propensity" not in models:
-            raise FileNotFoundError(f"{d}: no saved propensity model under propensity/propensity")
-        horizon = models["propensity"].params.get("horizon", "?")
-        return cls(d, d.name.removeprefix("date="), users, models, SegmentAssigner.load(d / "assigner.json"), horizon)
-
-
-def resolve_segments(folder: str | Path) -> Path:
-    """A ``date=D`` folder, or a parent holding several: the latest complete one (``_SUCCESS``)."""
-    d = Path(folder)
-    if (d / "users.parquet").exists():
-        return d
-    days = sorted(p for p in d.glob("date=*") if (p / "_SUCCESS").exists())
-    if not days:
-        raise FileNotFoundError(f"{d}: no segments day folder (date=YYYY-MM-DD with _SUCCESS) found")
-    return days[-1]
-
-
-@dataclass
 class ServiceState:
     model: Any = None
     online: Any = None
     batcher: Any = None
     provenance: dict[str, Any] = field(default_factory=dict)
-    segments: Segments | None = None
+    segments: SegmentsFolder | None = None
     explainer: Any = None
     loaded_at: str | None = None
     load_error: str | None = None
@@ -293,8 +255,8 @@ async def _load_in_background(state: ServiceState, *args: Any) -> None:
 
 
 def _load(state: ServiceState, model: Any, segments: str | Path | None, max_batch: int, threads: int) -> None:
-    from behaviorlm.scoring import set_threads
-    from behaviorlm.serving import MicroBatcher, OnlineRecommender
+    from behaviorlm.inference.batch import set_threads
+    from behaviorlm.service.online import MicroBatcher, OnlineRecommender
     from behaviorlm.tracking import load_model_ref
 
     set_threads(threads)
@@ -304,8 +266,8 @@ def _load(state: ServiceState, model: Any, segments: str | Path | None, max_batc
     else:
         state.model, state.provenance = model, {"model_uri": "in-process", "registry_version": None}
     if segments is not None:
-        state.segments = Segments.load(segments, getattr(state.model, "items_", None))
-    online = OnlineRecommender(state.model)
+        state.segments = SegmentsFolder.load(segments, state.model.items_)
+    online = OnlineRecommender.from_model(state.model)
     state.batcher = MicroBatcher(online.recommend, max_batch=max_batch, name="recommend-batcher")
     state.online = online  # last: being set means ready
     state.loaded_at = datetime.now(UTC).isoformat(timespec="seconds")
@@ -364,8 +326,8 @@ def _add_error_handlers(app: FastAPI) -> None:
         errors = [_describe(e) for e in exc.errors()]
         return JSONResponse({"detail": "; ".join(errors), "errors": errors}, status_code=422)
 
-    @app.exception_handler(EventsError)
-    async def bad_events(request: Request, exc: EventsError):
+    @app.exception_handler(BehaviorLMError)
+    async def bad_input(request: Request, exc: BehaviorLMError):
         return JSONResponse({"detail": str(exc)}, status_code=422)
 
 
@@ -410,12 +372,12 @@ def _add_routes(app: FastAPI, state: ServiceState, auth) -> None:
     @app.post("/v1/recommend", tags=["v1"], dependencies=secured, response_model=RecommendResponse)
     async def recommend(req: RecommendRequest) -> RecommendResponse:
         online = _ready(state)
-        exclude = online.model.exclude_seen_ if req.exclude_seen is None else req.exclude_seen
+        exclude = state.model.exclude_seen_ if req.exclude_seen is None else req.exclude_seen
         allowed = online.allowed_index(req.allowed_items) if req.allowed_items is not None else None
         if allowed is not None and len(allowed) == 0:
             raise HTTPException(422, "field 'allowed_items': none of these items is in the model's catalog")
         opts = {"k": req.k, "exclude_seen": exclude, "allowed": allowed}
-        events = await run_in_threadpool(_request_events, req) if req.events else None
+        events = await run_in_threadpool(_request_events, state, req) if req.events else None
         if events is not None:
             query = await run_in_threadpool(online.query_for_events, req.user_id, events, **opts)
         elif online.knows(req.user_id):
@@ -448,6 +410,10 @@ def _add_routes(app: FastAPI, state: ServiceState, auth) -> None:
     @app.post("/v1/segment", tags=["v1"], dependencies=secured, response_model=SegmentResponse)
     async def segment(req: PropensityRequest) -> SegmentResponse:
         row = await run_in_threadpool(_segment_row, state, req)
+        if "tier" not in row:
+            raise HTTPException(
+                404, f"{state.segments.folder} has propensity models but no tiers or clusters: run `behaviorlm segment`"
+            )
         return SegmentResponse(**row)
 
 
@@ -467,10 +433,11 @@ def _unknown(user_id: Any) -> HTTPException:
     return HTTPException(404, f"unknown user_id {user_id!r}: not in the model's training data; send 'events' instead")
 
 
-def _request_events(req: UserInput) -> Events:
-    """The request's events as a validated one-user log (errors name the row and column)."""
+def _request_events(state: ServiceState, req: UserInput) -> Events:
+    """The request's events as a validated one-user log (errors name the row and column), with
+    action names read through the model's own action map and unknown-action policy."""
     assert req.events is not None
-    stamps = [_utc(e.timestamp) for e in req.events]
+    stamps = [to_utc(e.timestamp, "timestamp") for e in req.events]
     uid = "request" if req.user_id is None else str(req.user_id)
     frame = pl.DataFrame(
         {
@@ -480,27 +447,23 @@ def _request_events(req: UserInput) -> Events:
             "timestamp": pl.Series(stamps, dtype=pl.Datetime("us", "UTC")),
         }
     )
-    return validate_events(frame, duplicates="keep")
-
-
-def _utc(t: datetime | float) -> datetime:
-    """ISO times without a zone are taken as UTC, like unix seconds."""
-    if not isinstance(t, datetime):
-        return datetime.fromtimestamp(t, UTC)
-    return (t if t.tzinfo else t.replace(tzinfo=UTC)).astimezone(UTC)
+    return validate_schema(frame, state.model.input_schema_.canonical(), duplicates="keep")
 
 
 def _explain(state: ServiceState, user_id: Any, ranked: Any, events: Events | None) -> list[RationaleOut]:
     from behaviorlm.explain import build_contexts, make_explainer
-    from behaviorlm.serving import ranked_frame
+    from behaviorlm.service.online import ranked_frame
 
     if state.explainer is None:
         state.explainer = make_explainer()
     model = state.model
     uid = ranked.user_id
-    history = events.df if events is not None else model.histories_.filter(pl.col("user_id") == uid)
+    if events is None:
+        known = model.history_events()
+        events = known.derive(known.df.filter(pl.col("user_id") == uid), "the user's remembered history")
+    history = events.df
     recs = ranked_frame(ranked, uid).with_columns(pl.col("user_id").cast(history["user_id"].dtype))
-    contexts = build_contexts(recs, history, model.items_, model_version=model.model_version)
+    contexts = build_contexts(recs, events, model.items_, model_version=model.model_version)
     if not contexts:
         return []
     return [
@@ -514,7 +477,7 @@ def _next_actions(state: ServiceState, req: NextActionsRequest) -> NextActionsRe
     cfg = req.model_dump(include={"method", "n_steps", "temperature", "top_k", "top_p", "beam_width", "n_samples"})
     cfg["seed"] = req.seed
     if req.events:
-        ev = _request_events(req)
+        ev = _request_events(state, req)
         kwargs: dict[str, Any] = {"events": ev}
     elif state.online.knows(req.user_id):
         kwargs = {"users": [state.online.query_for_user(req.user_id).user_id]}
@@ -535,41 +498,54 @@ def _next_actions(state: ServiceState, req: NextActionsRequest) -> NextActionsRe
 
 
 def _segment_row(state: ServiceState, req: UserInput) -> dict[str, Any]:
-    """Batch figures for a known user; online scoring of raw events otherwise."""
+    """Batch figures for a known user; online scoring of raw events (or of a known user's
+    remembered history when the folder holds models but no user table) otherwise."""
     _ready(state)
     seg = state.segments
     if seg is None:
         raise HTTPException(503, "propensity/segments are not configured: start the service with --segments DIR")
     base = {"user_id": req.user_id, "horizon": seg.horizon, "segments_date": seg.date}
-    if not req.events:
-        row = seg.users.get(str(req.user_id))
-        if row is None:
+    if req.events:
+        ev = _request_events(state, req)
+    else:
+        row = seg.by_user.get(str(req.user_id))
+        if row is not None:
+            return base | _batch_figures(row, seg.date)
+        if seg.users is not None or not state.online.knows(req.user_id):
             raise HTTPException(
                 404, f"user_id {req.user_id!r} has no batch segment for {seg.date}; send 'events' to score online"
             )
-        return base | {
-            "propensity": float(row["propensity"]),
-            "churn_propensity": _opt_float(row.get("churn_propensity")),
-            "as_of": str(row.get("as_of", seg.date)),
-            "tier": row["tier"],
-            "cluster": int(row["cluster"]),
-            "source": "batch",
-        }
-    from behaviorlm.segments import user_embeddings
+        known = state.model.history_events()
+        uid = state.online.query_for_user(req.user_id).user_id
+        ev = known.derive(known.df.filter(pl.col("user_id") == uid), "the user's remembered history")
+    return base | _online_figures(state, seg, ev)
 
-    ev = _request_events(req)
+
+def _batch_figures(row: dict[str, Any], date: str) -> dict[str, Any]:
+    return {
+        "propensity": float(row["propensity"]),
+        "churn_propensity": _opt_float(row.get("churn_propensity")),
+        "as_of": str(row.get("as_of", date)),
+        "tier": row["tier"],
+        "cluster": int(row["cluster"]),
+        "source": "batch",
+    }
+
+
+def _online_figures(state: ServiceState, seg: SegmentsFolder, ev: Events) -> dict[str, Any]:
     scores = {c: m.predict(ev, column=c) for c, m in seg.models.items()}
     p = float(scores["propensity"]["propensity"][0])
     churn = scores.get("churn_propensity")
-    emb = np.stack(user_embeddings(state.model, ev)["embedding"].to_numpy())
-    return base | {
+    figures = {
         "propensity": p,
         "churn_propensity": None if churn is None else float(churn["churn_propensity"][0]),
         "as_of": str(scores["propensity"]["as_of"][0]),
-        "tier": seg.assigner.tiers(np.array([p]))[0],
-        "cluster": seg.assigner.clusters(emb)[0],
         "source": "online",
     }
+    if seg.assigner is not None:
+        emb = np.stack(state.model.embed(events=ev)["embedding"].to_numpy())
+        figures |= {"tier": seg.assigner.tiers(np.array([p]))[0], "cluster": seg.assigner.clusters(emb)[0]}
+    return figures
 
 
 def _opt_float(v: Any) -> float | None:

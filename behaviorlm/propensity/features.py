@@ -1,6 +1,6 @@
 """Hand-made behavioural features for the gradient-boosting baselines and the seeds' heuristic.
 
-Every builder takes an :class:`~behaviorlm.labels.ExampleSet` and returns one row per example
+Every builder takes an :class:`~behaviorlm.propensity.labels.ExampleSet` and returns one row per example
 (``example_id`` first, in example order), computed only from that example's ``inputs`` and its
 ``as_of`` time -- the same evidence the transformer sees, so the comparison is fair.
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from behaviorlm.labels import ExampleSet
+from behaviorlm.propensity.labels import ExampleSet
 
 SEED_FEATURES = ("sequence_length", "unique_actions", "cart_additions", "product_views")
 ACTIONS = ("view", "add_to_cart", "add_to_favorites", "purchase")

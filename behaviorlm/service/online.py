@@ -6,8 +6,9 @@ the known users' sequences are encoded once at start-up and requests are answere
 single padded forward pass, batched across whatever requests are waiting (:class:`MicroBatcher`),
 so throughput grows with concurrency while an idle server answers at once.
 
-Rankings equal :meth:`BehaviorLM.recommend` (tested): same forward pass, same marginal over
-actions, same masking of specials, seen and disallowed items.
+Rankings equal :meth:`BehaviorLM.recommend` (tested): both call the same
+:class:`~behaviorlm.inference.engine.InferenceEngine` for the forward pass, the marginal over
+actions, the masks and the top-k; only the per-request bookkeeping lives here.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ import numpy as np
 import polars as pl
 import torch
 
-from behaviorlm.events import Events, EventsError
-from behaviorlm.recommender import BehaviorLM, seen_pairs
-from behaviorlm.tokenizer import N_SPECIAL, EncodedSequences
+from behaviorlm.data.events import Events, EventsError
+from behaviorlm.inference.engine import InferenceEngine
+from behaviorlm.sequence.tokenizer import N_SPECIAL, EncodedSequences
 
 
 @dataclass
@@ -54,22 +55,27 @@ class Ranked:
 
 
 class OnlineRecommender:
-    """A fitted :class:`BehaviorLM` with its known users pre-encoded for per-request inference."""
+    """An inference engine with the known users' histories pre-encoded for per-request inference."""
 
-    def __init__(self, model: BehaviorLM):
-        self.model = model
-        self.tok = model.tokenizer_
-        enc, seen, _ = model._encode_users(None, None)
+    def __init__(self, engine: InferenceEngine, histories: Events, seen: pl.DataFrame):
+        self.engine = engine
+        self.tok = engine.tokenizer
+        enc = engine.encode(histories)
         self.enc_ = enc
         self.rows_ = {self._key(u): i for i, u in enumerate(enc.user_ids)}
-        rows, cols = seen_pairs(self.tok, seen, enc.user_ids)
+        rows, cols = engine.seen_pairs(seen, enc.user_ids)
         cuts = np.searchsorted(rows, np.arange(len(enc) + 1))
         self.seen_ = [cols[cuts[i] : cuts[i + 1]] for i in range(len(enc))]
         # A known user's history is fixed, so is their last hidden state: computed on first
         # request, then only the output layer runs (exact, not an approximation).
-        self.hidden_ = torch.zeros(len(enc), model.model_.config.dim)
+        self.hidden_ = torch.zeros(len(enc), engine.dim)
         self.action_logp_ = torch.zeros(len(enc), self.tok.n_actions)
         self.cached_ = np.zeros(len(enc), dtype=bool)
+
+    @classmethod
+    def from_model(cls, model: Any) -> OnlineRecommender:
+        """From a fitted :class:`~behaviorlm.recommender.BehaviorLM`: its engine and known users."""
+        return cls(model.engine, model.history_events(), model.seen_)
 
     @staticmethod
     def _key(user_id: Any) -> str:
@@ -86,7 +92,7 @@ class OnlineRecommender:
 
     def query_for_events(self, user_id: Any, events: Events, **opts: Any) -> Query:
         """Raw recent events of one user (validated :class:`Events`), encoded on the fly."""
-        enc = self.tok.encode(events, truncate=True)
+        enc = self.engine.encode(events)
         if len(enc) != 1:
             raise EventsError(f"events must belong to exactly one user, got {len(enc)}")
         items, actions, gaps = enc.sequence(0)
@@ -100,24 +106,28 @@ class OnlineRecommender:
     @torch.inference_mode()
     def recommend(self, queries: list[Query]) -> list[Ranked]:
         """Top-k for each query from one padded forward pass over those not cached."""
-        model = self.model
         h, a_logp = self._heads(queries)
-        logp = model._marginal_item_logp(model.model_, h, a_logp)
-        logp[:, :N_SPECIAL] = float("-inf")
-        out = []
+        logp = self.engine.item_logp(h, a_logp)
+        seen = _seen_pairs(queries)
+        val, idx = self.engine.top_k(
+            logp, slice(0, len(queries)), max(q.k for q in queries), seen, self._allowed(queries)
+        )
+        return [self._ranked(q, val[r, : q.k], idx[r, : q.k]) for r, q in enumerate(queries)]
+
+    def _allowed(self, queries: list[Query]) -> torch.Tensor | None:
+        """One allow-list row per query (the whole catalog where a query has none)."""
+        if all(q.allowed is None for q in queries):
+            return None
+        mask = torch.ones(len(queries), self.tok.n_items, dtype=torch.bool)
         for r, q in enumerate(queries):
-            row = logp[r]
             if q.allowed is not None:
-                keep = torch.full_like(row, float("-inf"))
-                keep[torch.from_numpy(q.allowed)] = 0.0
-                row = row + keep
-            if q.exclude_seen and len(q.seen):
-                row[torch.from_numpy(q.seen)] = float("-inf")
-            val, idx = torch.topk(row, min(q.k, row.numel()))
-            ok = torch.isfinite(val)
-            items = self.tok.decode_items(idx[ok].numpy()).tolist()
-            out.append(Ranked(q.user_id, items, val[ok].exp().tolist()))
-        return out
+                mask[r] = False
+                mask[r, torch.from_numpy(q.allowed)] = True
+        return mask
+
+    def _ranked(self, q: Query, val: torch.Tensor, idx: torch.Tensor) -> Ranked:
+        ok = torch.isfinite(val)
+        return Ranked(q.user_id, self.tok.decode_items(idx[ok].numpy()).tolist(), val[ok].exp().tolist())
 
     def _heads(self, queries: list[Query]) -> tuple[torch.Tensor, torch.Tensor]:
         """Last hidden state and next-action log-probs per query; cached rows skip the transformer."""
@@ -128,7 +138,7 @@ class OnlineRecommender:
         todo = (~hit).nonzero().flatten()
         if len(todo):
             enc = _stack([queries[i] for i in todo.tolist()])
-            h[todo], a_logp[todo] = self.model.step_heads(enc, slice(0, len(todo)), enc.lengths())
+            h[todo], a_logp[todo] = self.engine.heads(enc, slice(0, len(todo)))
             known = todo[rows[todo] >= 0]
             self.hidden_[rows[known]], self.action_logp_[rows[known]] = h[known], a_logp[known]
             self.cached_[rows[known].numpy()] = True
@@ -136,8 +146,17 @@ class OnlineRecommender:
 
     def popular(self, k: int, allowed: np.ndarray | None = None) -> Ranked:
         """Cold start: the most popular items (score = training share), as ``recommend`` does."""
-        frame = self.model._popular_frame(["__cold__"], k, _mask(allowed, self.tok.n_items))
-        return Ranked(None, self.tok.decode_items(frame["item_idx"].to_numpy()).tolist(), frame["score"].to_list())
+        frame = self.engine.popular([None], k, _mask(allowed, self.tok.n_items))
+        return Ranked(None, frame["item_id"].to_list(), frame["score"].to_list())
+
+
+def _seen_pairs(queries: list[Query]) -> tuple[np.ndarray, np.ndarray]:
+    """(query row, vocabulary index) of the items to exclude, sorted by row."""
+    parts = [(r, q.seen) for r, q in enumerate(queries) if q.exclude_seen and len(q.seen)]
+    if not parts:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    rows = np.concatenate([np.full(len(s), r, np.int64) for r, s in parts])
+    return rows, np.concatenate([s for _, s in parts]).astype(np.int64)
 
 
 def _mask(allowed: np.ndarray | None, n: int) -> torch.Tensor | None:
@@ -169,6 +188,10 @@ class MicroBatcher:
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
         self.batches, self.items = 0, 0
+
+    def pending(self) -> int:
+        """Requests queued and not yet taken into a batch (approximate while the worker runs)."""
+        return self._q.qsize()
 
     def submit(self, item: Any) -> Future:
         fut: Future = Future()

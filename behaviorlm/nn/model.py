@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from behaviorlm.tokenizer import N_SPECIAL, PAD
+from behaviorlm.errors import ConfigurationError
+from behaviorlm.sequence.tokenizer import N_SPECIAL, PAD
 
 
 @dataclass
@@ -43,12 +44,12 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.dim % self.n_heads:
-            raise ValueError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
+            raise ConfigurationError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
         for name in ("n_items", "n_actions", "n_gaps", "max_len", "dim", "n_layers", "n_heads"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigurationError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+            raise ConfigurationError(f"dropout must be in [0, 1), got {self.dropout}")
 
 
 class CausalSelfAttention(nn.Module):

@@ -16,26 +16,24 @@ figures are drawn by :mod:`behaviorlm.plots`.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
-import torch
 from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA
 from sklearn.metrics import silhouette_score
 
-from behaviorlm.events import Events, EventsError, as_events
+from behaviorlm.data.events import Events, EventsError, as_events
+from behaviorlm.segments import store
+from behaviorlm.segments.tiers import DEFAULT_BINS, DEFAULT_TIERS, SegmentAssigner, assign_tiers, quantile_bins
 
 if TYPE_CHECKING:
     from behaviorlm.recommender import BehaviorLM
 
-DEFAULT_BINS = (0.0, 0.3, 0.6, 1.0)
-DEFAULT_TIERS = ("Low", "Medium", "High")
 PROFILE_METRICS = (
     "share",
     "mean_propensity",
@@ -44,69 +42,6 @@ PROFILE_METRICS = (
     "actions_per_user",
     "recency_days",
 )
-
-
-def quantile_bins(propensity: np.ndarray, n_tiers: int = 3) -> list[float]:
-    """Edges that split users into ``n_tiers`` equal-size groups (ranks, not probabilities).
-
-    For when a calibrated propensity sits far below the fixed thresholds -- at a 16% base rate
-    almost everyone is "Low" -- and the business wants relative tiers instead.
-    """
-    inner = np.quantile(np.asarray(propensity, np.float64), np.linspace(0, 1, n_tiers + 1)[1:-1])
-    return [0.0, *np.maximum.accumulate(inner + np.arange(len(inner)) * 1e-12).tolist(), 1.0]
-
-
-def parse_bins(text: str, what: str = "tier bins") -> list[float] | str:
-    """``"0,0.3,0.6,1"`` -> edges; ``"quantile"`` stays as it is (equal-size tiers)."""
-    if text == "quantile":
-        return text
-    try:
-        return [float(x) for x in text.split(",")]
-    except ValueError:
-        raise EventsError(f"{what}: expected comma-separated numbers or 'quantile', got {text!r}") from None
-
-
-def assign_tiers(
-    propensity: pl.Series | np.ndarray | Sequence[float],
-    bins: Sequence[float] | str = DEFAULT_BINS,
-    labels: Sequence[str] = DEFAULT_TIERS,
-) -> pl.Series:
-    """Tier label per user; bin ``i`` is ``[bins[i], bins[i+1])``, the last one closed.
-
-    ``bins="quantile"`` uses equal-size tiers (:func:`quantile_bins`).
-    """
-    if isinstance(bins, str):
-        if bins != "quantile":
-            raise EventsError(f"tier bins must be a list of edges or 'quantile', got {bins!r}")
-        bins = quantile_bins(np.asarray(propensity, np.float64), len(labels))
-    b = np.asarray(bins, dtype=np.float64)
-    if len(b) < 2 or np.any(np.diff(b) <= 0) or b[0] > 0 or b[-1] < 1:
-        raise EventsError(f"tier bins must increase strictly and cover [0, 1], got {list(bins)}")
-    if len(labels) != len(b) - 1:
-        raise EventsError(f"{len(b) - 1} tier bins need {len(b) - 1} labels, got {list(labels)}")
-    p = np.asarray(propensity, dtype=np.float64)
-    if np.isnan(p).any() or (p < 0).any() or (p > 1).any():
-        raise EventsError("column 'propensity': values must be probabilities in [0, 1] (no nulls)")
-    idx = np.clip(np.searchsorted(b, p, side="right") - 1, 0, len(labels) - 1)
-    return pl.Series("tier", np.asarray(labels, dtype=object)[idx].tolist(), dtype=pl.String)
-
-
-@torch.inference_mode()
-def user_embeddings(est: BehaviorLM, events: Events | Any = None, users: list[Any] | None = None) -> pl.DataFrame:
-    """``user_id`` plus the L2-normalised hidden state after each user's latest event.
-
-    Without ``events`` the model's stored training histories are used.
-    """
-    enc, _, _ = est._encode_users(users, events)
-    if len(enc) == 0:
-        raise EventsError("no user has events to embed")
-    parts = [est.step_heads(enc, rows, enc.lengths())[0] for rows in _slices(len(enc), 256)]
-    emb = torch.nn.functional.normalize(torch.cat(parts), dim=1).numpy()
-    return pl.DataFrame({"user_id": enc.user_ids, "embedding": emb})
-
-
-def _slices(n: int, size: int) -> list[slice]:
-    return [slice(s, min(s + size, n)) for s in range(0, n, size)]
 
 
 @dataclass
@@ -283,38 +218,6 @@ def _top_attributes(df: pl.DataFrame, by: str, items: pl.DataFrame | None, top_n
 
 
 @dataclass
-class SegmentAssigner:
-    """Tier edges and cluster centres of one segmentation run, to label users it never saw.
-
-    The online service uses it for raw-event requests: a new user gets the tier their
-    propensity falls in and the nearest centre of their (L2-normalised) embedding, exactly as
-    a user in the batch run would have.
-    """
-
-    edges: list[float]
-    labels: list[str]
-    centers: np.ndarray
-
-    def tiers(self, propensity: np.ndarray) -> list[str]:
-        return assign_tiers(propensity, self.edges, self.labels).to_list()
-
-    def clusters(self, embeddings: np.ndarray) -> list[int]:
-        d = ((embeddings[:, None, :] - self.centers[None, :, :]) ** 2).sum(-1)
-        return d.argmin(1).astype(int).tolist()
-
-    def save(self, path: Path) -> Path:
-        from behaviorlm.io import write_text_atomic
-
-        meta = {"edges": self.edges, "labels": self.labels, "centers": self.centers.tolist()}
-        return write_text_atomic(json.dumps(meta), path)
-
-    @classmethod
-    def load(cls, path: Path) -> SegmentAssigner:
-        meta = json.loads(Path(path).read_text())
-        return cls(meta["edges"], meta["labels"], np.asarray(meta["centers"], np.float32))
-
-
-@dataclass
 class SegmentOutputs:
     users: pl.DataFrame
     profiles: pl.DataFrame
@@ -334,16 +237,17 @@ def run_segmentation(
     bins: Sequence[float] | str = DEFAULT_BINS,
     items: pl.DataFrame | None = None,
     seed: int = 0,
+    models: Mapping[str, Any] | None = None,
+    record: Mapping[str, Any] | None = None,
 ) -> SegmentOutputs:
-    """Tiers + clusters + profiles (+ Parquet and PNG files under ``out_dir``), in one call.
+    """Tiers + clusters + profiles, and with ``out_dir`` a complete segments folder, in one call.
 
-    Writes ``users.parquet`` (the user-table contract), ``profiles.parquet`` (tier rows and
-    cluster rows, told apart by ``segment_type``), ``user_activity.parquet`` and
-    ``recent_events.parquet`` (:func:`user_activity`), ``assigner.json``, ``user_segments.png``,
-    ``profile_heatmap.png`` and ``embedding_map(_tiers).png``; every file atomically.
+    The folder follows :mod:`behaviorlm.segments.store`: user table, profiles, activity, assigner,
+    figures, the propensity ``models`` given (so the service can score new users), and
+    ``_SUCCESS`` last, holding ``record`` (plan, provenance) and the run's summary.
     """
-    ev = as_events(events)
-    users, clustering = segment_users(propensity, user_embeddings(est, ev), k, bins, seed=seed)
+    ev = est.validate_input(events)
+    users, clustering = segment_users(propensity, est.embed(events=ev), k, bins, seed=seed)
     mix = est.next_action_proba(events=ev)
     items = items if items is not None else getattr(est, "items_", None)
     by_cluster = users.with_columns(pl.col("cluster").cast(pl.String))
@@ -358,29 +262,14 @@ def run_segmentation(
     assigner = SegmentAssigner(list(map(float, edges)), list(DEFAULT_TIERS), clustering.centers)
     res = SegmentOutputs(users, profiles, clustering, assigner, *user_activity(ev, items))
     if out_dir is not None:
-        res.files = _write_outputs(res, Path(out_dir), edges)
+        store.begin(out_dir)
+        tables = {"users": users, "profiles": profiles, "activity": res.activity, "recent_events": res.recent_events}
+        res.files = store.write_segmentation(out_dir, tables, assigner, edges, PROFILE_METRICS)
+        store.save_propensity_models(out_dir, models or {})
+        summary = {
+            "users": users.height,
+            "clusters": clustering.k,
+            "mean_propensity": float(users["propensity"].mean()),
+        }
+        store.finish(out_dir, {**(record or {}), "summary": {**(record or {}).get("summary", {}), **summary}})
     return res
-
-
-def _write_outputs(res: SegmentOutputs, out: Path, bins: Sequence[float]) -> dict[str, Path]:
-    from behaviorlm import plots
-    from behaviorlm.io import write_parquet_atomic
-
-    labelled = res.profiles.with_columns((pl.col("segment_type") + ":" + pl.col("segment")).alias("label"))
-    mapped = res.users.filter(pl.col("cluster") >= 0)
-    coords = mapped.select("pc1", "pc2").to_numpy()
-    return {
-        "users": write_parquet_atomic(res.users, out / "users.parquet"),
-        "profiles": write_parquet_atomic(res.profiles, out / "profiles.parquet"),
-        "assigner": res.assigner.save(out / "assigner.json"),
-        "activity": write_parquet_atomic(res.activity, out / "user_activity.parquet"),
-        "recent_events": write_parquet_atomic(res.recent_events, out / "recent_events.parquet"),
-        "user_segments": plots.user_segments(res.users, out / "user_segments.png", bins),
-        "profile_heatmap": plots.profile_heatmap(labelled, out / "profile_heatmap.png", PROFILE_METRICS, "label"),
-        "embedding_map": plots.embedding_map(
-            coords, mapped["cluster"].to_list(), out / "embedding_map.png", "User embeddings (PCA) by cluster"
-        ),
-        "embedding_map_tiers": plots.embedding_map(
-            coords, mapped["tier"].to_list(), out / "embedding_map_tiers.png", "User embeddings (PCA) by tier"
-        ),
-    }

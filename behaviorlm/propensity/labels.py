@@ -19,16 +19,16 @@ feature builders and the transformer consume exactly the same evidence.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 import numpy as np
 import polars as pl
 
-from behaviorlm.events import Events, EventsError, as_events
+from behaviorlm.data.events import Events, EventsError, as_events
+from behaviorlm.data.timestamps import to_utc
 
 Target = Literal["conversion", "churn"]
 EXAMPLE_COLUMNS = ("example_id", "user_id", "as_of", "label")
@@ -98,15 +98,6 @@ def require_action(events: Events, action: str) -> None:
         )
 
 
-def _as_datetime(value: Any) -> datetime:
-    if isinstance(value, datetime):
-        return value if value.tzinfo else value.replace(tzinfo=UTC)
-    s = pl.Series([str(value)]).str.to_datetime(time_zone="UTC", strict=False)
-    if s.is_null().any():
-        raise EventsError(f"cutoff {value!r} is not a date/time such as '2017-12-03' or '2017-12-03T12:00'")
-    return s.item()
-
-
 def _as_of(df: pl.DataFrame, t: datetime, label: pl.Expr) -> tuple[pl.DataFrame, pl.DataFrame]:
     """One example per user with an event before ``t`` (label from ``label``), and its inputs."""
     before = df.filter(pl.col("timestamp") < t)
@@ -138,7 +129,7 @@ def cutoff_examples(
         require_action(ev, action)
     elif target != "churn":
         raise EventsError(f"target must be 'conversion' or 'churn', got {target!r}")
-    t0, h = _as_datetime(cutoff), parse_duration(horizon)
+    t0, h = to_utc(cutoff, "cutoff"), parse_duration(horizon)
     window = ev.df.filter(pl.col("timestamp").is_between(t0, t0 + h, closed="left"))
     if target == "conversion":
         label = pl.col("user_id").is_in(window.filter(pl.col("event_type") == action)["user_id"].unique().implode())
@@ -191,7 +182,7 @@ def training_windows(
         raise EventsError(f"n_windows must be >= 1, got {n_windows}")
     h = parse_duration(horizon)
     step = parse_duration(stride) if stride is not None else h
-    end = _as_datetime(labels_end)
+    end = to_utc(labels_end, "labels end")
     cutoffs = [end - h - j * step for j in range(n_windows)]
     cutoffs = sorted(c for c in cutoffs if (ev.df["timestamp"] < c).any())
     if not cutoffs:
@@ -233,7 +224,7 @@ def propensity_split(
     ev = as_events(events)
     h = parse_duration(horizon)
     end = ev.df["timestamp"].max()
-    t_test = _as_datetime(test_cutoff) if test_cutoff is not None else end - h + timedelta(microseconds=1)
+    t_test = to_utc(test_cutoff, "test cutoff") if test_cutoff is not None else end - h + timedelta(microseconds=1)
     if t_test + h > end + timedelta(microseconds=1):
         raise EventsError(
             f"test window [{t_test}, {t_test + h}) runs past the last event ({end}): its labels would be censored"
@@ -258,7 +249,7 @@ def propensity_split(
 def scoring_examples(events: Events | Any, at: Any = None) -> ExampleSet:
     """Unlabelled examples "as of ``at``" (default: just after the last event) for every user."""
     ev = as_events(events)
-    t = ev.df["timestamp"].max() + timedelta(microseconds=1) if at is None else _as_datetime(at)
+    t = ev.df["timestamp"].max() + timedelta(microseconds=1) if at is None else to_utc(at, "as-of time")
     ex, inputs = _as_of(ev.df, t, pl.lit(None))
     return ExampleSet(ex, inputs, {"as_of": str(t)})
 
@@ -376,10 +367,3 @@ def split_users(
     valid_u = users.filter((b >= test_frac) & (b < test_frac + valid_frac))
     in_test, in_valid = pl.col("user_id").is_in(test_u.implode()), pl.col("user_id").is_in(valid_u.implode())
     return examples.filter(~in_test & ~in_valid), examples.filter(in_valid), examples.filter(in_test)
-
-
-def n_windows_for(events: Events, horizon: str | timedelta, max_windows: int = 6) -> int:
-    """How many non-overlapping training windows fit before the test window (capped)."""
-    h = parse_duration(horizon).total_seconds()
-    span = (events.df["timestamp"].max() - events.df["timestamp"].min()).total_seconds()
-    return max(1, min(max_windows, math.floor(span / h) - 1))

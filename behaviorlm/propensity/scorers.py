@@ -1,7 +1,7 @@
 """Propensity scoring: P(purchase | events so far), P(churn), and the baselines it must beat.
 
 Every scorer has the same small interface -- ``fit(train, valid)`` on
-:class:`~behaviorlm.labels.ExampleSet` s and ``decision_function(examples)`` returning a raw
+:class:`~behaviorlm.propensity.labels.ExampleSet` s and ``decision_function(examples)`` returning a raw
 score where higher means more likely -- so one harness compares them and one calibrator turns
 any of them into probabilities:
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -37,14 +38,14 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 from tqdm.auto import tqdm
 
-from behaviorlm.calibration import Calibrator
-from behaviorlm.events import Events, EventsError, as_events
-from behaviorlm.features import feature_matrix, heuristic_score, rich_features, seed_features
-from behaviorlm.io import write_text_atomic
-from behaviorlm.labels import ExampleSet, Target, parse_duration, scoring_examples, training_windows
-from behaviorlm.model import BehaviorTransformer
-from behaviorlm.recommender import pad_right
-from behaviorlm.tokenizer import MASK, N_SPECIAL, PAD, ActionTokenizer, EncodedSequences
+from behaviorlm.data.events import Events, EventsError, as_events
+from behaviorlm.data.io import write_text_atomic
+from behaviorlm.errors import ConfigurationError, ModelFormatError
+from behaviorlm.nn.model import BehaviorTransformer
+from behaviorlm.propensity.calibration import Calibrator
+from behaviorlm.propensity.features import feature_matrix, heuristic_score, rich_features, seed_features
+from behaviorlm.propensity.labels import ExampleSet, Target, parse_duration, scoring_examples, training_windows
+from behaviorlm.sequence.tokenizer import MASK, N_SPECIAL, PAD, ActionTokenizer, EncodedSequences
 
 if TYPE_CHECKING:
     from behaviorlm.recommender import BehaviorLM
@@ -89,7 +90,7 @@ def encode_examples(tok: ActionTokenizer, ex: ExampleSet, max_len: int, query: b
 
 
 def _padded(enc: EncodedSequences, rows: np.ndarray) -> tuple[torch.Tensor, ...]:
-    return pad_right(enc, rows, enc.lengths())
+    return tuple(torch.from_numpy(a) for a in enc.padded(rows))
 
 
 # --------------------------------------------------------------------------- scorers
@@ -122,7 +123,7 @@ class LightGBMScorer:
         drop: tuple[str, ...] = (),
     ):
         if features not in ("rich", "seed"):
-            raise ValueError(f"features must be 'rich' or 'seed', got {features!r}")
+            raise ConfigurationError(f"features must be 'rich' or 'seed', got {features!r}")
         self.features, self.items, self.seed, self.drop = features, items, seed, tuple(drop)
         self.name = f"LightGBM ({features} features)"
         self.params = {
@@ -137,7 +138,7 @@ class LightGBMScorer:
             "seed": seed,
             "deterministic": True,
             "force_row_wise": True,
-            "num_threads": 2,
+            "num_threads": os.cpu_count() or 1,
             "verbose": -1,
         }
         self.n_estimators = n_estimators
@@ -221,7 +222,7 @@ class TransformerScorer:
     validation ROC-AUC with the best epoch's weights restored. On Taobao (2.6k examples) a body
     rate of 3e-4 peaks after one epoch and then overfits; 3e-5 climbs steadily to the same or
     better validation AUC. ``lm_weight`` > 0 keeps the next-action LM loss as a regulariser
-    (it did not help there: test AUC 0.586 vs 0.593 without).
+    (measured in benchmarks/RESULTS.md section 5: it did not help on Taobao).
     """
 
     name = "transformer (fine-tuned)"
@@ -240,7 +241,7 @@ class TransformerScorer:
         progress: bool = False,
         max_time_s: float | None = None,
     ):
-        backbone._check_fitted()
+        backbone.engine  # noqa: B018 - fails clearly if the backbone is not fitted
         self.lm_weight = lm_weight
         self.backbone, self.tokenizer_ = backbone, backbone.tokenizer_
         self.epochs, self.batch_size, self.lr, self.head_lr = epochs, batch_size, lr, head_lr
@@ -346,9 +347,9 @@ class ZeroShotScorer:
     def __init__(
         self, backbone: BehaviorLM, action: str = "purchase", n_actions: int = 5, n_samples: int = 16, seed: int = 0
     ):
-        backbone._check_fitted()
+        self.engine = backbone.engine
         self.backbone, self.n_actions, self.n_samples, self.seed = backbone, n_actions, n_samples, seed
-        self.action_id = backbone._action_id(action)
+        self.action_id = self.engine.action_id(action)
         if backbone.tokenizer_.actions_ == [action]:
             raise EventsError(
                 f"zero-shot propensity needs more than one action type: every event is {action!r}, "
@@ -361,35 +362,32 @@ class ZeroShotScorer:
 
     @torch.inference_mode()
     def decision_function(self, ex: ExampleSet, batch_users: int = 32) -> np.ndarray:
-        model = self.backbone.model_.eval()
-        room = model.config.max_len - self.n_actions + 1
-        enc = encode_examples(self.backbone.tokenizer_, ex, room, query=False)
+        room = self.engine.max_len - self.n_actions + 1
+        enc = encode_examples(self.engine.tokenizer, ex, room, query=False)
         gen = torch.Generator().manual_seed(self.seed)
         out = []
         for s in range(0, len(enc), batch_users):
             rows = np.repeat(np.arange(s, min(s + batch_users, len(enc))), self.n_samples)
-            out.append(self._p_no_action(model, *_padded(enc, rows), gen).view(-1, self.n_samples).mean(1))
+            out.append(self._p_no_action(*_padded(enc, rows), gen).view(-1, self.n_samples).mean(1))
         p_none = torch.cat(out).numpy() if out else np.zeros(0)
         return 1.0 - p_none.astype(np.float64)
 
-    def _p_no_action(self, model, items, actions, gaps, last, gen) -> torch.Tensor:
+    def _p_no_action(self, items, actions, gaps, last, gen) -> torch.Tensor:
         pad = torch.zeros(len(items), self.n_actions, dtype=items.dtype)
         items, actions, gaps = (torch.cat([t, pad], 1) for t in (items, actions, gaps))
         rows, log_none = torch.arange(len(items)), torch.zeros(len(items))
         for step in range(self.n_actions):
             width = int(last.max()) + 1
-            h = model(items[:, :width], actions[:, :width], gaps[:, :width], last=last)
-            a_logits = model.action_logits(h)
-            a_logits[:, :N_SPECIAL] = float("-inf")
-            a_logp = torch.log_softmax(a_logits, -1)
+            h, a_logp = self.engine.heads_from_tensors(items[:, :width], actions[:, :width], gaps[:, :width], last)
             log_none += torch.log1p(-a_logp[:, self.action_id].exp().clamp(max=1 - 1e-6))
             if step == self.n_actions - 1:
                 break
+            a_logits = a_logp.clone()
             a_logits[:, self.action_id] = float("-inf")
             # a path the model is sure ends in a purchase already has weight ~0: continue it anyhow
             a_logits[~torch.isfinite(a_logits).any(1), N_SPECIAL:] = 0.0
             a = torch.multinomial(torch.softmax(a_logits, -1), 1, generator=gen).squeeze(1)
-            i = torch.multinomial(torch.softmax(model.item_logits(h, a), -1), 1, generator=gen).squeeze(1)
+            i = torch.multinomial(self.engine.item_logp_given(h, a).exp(), 1, generator=gen).squeeze(1)
             items[rows, last + 1], actions[rows, last + 1], gaps[rows, last + 1] = i, a, gaps[rows, last]
             last = last + 1
         return log_none.exp()
@@ -403,9 +401,13 @@ def make_scorer(method: str, backbone: BehaviorLM | None = None, items: pl.DataF
         return LightGBMScorer("seed" if method == "lightgbm_seed" else "rich", items, **kw)
     if method in ("transformer", "zero_shot"):
         if backbone is None:
-            raise EventsError(f"method {method!r} needs a pretrained model (--model DIR / backbone=)")
+            raise ConfigurationError(
+                f"propensity method {method!r} needs a pretrained model",
+                hint="pass backbone=BehaviorLM.load(dir)",
+                cli_hint="pass --model DIR",
+            )
         return TransformerScorer(backbone, **kw) if method == "transformer" else ZeroShotScorer(backbone, **kw)
-    raise EventsError(f"unknown propensity method {method!r}; choose from {METHODS}")
+    raise ConfigurationError(f"unknown propensity method {method!r}; choose from {METHODS}")
 
 
 # --------------------------------------------------------------------------- estimator
@@ -434,7 +436,7 @@ class PropensityModel:
         scorer_params: dict[str, Any] | None = None,
     ):
         if method not in METHODS:
-            raise EventsError(f"unknown propensity method {method!r}; choose from {METHODS}")
+            raise ConfigurationError(f"unknown propensity method {method!r}; choose from {METHODS}")
         parse_duration(horizon)
         self.params = {k: v for k, v in locals().items() if k != "self"}
 
@@ -473,7 +475,7 @@ class PropensityModel:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         if not hasattr(self.scorer_, "save"):
-            raise EventsError(f"method {self.params['method']!r} has no learned state worth saving")
+            raise ConfigurationError(f"method {self.params['method']!r} has no learned state worth saving")
         self.scorer_.save(d)
         meta = {"params": self.params, "calibrator": self.calibrator_.to_dict(), "train_info": self.train_info_}
         write_text_atomic(
@@ -485,7 +487,7 @@ class PropensityModel:
     def load(cls, directory: str | Path, items: pl.DataFrame | None = None) -> PropensityModel:
         d = Path(directory)
         if not (d / "propensity.json").exists():
-            raise FileNotFoundError(f"{d} is not a saved propensity model (no propensity.json)")
+            raise ModelFormatError(f"{d} is not a saved propensity model (no propensity.json)")
         meta = json.loads((d / "propensity.json").read_text())
         m = cls(**meta["params"])
         m.items_ = items

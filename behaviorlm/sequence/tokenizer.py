@@ -24,7 +24,6 @@ the same four specials. Time-gap ids: 0 = pad, 1 = no previous event (BOS and fi
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,9 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from behaviorlm.events import Events, EventsError, as_events
+from behaviorlm.data.events import Events, EventsError, require_events
+from behaviorlm.data.io import write_text_atomic
+from behaviorlm.errors import ConfigurationError, ModelFormatError, NotFittedError
 
 SPECIAL_TOKENS = ("[PAD]", "[BOS]", "[UNK]", "[MASK]")
 PAD, BOS, UNK, MASK = range(4)
@@ -55,6 +56,11 @@ class EncodedSequences:
     actions: np.ndarray
     gaps: np.ndarray
 
+    @classmethod
+    def empty(cls) -> EncodedSequences:
+        z = np.zeros(0, np.int64)
+        return cls([], np.zeros(1, np.int64), z, z, z)
+
     def __len__(self) -> int:
         return len(self.user_ids)
 
@@ -64,6 +70,18 @@ class EncodedSequences:
     def sequence(self, u: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         s, e = self.offsets[u], self.offsets[u + 1]
         return self.items[s:e], self.actions[s:e], self.gaps[s:e]
+
+    def padded(self, rows: slice | np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Right-padded ``(items, actions, gaps)`` arrays for some users (a slice or an index
+        array), plus each row's last real position -- the one batch layout every model call uses."""
+        part = self.lengths()[rows]
+        width = int(part.max())
+        starts = self.offsets[:-1][rows]
+        idx = starts[:, None] + np.arange(width)[None, :]
+        valid = np.arange(width)[None, :] < part[:, None]
+        idx = np.where(valid, idx, 0)
+        items, actions, gaps = (np.where(valid, a[idx], PAD) for a in (self.items, self.actions, self.gaps))
+        return items, actions, gaps, part - 1
 
     def subset(self, rows: np.ndarray | list[int]) -> EncodedSequences:
         rows = np.asarray(rows, dtype=np.int64)
@@ -94,16 +112,16 @@ class ActionTokenizer:
 
     def __init__(self, max_len: int = 200, min_item_count: int = 1, n_time_buckets: int = 24):
         if max_len < 2:
-            raise ValueError(f"max_len must be >= 2, got {max_len}")
+            raise ConfigurationError(f"max_len must be >= 2, got {max_len}")
         if min_item_count < 1:
-            raise ValueError(f"min_item_count must be >= 1, got {min_item_count}")
+            raise ConfigurationError(f"min_item_count must be >= 1, got {min_item_count}")
         self.max_len = max_len
         self.min_item_count = min_item_count
         self.n_time_buckets = n_time_buckets
 
     # ------------------------------------------------------------------ fit
-    def fit(self, events: Events | Any) -> ActionTokenizer:
-        df = as_events(events).df
+    def fit(self, events: Events) -> ActionTokenizer:
+        df = require_events(events).df
         counts = (
             df.with_row_index("__r")
             .group_by("item_id")
@@ -129,7 +147,7 @@ class ActionTokenizer:
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "items_"):
-            raise RuntimeError("ActionTokenizer is not fitted: call fit(events) or load(path)")
+            raise NotFittedError("ActionTokenizer is not fitted: call fit(events) or load(path)")
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -182,14 +200,14 @@ class ActionTokenizer:
         out = 2 + np.minimum(b, self.n_time_buckets - 1)
         return np.where(np.isnan(sec), GAP_NONE, out)
 
-    def encode(self, events: Events | Any, truncate: bool = True, strict_actions: bool = False) -> EncodedSequences:
+    def encode(self, events: Events, truncate: bool = True, strict_actions: bool = False) -> EncodedSequences:
         """Encode every user's events (sorted by time) into BOS-prefixed token sequences.
 
         ``truncate`` keeps the most recent ``max_len`` tokens per user (inference); training
         uses the full sequences and windows them itself.
         """
         self._check_fitted()
-        df = as_events(events).df
+        df = require_events(events).df
         gaps_s = df.select((pl.col("timestamp").diff().over("user_id").dt.total_microseconds() / 1e6).alias("g"))[
             "g"
         ].to_numpy()
@@ -264,7 +282,9 @@ class ActionTokenizer:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ActionTokenizer:
         if d.get("format_version") != FORMAT_VERSION or tuple(d.get("special_tokens", ())) != SPECIAL_TOKENS:
-            raise ValueError(f"unsupported tokenizer format: version {d.get('format_version')!r}")
+            raise ModelFormatError(
+                f"tokenizer format version {d.get('format_version')!r}; this behaviorlm reads {FORMAT_VERSION}"
+            )
         tok = cls(max_len=d["max_len"], min_item_count=d["min_item_count"], n_time_buckets=d["n_time_buckets"])
         tok.item_dtype_ = d["item_dtype"]
         cast = int if tok.item_dtype_ == "int" else str
@@ -275,10 +295,7 @@ class ActionTokenizer:
         return tok
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), ensure_ascii=False))
-        tmp.replace(path)
+        write_text_atomic(json.dumps(self.to_dict(), ensure_ascii=False), path)
 
     @classmethod
     def load(cls, path: str | Path) -> ActionTokenizer:
@@ -287,8 +304,3 @@ class ActionTokenizer:
     def __repr__(self) -> str:
         fitted = f", n_items={len(self.items_)}, actions={self.actions_}" if hasattr(self, "items_") else ""
         return f"ActionTokenizer(max_len={self.max_len}, min_item_count={self.min_item_count}{fitted})"
-
-
-def log2_bucket_edges(n_time_buckets: int) -> list[float]:
-    """Lower edges in seconds of each gap bucket (for documentation and plots)."""
-    return [0.0] + [math.pow(2, b) - 1 for b in range(1, n_time_buckets)]

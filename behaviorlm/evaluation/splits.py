@@ -1,0 +1,106 @@
+"""Leak-free splits: leave-one-out and global-time temporal splits into train / validation / test."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import polars as pl
+
+from behaviorlm.data.events import Events, as_events
+from behaviorlm.data.timestamps import to_utc
+from behaviorlm.errors import ConfigurationError, InputDataError
+
+
+@dataclass
+class Holdout:
+    """Per-user prediction tasks: the model sees ``inputs`` and must rank ``targets`` (one per user)."""
+
+    inputs: Events
+    targets: pl.DataFrame  # user_id, item_id, event_type, timestamp
+
+    @property
+    def n_users(self) -> int:
+        return self.targets.height
+
+
+@dataclass
+class Split:
+    name: str
+    train: Events
+    valid: Holdout
+    test: Holdout
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def leave_one_out(events: Events | Any, min_events: int = 3) -> Split:
+    """Last event of each user = test, second-to-last = validation, the rest = train.
+
+    Users with fewer than ``min_events`` (>= 3) events are kept in training but not evaluated.
+    """
+    if min_events < 3:
+        raise ConfigurationError("leave-one-out needs min_events >= 3 (train, validation, test)")
+    ev = as_events(events)
+    df = ev.df.with_columns(
+        pl.int_range(pl.len()).over("user_id").alias("__pos"), pl.len().over("user_id").cast(pl.Int64).alias("__n")
+    )
+    evaluated = pl.col("__n") >= min_events
+    cols = ev.df.columns
+    train = df.filter(~evaluated | (pl.col("__pos") < pl.col("__n") - 2)).select(cols)
+    val_t = df.filter(evaluated & (pl.col("__pos") == pl.col("__n") - 2)).select(cols)
+    test_in = df.filter(evaluated & (pl.col("__pos") < pl.col("__n") - 1)).select(cols)
+    test_t = df.filter(evaluated & (pl.col("__pos") == pl.col("__n") - 1)).select(cols)
+    val_in = train.filter(pl.col("user_id").is_in(val_t["user_id"].implode()))
+    n_skipped = ev.n_users - val_t.height
+    info = {"split": "loo", "min_events": min_events, "users_evaluated": val_t.height, "users_too_short": n_skipped}
+    return Split(
+        "loo",
+        train=ev.derive(train, "loo train: all but each user's last two events"),
+        valid=Holdout(ev.derive(val_in, "loo validation inputs"), val_t),
+        test=Holdout(ev.derive(test_in, "loo test inputs"), test_t),
+        info=info,
+    )
+
+
+def temporal_split(events: Events | Any, test_start: Any = None, val_start: Any = None) -> Split:
+    """Global time cut: train < val_start <= validation < test_start <= test.
+
+    Targets are each user's *first* event after the cut (next-action prediction at that time),
+    for users with at least one event before it; defaults cut at the 80% / 90% time quantiles.
+    """
+    ev = as_events(events)
+    ts = ev.df["timestamp"]
+    test_start = to_utc(test_start if test_start is not None else ts.quantile(0.9, "nearest"), "test_start")
+    val_start = to_utc(val_start if val_start is not None else ts.quantile(0.8, "nearest"), "val_start")
+    if not val_start < test_start:
+        raise ConfigurationError(f"val_start ({val_start}) must be before test_start ({test_start})")
+    train = ev.df.filter(pl.col("timestamp") < val_start)
+    if train.height == 0:
+        raise InputDataError(f"temporal split: no events before val_start={val_start}")
+    val_in, val_t = _next_event_targets(ev.df, val_start, test_start)
+    test_in, test_t = _next_event_targets(ev.df, test_start, None)
+    info = {
+        "split": "temporal",
+        "val_start": str(val_start),
+        "test_start": str(test_start),
+        "users_evaluated": test_t.height,
+        "valid_users": val_t.height,
+    }
+    return Split(
+        "temporal",
+        train=ev.derive(train, f"temporal train: events before {val_start}"),
+        valid=Holdout(ev.derive(val_in, "temporal validation inputs"), val_t),
+        test=Holdout(ev.derive(test_in, "temporal test inputs"), test_t),
+        info=info,
+    )
+
+
+def _next_event_targets(df: pl.DataFrame, start: Any, end: Any) -> tuple[pl.DataFrame, pl.DataFrame]:
+    before = df.filter(pl.col("timestamp") < start)
+    window = df.filter(pl.col("timestamp") >= start)
+    if end is not None:
+        window = window.filter(pl.col("timestamp") < end)
+    targets = window.group_by("user_id", maintain_order=True).first()
+    targets = targets.filter(pl.col("user_id").is_in(before["user_id"].unique().implode()))
+    inputs = before.filter(pl.col("user_id").is_in(targets["user_id"].implode()))
+    return inputs, targets.select(df.columns)

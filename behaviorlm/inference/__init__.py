@@ -1,0 +1,1 @@
+"""The inference layer: the one engine from a saved model to scores, batch scoring and decoding on it."""

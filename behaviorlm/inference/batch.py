@@ -1,0 +1,251 @@
+"""Batch scoring: top-K for every user in bounded memory, streamed to Parquet.
+
+Memory stays bounded because users are processed in chunks (``chunk_users`` users' events are
+encoded at a time) and scored in batches (``batch_size`` x catalog floats at a time); the full
+user x item score matrix never exists. Small batches are also faster on CPU, because the
+attention working set (batch x heads x L x L) then stays in cache (the batch-size sweep is in
+benchmarks/RESULTS.md section 3). Within a chunk, users are sorted by sequence length so a
+batch carries little padding. Every top-k goes through the one
+:class:`~behaviorlm.inference.engine.InferenceEngine`, so allow-lists, a conditioning next action
+and int8 quantisation work here exactly as in ``BehaviorLM.recommend``. Outputs are written to
+temporary files renamed into place, so a crash never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm.auto import tqdm
+
+from behaviorlm.data.events import Events, events_digest, require_events
+from behaviorlm.data.io import atomic_path, write_text_atomic
+from behaviorlm.errors import ConfigurationError
+from behaviorlm.inference.engine import NO_SEEN, InferenceEngine
+
+
+@dataclass
+class ScoreSummary:
+    out: Path
+    n_users: int
+    n_rows: int
+    seconds: float
+    users_per_s: float
+    peak_rss_mb: float
+    model_version: str
+    scored_at: str
+    quantize: str | None
+
+
+def set_threads(n: int | None = None) -> int:
+    """Torch's intra-op threads: ``n``, else ``$OMP_NUM_THREADS``, else every core; one inter-op
+    thread (2-core boxes thrash otherwise). Returns the number used."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    n = n or (int(env) if env.isdigit() and int(env) > 0 else None) or os.cpu_count() or 1
+    torch.set_num_threads(n)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set once in this process
+        pass
+    return n
+
+
+@dataclass(frozen=True)
+class ScoringOptions:
+    """What to rank for every user: the same options ``BehaviorLM.recommend`` takes."""
+
+    k: int = 10
+    exclude_seen: bool = True
+    action: str | None = None
+    allowed_items: tuple | None = None
+    batch_size: int = 128
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1:
+            raise ConfigurationError(f"k must be a positive integer, got {self.k!r}", cli_hint="--k must be >= 1")
+        if self.batch_size < 1:
+            raise ConfigurationError("batch_size must be >= 1", cli_hint="--batch-size must be >= 1")
+
+    def plan(self) -> dict:
+        return {
+            "k": self.k,
+            "exclude_seen": self.exclude_seen,
+            "action": self.action,
+            "allowed_items": self.allowed_items,
+        }
+
+
+def _user_bounds(df: pl.DataFrame) -> np.ndarray:
+    """Row offsets where each user's (contiguous, sorted) events start, plus the end."""
+    users = df["user_id"]
+    change = (users[1:] != users[:-1]).to_numpy() if len(users) > 1 else np.zeros(0, bool)
+    return np.concatenate([[0], np.flatnonzero(change) + 1, [len(users)]]).astype(np.int64)
+
+
+def score_events(
+    engine: InferenceEngine,
+    events: Events,
+    out: str | Path,
+    options: ScoringOptions = ScoringOptions(),
+    chunk_users: int = 8192,
+    quantize: str | None = None,
+    progress: bool = True,
+    scored_at: datetime | None = None,
+) -> ScoreSummary:
+    """Write ``user_id, item_id, score, rank, model_version, scored_at`` for every user to ``out``."""
+    if chunk_users < 1:
+        raise ConfigurationError("chunk_users must be >= 1")
+    engine = engine.quantized(quantize)
+    df = require_events(events).df
+    bounds = _user_bounds(df)
+    n_users = len(bounds) - 1
+    stamp = (scored_at or datetime.now(UTC)).replace(microsecond=0)
+    t0, n_rows = time.perf_counter(), 0
+    bar = tqdm(total=n_users, unit="user", desc="scoring", disable=not progress)
+    try:
+        with atomic_path(out) as tmp:
+            writer: pq.ParquetWriter | None = None
+            for c in range(0, n_users, chunk_users):
+                lo, hi = int(bounds[c]), int(bounds[min(c + chunk_users, n_users)])
+                table = _score_chunk(engine, df.slice(lo, hi - lo), options, stamp)
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, table.schema)
+                writer.write_table(table)
+                n_rows += table.num_rows
+                bar.update(min(chunk_users, n_users - c))
+            if writer is None:  # no users: still write a valid, empty file
+                writer = pq.ParquetWriter(tmp, _schema(df["user_id"].dtype, df["item_id"].dtype))
+            writer.close()
+    finally:
+        bar.close()
+    dt = time.perf_counter() - t0
+    return ScoreSummary(
+        Path(out),
+        n_users,
+        n_rows,
+        dt,
+        n_users / max(dt, 1e-9),
+        peak_rss_mb(),
+        engine.version,
+        stamp.isoformat(),
+        quantize,
+    )
+
+
+@torch.inference_mode()
+def _score_chunk(engine: InferenceEngine, chunk: pl.DataFrame, options: ScoringOptions, stamp: datetime) -> pa.Table:
+    enc = engine.encode(Events.trusted(chunk, "scoring chunk"))
+    enc = enc.subset(np.argsort(enc.lengths(), kind="stable"))  # similar lengths share a batch
+    seen = engine.seen_pairs(chunk, enc.user_ids) if options.exclude_seen else NO_SEEN
+    allowed = engine.allowed_mask(options.allowed_items)
+    val, idx = engine.top_k_all(enc, options.k, seen, allowed, options.action, options.batch_size)
+    frame = engine.frame(enc.user_ids, val, idx, chunk["user_id"].dtype, chunk["item_id"].dtype)
+    frame = frame.with_columns(
+        model_version=pl.lit(engine.version), scored_at=pl.lit(stamp, dtype=pl.Datetime("us", "UTC"))
+    )
+    return frame.sort("user_id", "rank").to_arrow()
+
+
+def _schema(user_dtype: pl.DataType, item_dtype: pl.DataType) -> pa.Schema:
+    empty = pl.DataFrame(
+        schema={
+            "user_id": user_dtype,
+            "item_id": item_dtype,
+            "score": pl.Float32,
+            "rank": pl.Int32,
+            "model_version": pl.String,
+            "scored_at": pl.Datetime("us", "UTC"),
+        }
+    )
+    return empty.to_arrow().schema
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+PLAN_FILE, SUCCESS_FILE = "_PLAN.json", "_SUCCESS"
+
+
+def score_partition(
+    engine: InferenceEngine,
+    events: Events,
+    out_dir: str | Path,
+    scored_at: datetime,
+    options: ScoringOptions = ScoringOptions(),
+    chunk_users: int = 2048,
+    quantize: str | None = None,
+    pause_s: float = 0.0,
+    progress: bool = True,
+) -> ScoreSummary:
+    """Resumable, idempotent batch scoring into a folder of ``part-NNNNN.parquet`` files.
+
+    Users are chunked in a fixed order; each chunk is written atomically as its own part, so a
+    run killed midway leaves only complete parts and the rerun scores just the missing ones.
+    ``_PLAN.json`` records what the parts were computed from (model version, events digest,
+    options, chunking, ``scored_at``): a rerun with a different plan discards the old parts
+    instead of mixing them. ``_SUCCESS`` is written last. Same inputs give byte-identical output,
+    since ``scored_at`` is an argument, not the clock. ``pause_s`` sleeps between chunks,
+    leaving CPU to other jobs on a shared machine.
+    """
+    ev = require_events(events)
+    engine = engine.quantized(quantize)
+    df = ev.df
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stray in out_dir.glob(".*.tmp"):  # left by a killed writer
+        stray.unlink()
+    stamp = scored_at.astimezone(UTC).replace(microsecond=0)
+    plan = {
+        "model_version": engine.version,
+        "events_digest": events_digest(ev),
+        **options.plan(),
+        "chunk_users": chunk_users,
+        "scored_at": stamp.isoformat(),
+    }
+    plan_path = out_dir / PLAN_FILE
+    if not plan_path.exists() or json.loads(plan_path.read_text()) != json.loads(json.dumps(plan)):
+        for old in [*out_dir.glob("part-*.parquet"), out_dir / SUCCESS_FILE]:
+            old.unlink(missing_ok=True)
+        write_text_atomic(json.dumps(plan, indent=2), plan_path)
+    bounds = _user_bounds(df)
+    n_users = len(bounds) - 1
+    t0, n_rows, n_new = time.perf_counter(), 0, 0
+    for i, c in enumerate(tqdm(range(0, n_users, chunk_users), desc="scoring chunks", disable=not progress)):
+        part = out_dir / f"part-{i:05d}.parquet"
+        if part.exists():
+            n_rows += pq.ParquetFile(part).metadata.num_rows
+            continue
+        lo, hi = int(bounds[c]), int(bounds[min(c + chunk_users, n_users)])
+        table = _score_chunk(engine, df.slice(lo, hi - lo), options, stamp)
+        with atomic_path(part) as tmp:
+            pq.write_table(table, tmp)
+        n_rows, n_new = n_rows + table.num_rows, n_new + 1
+        if pause_s:
+            time.sleep(pause_s)
+    dt = time.perf_counter() - t0
+    summary = ScoreSummary(
+        out_dir,
+        n_users,
+        n_rows,
+        dt,
+        n_users / max(dt, 1e-9),
+        peak_rss_mb(),
+        engine.version,
+        stamp.isoformat(),
+        quantize,
+    )
+    done = {"n_users": n_users, "n_rows": n_rows, "parts": -(-n_users // chunk_users), "parts_written_now": n_new}
+    write_text_atomic(json.dumps(plan | done, indent=2), out_dir / SUCCESS_FILE)
+    return summary

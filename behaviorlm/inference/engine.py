@@ -1,0 +1,285 @@
+"""The inference engine: the one path from a trained network and its vocabulary to scores.
+
+Every consumer -- ``BehaviorLM.recommend``, batch scoring, the online service, decoding,
+segment embeddings, the propensity scorers and evaluation -- goes through
+:class:`InferenceEngine`, so encoding, padding, the two heads, the marginal over next actions,
+masking (specials, seen items, allow-lists), top-k and the output frame with original ids exist
+once. A new way to score (quantised weights, an exported graph, approximate retrieval) is a
+new engine or a new method here, and every consumer gets it.
+
+The model predicts the next step as a pair, ``P(action, item) = P(action) * P(item | action)``:
+:meth:`InferenceEngine.item_logp` ranks items either given one next action or marginalised
+over the action types seen in training.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+
+from behaviorlm.data.events import Events
+from behaviorlm.errors import ConfigurationError, InputDataError
+from behaviorlm.nn.model import BehaviorTransformer
+from behaviorlm.sequence.tokenizer import N_SPECIAL, ActionTokenizer, EncodedSequences
+
+#: (row, vocabulary index) of every seen (user, item) pair, sorted by row.
+SeenPairs = tuple[np.ndarray, np.ndarray]
+NO_SEEN: SeenPairs = (np.zeros(0, np.int64), np.zeros(0, np.int64))
+QUANTIZE_MODES = (None, "none", "int8")
+FRAME_SCHEMA = {"user_id": pl.Null, "item_id": pl.Null, "score": pl.Float32, "rank": pl.Int32}
+
+
+class InferenceEngine:
+    """A network in eval mode plus the tokenizer that maps original ids to its vocabulary.
+
+    ``version`` names the weights (a digest), so every output can say which model produced it.
+    """
+
+    def __init__(self, network: BehaviorTransformer, tokenizer: ActionTokenizer, version: str):
+        self.network = network.eval()
+        self.tokenizer = tokenizer
+        self.version = version
+        self._real_actions = torch.arange(N_SPECIAL, tokenizer.n_actions)
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def n_items(self) -> int:
+        return self.tokenizer.n_items
+
+    @property
+    def max_len(self) -> int:
+        return self.network.config.max_len
+
+    @property
+    def dim(self) -> int:
+        return self.network.config.dim
+
+    @property
+    def action_names(self) -> list[str]:
+        return list(self.tokenizer.actions_)
+
+    def quantized(self, mode: str | None) -> InferenceEngine:
+        """This engine with the transformer's Linear layers dynamically quantised (or itself).
+
+        The tied item head is a matmul with the embedding matrix, not a Linear, and stays fp32,
+        so ranking precision at the output is unchanged.
+        """
+        if mode not in QUANTIZE_MODES:
+            raise ConfigurationError(f"quantize must be 'int8' or None, got {mode!r}", cli_hint="use --quantize int8")
+        if mode in (None, "none"):
+            return self
+        from torch.ao.quantization import quantize_dynamic
+
+        with warnings.catch_warnings():  # torch.ao quantisation is deprecated in favour of torchao
+            warnings.simplefilter("ignore")
+            net = quantize_dynamic(copy.deepcopy(self.network), {torch.nn.Linear}, dtype=torch.qint8)
+        return InferenceEngine(net, self.tokenizer, f"{self.version}-int8")
+
+    # ------------------------------------------------------------------ encoding
+    def encode(self, events: Events, truncate: bool = True) -> EncodedSequences:
+        """Validated events -> token sequences (the newest ``max_len`` tokens with ``truncate``)."""
+        return self.tokenizer.encode(events, truncate=truncate) if len(events) else EncodedSequences.empty()
+
+    def action_id(self, action: str | None) -> int | None:
+        """Vocabulary id of a next-action name; ``None`` stays ``None`` (marginal over actions)."""
+        if action is None:
+            return None
+        if action not in self.tokenizer.actions_:
+            raise InputDataError(
+                f"unknown action {action!r}; this model knows {self.tokenizer.actions_}",
+                cli_hint=f"--action must be one of {self.tokenizer.actions_}",
+            )
+        return int(self.tokenizer.action_index([action])[0])
+
+    # ------------------------------------------------------------------ heads
+    @torch.inference_mode()
+    def heads_from_tensors(
+        self, items: torch.Tensor, actions: torch.Tensor, gaps: torch.Tensor, last: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden state at each row's position ``last``, and next-action log-probs (specials -inf)."""
+        h = self.network(items, actions, gaps, last=last)
+        a_logits = self.network.action_logits(h)
+        a_logits[:, :N_SPECIAL] = float("-inf")
+        return h, torch.log_softmax(a_logits, -1)
+
+    def heads(self, enc: EncodedSequences, rows: slice | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`heads_from_tensors` at each user's last token, for some rows of ``enc``."""
+        return self.heads_from_tensors(*(torch.from_numpy(a) for a in enc.padded(rows)))
+
+    @torch.inference_mode()
+    def item_logp(self, h: torch.Tensor, a_logp: torch.Tensor, action_id: int | None = None) -> torch.Tensor:
+        """``log P(item | next action)`` with ``action_id``, else ``log sum_a P(a) P(item | a)``."""
+        if action_id is not None:
+            return self.item_logp_given(h, torch.full((len(h),), action_id))
+        if len(self._real_actions) == 1:
+            return self.item_logp_given(h, self._real_actions.expand(len(h)))
+        per_action = torch.stack(
+            [a_logp[:, a, None] + self.item_logp_given(h, a.expand(len(h))) for a in self._real_actions]
+        )
+        return torch.logsumexp(per_action, 0)
+
+    @torch.inference_mode()
+    def item_logp_given(self, h: torch.Tensor, next_actions: torch.Tensor) -> torch.Tensor:
+        """``log P(item | next action)`` with one next action per row (specials -inf)."""
+        return torch.log_softmax(self.network.item_logits(h, next_actions), -1)
+
+    def iter_scores(
+        self, enc: EncodedSequences, action: str | None = None, batch_size: int = 128, with_items: bool = True
+    ) -> Iterator[tuple[slice, torch.Tensor | None, torch.Tensor]]:
+        """Yield (row slice, item log-probs (B, n_items) or ``None``, action log-probs (B, n_actions))."""
+        a_id = self.action_id(action)
+        for start in range(0, len(enc), batch_size):
+            rows = slice(start, min(start + batch_size, len(enc)))
+            h, a_logp = self.heads(enc, rows)
+            yield rows, self.item_logp(h, a_logp, a_id) if with_items else None, a_logp
+
+    @torch.inference_mode()
+    def joint_step_logp(self, enc: EncodedSequences) -> torch.Tensor:
+        """``(sequences, A * I)`` log-probs of the next (action, item) pair, real tokens only.
+
+        Candidate ``c`` is action ``c // I`` and item ``c % I`` (offsets past the specials).
+        """
+        h, a_logp = self.heads(enc, slice(0, len(enc)))
+        per_action = [
+            a_logp[:, a, None] + self.item_logp_given(h, a.expand(len(h)))[:, N_SPECIAL:] for a in self._real_actions
+        ]
+        return torch.cat(per_action, 1)
+
+    def embeddings(self, enc: EncodedSequences, batch_size: int = 256) -> np.ndarray:
+        """L2-normalised hidden state after each user's latest event, (users, dim)."""
+        if not len(enc):
+            return np.zeros((0, self.dim), np.float32)
+        parts = [self.heads(enc, slice(s, min(s + batch_size, len(enc))))[0] for s in range(0, len(enc), batch_size)]
+        return torch.nn.functional.normalize(torch.cat(parts), dim=1).numpy()
+
+    def action_proba(self, enc: EncodedSequences, batch_size: int = 128) -> np.ndarray:
+        """``P(next action)`` per user over :attr:`action_names`, (users, actions)."""
+        blocks = [a[:, N_SPECIAL:].exp().numpy() for _, _, a in self.iter_scores(enc, None, batch_size, False)]
+        return np.concatenate(blocks) if blocks else np.zeros((0, len(self.action_names)), np.float32)
+
+    # ------------------------------------------------------------------ masks and top-k
+    def allowed_mask(self, item_ids: Sequence[Any] | None) -> torch.Tensor | None:
+        """Boolean vocabulary mask of an allow-list (``None``: the whole catalog)."""
+        if item_ids is None:
+            return None
+        idx = self.tokenizer.item_index(list(item_ids))
+        idx = idx[idx >= N_SPECIAL]
+        if len(idx) == 0:
+            raise InputDataError("allowed_items: none of the given items is in the model's catalog")
+        mask = torch.zeros(self.n_items, dtype=torch.bool)
+        mask[torch.from_numpy(idx)] = True
+        return mask
+
+    def seen_pairs(self, seen: pl.DataFrame, user_ids: list[Any]) -> SeenPairs:
+        """(row in ``user_ids``, vocabulary index) of every seen (user, item) pair, sorted by row.
+
+        Vectorised so that masking seen items costs one indexing op per batch, for one user or all.
+        """
+        rows_of = pl.DataFrame(
+            {"user_id": pl.Series(user_ids, dtype=seen["user_id"].dtype), "__row": np.arange(len(user_ids))}
+        )
+        pairs = seen.select("user_id", "item_id").join(rows_of, on="user_id", how="inner")
+        rows, cols = pairs["__row"].to_numpy(writable=True), self.tokenizer.item_index(pairs["item_id"])
+        keep = cols >= N_SPECIAL
+        order = np.argsort(rows[keep], kind="stable")
+        return rows[keep][order], cols[keep][order]
+
+    @torch.inference_mode()
+    def top_k(
+        self,
+        logp: torch.Tensor,
+        rows: slice,
+        k: int,
+        seen: SeenPairs = NO_SEEN,
+        allowed: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-``k`` (values, vocabulary indices) of a batch covering ``rows`` after masking, in place,
+        specials, items outside ``allowed`` (one mask, or one per row) and each row's ``seen`` items;
+        masked entries come back as -inf."""
+        logp[:, :N_SPECIAL] = float("-inf")
+        if allowed is not None:
+            logp.masked_fill_(~allowed if allowed.dim() == 2 else ~allowed[None, :], float("-inf"))
+        seen_rows, seen_cols = seen
+        a, b = np.searchsorted(seen_rows, [rows.start, rows.stop])
+        logp[torch.from_numpy(seen_rows[a:b] - rows.start), torch.from_numpy(seen_cols[a:b])] = float("-inf")
+        return torch.topk(logp, min(k, logp.shape[1] - N_SPECIAL), dim=1)
+
+    def top_k_all(
+        self,
+        enc: EncodedSequences,
+        k: int,
+        seen: SeenPairs = NO_SEEN,
+        allowed: torch.Tensor | None = None,
+        action: str | None = None,
+        batch_size: int = 128,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` log-probs and vocabulary indices for every user of ``enc``, (users, k) each."""
+        vals, idxs = [], []
+        for rows, i_logp, _ in self.iter_scores(enc, action, batch_size):
+            val, idx = self.top_k(i_logp, rows, k, seen, allowed)
+            vals.append(val.numpy())
+            idxs.append(idx.numpy())
+        if not vals:
+            return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.int64)
+        return np.concatenate(vals), np.concatenate(idxs)
+
+    def popularity_logp(self) -> torch.Tensor:
+        """Log training share of every vocabulary entry (specials -inf): the cold-start scores."""
+        counts = torch.zeros(self.n_items)
+        counts[N_SPECIAL:] = torch.tensor(self.tokenizer.item_counts_, dtype=torch.float32)
+        return (counts / counts.sum()).log()
+
+    # ------------------------------------------------------------------ frames
+    def frame(
+        self,
+        user_ids: Sequence[Any],
+        logp: np.ndarray,
+        idx: np.ndarray,
+        user_dtype: pl.DataType | None = None,
+        item_dtype: pl.DataType | None = None,
+    ) -> pl.DataFrame:
+        """``user_id, item_id, score (probability), rank`` with original ids from a top-k.
+
+        Masked (-inf) slots are dropped, so a user who has seen almost everything gets fewer
+        than k rows.
+        """
+        if len(user_ids) == 0 or logp.size == 0:
+            return pl.DataFrame(schema=FRAME_SCHEMA)
+        kk = logp.shape[1]
+        keep = np.isfinite(logp).ravel()
+        users = np.repeat(np.arange(len(user_ids)), kk)[keep]
+        items = self.tokenizer.decode_items(idx.ravel()[keep]).tolist()
+        return pl.DataFrame(
+            {
+                "user_id": pl.Series([user_ids[i] for i in users], dtype=user_dtype),
+                "item_id": pl.Series(items, dtype=item_dtype),
+                "score": np.exp(logp.ravel()[keep]).astype(np.float32),
+                "rank": np.tile(np.arange(1, kk + 1, dtype=np.int32), len(user_ids))[keep],
+            }
+        )
+
+    def recommend(
+        self,
+        enc: EncodedSequences,
+        k: int,
+        seen: SeenPairs = NO_SEEN,
+        allowed: torch.Tensor | None = None,
+        action: str | None = None,
+        batch_size: int = 128,
+    ) -> pl.DataFrame:
+        """Top-``k`` frame for every user of ``enc``."""
+        val, idx = self.top_k_all(enc, k, seen, allowed, action, batch_size)
+        return self.frame(enc.user_ids, val, idx)
+
+    def popular(self, user_ids: Sequence[Any], k: int, allowed: torch.Tensor | None = None) -> pl.DataFrame:
+        """Cold start: the most popular training items for each user, scored by their training share."""
+        if not user_ids:
+            return pl.DataFrame(schema=FRAME_SCHEMA)
+        val, idx = self.top_k(self.popularity_logp()[None, :].clone(), slice(0, 1), k, NO_SEEN, allowed)
+        return self.frame(list(user_ids), val.expand(len(user_ids), -1).numpy(), idx.expand(len(user_ids), -1).numpy())

@@ -1,0 +1,121 @@
+"""The model directory: one owner for the on-disk contract of a trained model.
+
+A model directory holds everything needed to score without the training data, and describes
+itself::
+
+    estimator.json      manifest: format_version, behaviorlm_version, recipe, params,
+                        input_schema (columns, action map, unknown-action policy, time unit),
+                        training history, model_version (weights digest), provenance
+    config.json         network shape            weights.pt   state dict (loaded weights_only)
+    tokenizer.json      vocabularies             histories.parquet / seen.parquet   known users
+    items.parquet       item metadata, when the model was fitted with it
+
+It is written atomically (a temporary folder renamed into place), so a reader never sees a
+half-written model. Format 1 (behaviorlm 0.1: no format version, no input schema) is migrated
+on load; a newer format is refused with both versions named.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from behaviorlm import __version__
+from behaviorlm.data.io import atomic_dir
+from behaviorlm.data.schema import InputSchema
+from behaviorlm.errors import ModelFormatError
+from behaviorlm.nn.model import BehaviorTransformer
+from behaviorlm.sequence.tokenizer import ActionTokenizer
+
+FORMAT_VERSION = 2
+MANIFEST = "estimator.json"
+WEIGHTS = "weights.pt"
+
+
+@dataclass
+class ModelFiles:
+    """The parts of a model directory, in memory."""
+
+    network: BehaviorTransformer
+    tokenizer: ActionTokenizer
+    histories: pl.DataFrame
+    seen: pl.DataFrame
+    items: pl.DataFrame | None
+    manifest: dict[str, Any]
+
+    @property
+    def input_schema(self) -> InputSchema:
+        return InputSchema.from_dict(self.manifest["input_schema"])
+
+
+def is_model_dir(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST).is_file() and (Path(path) / WEIGHTS).is_file()
+
+
+def write_model_dir(directory: str | Path, files: ModelFiles) -> dict[str, Any]:
+    """Write ``files`` to ``directory`` atomically; returns the manifest as written."""
+    with atomic_dir(directory) as tmp:
+        files.network.save(tmp)
+        files.tokenizer.save(tmp / "tokenizer.json")
+        files.histories.write_parquet(tmp / "histories.parquet")
+        files.seen.write_parquet(tmp / "seen.parquet")
+        if files.items is not None:
+            files.items.write_parquet(tmp / "items.parquet")
+        manifest = {
+            **files.manifest,
+            "format_version": FORMAT_VERSION,
+            "behaviorlm_version": __version__,
+            "model_version": weights_digest(tmp),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    return manifest
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any]:
+    """The manifest, migrated to the current format; refuses what this version cannot read."""
+    d = Path(directory)
+    if not is_model_dir(d):
+        raise ModelFormatError(f"{d} is not a behaviorlm model directory (no {MANIFEST} and {WEIGHTS})")
+    try:
+        manifest = json.loads((d / MANIFEST).read_text())
+    except json.JSONDecodeError as e:
+        raise ModelFormatError(f"{d / MANIFEST} is not valid JSON ({e}); the directory is damaged") from None
+    version = manifest.get("format_version", 1)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        writer = manifest.get("behaviorlm_version", "a newer behaviorlm")
+        raise ModelFormatError(
+            f"{d} has model format version {version!r} (written by behaviorlm {writer}); this behaviorlm "
+            f"{__version__} reads format versions 1 to {FORMAT_VERSION}: upgrade behaviorlm to load it"
+        )
+    return _migrate(manifest, version)
+
+
+def _migrate(manifest: dict[str, Any], version: int) -> dict[str, Any]:
+    """Bring an older manifest up to :data:`FORMAT_VERSION`, one version step at a time."""
+    if version == 1:  # behaviorlm 0.1 trained on canonical columns and had no schema record
+        manifest = {**manifest, "input_schema": InputSchema().to_dict(), "recipe": None, "format_version": 2}
+    return manifest
+
+
+def read_model_dir(directory: str | Path) -> ModelFiles:
+    d = Path(directory)
+    manifest = read_manifest(d)
+    items = pl.read_parquet(d / "items.parquet") if (d / "items.parquet").exists() else None
+    return ModelFiles(
+        network=BehaviorTransformer.load(d),
+        tokenizer=ActionTokenizer.load(d / "tokenizer.json"),
+        histories=pl.read_parquet(d / "histories.parquet"),
+        seen=pl.read_parquet(d / "seen.parquet"),
+        items=items,
+        manifest=manifest,
+    )
+
+
+def weights_digest(directory: str | Path) -> str:
+    """The model version: a short digest of the saved weights (same weights, same version)."""
+    return hashlib.sha256((Path(directory) / WEIGHTS).read_bytes()).hexdigest()[:12]

@@ -1,0 +1,1 @@
+"""The sequence layer: vocabularies, special tokens, time-gap buckets, encode/decode of event logs."""

@@ -1,0 +1,1 @@
+"""The service layer: the online recommender over the inference engine, and the HTTP API (thin shells)."""
