@@ -42,7 +42,7 @@ data: install
 bench: data
 	$(BIN)/python benchmarks/tokenizer_choice.py
 	$(BIN)/python benchmarks/pretrain.py --dataset ml-1m
-	$(BIN)/python benchmarks/pretrain.py --dataset taobao --no-exclude-seen --epochs 40 --max-len 100 --batch-size 32
+	$(BIN)/python benchmarks/pretrain.py --dataset taobao --recipe clickstream-small --no-exclude-seen --max-minutes 8
 
 serve: install
 	$(BIN)/behaviorlm serve --model models:/behaviorlm@champion --segments data/outputs/segments

@@ -1,7 +1,7 @@
 """Pretraining benchmark: leave-one-out, full-catalog ranking, model beside baselines.
 
-    python benchmarks/pretrain.py --dataset ml-1m                       # issue figure
-    python benchmarks/pretrain.py --dataset taobao --no-exclude-seen    # multi-action
+    python benchmarks/pretrain.py --dataset ml-1m                                   # the ml-1m recipe
+    python benchmarks/pretrain.py --dataset taobao --recipe clickstream-small --no-exclude-seen --max-minutes 8
 
 Prints a table and writes ``benchmarks/out/pretrain_<dataset>.json`` with metrics, bootstrap
 CIs, training curve, wall times and the hardware it ran on.
@@ -41,20 +41,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default="ml-1m")
     ap.add_argument("--split", choices=["loo", "temporal"], default="loo")
-    ap.add_argument("--epochs", type=int, default=30)
-    ap.add_argument("--dim", type=int, default=64)
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--heads", type=int, default=2)
-    ap.add_argument("--ffn-mult", type=int, default=1)
-    ap.add_argument("--max-len", type=int, default=200)
-    ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--dropout", type=float, default=0.2)
-    ap.add_argument("--patience", type=int, default=5)
-    ap.add_argument("--loss", choices=["full", "sampled"], default="full")
-    ap.add_argument("--n-negatives", type=int, default=1024, help="with --loss sampled")
-    ap.add_argument("--min-item-count", type=int, default=1)
-    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--recipe", default="ml-1m", help="training recipe; the flags below override it")
+    for flag, kind in (("epochs", int), ("dim", int), ("layers", int), ("heads", int), ("ffn-mult", int)):
+        ap.add_argument(f"--{flag}", type=kind, default=None, help="default: the recipe's")
+    for flag, kind in (("max-len", int), ("batch-size", int), ("lr", float), ("dropout", float), ("patience", int)):
+        ap.add_argument(f"--{flag}", type=kind, default=None, help="default: the recipe's")
+    ap.add_argument("--loss", choices=["full", "sampled", "auto"], default=None, help="default: the recipe's")
+    ap.add_argument("--n-negatives", type=int, default=None, help="with --loss sampled; default: the recipe's")
+    ap.add_argument("--min-item-count", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--max-minutes", type=float, default=30.0)
     ap.add_argument("--no-exclude-seen", action="store_true", help="rank already-seen items too (repeat-heavy data)")
     ap.add_argument("--save", type=Path, default=None, help="model dir (default data/models/<dataset>-<split>)")
@@ -66,6 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
     split = leave_one_out(data.events) if args.split == "loo" else temporal_split(data.events)
     exclude_seen = not args.no_exclude_seen
     model = BehaviorLM(
+        args.recipe,
         epochs=args.epochs,
         dim=args.dim,
         n_layers=args.layers,
@@ -83,16 +79,18 @@ def main(argv: list[str] | None = None) -> dict:
         progress=False,
         max_time_s=args.max_minutes * 60,
     )
-    model.fit(split.train, validation=split.valid, exclude_seen=exclude_seen)
+    provenance = {"source": args.dataset, "holdout": args.split}
+    model.fit(split.train, validation=split.valid, exclude_seen=exclude_seen, training_data=provenance)
     report = evaluate(model, split, k=10, exclude_seen=exclude_seen)
     save_dir = args.save or data_dir() / "models" / f"{args.dataset}-{args.split}"
-    model.extra_meta_ = {"training_data": {"source": args.dataset, "holdout": args.split}}
     model.save(save_dir)
     epochs = model.history_.epochs
     result = {
         "dataset": args.dataset,
         "command": "python benchmarks/pretrain.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "args": vars(args),
+        "recipe": repr(model),
+        "params": model.params,
         "hardware": hardware(),
         "data": {
             "events": len(data.events),

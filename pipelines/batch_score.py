@@ -32,12 +32,12 @@ from pipelines.segment import add_segment_args, config_from, segment_day
 
 def run(args: argparse.Namespace) -> Path:
     end = day_end(args.date)
-    ev, items, _ = load_events(args)
+    set_threads(args.threads)
+    model, provenance = load_model_ref(args.model)
+    ev, items, _ = load_events(args, model.input_schema_)  # read as the model was trained
     upto = ev.derive(ev.df.filter(pl.col("timestamp") < end), f"events before {end:%Y-%m-%d}")
     if len(upto) == 0:
         raise EventsError(f"no events before the end of {args.date}: nothing to score")
-    set_threads(args.threads)
-    model, provenance = load_model_ref(args.model)
     out_dir = Path(args.out) / "scores" / f"date={args.date}"
     options = ScoringOptions(k=args.k, exclude_seen=model.exclude_seen_, action=args.action)
     s = score_partition(

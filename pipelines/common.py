@@ -13,6 +13,7 @@ import polars as pl
 
 from behaviorlm.data.events import Events
 from behaviorlm.data.loading import load_events as load_source
+from behaviorlm.data.schema import InputSchema
 from behaviorlm.errors import BehaviorLMError, ConfigurationError
 
 
@@ -24,9 +25,10 @@ def code_version() -> str:
         return "unknown"
 
 
-def load_events(args: argparse.Namespace) -> tuple[Events, pl.DataFrame | None, str]:
-    """``--events`` / ``--dataset`` through the same loader the CLI uses."""
-    loaded = load_source(args.events, args.dataset)
+def load_events(args: argparse.Namespace, schema: InputSchema | None = None) -> tuple[Events, pl.DataFrame | None, str]:
+    """``--events`` / ``--dataset`` through the same loader the CLI uses (a model's ``schema``
+    when scoring with one)."""
+    loaded = load_source(args.events, args.dataset, schema)
     return loaded.events, loaded.items, loaded.source
 
 

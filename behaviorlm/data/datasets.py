@@ -20,6 +20,7 @@ from pathlib import Path
 import polars as pl
 
 from behaviorlm.data.events import ColumnMapping, Events, EventsError, validate_events, validate_items
+from behaviorlm.data.io import write_parquet_atomic
 from behaviorlm.errors import InputDataError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # behaviorlm/data/datasets.py -> the checkout
@@ -211,8 +212,5 @@ def convert_movielens(name: str, inter: bytes, item: bytes, folder: Path) -> Non
         pl.col("release_year").cast(pl.Float64, strict=False).cast(pl.Int32).alias("year"),
         pl.col(genre_col).str.replace_all(" ", "|").alias("genres"),
     )
-    folder.mkdir(parents=True, exist_ok=True)
     for frame, fname in ((movies, "movies.parquet"), (ratings, "ratings.parquet")):  # ratings last: it marks "done"
-        tmp = folder / f".{fname}.tmp"
-        frame.write_parquet(tmp)
-        tmp.replace(folder / fname)  # atomic: a killed fetch never leaves a half file
+        write_parquet_atomic(frame, folder / fname)  # a killed fetch never leaves a half file

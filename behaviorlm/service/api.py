@@ -208,7 +208,7 @@ def create_app(
 
     ``api_key=None`` reads ``BEHAVIORLM_API_KEY``; an empty key means no authentication.
     ``threads`` is torch's intra-op pool: one by default, because the event loop needs the other
-    core of a 2-core box and idle pool threads spin-wait on it (measured: 2 threads doubled p50).
+    core of a 2-core box and idle pool threads spin-wait on it (benchmarks/RESULTS.md section 8).
     """
     state = ServiceState()
     key = os.environ.get(API_KEY_ENV, "") if api_key is None else api_key
@@ -272,7 +272,7 @@ def _load(state: ServiceState, model: Any, segments: str | Path | None, max_batc
     state.online = online  # last: being set means ready
     state.loaded_at = datetime.now(UTC).isoformat(timespec="seconds")
     # Everything loaded so far lives as long as the process: keep it out of the cyclic GC, whose
-    # full collections over millions of start-up objects showed up as 100-200 ms p99 stalls.
+    # full collections over millions of start-up objects showed up as p99 stalls (RESULTS.md section 8).
     gc.collect()
     gc.freeze()
     log.info(
