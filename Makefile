@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: install system-deps demo test test-all data bench serve dashboard lint clean
+.PHONY: install system-deps demo test test-all data bench bench-ab serve dashboard lint clean
 
 # Debian packages the browser test (chromium + chromedriver) and the API load test (wrk) use.
 # Needs root or sudo; without either it says so and the browser test skips with that reason.
@@ -43,6 +43,12 @@ bench: data
 	$(BIN)/python benchmarks/tokenizer_choice.py
 	$(BIN)/python benchmarks/pretrain.py --dataset ml-1m
 	$(BIN)/python benchmarks/pretrain.py --dataset taobao --recipe clickstream-small --no-exclude-seen --max-minutes 8
+
+# A/B against another checkout (git worktree add ../base COMMIT), interleaved in one run:
+#   make bench-ab BASE=../base MODEL=data/models/ml-1m-loo   (~2 min train check + ~5 min scoring)
+bench-ab: data
+	$(BIN)/python benchmarks/ab_compare.py train --base $(BASE) --epochs 2
+	$(BIN)/python benchmarks/ab_compare.py score --base $(BASE) --model $(MODEL) --rounds 5
 
 serve: install
 	$(BIN)/behaviorlm serve --model models:/behaviorlm@champion --segments data/outputs/segments

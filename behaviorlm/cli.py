@@ -60,7 +60,9 @@ TimeCol = Annotated[
 TimeUnit = Annotated[
     str | None,
     typer.Option(
-        "--time-unit", help=f"unit of numeric timestamps: s (default), ms, us, ns; {_FROM_MODEL}", rich_help_panel=_DATA
+        "--time-unit",
+        help=f"unit of numeric timestamps: s, ms, us, ns (default: detected from their magnitude); {_FROM_MODEL}",
+        rich_help_panel=_DATA,
     ),
 ]
 ActionMap = Annotated[
@@ -75,7 +77,26 @@ UnknownActions = Annotated[
     ),
 ]
 Invalid = Annotated[
-    str, typer.Option("--invalid", help="raise | drop: rows with null ids or bad timestamps", rich_help_panel=_DATA)
+    str,
+    typer.Option(
+        "--invalid", help="raise | drop: rows with null ids or bad or implausible timestamps", rich_help_panel=_DATA
+    ),
+]
+AnyTime = Annotated[
+    bool | None,
+    typer.Option(
+        "--any-time/--plausible-times",
+        help=f"accept timestamps before 1990 or after tomorrow (default: refuse them); {_FROM_MODEL}",
+        rich_help_panel=_DATA,
+    ),
+]
+NumericIds = Annotated[
+    bool | None,
+    typer.Option(
+        "--numeric-ids/--text-ids",
+        help=f"read user/item ids in text files as integers (default: as the text written); {_FROM_MODEL}",
+        rich_help_panel=_DATA,
+    ),
 ]
 
 
@@ -126,6 +147,8 @@ class EventsInput:
     action_map: str | None = None
     unknown_actions: str | None = None
     invalid: str = "raise"
+    any_time: bool | None = None
+    numeric_ids: bool | None = None
 
     def schema(self, base: InputSchema | None = None) -> InputSchema:
         """``base`` (a model's schema, or the defaults) with every option given here on top."""
@@ -136,6 +159,8 @@ class EventsInput:
             time_unit=self.time_unit,
             action_map=_parse_action_map(self.action_map),
             unknown_actions=self.unknown_actions,
+            plausible_times=None if self.any_time is None else not self.any_time,
+            numeric_ids=self.numeric_ids,
         )
         if self.action_col is not None and self.action_col.lower() == "none":
             return schema.without_action_column()
@@ -161,6 +186,8 @@ _INPUT_OPTIONS = {
     "action_map": (ActionMap, None),
     "unknown_actions": (UnknownActions, None),
     "invalid": (Invalid, "raise"),
+    "any_time": (AnyTime, None),
+    "numeric_ids": (NumericIds, None),
 }
 ItemsOpt = Annotated[
     Path | None,
@@ -573,7 +600,8 @@ def explain(
 ) -> None:
     """Rationales for each user's top-K recommendations: an LLM endpoint if configured, else offline templates.
 
-    The API key is read from OPENAI_API_KEY only; it is never printed or stored.
+    OPENAI_API_KEY is sent to OpenAI's API only; a custom --base-url takes BEHAVIORLM_LLM_API_KEY (or
+    none). Keys are never printed or stored.
     """
     from behaviorlm.data.io import write_parquet_atomic
     from behaviorlm.explain import LLMConfig, build_contexts, explain_batch, make_explainer

@@ -242,18 +242,16 @@ class BehaviorLM:
         if events is not None:
             df = self.validate_input(events).df
             if users is not None:
-                df = df.filter(
-                    pl.col("user_id").is_in(pl.Series(users).cast(df["user_id"].dtype, strict=False).implode())
-                )
+                df = df.filter(pl.col("user_id").is_in(_ids_as(users, df["user_id"].dtype).implode()))
             seen = df.select("user_id", "item_id").unique()
         else:
             if users is None:
                 users = self.histories_["user_id"].unique(maintain_order=True).to_list()
-            u = pl.Series("user_id", users).cast(self.user_id_dtype(), strict=False)
+            u = _ids_as(users, self.user_id_dtype())
             df = self.histories_.filter(pl.col("user_id").is_in(u.implode()))
             seen = self.seen_.filter(pl.col("user_id").is_in(u.implode()))
         enc = engine.encode(Events.trusted(df, "users to score"))
-        cold = [] if users is None else sorted(set(users) - set(enc.user_ids), key=str)
+        cold = [] if users is None else _without(users, df["user_id"].dtype, set(enc.user_ids))
         return enc, seen, cold
 
     # ------------------------------------------------------------------ public API
@@ -376,6 +374,17 @@ class BehaviorLM:
     @property
     def model_version(self) -> str:
         return self.engine.version
+
+
+def _ids_as(users: list[Any], dtype: pl.DataType) -> pl.Series:
+    """Caller ids in the model's id type (``3`` finds user ``"3"``; an uncastable id finds nobody)."""
+    return pl.Series("user_id", [None if u is None else str(u) for u in users]).cast(dtype, strict=False)
+
+
+def _without(users: list[Any], dtype: pl.DataType, found: set[Any]) -> list[Any]:
+    """The caller's ids (as given) of the users who have no events: the cold-start ones."""
+    cast = _ids_as(users, dtype).to_list()
+    return sorted({u for u, c in zip(users, cast, strict=True) if c not in found}, key=str)
 
 
 def _tensor_digest(model: torch.nn.Module) -> str:

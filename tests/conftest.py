@@ -9,6 +9,9 @@ import pytest
 from behaviorlm.data.events import validate_events
 from behaviorlm.explain import build_contexts
 
+#: A base unix time (2023-11-14) for hand-written test events: validation refuses times before 1990.
+T0 = 1_700_000_000
+
 
 def make_events(n_users: int = 40, n_items: int = 12, length: int = 14, seed: int = 0) -> pl.DataFrame:
     """Each user walks the catalog cyclically (item i -> i+1) from a random start with the
@@ -95,7 +98,7 @@ def contexts(catalog):
                 "user_id": [1, 1, 1, 2, 2],
                 "item_id": ["a", "x", "c", "c", "d"],
                 "event_type": ["view", "view", "add_to_cart", "view", "view"],
-                "timestamp": [100, 200, 300, 100, 400],
+                "timestamp": [T0 + 100, T0 + 200, T0 + 300, T0 + 100, T0 + 400],
             }
         )
     )

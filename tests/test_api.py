@@ -147,7 +147,7 @@ def test_propensity_and_segment(client, fitted):
         ({"events": []}, 422, "field 'events'"),
         ({"events": [{"item_id": "i1", "event_type": "view"}]}, 422, "field 'events.0.timestamp'"),
         ({"events": [{"item_id": "i1", "event_type": "view", "timestamp": "soon"}]}, 422, "events.0.timestamp"),
-        ({"events": [{"item_id": "i1", "event_type": "teleport", "timestamp": 1}]}, 422, "teleport"),
+        ({"events": [{"item_id": "i1", "event_type": "teleport", "timestamp": 1_700_000_000}]}, 422, "teleport"),
         ({"user_id": 1, "allowed_items": ["zzz"]}, 422, "field 'allowed_items'"),
     ],
 )
@@ -219,7 +219,44 @@ def test_api_key(fitted):
         assert c.post("/v1/recommend", json={"user_id": 1}, headers={"x-api-key": "s3cret"}).status_code == 200
         ok = c.post("/v1/recommend", json={"user_id": 1}, headers={"authorization": "Bearer s3cret"})
         assert ok.status_code == 200
-        assert c.post("/v1/segment", json={"user_id": 1}, headers={"x-api-key": "s3cret"}).status_code == 503
+        off = c.post("/v1/segment", json={"user_id": 1}, headers={"x-api-key": "s3cret"})
+        assert off.status_code == 501 and "--segments" in off.json()["detail"]  # off, not busy: no retry
+        for path in ("/v1/propensity", "/v1/segment"):
+            assert c.post(path, json={"user_id": 1}, headers={"x-api-key": "s3cret"}).status_code == 501
+        # the key is checked before the body is parsed: a malformed body from a stranger is a 401
+        junk = c.post("/v1/recommend", content=b"{not json", headers={"content-type": "application/json"})
+        assert junk.status_code == 401
+        assert c.post("/v1/recommend", json={"k": "x"}).status_code == 401
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"user_id": True}, "user_id"),  # JSON true is not user 1
+        ({"user_id": 1, "k": True}, "k"),  # nor k=1
+        ({"user_id": 1, "k": "5"}, "k"),
+        ({"user_id": 1, "exclude_seen": 1}, "exclude_seen"),
+        ({"user_id": 1, "allowed_items": [False]}, "allowed_items.0"),
+        ({"events": [{"item_id": "i1", "event_type": "view", "timestamp": -1}]}, "events.0.timestamp"),
+        (
+            {"events": [{"item_id": "i1", "event_type": "view", "timestamp": "1969-12-31T23:59:59Z"}]},
+            "events.0.timestamp",
+        ),
+        ({"events": [{"item_id": "i1", "event_type": "view", "timestamp": 4e9}]}, "events.0.timestamp"),  # 2096
+    ],
+)
+def test_strict_types_and_time_bounds(client, body, field):
+    r = client.post("/v1/recommend", json=body)
+    assert r.status_code == 422 and f"field '{field}'" in r.json()["detail"], r.text
+
+
+def test_request_times_follow_the_file_rule(client, fitted):
+    """1.7e12 is milliseconds and 1.7e9 seconds, in a request as in a file: same answer."""
+    seconds = [{"item_id": "i3", "event_type": "view", "timestamp": 1_700_000_000 + i} for i in range(3)]
+    millis = [{**e, "timestamp": e["timestamp"] * 1000} for e in seconds]
+    a = client.post("/v1/recommend", json={"events": seconds, "k": 5}).json()
+    b = client.post("/v1/recommend", json={"events": millis, "k": 5}).json()
+    assert a["items"] == b["items"]
 
 
 # ---------------------------------------------------------------- property-based fuzzing: never a 5xx

@@ -123,10 +123,19 @@ def test_explain_offline_and_against_a_scripted_endpoint(trained, tmp_path, monk
     assert "offline templates" in res.output
     df = pl.read_parquet(out)
     assert df.height == 12 and set(df["source"]) == {"template"} and df["rationale"].str.len_chars().min() > 10
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-users-openai-key")  # exported, but this endpoint is not OpenAI
+    monkeypatch.setenv("COLUMNS", "40")  # a narrow console must not wrap the machine-readable line
     with ScriptedLLM(["good"]) as llm:
         res = runner.invoke(app, [*args, "--base-url", llm.base_url, "--cache-dir", str(tmp_path / "c2")])
     assert res.exit_code == 0, res.output
     assert set(pl.read_parquet(out)["source"]) == {"llm"} and len(llm.requests) == 4
-    assert '"grounding_rate": 1.0' in res.output
+    stats = json.loads(next(line for line in res.output.splitlines() if line.startswith("{")))
+    assert stats["grounding_rate"] == 1.0  # the whole statistics object on one line
+    sent = " ".join(str(r["headers"]) for r in llm.requests)
+    assert "sk-users-openai-key" not in sent  # OpenAI's key never goes to another endpoint
+    monkeypatch.setenv("BEHAVIORLM_LLM_API_KEY", "local-key")
+    with ScriptedLLM(["good"]) as llm:
+        res = runner.invoke(app, [*args, "--base-url", llm.base_url, "--cache-dir", str(tmp_path / "c3")])
+    assert res.exit_code == 0 and "Bearer local-key" in str(llm.requests[0]["headers"])
     res = runner.invoke(app, ["explain", "--model", str(trained), "--out", "r.csv"])
     assert res.exit_code == 2 and "--out must end in .parquet" in res.output

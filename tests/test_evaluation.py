@@ -18,7 +18,7 @@ from behaviorlm.evaluation import (
     rank_targets,
     temporal_split,
 )
-from tests.conftest import make_events
+from tests.conftest import T0, make_events
 
 
 class ConstantScorer:
@@ -112,7 +112,7 @@ def test_exclude_seen_masks_history_and_target_seen_is_a_miss():
             "user_id": [1] * 5 + [2] * 5,
             "item_id": ["a", "b", "c", "d", "a", "a", "b", "c", "d", "e"],
             "event_type": ["view"] * 10,
-            "timestamp": list(range(10)),
+            "timestamp": list(range(T0, T0 + 10)),
         }
     )
     sp = leave_one_out(validate_events(df))

@@ -5,6 +5,7 @@ import polars as pl
 import pytest
 
 from behaviorlm.data.events import ColumnMapping, EventsError, validate_events, validate_items
+from tests.conftest import T0
 
 
 def _frame(**overrides):
@@ -12,7 +13,7 @@ def _frame(**overrides):
         "user_id": [1, 1, 2, 2],
         "item_id": ["a", "b", "a", "c"],
         "event_type": ["view", "purchase", "pv", "buy"],
-        "timestamp": [100, 200, 150, 160],
+        "timestamp": [T0 + 100, T0 + 200, T0 + 150, T0 + 160],
     }
     base.update(overrides)
     return pl.DataFrame(base)
@@ -70,7 +71,7 @@ def test_unparseable_timestamps():
     df = _frame(timestamp=["2024-01-01T00:00:00", "yesterday", "2024-01-02 10:00:00", "2024-01-03"])
     with pytest.raises(EventsError, match=r"column 'timestamp': null or unparseable timestamp.*'yesterday'"):
         validate_events(df)
-    missing = _frame(timestamp=[100, None, 150, 160])
+    missing = _frame(timestamp=[T0 + 100, None, T0 + 150, T0 + 160])
     with pytest.raises(EventsError, match=r"null or unparseable timestamp: 1 row\(s\); first at row 1"):
         validate_events(missing)
     ev = validate_events(df, invalid="drop")
@@ -99,7 +100,12 @@ def test_duplicates_dropped_and_counted_or_raised():
 
 def test_unsorted_input_is_sorted_and_reported_ties_keep_input_order():
     df = pl.DataFrame(
-        {"user_id": [1, 1, 1], "item_id": ["z", "y", "x"], "event_type": ["view"] * 3, "timestamp": [300, 100, 100]}
+        {
+            "user_id": [1, 1, 1],
+            "item_id": ["z", "y", "x"],
+            "event_type": ["view"] * 3,
+            "timestamp": [T0 + 300, T0 + 100, T0 + 100],
+        }
     )
     ev = validate_events(df)
     assert ev.df["item_id"].to_list() == ["y", "x", "z"]  # y before x: same second, input order
@@ -116,7 +122,7 @@ def test_bad_paths_and_types():
 
 
 def test_millisecond_and_datetime_timestamps():
-    ms = validate_events(_frame(timestamp=[100_000, 200_000, 150_000, 160_000]), time_unit="ms")
+    ms = validate_events(_frame(timestamp=[(T0 + t) * 1000 for t in (100, 200, 150, 160)]), time_unit="ms")
     s = validate_events(_frame())
     assert ms.df["timestamp"].to_list() == s.df["timestamp"].to_list()
     pdf = _frame().to_pandas()

@@ -54,7 +54,7 @@ def test_template_is_deterministic_and_cites_real_facts(contexts):
 
 
 def test_good_answer_is_used_and_the_key_stays_secret(contexts, monkeypatch, caplog, tmp_path):
-    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    monkeypatch.setenv("BEHAVIORLM_LLM_API_KEY", SECRET)  # a custom endpoint's own key (never OpenAI's)
     caplog.set_level(logging.DEBUG)
     with ScriptedLLM(["good"]) as llm:
         ex = LLMExplainer(_config(llm), cache_dir=tmp_path)
@@ -144,7 +144,8 @@ def test_servers_without_json_mode_still_work(contexts):
 
 def test_older_purchases_stay_in_the_context(catalog):
     rows = [(1, "a", "purchase", 0)] + [(1, "b", "view", 10 + i) for i in range(30)]
-    events = validate_events(pl.DataFrame(rows, schema=["user_id", "item_id", "event_type", "timestamp"], orient="row"))
+    frame = pl.DataFrame(rows, schema=["user_id", "item_id", "event_type", "timestamp"], orient="row")
+    events = validate_events(frame, time_unit="s", plausible_times=False)  # synthetic times
     recs = pl.DataFrame({"user_id": [1], "item_id": ["c"], "score": [0.5], "rank": [1]})
     (ctx,) = build_contexts(recs, events, catalog, n_events=5)
     assert [e["action"] for e in ctx.events] == ["purchase"] + ["view"] * 5
@@ -175,3 +176,11 @@ def test_batch_concurrency_and_offline_default(contexts, monkeypatch):
     chosen = make_explainer()
     assert isinstance(chosen, LLMExplainer) and chosen.config.timeout_s == 3.0
     assert isinstance(make_explainer(offline=True), TemplateExplainer)
+
+
+def test_openai_key_goes_to_openai_only(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-x")
+    assert LLMConfig().key_env == "OPENAI_API_KEY" and LLMConfig().configured
+    assert LLMConfig(base_url="https://api.openai.com/v1").key_env == "OPENAI_API_KEY"
+    for url in ("http://127.0.0.1:8080/v1", "https://api.openai.com.example.net/v1", "http://api.openai.com/v1"):
+        assert LLMConfig(base_url=url).key_env == "BEHAVIORLM_LLM_API_KEY", url

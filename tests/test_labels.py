@@ -22,7 +22,8 @@ DAY = 86400
 
 
 def _ev(rows):
-    return validate_events(pl.DataFrame(rows, schema=["user_id", "item_id", "event_type", "timestamp"], orient="row"))
+    frame = pl.DataFrame(rows, schema=["user_id", "item_id", "event_type", "timestamp"], orient="row")
+    return validate_events(frame, time_unit="s", plausible_times=False)  # synthetic seconds since 1970
 
 
 @pytest.fixture

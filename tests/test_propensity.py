@@ -28,6 +28,7 @@ from behaviorlm.propensity.features import heuristic_score, rich_features, seed_
 from behaviorlm.propensity.labels import cutoff_examples, propensity_split
 from behaviorlm.recommender import BehaviorLM
 from behaviorlm.sequence.tokenizer import MASK
+from tests.conftest import T0
 
 
 @pytest.fixture(scope="module")
@@ -66,10 +67,10 @@ def test_heuristic_matches_the_seeds_worked_examples():
             "user_id": [u for u, _ in rows],
             "item_id": [f"i{j}" for j in range(len(rows))],
             "event_type": [a for _, a in rows],
-            "timestamp": list(range(100, 100 + len(rows))),
+            "timestamp": list(range(T0, T0 + len(rows))),
         }
     )
-    ex = cutoff_examples(validate_events(log), "1971-01-01", "1d")
+    ex = cutoff_examples(validate_events(log), "2024-01-01", "1d")
     scores = dict(zip(ex.examples["user_id"].to_list(), heuristic_score(seed_features(ex)), strict=True))
     assert scores == pytest.approx({1: 0.5, 2: 1.0, 3: 0.35})
 

@@ -10,6 +10,7 @@ from behaviorlm.data.events import EventsError, validate_events
 from behaviorlm.errors import InputDataError, ModelFormatError
 from behaviorlm.evaluation import evaluate, leave_one_out
 from behaviorlm.recommender import BehaviorLM
+from tests.conftest import T0
 
 TINY = dict(dim=32, n_layers=2, n_heads=2, max_len=16, dropout=0.0, batch_size=16, lr=5e-3, progress=False)
 
@@ -67,7 +68,7 @@ def test_recommend_for_unseen_user_from_raw_events(fitted):
             "user_id": ["new"] * 5,
             "item_id": [f"item{i}" for i in range(1, 6)],
             "event_type": ["view", "add_to_cart", "purchase", "view", "view"],
-            "timestamp": [10, 20, 30, 40, 50],
+            "timestamp": [T0 + 10, T0 + 20, T0 + 30, T0 + 40, T0 + 50],
         }
     )
     recs = model.recommend(events=raw, k=3)

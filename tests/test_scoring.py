@@ -120,3 +120,21 @@ def test_cli_score(setup, tmp_path):
     assert res.exit_code == 0 and "logprob" in res.output
     res = runner.invoke(app, ["next-actions", "--model", str(tmp_path / "m"), "--user", "3", "--method", "magic"])
     assert res.exit_code == 2 and "method must be" in res.output
+
+
+def test_threads_follow_the_option_then_omp_num_threads(monkeypatch):
+    import os
+
+    import torch
+
+    from behaviorlm.inference.batch import set_threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert set_threads() == 1 and torch.get_num_threads() == 1  # the batch job no longer takes every core
+        assert set_threads(2) == 2 and torch.get_num_threads() == 2  # --threads wins
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        assert set_threads() == (os.cpu_count() or 1)
+    finally:
+        torch.set_num_threads(before)

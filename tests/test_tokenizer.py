@@ -7,6 +7,7 @@ import pytest
 from behaviorlm.data.events import EventsError, validate_events
 from behaviorlm.errors import NotFittedError
 from behaviorlm.sequence.tokenizer import BOS, GAP_NONE, N_SPECIAL, UNK, ActionTokenizer
+from tests.conftest import T0
 
 
 def test_save_load_exact_round_trip(tmp_path, events):
@@ -25,7 +26,14 @@ def test_save_load_exact_round_trip(tmp_path, events):
 
 def test_integer_ids_keep_their_type(tmp_path):
     ev = validate_events(
-        pl.DataFrame({"user_id": [1, 1], "item_id": [10, 20], "event_type": ["view"] * 2, "timestamp": [1, 2]})
+        pl.DataFrame(
+            {
+                "user_id": [1, 1],
+                "item_id": [10, 20],
+                "event_type": ["view"] * 2,
+                "timestamp": [T0 + 1, T0 + 2],
+            }
+        )
     )
     tok = ActionTokenizer().fit(ev)
     tok.save(tmp_path / "t.json")
@@ -37,7 +45,12 @@ def test_integer_ids_keep_their_type(tmp_path):
 def test_unknown_and_rare_items_map_to_unk(events):
     tok = ActionTokenizer().fit(events)
     new = pl.DataFrame(
-        {"user_id": ["x", "x"], "item_id": ["item0", "never-seen"], "event_type": ["view", "view"], "timestamp": [1, 2]}
+        {
+            "user_id": ["x", "x"],
+            "item_id": ["item0", "never-seen"],
+            "event_type": ["view", "view"],
+            "timestamp": [T0 + 1, T0 + 2],
+        }
     )
     enc = tok.encode(validate_events(new))
     assert enc.items.tolist() == [BOS, tok.item_index(["item0"])[0], UNK]
@@ -46,7 +59,12 @@ def test_unknown_and_rare_items_map_to_unk(events):
 def test_min_count_sends_rare_items_to_unk():
     ev = validate_events(
         pl.DataFrame(
-            {"user_id": [1, 1, 1], "item_id": ["a", "a", "b"], "event_type": ["view"] * 3, "timestamp": [1, 2, 3]}
+            {
+                "user_id": [1, 1, 1],
+                "item_id": ["a", "a", "b"],
+                "event_type": ["view"] * 3,
+                "timestamp": [T0 + 1, T0 + 2, T0 + 3],
+            }
         )
     )
     tok = ActionTokenizer(min_item_count=2).fit(ev)
@@ -81,7 +99,7 @@ def test_unknown_actions_strict(events):
 def test_invalid_parameters():
     with pytest.raises(ValueError, match="max_len"):
         ActionTokenizer(max_len=1)
-    raw = pl.DataFrame({"user_id": [1], "item_id": ["a"], "event_type": ["view"], "timestamp": [1]})
+    raw = pl.DataFrame({"user_id": [1], "item_id": ["a"], "event_type": ["view"], "timestamp": [T0]})
     with pytest.raises(EventsError, match="min_item_count=10000"):
         ActionTokenizer(min_item_count=10_000).fit(validate_events(raw))
     with pytest.raises(NotFittedError, match="not fitted"):

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import polars as pl
 
 from behaviorlm.data.schema import ActionPolicy, ColumnMapping, InputSchema
-from behaviorlm.data.timestamps import parse_timestamps
+from behaviorlm.data.timestamps import EARLIEST, latest_plausible, parse_timestamps
 from behaviorlm.errors import InputDataError
 
 log = logging.getLogger(__name__)
@@ -151,18 +151,21 @@ def read_table(source: Any, what: str = "events") -> pl.DataFrame:
         if name.endswith(".parquet") or name.endswith(".pq"):
             return pl.read_parquet(path)
         if name.endswith((".csv", ".csv.gz", ".tsv", ".tsv.gz", ".txt", ".txt.gz")):
+            # every column as the text written: ids are identifiers ("007" is not 7), and no type
+            # guess depends on where in the file a value first appears; validation parses the rest
             sep = "\t" if ".tsv" in name else ","
-            return pl.read_csv(path, separator=sep, infer_schema_length=100_000)
+            return pl.read_csv(path, separator=sep, infer_schema=False)
     except (pl.exceptions.PolarsError, OSError) as exc:  # corrupt file, mixed types, ...
         raise EventsError(f"{what}: could not read {path}: {exc}") from exc
     raise EventsError(f"{what}: unsupported file type {path.name!r} (use .csv[.gz], .tsv or .parquet)")
 
 
 def _example_row(df: pl.DataFrame, mask: pl.Series) -> str:
+    """The first bad row, numbered as in the input (0-based, header excluded)."""
     idx = int(mask.arg_true()[0])
     row = df.row(idx, named=True)
-    row.pop("__row", None)
-    return f"row {idx} (0-based, header excluded): {row}"
+    original = row.pop("__row", idx)
+    return f"row {original} (0-based, header excluded): {row}"
 
 
 def _fail_or_drop(
@@ -229,17 +232,22 @@ def validate_events(
     unknown_actions: ActionPolicy = "raise",
     invalid: Policy = "raise",
     duplicates: Literal["drop", "keep", "raise"] = "drop",
-    time_unit: str = "s",
+    time_unit: str = "auto",
     default_action: str = "interaction",
+    plausible_times: bool = True,
+    numeric_ids: bool = False,
 ) -> Events:
     """Validate and normalise raw events; see the module docstring for the contract.
 
     ``invalid`` governs null ids, null actions and unparseable timestamps; ``duplicates``
-    governs rows identical in (user, item, action, timestamp). The returned events remember
-    the :class:`InputSchema` applied, so a model trained on them applies it again by default.
+    governs rows identical in (user, item, action, timestamp). See :class:`InputSchema` for
+    ``time_unit``, ``plausible_times`` and ``numeric_ids``. The returned events remember the
+    schema applied, so a model trained on them applies it again by default.
     """
     m = mapping or ColumnMapping()
-    schema = InputSchema(m, dict(action_map or {}), unknown_actions, time_unit, default_action)
+    schema = InputSchema(
+        m, dict(action_map or {}), unknown_actions, time_unit, default_action, plausible_times, numeric_ids
+    )
     raw = read_table(source, "events")
     _require_columns(
         raw,
@@ -256,19 +264,25 @@ def validate_events(
         cols["session_id"] = pl.col(m.session)
     df = raw.select(**cols).with_row_index("__row")
 
+    df = _clean_ids(df, m, numeric_ids)
     for name, src in (("user_id", m.user), ("item_id", m.item), ("event_type", m.action)):
         if src:
             bad = df[name].is_null()
             df = _fail_or_drop(df, bad, f"column {src!r}: null {name}", invalid, report, f"null {name}")
 
-    ts = parse_timestamps(df["timestamp_raw"], time_unit)
-    bad = ts.is_null()
-    if bad.any() and invalid == "drop":
-        ts = ts.filter(~bad)
+    df = df.with_columns(timestamp=parse_timestamps(df["timestamp_raw"].rename(m.timestamp), time_unit))
+    bad = df["timestamp"].is_null()
     df = _fail_or_drop(
         df, bad, f"column {m.timestamp!r}: null or unparseable timestamp", invalid, report, "unparseable timestamp"
     )
-    df = df.with_columns(timestamp=ts).drop("timestamp_raw")
+    if plausible_times:
+        ts, latest = df["timestamp"], latest_plausible()
+        bad = (ts < EARLIEST) | (ts > latest)
+        message = (
+            f"column {m.timestamp!r}: implausible timestamp (before {EARLIEST:%Y-%m-%d} or after {latest:%Y-%m-%d})"
+        )
+        df = _fail_or_drop(df, bad, message, invalid, report, "implausible timestamp")
+    df = df.drop("timestamp_raw")
 
     df = _normalise_actions(df, action_map, unknown_actions, report)
     df = _dedupe(df, duplicates, report)
@@ -281,6 +295,27 @@ def validate_events(
     if report.n_dropped:
         log.warning("events: %s", report.summary())
     return out
+
+
+def _clean_ids(df: pl.DataFrame, m: ColumnMapping, numeric_ids: bool) -> pl.DataFrame:
+    """Text ids keep their characters but lose surrounding spaces, and blank ids are null ids;
+    with ``numeric_ids`` they must be integers (the first one that is not names its row)."""
+    for name, src in (("user_id", m.user), ("item_id", m.item)):
+        col = df[name]
+        if col.dtype == pl.String:
+            col = col.str.strip_chars().replace("", None)
+        if numeric_ids and not col.dtype.is_integer():
+            as_int = col.cast(pl.Int64, strict=False)
+            bad = as_int.is_null() & col.is_not_null()
+            if bad.any():
+                raise EventsError(
+                    f"column {src!r}: ids were declared numeric but {int(bad.sum()):,} are not integers; "
+                    f"first at {_example_row(df, bad)}",
+                    cli_hint="drop --numeric-ids to read ids as the text written",
+                )
+            col = as_int
+        df = df.with_columns(col.alias(name))
+    return df
 
 
 def _dedupe(df: pl.DataFrame, policy: str, report: ValidationReport) -> pl.DataFrame:
@@ -324,6 +359,8 @@ def validate_schema(source: Any, schema: InputSchema, **kwargs: Any) -> Events:
         unknown_actions=schema.unknown_actions,
         time_unit=schema.time_unit,
         default_action=schema.default_action,
+        plausible_times=schema.plausible_times,
+        numeric_ids=schema.numeric_ids,
         **kwargs,
     )
 

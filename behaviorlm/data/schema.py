@@ -37,13 +37,19 @@ class InputSchema:
     ``action_map`` maps the source's own action names to canonical ones (on top of the
     built-in aliases such as ``pv -> view``); ``unknown_actions`` says what happens to names
     neither maps: ``raise`` (default), ``drop`` (counted) or ``keep`` (a new action type).
+    ``time_unit`` of numeric timestamps is detected from their magnitude (``auto``) unless given;
+    ``plausible_times`` treats times before 1990 or after tomorrow as invalid rows. Ids in text
+    files are read as the strings written (``007`` and ``7`` stay two users) unless
+    ``numeric_ids`` declares them integers.
     """
 
     columns: ColumnMapping = field(default_factory=ColumnMapping)
     action_map: Mapping[str, str] = field(default_factory=dict)
     unknown_actions: ActionPolicy = "raise"
-    time_unit: str = "s"
+    time_unit: str = "auto"
     default_action: str = "interaction"
+    plausible_times: bool = True
+    numeric_ids: bool = False
 
     def __post_init__(self) -> None:
         if self.unknown_actions not in ACTION_POLICIES:

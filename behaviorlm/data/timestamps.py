@@ -7,7 +7,8 @@ times in ``time_unit``" hold everywhere alike.
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime
+import time
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import polars as pl
@@ -15,16 +16,67 @@ import polars as pl
 from behaviorlm.errors import InputDataError
 
 TIME_UNITS = {"s": 1_000_000, "ms": 1_000, "us": 1, "ns": 0.001}  # microseconds per unit
+AUTO = "auto"
+#: Plausible event times: nothing before 1990 (a unit mistake or a default date), nothing past
+#: tomorrow (clock skew of a day is tolerated). ``validate_events(plausible_times=False)`` lifts it.
+EARLIEST = datetime(1990, 1, 1, tzinfo=UTC)
+#: ISO-8601 shapes tried value by value, so a few garbage strings never spoil the valid ones.
+ISO_FORMATS = (
+    "%Y-%m-%dT%H:%M:%S%.f%#z",
+    "%Y-%m-%d %H:%M:%S%.f%#z",
+    "%Y-%m-%dT%H:%M:%S%.f",
+    "%Y-%m-%d %H:%M:%S%.f",
+    "%Y-%m-%dT%H:%M",
+    "%Y-%m-%d %H:%M",
+    "%Y-%m-%d",
+)
 
 
 def check_time_unit(time_unit: str) -> str:
-    if time_unit not in TIME_UNITS:
-        raise InputDataError(f"time unit must be one of {list(TIME_UNITS)}, got {time_unit!r}")
+    if time_unit != AUTO and time_unit not in TIME_UNITS:
+        raise InputDataError(
+            f"time unit must be 'auto' or one of {list(TIME_UNITS)}, got {time_unit!r}",
+            cli_hint=f"--time-unit must be one of {list(TIME_UNITS)} (default: detected from the values)",
+        )
     return time_unit
 
 
-def parse_timestamps(col: pl.Series, time_unit: str = "s") -> pl.Series:
-    """Any sensible timestamp column -> Datetime(us, UTC); unparseable values become null."""
+def latest_plausible() -> datetime:
+    return datetime.fromtimestamp(time.time(), UTC) + timedelta(days=1)
+
+
+def plausible_range(unit: str) -> tuple[float, float]:
+    """The values a plausible event time takes in ``unit`` (1990 to tomorrow)."""
+    per_s = 1e6 / TIME_UNITS[unit]
+    return EARLIEST.timestamp() * per_s, latest_plausible().timestamp() * per_s
+
+
+def detect_time_unit(values: pl.Series, column: str) -> str:
+    """The unit whose plausible range holds the median magnitude; the ranges of s, ms, us and ns
+    are a factor of 1000 apart and never overlap, so at most one fits."""
+    median = values.cast(pl.Float64).abs().median()
+    if median is None:
+        return "s"
+    for unit in TIME_UNITS:
+        lo, hi = plausible_range(unit)
+        if lo <= median <= hi:
+            return unit
+    ranges = ", ".join(f"{u} [{lo:.2g}, {hi:.2g}]" for u in TIME_UNITS for lo, hi in [plausible_range(u)])
+    raise InputDataError(
+        f"column {column!r}: numeric timestamps from {values.min()} to {values.max()} (median {median:.6g}) "
+        f"fit no unit of unix time between 1990 and tomorrow ({ranges})",
+        hint="pass time_unit='s' (or 'ms', 'us', 'ns') and plausible_times=False for older or synthetic times",
+        cli_hint="pass --time-unit s|ms|us|ns, and --any-time for times before 1990 or in the future",
+    )
+
+
+def parse_timestamps(col: pl.Series, time_unit: str = AUTO) -> pl.Series:
+    """Any sensible timestamp column -> Datetime(us, UTC), value by value: what cannot be parsed
+    becomes null (and is reported by the caller), never the whole column.
+
+    Numbers (or numeric strings) are unix times in ``time_unit``; ``"auto"`` detects the unit from
+    their magnitude. A string column that is mostly numeric is read as numbers (the rest null);
+    otherwise each value is tried against the ISO-8601 shapes in :data:`ISO_FORMATS`."""
     dtype = col.dtype
     if dtype == pl.Datetime:
         tz = getattr(dtype, "time_zone", None)
@@ -33,15 +85,24 @@ def parse_timestamps(col: pl.Series, time_unit: str = "s") -> pl.Series:
     if dtype == pl.Date:
         return col.cast(pl.Datetime("us")).dt.replace_time_zone("UTC")
     if dtype.is_numeric():
-        scale = TIME_UNITS[check_time_unit(time_unit)]
-        micros = (col.cast(pl.Float64) * scale).round(0).cast(pl.Int64, strict=False)
+        unit = detect_time_unit(col.drop_nulls(), col.name) if check_time_unit(time_unit) == AUTO else time_unit
+        micros = (col.cast(pl.Float64) * TIME_UNITS[unit]).round(0)
+        micros = micros.set(micros.abs() > 9.2e18, None).cast(pl.Int64, strict=False)  # beyond Int64: unparseable
         return micros.cast(pl.Datetime("us")).dt.replace_time_zone("UTC")
     if dtype == pl.String:
-        stripped = col.str.strip_chars()
+        stripped = col.str.strip_chars().replace("", None)
         numeric = stripped.cast(pl.Float64, strict=False)
-        if numeric.null_count() == stripped.null_count():  # all-numeric strings: unix times
-            return parse_timestamps(numeric, time_unit)
-        return stripped.str.to_datetime(strict=False, time_unit="us", time_zone="UTC")
+        n_numeric, n_given = numeric.is_not_null().sum(), stripped.is_not_null().sum()
+        if n_numeric and 2 * n_numeric >= n_given:  # unix times; the few non-numbers are bad values
+            return parse_timestamps(numeric.rename(col.name), time_unit)
+        out = pl.Series(col.name, [None] * len(stripped), dtype=pl.Datetime("us", "UTC"))
+        for fmt in ISO_FORMATS:  # most files use one shape: stop as soon as every value has parsed
+            out = out.fill_null(
+                stripped.str.to_datetime(fmt, strict=False, exact=True, time_unit="us", time_zone="UTC")
+            )
+            if out.null_count() == stripped.null_count():
+                break
+        return out
     raise InputDataError(f"column {col.name!r}: cannot interpret dtype {dtype} as timestamps")
 
 

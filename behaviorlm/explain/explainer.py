@@ -286,13 +286,26 @@ class TemplateExplainer:
 # --------------------------------------------------------------------------- LLM
 
 
+OPENAI_KEY_ENV, CUSTOM_KEY_ENV = "OPENAI_API_KEY", "BEHAVIORLM_LLM_API_KEY"
+
+
+def is_openai(base_url: str | None) -> bool:
+    """``None`` (the SDK's default) or an https URL on api.openai.com."""
+    if not base_url:
+        return True
+    from urllib.parse import urlparse
+
+    url = urlparse(base_url)
+    return url.scheme == "https" and url.hostname == "api.openai.com"
+
+
 @dataclass
 class LLMConfig:
     """Endpoint settings; each field can come from a ``BEHAVIORLM_LLM_*`` environment variable."""
 
     base_url: str | None = None
     model: str = "gpt-4o-mini"
-    api_key_env: str = "OPENAI_API_KEY"
+    api_key_env: str | None = None  # default: OPENAI_API_KEY for OpenAI's API, else BEHAVIORLM_LLM_API_KEY
     temperature: float = 0.3
     timeout_s: float = 20.0
     max_retries: int = 2
@@ -313,8 +326,17 @@ class LLMConfig:
         return cls(**kw)
 
     @property
+    def key_env(self) -> str:
+        """Where the key comes from. OpenAI's key goes to OpenAI's API only: a custom endpoint
+        (a local server, another provider) takes its own ``BEHAVIORLM_LLM_API_KEY`` or none, so a
+        user with ``OPENAI_API_KEY`` exported never hands it to whatever ``--base-url`` names."""
+        if self.api_key_env:
+            return self.api_key_env
+        return OPENAI_KEY_ENV if is_openai(self.base_url) else CUSTOM_KEY_ENV
+
+    @property
     def configured(self) -> bool:
-        return bool(self.base_url) or bool(os.environ.get(self.api_key_env))
+        return bool(self.base_url) or bool(os.environ.get(self.key_env))
 
 
 SYSTEM_PROMPT = f"""You explain product recommendations to a shopper.
@@ -419,7 +441,7 @@ class LLMExplainer:
             # The key is read here, at call time, and handed to the SDK only; a local server needs none.
             self._client = OpenAI(
                 base_url=c.base_url,
-                api_key=os.environ.get(c.api_key_env) or "not-needed",
+                api_key=os.environ.get(c.key_env) or "not-needed",
                 timeout=c.timeout_s,
                 max_retries=c.max_retries,
             )

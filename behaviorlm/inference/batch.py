@@ -46,6 +46,13 @@ class ScoreSummary:
     scored_at: str
     quantize: str | None
 
+    @classmethod
+    def since(cls, t0: float, out: Path, n_users: int, n_rows: int, engine: InferenceEngine, stamp: datetime, quantize):
+        """The summary of a run that started at ``perf_counter() == t0`` and just finished."""
+        dt = time.perf_counter() - t0
+        rate = n_users / max(dt, 1e-9)
+        return cls(out, n_users, n_rows, dt, rate, peak_rss_mb(), engine.version, stamp.isoformat(), quantize)
+
 
 def set_threads(n: int | None = None) -> int:
     """Torch's intra-op threads: ``n``, else ``$OMP_NUM_THREADS``, else every core; one inter-op
@@ -128,18 +135,7 @@ def score_events(
             writer.close()
     finally:
         bar.close()
-    dt = time.perf_counter() - t0
-    return ScoreSummary(
-        Path(out),
-        n_users,
-        n_rows,
-        dt,
-        n_users / max(dt, 1e-9),
-        peak_rss_mb(),
-        engine.version,
-        stamp.isoformat(),
-        quantize,
-    )
+    return ScoreSummary.since(t0, Path(out), n_users, n_rows, engine, stamp, quantize)
 
 
 @torch.inference_mode()
@@ -234,18 +230,7 @@ def score_partition(
         n_rows, n_new = n_rows + table.num_rows, n_new + 1
         if pause_s:
             time.sleep(pause_s)
-    dt = time.perf_counter() - t0
-    summary = ScoreSummary(
-        out_dir,
-        n_users,
-        n_rows,
-        dt,
-        n_users / max(dt, 1e-9),
-        peak_rss_mb(),
-        engine.version,
-        stamp.isoformat(),
-        quantize,
-    )
+    summary = ScoreSummary.since(t0, out_dir, n_users, n_rows, engine, stamp, quantize)
     done = {"n_users": n_users, "n_rows": n_rows, "parts": -(-n_users // chunk_users), "parts_written_now": n_new}
     write_text_atomic(json.dumps(plan | done, indent=2), out_dir / SUCCESS_FILE)
     return summary

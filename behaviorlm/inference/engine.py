@@ -258,7 +258,7 @@ class InferenceEngine:
         return pl.DataFrame(
             {
                 "user_id": pl.Series([user_ids[i] for i in users], dtype=user_dtype),
-                "item_id": pl.Series(items, dtype=item_dtype),
+                "item_id": _as_dtype(pl.Series(items), item_dtype),
                 "score": np.exp(logp.ravel()[keep]).astype(np.float32),
                 "rank": np.tile(np.arange(1, kk + 1, dtype=np.int32), len(user_ids))[keep],
             }
@@ -283,3 +283,13 @@ class InferenceEngine:
             return pl.DataFrame(schema=FRAME_SCHEMA)
         val, idx = self.top_k(self.popularity_logp()[None, :].clone(), slice(0, 1), k, NO_SEEN, allowed)
         return self.frame(list(user_ids), val.expand(len(user_ids), -1).numpy(), idx.expand(len(user_ids), -1).numpy())
+
+
+def _as_dtype(ids: pl.Series, dtype: pl.DataType | None) -> pl.Series:
+    """The model's item ids in the caller's id type where that is lossless (ints as text, ints
+    as another int width); otherwise the model's own ids as they are, never a failed cast."""
+    if dtype is None or ids.dtype == dtype:
+        return ids
+    if dtype == pl.String or (ids.dtype.is_integer() and dtype.is_integer()):
+        return ids.cast(dtype)
+    return ids

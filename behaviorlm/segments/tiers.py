@@ -25,7 +25,10 @@ def quantile_bins(propensity: np.ndarray, n_tiers: int = 3) -> list[float]:
     almost everyone is "Low" -- and the business wants relative tiers instead.
     """
     inner = np.quantile(np.asarray(propensity, np.float64), np.linspace(0, 1, n_tiers + 1)[1:-1])
-    return [0.0, *np.maximum.accumulate(inner + np.arange(len(inner)) * 1e-12).tolist(), 1.0]
+    edges = [0.0]
+    for q in inner:  # strictly increasing even when many users share one value (e.g. all 0.0)
+        edges.append(float(min(max(q, np.nextafter(edges[-1], 1.0)), np.nextafter(1.0, 0.0))))
+    return [*edges, 1.0]
 
 
 def parse_bins(text: str, what: str = "tier bins") -> list[float] | str:

@@ -171,9 +171,10 @@ class ActionTokenizer:
         self._check_fitted()
         if not isinstance(item_ids, pl.Series):  # lists may mix "10" and 10 (JSON, CLI args)
             item_ids = pl.Series("item_id", [None if x is None else str(x) for x in item_ids], dtype=pl.String)
-        s = item_ids
         target = pl.Int64 if self.item_dtype_ == "int" else pl.String
-        s = s.cast(target, strict=False)
+        s = item_ids.cast(target, strict=False)
+        if target == pl.Int64 and item_ids.dtype == pl.String:  # "00123" is not item 123: text ids match
+            s = s.set(s.cast(pl.String) != item_ids.str.strip_chars(), None)  # only as integers written plainly
         keys = pl.Series(self.items_, dtype=target)
         return s.replace_strict(keys, np.arange(N_SPECIAL, self.n_items), default=UNK, return_dtype=pl.Int64).to_numpy(
             writable=True

@@ -28,6 +28,7 @@ import asyncio
 import gc
 import hmac
 import itertools
+import json
 import logging
 import os
 import re
@@ -41,14 +42,14 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 import polars as pl
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from behaviorlm.data.events import Events, validate_schema
-from behaviorlm.data.timestamps import to_utc
-from behaviorlm.errors import BehaviorLMError
+from behaviorlm.data.timestamps import EARLIEST, latest_plausible, parse_timestamps
+from behaviorlm.errors import BehaviorLMError, InputDataError
 from behaviorlm.segments.store import SegmentsFolder
 
 log = logging.getLogger("behaviorlm.service.api")
@@ -64,21 +65,29 @@ Id = int | Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS)]
 
 
 # ---------------------------------------------------------------- request / response schemas
+# strict: JSON true is not the integer 1, "5" is not k=5, 1 is not a boolean
+STRICT = ConfigDict(extra="forbid", strict=True)
+
+
 class EventIn(BaseModel):
     """One raw event of the requesting user."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     item_id: Id
     event_type: Annotated[str, Field(min_length=1, max_length=64)]
-    timestamp: datetime | Annotated[float, Field(ge=0, le=1e10)] = Field(
-        description="ISO-8601 time or unix seconds (UTC)"
+    timestamp: Annotated[str, Field(min_length=1, max_length=64)] | Annotated[float, Field(allow_inf_nan=False)] = (
+        Field(
+            description="ISO-8601 time (UTC if no offset) or a unix time whose unit (s, ms, us, ns) is read from "
+            "its magnitude, as for files; times before 1990 or after tomorrow are refused unless the model "
+            "was trained with them allowed"
+        )
     )
 
 
 class UserInput(BaseModel):
     """Who to answer for: a known ``user_id``, or raw ``events`` (optionally with a ``user_id`` label)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     user_id: Id | None = None
     events: Annotated[list[EventIn], Field(min_length=1, max_length=MAX_EVENTS)] | None = None
 
@@ -98,6 +107,7 @@ _EVENTS_EXAMPLE = [
 class RecommendRequest(UserInput):
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,
         json_schema_extra={"examples": [{"user_id": "42", "k": 10}, {"events": _EVENTS_EXAMPLE, "k": 5}]},
     )
     k: Annotated[int, Field(ge=1, le=MAX_K)] = 10
@@ -130,6 +140,7 @@ class RecommendResponse(BaseModel):
 class NextActionsRequest(UserInput):
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,
         json_schema_extra={"examples": [{"user_id": "42", "method": "sample", "n_steps": 3, "top_p": 0.9}]},
     )
     method: Literal["greedy", "sample", "beam"] = "greedy"
@@ -159,7 +170,7 @@ class NextActionsResponse(BaseModel):
 
 
 class PropensityRequest(UserInput):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"user_id": "42"}]})
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [{"user_id": "42"}]})
 
 
 class PropensityResponse(BaseModel):
@@ -230,10 +241,10 @@ def create_app(
         max_body_size=max_body_bytes,  # 413 on larger bodies, streamed (chunked) ones included
     )
     app.state.service = state
+    app.add_middleware(ApiKeyGate, key=key)
     app.add_middleware(RequestContext)
     _add_error_handlers(app)
-    auth = _auth_dependency(key)
-    _add_routes(app, state, auth)
+    _add_routes(app, state)
     return app
 
 
@@ -323,7 +334,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
-        errors = [_describe(e) for e in exc.errors()]
+        errors = list(dict.fromkeys(_describe(e) for e in exc.errors()))  # one line per field and message
         return JSONResponse({"detail": "; ".join(errors), "errors": errors}, status_code=422)
 
     @app.exception_handler(BehaviorLMError)
@@ -331,25 +342,38 @@ def _add_error_handlers(app: FastAPI) -> None:
         return JSONResponse({"detail": str(exc)}, status_code=422)
 
 
+_UNION_TAGS = re.compile(r"^(int|float|str|bool|constrained-(int|float|str)|[a-z-]+\[.*\])$")
+
+
 def _describe(err: dict[str, Any]) -> str:
-    loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
-    return f"field '{loc}': {err.get('msg', 'invalid')}"
+    """``field 'a.b.0': message``; the union-branch tags pydantic adds to the path are left out."""
+    parts = [str(p) for p in err.get("loc", ()) if p != "body" and not _UNION_TAGS.match(str(p))]
+    return f"field '{'.'.join(parts) or 'body'}': {err.get('msg', 'invalid')}"
 
 
-def _auth_dependency(key: str):
-    async def check(request: Request) -> None:  # async: a sync dependency costs a thread hop
-        if not key:
-            return
-        given = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ")
-        if not hmac.compare_digest(given.encode(), key.encode()):
-            raise HTTPException(401, "missing or wrong API key (header X-API-Key or Authorization: Bearer)")
+class ApiKeyGate:
+    """Pure ASGI middleware: with a key configured, every ``/v1`` request must carry it
+    (``X-API-Key`` or ``Authorization: Bearer``). It answers 401 before the body is read, so an
+    unauthenticated client learns nothing about what a valid body looks like."""
 
-    return check
+    def __init__(self, app: Any, key: str):
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not self.key or not scope["path"].startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        given = headers.get(b"x-api-key") or headers.get(b"authorization", b"").removeprefix(b"Bearer ")
+        if hmac.compare_digest(given, self.key):
+            return await self.app(scope, receive, send)
+        body = json.dumps({"detail": "missing or wrong API key (header X-API-Key or Authorization: Bearer)"}).encode()
+        headers_out = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 401, "headers": headers_out})
+        await send({"type": "http.response.body", "body": body})
 
 
 # ---------------------------------------------------------------- routes
-def _add_routes(app: FastAPI, state: ServiceState, auth) -> None:
-    secured = [Depends(auth)]
+def _add_routes(app: FastAPI, state: ServiceState) -> None:
 
     @app.get("/health", tags=["ops"])
     async def health() -> dict[str, str]:
@@ -369,7 +393,7 @@ def _add_routes(app: FastAPI, state: ServiceState, auth) -> None:
             "loaded_at": state.loaded_at,
         }
 
-    @app.post("/v1/recommend", tags=["v1"], dependencies=secured, response_model=RecommendResponse)
+    @app.post("/v1/recommend", tags=["v1"], response_model=RecommendResponse)
     async def recommend(req: RecommendRequest) -> RecommendResponse:
         online = _ready(state)
         exclude = state.model.exclude_seen_ if req.exclude_seen is None else req.exclude_seen
@@ -397,17 +421,17 @@ def _add_routes(app: FastAPI, state: ServiceState, auth) -> None:
             res.rationales = await run_in_threadpool(_explain, state, req.user_id, ranked, events)
         return res
 
-    @app.post("/v1/next-actions", tags=["v1"], dependencies=secured, response_model=NextActionsResponse)
+    @app.post("/v1/next-actions", tags=["v1"], response_model=NextActionsResponse)
     async def next_actions(req: NextActionsRequest) -> NextActionsResponse:
         _ready(state)
         return await run_in_threadpool(_next_actions, state, req)
 
-    @app.post("/v1/propensity", tags=["v1"], dependencies=secured, response_model=PropensityResponse)
+    @app.post("/v1/propensity", tags=["v1"], response_model=PropensityResponse)
     async def propensity(req: PropensityRequest) -> PropensityResponse:
         row = await run_in_threadpool(_segment_row, state, req)
         return PropensityResponse(**{k: row[k] for k in PropensityResponse.model_fields})
 
-    @app.post("/v1/segment", tags=["v1"], dependencies=secured, response_model=SegmentResponse)
+    @app.post("/v1/segment", tags=["v1"], response_model=SegmentResponse)
     async def segment(req: PropensityRequest) -> SegmentResponse:
         row = await run_in_threadpool(_segment_row, state, req)
         if "tier" not in row:
@@ -437,17 +461,41 @@ def _request_events(state: ServiceState, req: UserInput) -> Events:
     """The request's events as a validated one-user log (errors name the row and column), with
     action names read through the model's own action map and unknown-action policy."""
     assert req.events is not None
-    stamps = [to_utc(e.timestamp, "timestamp") for e in req.events]
+    schema = state.model.input_schema_.canonical()
     uid = "request" if req.user_id is None else str(req.user_id)
     frame = pl.DataFrame(
         {
-            "user_id": [uid] * len(stamps),
+            "user_id": [uid] * len(req.events),
             "item_id": [str(e.item_id) for e in req.events],
             "event_type": [e.event_type for e in req.events],
-            "timestamp": pl.Series(stamps, dtype=pl.Datetime("us", "UTC")),
+            "timestamp": _request_times([e.timestamp for e in req.events], schema.time_unit, schema.plausible_times),
         }
     )
-    return validate_schema(frame, state.model.input_schema_.canonical(), duplicates="keep")
+    return validate_schema(frame, schema, duplicates="keep")
+
+
+def _request_times(values: list[str | float], time_unit: str, plausible_only: bool) -> pl.Series:
+    """Request timestamps by the same rules as files: numbers in the detected (or the model's)
+    unit, strings as ISO-8601, times before 1990 or after tomorrow refused; every failure is a
+    422 naming the field of the first bad event."""
+    numbers = [float(v) for v in values if not isinstance(v, str)]
+    texts = [v for v in values if isinstance(v, str)]
+    try:
+        nums = iter(parse_timestamps(pl.Series("timestamp", numbers, dtype=pl.Float64), time_unit)) if numbers else None
+    except InputDataError as e:
+        first = next(i for i, v in enumerate(values) if not isinstance(v, str))
+        raise HTTPException(422, f"field 'events.{first}.timestamp': {e.message}") from None
+    strs = iter(parse_timestamps(pl.Series("timestamp", texts, dtype=pl.String))) if texts else None
+    merged = [next(strs) if isinstance(v, str) else next(nums) for v in values]  # type: ignore[arg-type]
+    earliest, latest = EARLIEST, latest_plausible()
+    for i, t in enumerate(merged):
+        if t is None:
+            raise HTTPException(422, f"field 'events.{i}.timestamp': {values[i]!r} is not an ISO-8601 time or a number")
+        if plausible_only and not earliest <= t <= latest:
+            raise HTTPException(
+                422, f"field 'events.{i}.timestamp': {t:%Y-%m-%d %H:%M} is before {earliest:%Y} or after tomorrow"
+            )
+    return pl.Series("timestamp", merged, dtype=pl.Datetime("us", "UTC"))
 
 
 def _explain(state: ServiceState, user_id: Any, ranked: Any, events: Events | None) -> list[RationaleOut]:
@@ -503,7 +551,9 @@ def _segment_row(state: ServiceState, req: UserInput) -> dict[str, Any]:
     _ready(state)
     seg = state.segments
     if seg is None:
-        raise HTTPException(503, "propensity/segments are not configured: start the service with --segments DIR")
+        raise HTTPException(
+            501, "propensity/segments are off in this service: start it with --segments DIR (a segments folder)"
+        )
     base = {"user_id": req.user_id, "horizon": seg.horizon, "segments_date": seg.date}
     if req.events:
         ev = _request_events(state, req)
