@@ -18,7 +18,6 @@ shows it instead of a stack trace.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any
 import polars as pl
 
 from behaviorlm.segments import store
+from behaviorlm.segments.tiers import SegmentAssigner
 
 DEFAULT_OUTPUTS = Path("data/outputs")
 TIERS = ("Low", "Medium", "High")
@@ -83,7 +83,8 @@ def load_partition(outputs: Path, date: str) -> Partition:
     if missing:
         raise DashboardDataError(f"{folder / 'users.parquet'} lacks columns {sorted(missing)}; rerun the batch job.")
     meta = store.read_record(folder) or {}
-    edges = json.loads((folder / store.ASSIGNER).read_text())["edges"] if (folder / store.ASSIGNER).exists() else None
+    assigner = folder / store.ASSIGNER
+    edges = SegmentAssigner.load(assigner).edges if assigner.exists() else None
     parts = sorted((outputs / "scores" / f"date={date}").glob("part-*.parquet"))
     return Partition(
         date=date,

@@ -175,5 +175,6 @@ class SegmentsFolder:
         users = pl.read_parquet(d / USERS) if (d / USERS).exists() else None
         assigner = SegmentAssigner.load(d / ASSIGNER) if (d / ASSIGNER).exists() else None
         by_user = {str(r["user_id"]): r for r in users.iter_rows(named=True)} if users is not None else {}
-        date = d.name.removeprefix("date=") if d.name.startswith("date=") else str(read_record(d).get("date", d.name))
-        return cls(d, date, read_record(d) or {}, models, users, assigner, by_user)
+        record = read_record(d) or {}
+        date = d.name.removeprefix("date=") if d.name.startswith("date=") else str(record.get("date", d.name))
+        return cls(d, date, record, models, users, assigner, by_user)
