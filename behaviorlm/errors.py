@@ -42,3 +42,7 @@ class NotFittedError(BehaviorLMError, RuntimeError):
 
 class ModelFormatError(BehaviorLMError):
     """A model directory (or another saved artifact) that is missing, incomplete or of another format version."""
+
+
+class MissingExtraError(BehaviorLMError, ImportError):
+    """An optional part was used without its extra installed (``pip install 'behaviorlm[serve]'``)."""

@@ -97,9 +97,9 @@ def profile_heatmap(profiles: pl.DataFrame, path: str | Path, columns: Sequence[
 def embedding_map(coords: np.ndarray, labels: Sequence[Any], path: str | Path, title: str = "") -> Path:
     """2-D map of user embeddings coloured by segment."""
     fig, ax = plt.subplots(figsize=(6, 5))
-    labels = np.asarray([str(x) for x in labels])
-    for lab in sorted(set(labels)):
-        m = labels == lab
+    names = np.asarray([str(x) for x in labels])
+    for lab in sorted(set(names)):
+        m = names == lab
         ax.scatter(coords[m, 0], coords[m, 1], s=6, alpha=0.6, label=f"{lab} ({m.sum()})", color=TIER_COLOURS.get(lab))
     ax.set(xlabel="component 1", ylabel="component 2", title=title)
     ax.legend(fontsize=7, markerscale=2)

@@ -25,7 +25,10 @@ INJECTED_ITEM = "999999"
 
 def _data(messages: list[dict[str, str]]) -> dict[str, Any]:
     first_user = next(m["content"] for m in messages if m["role"] == "user")
-    return json.loads(re.search(r"<data>\n(.*)\n</data>", first_user, re.S).group(1))
+    found = re.search(r"<data>\n(.*)\n</data>", first_user, re.S)
+    if found is None:
+        raise ValueError("the prompt carries no <data> block")
+    return json.loads(found.group(1))
 
 
 def _good(data: dict[str, Any]) -> dict[str, Any]:

@@ -6,7 +6,7 @@ import argparse
 import subprocess
 import sys
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import polars as pl
@@ -15,6 +15,8 @@ from behaviorlm.data.events import Events
 from behaviorlm.data.loading import load_events as load_source
 from behaviorlm.data.schema import InputSchema
 from behaviorlm.errors import BehaviorLMError, ConfigurationError
+
+UTC = timezone.utc  # datetime.UTC is 3.11+
 
 
 def code_version() -> str:

@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--master", default="local[2]")
     args = ap.parse_args(argv)
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # local workers: this environment's python
+    from behaviorlm.extras import require_extra
+
+    require_extra("spark", "pipelines.spark_score")
     from pyspark.sql import SparkSession
 
     from behaviorlm.tracking import setup

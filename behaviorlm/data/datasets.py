@@ -16,6 +16,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 
@@ -55,7 +56,7 @@ class Dataset:
 class _SharedSpec:
     folder: str
     items_file: str | None = None
-    items_cols: dict[str, str | None] | None = None
+    items_cols: dict[str, Any] | None = None
     inline_item_cols: dict[str, str] | None = None  # item attributes carried on event rows
     duplicates: str = "drop"  # "keep" where timestamps are too coarse to tell repeats apart
 

@@ -17,13 +17,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
 import polars as pl
 
 from behaviorlm.data.schema import ActionPolicy, ColumnMapping, InputSchema
-from behaviorlm.data.timestamps import EARLIEST, latest_plausible, parse_timestamps
+from behaviorlm.data.timestamps import EARLIEST, last_time, latest_plausible, parse_timestamps
 from behaviorlm.errors import InputDataError
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,11 @@ class Events:
     @property
     def actions(self) -> list[str]:
         return sorted(self.df["event_type"].unique().to_list())
+
+    @property
+    def end(self) -> datetime:
+        """The last event's time (validated logs are never empty, so this is always a datetime)."""
+        return last_time(self.df["timestamp"])
 
     def derive(self, df: pl.DataFrame, note: str) -> Events:
         """Wrap a subset of these (already validated) events without validating them again."""

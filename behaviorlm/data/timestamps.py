@@ -8,12 +8,14 @@ times in ``time_unit``" hold everywhere alike.
 from __future__ import annotations
 
 import time
-from datetime import UTC, date, datetime, timedelta
-from typing import Any
+from datetime import date, datetime, timedelta, timezone
+from typing import Any, cast
 
 import polars as pl
 
 from behaviorlm.errors import InputDataError
+
+UTC = timezone.utc  # datetime.UTC is 3.11+
 
 TIME_UNITS = {"s": 1_000_000, "ms": 1_000, "us": 1, "ns": 0.001}  # microseconds per unit
 AUTO = "auto"
@@ -45,6 +47,14 @@ def latest_plausible() -> datetime:
     return datetime.fromtimestamp(time.time(), UTC) + timedelta(days=1)
 
 
+def last_time(column: pl.Series) -> datetime:
+    """The latest value of a ``Datetime`` column as an aware datetime, typed for time arithmetic."""
+    value = column.max()
+    if not isinstance(value, datetime):
+        raise InputDataError(f"column {column.name!r} holds no timestamps")
+    return value
+
+
 def plausible_range(unit: str) -> tuple[float, float]:
     """The values a plausible event time takes in ``unit`` (1990 to tomorrow)."""
     per_s = 1e6 / TIME_UNITS[unit]
@@ -54,7 +64,7 @@ def plausible_range(unit: str) -> tuple[float, float]:
 def detect_time_unit(values: pl.Series, column: str) -> str:
     """The unit whose plausible range holds the median magnitude; the ranges of s, ms, us and ns
     are a factor of 1000 apart and never overlap, so at most one fits."""
-    median = values.cast(pl.Float64).abs().median()
+    median = cast("float | None", values.cast(pl.Float64).abs().median())  # a Float64 median
     if median is None:
         return "s"
     for unit in TIME_UNITS:
@@ -63,7 +73,7 @@ def detect_time_unit(values: pl.Series, column: str) -> str:
             return unit
     ranges = ", ".join(f"{u} [{lo:.2g}, {hi:.2g}]" for u in TIME_UNITS for lo, hi in [plausible_range(u)])
     raise InputDataError(
-        f"column {column!r}: numeric timestamps from {values.min()} to {values.max()} (median {median:.6g}) "
+        f"column {column!r}: numeric timestamps from {values.min()!s} to {values.max()!s} (median {median:.6g}) "
         f"fit no unit of unix time between 1990 and tomorrow ({ranges})",
         hint="pass time_unit='s' (or 'ms', 'us', 'ns') and plausible_times=False for older or synthetic times",
         cli_hint="pass --time-unit s|ms|us|ns, and --any-time for times before 1990 or in the future",

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from behaviorlm.data.events import Events
+from behaviorlm.data.events import Events, read_table
 from behaviorlm.errors import ConfigurationError, InputDataError
 from behaviorlm.evaluation.baselines import CooccurrenceBaseline, PopularityBaseline, Scorer, catalog_index
 from behaviorlm.evaluation.metrics import (
@@ -40,6 +40,12 @@ class EvaluationReport:
             "paired_vs_baselines": self.paired,
             "protocol": self.protocol,
         }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EvaluationReport:
+        """The inverse of :meth:`to_dict` (a ``metrics.json`` read back for a summary)."""
+        rest = {k: v for k, v in d.items() if k not in ("baselines", "paired_vs_baselines", "protocol")}
+        return cls(d["protocol"], rest, d.get("baselines", {}), d.get("paired_vs_baselines", {}))
 
     def rows(self) -> list[tuple[str, dict[str, Any]]]:
         return [("behaviorlm", self.model), *self.baselines.items()]
@@ -93,7 +99,7 @@ def evaluate(
     results = {"behaviorlm": summarise(ur, k, len(catalog), n_boot)}
     model_metrics = per_user_metrics(ur.ranks, k)
     base_results, paired = {}, {}
-    factories = {"popularity": PopularityBaseline, "cooccurrence": CooccurrenceBaseline}
+    factories: dict[str, type[Any]] = {"popularity": PopularityBaseline, "cooccurrence": CooccurrenceBaseline}
     for name in baselines:
         base = factories[name]().fit(split.train, catalog)
         bur = rank_targets(base, ho, catalog, k, exclude_seen, seen)
@@ -120,7 +126,7 @@ def _add_action_accuracy(model: Any, train: Events, ho: Holdout, ur: UserRanks) 
     """Next-action-type accuracy, when the scorer predicts action types and training has several."""
     if not hasattr(model, "next_action_proba") or train.df["event_type"].n_unique() < 2:
         return
-    proba = model.next_action_proba(events=ho.inputs)
+    proba = read_table(model.next_action_proba(events=ho.inputs), "next-action probabilities")  # any set_output
     pred = proba.select("user_id", pl.col("predicted_action"))
     joined = ho.targets.select("user_id", "event_type").join(pred, on="user_id", how="left")
     lookup = dict(

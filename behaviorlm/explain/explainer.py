@@ -321,8 +321,10 @@ class LLMConfig:
             "max_retries": os.environ.get("BEHAVIORLM_LLM_MAX_RETRIES"),
             "concurrency": os.environ.get("BEHAVIORLM_LLM_CONCURRENCY"),
         }
-        kw = {k: type(getattr(cls(), k))(v) if v is not None and k != "base_url" else v for k, v in env.items()}
-        kw = {k: v for k, v in kw.items() if v is not None} | {k: v for k, v in overrides.items() if v is not None}
+        typed: dict[str, Any] = {
+            k: type(getattr(cls(), k))(v) if v is not None and k != "base_url" else v for k, v in env.items()
+        }
+        kw = {k: v for k, v in typed.items() if v is not None} | {k: v for k, v in overrides.items() if v is not None}
         return cls(**kw)
 
     @property
@@ -448,7 +450,7 @@ class LLMExplainer:
         return self._client
 
     def explain(self, ctx: UserContext) -> list[Rationale]:
-        key = self.cache.key(ctx, self.config.model) if self.cache else None
+        key = self.cache.key(ctx, self.config.model) if self.cache else ""
         cached = self.cache.get(key) if self.cache else None
         if cached is not None:
             self.stats.add(users=1, items=len(cached), cached_users=1)

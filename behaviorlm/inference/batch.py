@@ -18,7 +18,7 @@ import os
 import resource
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +32,8 @@ from behaviorlm.data.events import Events, events_digest, require_events
 from behaviorlm.data.io import atomic_path, write_text_atomic
 from behaviorlm.errors import ConfigurationError
 from behaviorlm.inference.engine import NO_SEEN, InferenceEngine
+
+UTC = timezone.utc  # datetime.UTC is 3.11+
 
 
 @dataclass

@@ -130,14 +130,18 @@ class InferenceEngine:
         return torch.log_softmax(self.network.item_logits(h, next_actions), -1)
 
     def iter_scores(
-        self, enc: EncodedSequences, action: str | None = None, batch_size: int = 128, with_items: bool = True
-    ) -> Iterator[tuple[slice, torch.Tensor | None, torch.Tensor]]:
-        """Yield (row slice, item log-probs (B, n_items) or ``None``, action log-probs (B, n_actions))."""
+        self, enc: EncodedSequences, action: str | None = None, batch_size: int = 128
+    ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
+        """Yield (row slice, item log-probs (B, n_items), action log-probs (B, n_actions))."""
         a_id = self.action_id(action)
-        for start in range(0, len(enc), batch_size):
-            rows = slice(start, min(start + batch_size, len(enc)))
+        for rows in self._batches(enc, batch_size):
             h, a_logp = self.heads(enc, rows)
-            yield rows, self.item_logp(h, a_logp, a_id) if with_items else None, a_logp
+            yield rows, self.item_logp(h, a_logp, a_id), a_logp
+
+    @staticmethod
+    def _batches(enc: EncodedSequences, batch_size: int) -> Iterator[slice]:
+        for start in range(0, len(enc), batch_size):
+            yield slice(start, min(start + batch_size, len(enc)))
 
     @torch.inference_mode()
     def joint_step_logp(self, enc: EncodedSequences) -> torch.Tensor:
@@ -155,12 +159,12 @@ class InferenceEngine:
         """L2-normalised hidden state after each user's latest event, (users, dim)."""
         if not len(enc):
             return np.zeros((0, self.dim), np.float32)
-        parts = [self.heads(enc, slice(s, min(s + batch_size, len(enc))))[0] for s in range(0, len(enc), batch_size)]
+        parts = [self.heads(enc, rows)[0] for rows in self._batches(enc, batch_size)]
         return torch.nn.functional.normalize(torch.cat(parts), dim=1).numpy()
 
     def action_proba(self, enc: EncodedSequences, batch_size: int = 128) -> np.ndarray:
         """``P(next action)`` per user over :attr:`action_names`, (users, actions)."""
-        blocks = [a[:, N_SPECIAL:].exp().numpy() for _, _, a in self.iter_scores(enc, None, batch_size, False)]
+        blocks = [self.heads(enc, rows)[1][:, N_SPECIAL:].exp().numpy() for rows in self._batches(enc, batch_size)]
         return np.concatenate(blocks) if blocks else np.zeros((0, len(self.action_names)), np.float32)
 
     # ------------------------------------------------------------------ masks and top-k

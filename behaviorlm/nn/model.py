@@ -159,7 +159,8 @@ class BehaviorTransformer(nn.Module):
             return self.ln_f(x)
         for block in self.blocks[:-1]:
             x = block(x)
-        return self.ln_f(self.blocks[-1].forward_at(x, last))
+        last_block: Block = self.blocks[-1]  # type: ignore[assignment]  # ModuleList indexes as Module
+        return self.ln_f(last_block.forward_at(x, last))
 
     def action_logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.action_head(h)

@@ -202,7 +202,8 @@ def _sampled_softmax_loss(model, h, next_action, target, n_neg, gen) -> torch.Te
 
 def _optimizer(model: BehaviorTransformer, cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW; weight decay on matrices only (not on biases, LayerNorms or embeddings)."""
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, p in model.named_parameters():
         (decay if p.dim() >= 2 and "emb" not in name else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -70,7 +70,7 @@ class Calibrator:
                 pred[te] = Calibrator(method).fit(scores[tr], y[tr]).predict(scores[te])
             loss[method] = brier_score_loss(y, pred)
         self.cv_brier_ = loss
-        return min(loss, key=loss.get)
+        return min(loss, key=loss.__getitem__)
 
     def _fit_method(self, method: str, scores: np.ndarray, y: np.ndarray) -> None:
         if method == "isotonic":

@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import polars as pl
@@ -67,7 +67,7 @@ class ExampleSet:
         for s in sets:
             exs.append(s.examples.with_columns(pl.col("example_id") + offset))
             ins.append(s.inputs.with_columns(pl.col("example_id") + offset))
-            offset += int(s.examples["example_id"].max() or 0) + 1 if len(s) else 0
+            offset += cast(int, s.examples["example_id"].max()) + 1 if len(s) else 0
         info = {"parts": [s.info for s in sets]}
         return ExampleSet(pl.concat(exs, how="vertical_relaxed"), pl.concat(ins, how="vertical_relaxed"), info)
 
@@ -223,7 +223,7 @@ def propensity_split(
     """
     ev = as_events(events)
     h = parse_duration(horizon)
-    end = ev.df["timestamp"].max()
+    end = ev.end
     t_test = to_utc(test_cutoff, "test cutoff") if test_cutoff is not None else end - h + timedelta(microseconds=1)
     if t_test + h > end + timedelta(microseconds=1):
         raise EventsError(
@@ -249,7 +249,7 @@ def propensity_split(
 def scoring_examples(events: Events | Any, at: Any = None) -> ExampleSet:
     """Unlabelled examples "as of ``at``" (default: just after the last event) for every user."""
     ev = as_events(events)
-    t = ev.df["timestamp"].max() + timedelta(microseconds=1) if at is None else to_utc(at, "as-of time")
+    t = ev.end + timedelta(microseconds=1) if at is None else to_utc(at, "as-of time")
     ex, inputs = _as_of(ev.df, t, pl.lit(None))
     return ExampleSet(ex, inputs, {"as_of": str(t)})
 

@@ -70,8 +70,8 @@ def encode_examples(tok: ActionTokenizer, ex: ExampleSet, max_len: int, query: b
     lens = enc.lengths()
     keep_lens = np.minimum(lens, room)
     ends = enc.offsets[1:]
-    idx = np.concatenate([np.arange(e - k, e) for e, k in zip(ends, keep_lens, strict=True)]) if len(lens) else []
-    idx = np.asarray(idx, np.int64)
+    parts = [np.arange(e - k, e) for e, k in zip(ends, keep_lens, strict=True)]
+    idx = np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
     items, actions, gaps = enc.items[idx], enc.actions[idx], enc.gaps[idx]
     new_lens = keep_lens
     if query:
@@ -89,8 +89,9 @@ def encode_examples(tok: ActionTokenizer, ex: ExampleSet, max_len: int, query: b
     return EncodedSequences(enc.user_ids, offsets, items, actions, gaps)
 
 
-def _padded(enc: EncodedSequences, rows: np.ndarray) -> tuple[torch.Tensor, ...]:
-    return tuple(torch.from_numpy(a) for a in enc.padded(rows))
+def _padded(enc: EncodedSequences, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    items, actions, gaps, last = enc.padded(rows)
+    return torch.from_numpy(items), torch.from_numpy(actions), torch.from_numpy(gaps), torch.from_numpy(last)
 
 
 # --------------------------------------------------------------------------- scorers
@@ -110,6 +111,8 @@ class HeuristicScorer:
 
 class LightGBMScorer:
     """Gradient boosting on hand-made features, early-stopped on validation log-loss."""
+
+    feature_names_: list[str]  # learned by the first call of _x (fit)
 
     def __init__(
         self,
@@ -167,7 +170,7 @@ class LightGBMScorer:
         return self
 
     def decision_function(self, ex: ExampleSet) -> np.ndarray:
-        return self.booster_.predict(self._x(ex), num_iteration=self.best_iteration_)
+        return np.asarray(self.booster_.predict(self._x(ex), num_iteration=self.best_iteration_))
 
     def feature_importance(self) -> pl.DataFrame:
         gain = self.booster_.feature_importance("gain", iteration=self.best_iteration_)
@@ -263,7 +266,8 @@ class TransformerScorer:
         self.net_ = PropensityHead(copy.deepcopy(self.backbone.model_))
         enc, y = self._encode(train), torch.tensor(train.labels, dtype=torch.float32)
         venc, vy = self._encode(valid), valid.labels
-        opt, best, bad, t0 = self._optimizer(self.net_), (-1.0, None), 0, time.perf_counter()
+        best: tuple[float, dict[str, Any] | None] = (-1.0, None)
+        opt, bad, t0 = self._optimizer(self.net_), 0, time.perf_counter()
         self.history_: list[dict[str, float]] = []
         for epoch in tqdm(range(self.epochs), desc="fine-tune", disable=not self.progress):
             loss = self._epoch(enc, y, opt, rng)
@@ -443,7 +447,7 @@ class PropensityModel:
     def fit(self, events: Events | Any, backbone: BehaviorLM | None = None, items: Any = None) -> PropensityModel:
         ev, p = as_events(events), self.params
         self.items_ = items if items is None or isinstance(items, pl.DataFrame) else pl.DataFrame(items)
-        end = ev.df["timestamp"].max() + timedelta(microseconds=1)
+        end = ev.end + timedelta(microseconds=1)
         train, valid, cutoffs = training_windows(
             ev, end, p["horizon"], p["target"], p["action"], p["n_windows"], p["stride"], p["valid_frac"], p["seed"]
         )
@@ -508,12 +512,17 @@ def user_propensities(
     seed: int = 0,
 ) -> tuple[pl.DataFrame, dict[str, PropensityModel]]:
     """``user_id, as_of, propensity, churn_propensity`` for every user, and the two fitted models."""
-    table, models = None, {}
-    for target, column in (("conversion", "propensity"), ("churn", "churn_propensity")):
+    targets: tuple[tuple[Target, str], ...] = (("conversion", "propensity"), ("churn", "churn_propensity"))
+    tables: list[pl.DataFrame] = []
+    models: dict[str, PropensityModel] = {}
+    for target, column in targets:
         pm = PropensityModel(method, target, horizon=horizon, n_windows=n_windows, seed=seed).fit(
             events, backbone, items
         )
         scores = pm.predict(events, at=at, column=column)
-        table = scores if table is None else table.join(scores.drop("as_of"), on="user_id")
+        tables.append(scores if not tables else scores.drop("as_of"))
         models[column] = pm
+    table = tables[0]
+    for other in tables[1:]:
+        table = table.join(other, on="user_id")
     return table, models

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import polars as pl
@@ -27,7 +27,7 @@ from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA
 from sklearn.metrics import silhouette_score
 
-from behaviorlm.data.events import Events, EventsError, as_events
+from behaviorlm.data.events import Events, EventsError, as_events, read_table
 from behaviorlm.segments import store
 from behaviorlm.segments.tiers import DEFAULT_BINS, DEFAULT_TIERS, SegmentAssigner, assign_tiers, quantile_bins
 
@@ -48,8 +48,8 @@ PROFILE_METRICS = (
 class Clustering:
     labels: np.ndarray
     k: int
-    silhouette: dict[int, float] = field(default_factory=dict)
-    centers: np.ndarray | None = None
+    silhouette: dict[int, float]
+    centers: np.ndarray
 
 
 def cluster_embeddings(
@@ -72,7 +72,7 @@ def cluster_embeddings(
         fits[c] = km
         if len(set(km.labels_)) > 1:
             scores[c] = float(silhouette_score(emb, km.labels_, sample_size=min(n, sample), random_state=seed))
-    best = k if k is not None else max(scores, key=scores.get)
+    best = k if k is not None else max(scores, key=scores.__getitem__)
     return Clustering(fits[best].labels_.astype(np.int64), best, scores, fits[best].cluster_centers_)
 
 
@@ -99,7 +99,7 @@ def segment_users(
             raise EventsError(f"propensity table: missing column {col!r} (has {propensity.columns})")
     users = propensity.with_columns(assign_tiers(propensity["propensity"], bins, labels))
     emb_users = embeddings.join(users.select("user_id"), on="user_id", how="semi")
-    matrix = np.stack(emb_users["embedding"].to_numpy()) if emb_users.height else np.zeros((0, 1))
+    matrix = np.stack(list(emb_users["embedding"].to_numpy())) if emb_users.height else np.zeros((0, 1))
     clustering = cluster_embeddings(matrix, k, seed=seed)
     coords = embedding_coords(matrix, seed)
     clusters = pl.DataFrame(
@@ -223,8 +223,8 @@ class SegmentOutputs:
     profiles: pl.DataFrame
     clustering: Clustering
     assigner: SegmentAssigner
-    activity: pl.DataFrame | None = None
-    recent_events: pl.DataFrame | None = None
+    activity: pl.DataFrame
+    recent_events: pl.DataFrame
     files: dict[str, Path] = field(default_factory=dict)
 
 
@@ -247,8 +247,9 @@ def run_segmentation(
     ``_SUCCESS`` last, holding ``record`` (plan, provenance) and the run's summary.
     """
     ev = est.validate_input(events)
-    users, clustering = segment_users(propensity, est.embed(events=ev), k, bins, seed=seed)
-    mix = est.next_action_proba(events=ev)
+    embeddings = read_table(est.embed(events=ev), "embeddings")  # polars whatever est.set_output says
+    users, clustering = segment_users(propensity, embeddings, k, bins, seed=seed)
+    mix = read_table(est.next_action_proba(events=ev), "next-action probabilities")
     items = items if items is not None else getattr(est, "items_", None)
     by_cluster = users.with_columns(pl.col("cluster").cast(pl.String))
     profiles = pl.concat(
@@ -258,8 +259,9 @@ def run_segmentation(
         ],
         how="diagonal_relaxed",
     )
-    edges = quantile_bins(users["propensity"].to_numpy()) if bins == "quantile" else list(bins)
-    assigner = SegmentAssigner(list(map(float, edges)), list(DEFAULT_TIERS), clustering.centers)
+    chosen = quantile_bins(users["propensity"].to_numpy()) if bins == "quantile" else bins
+    edges = [float(e) for e in chosen]
+    assigner = SegmentAssigner(edges, list(DEFAULT_TIERS), clustering.centers)
     res = SegmentOutputs(users, profiles, clustering, assigner, *user_activity(ev, items))
     if out_dir is not None:
         store.begin(out_dir)
@@ -269,7 +271,7 @@ def run_segmentation(
         summary = {
             "users": users.height,
             "clusters": clustering.k,
-            "mean_propensity": float(users["propensity"].mean()),
+            "mean_propensity": cast(float, users["propensity"].mean()),
         }
         store.finish(out_dir, {**(record or {}), "summary": {**(record or {}).get("summary", {}), **summary}})
     return res

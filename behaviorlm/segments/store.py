@@ -100,7 +100,7 @@ def read_users(folder: str | Path) -> pl.DataFrame | None:
 
 def write_segmentation(
     folder: str | Path,
-    tables: Mapping[str, pl.DataFrame | None],
+    tables: Mapping[str, pl.DataFrame],
     assigner: SegmentAssigner,
     bins: Sequence[float],
     metrics: Sequence[str],

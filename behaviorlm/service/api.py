@@ -36,21 +36,28 @@ import secrets
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
 import polars as pl
-from fastapi import FastAPI, HTTPException, Request
-from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from behaviorlm.data.events import Events, validate_schema
 from behaviorlm.data.timestamps import EARLIEST, latest_plausible, parse_timestamps
 from behaviorlm.errors import BehaviorLMError, InputDataError
+from behaviorlm.extras import missing_extra
 from behaviorlm.segments.store import SegmentsFolder
+
+try:
+    from fastapi import FastAPI, HTTPException, Request
+    from fastapi.concurrency import run_in_threadpool
+    from fastapi.responses import JSONResponse
+except ImportError as exc:  # the service is an extra: say which, not a bare ModuleNotFoundError
+    raise missing_extra("serve", "the HTTP service (behaviorlm serve)", exc) from exc
+
+UTC = timezone.utc  # datetime.UTC is 3.11+
 
 log = logging.getLogger("behaviorlm.service.api")
 
@@ -98,7 +105,7 @@ class UserInput(BaseModel):
         return self
 
 
-_EVENTS_EXAMPLE = [
+_EVENTS_EXAMPLE: list[Any] = [
     {"item_id": "1", "event_type": "view", "timestamp": "2024-05-01T10:00:00Z"},
     {"item_id": "2", "event_type": "add_to_cart", "timestamp": "2024-05-01T10:03:00Z"},
 ]
@@ -435,8 +442,9 @@ def _add_routes(app: FastAPI, state: ServiceState) -> None:
     async def segment(req: PropensityRequest) -> SegmentResponse:
         row = await run_in_threadpool(_segment_row, state, req)
         if "tier" not in row:
+            folder = state.segments.folder if state.segments is not None else "the segments folder"
             raise HTTPException(
-                404, f"{state.segments.folder} has propensity models but no tiers or clusters: run `behaviorlm segment`"
+                404, f"{folder} has propensity models but no tiers or clusters: run `behaviorlm segment`"
             )
         return SegmentResponse(**row)
 
