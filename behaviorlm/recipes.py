@@ -66,6 +66,15 @@ class Recipe:
         return {**BASE_PARAMS, **self.overrides}
 
 
+_CLICKSTREAM_SMALL = {
+    "max_len": 100,
+    "epochs": 40,
+    "batch_size": 32,
+    "loss": "auto",
+    "n_negatives": 4096,
+    "patience": 8,
+}
+
 _RECIPES: tuple[Recipe, ...] = (
     Recipe(
         "ml-1m",
@@ -81,8 +90,17 @@ _RECIPES: tuple[Recipe, ...] = (
         "Multi-action clickstreams with a catalog much larger than the user base (Taobao sample: 814 "
         "users, 55k items): short windows, small batches for enough optimiser steps, sampled softmax "
         "above 20k items, patience for a slow start.",
-        {"max_len": 100, "epochs": 40, "batch_size": 32, "loss": "auto", "n_negatives": 4096, "patience": 8},
+        _CLICKSTREAM_SMALL,
         "benchmarks/RESULTS.md section 1b: Taobao leave-one-out NDCG@10 0.0440 vs co-occurrence 0.0325",
+    ),
+    Recipe(
+        "clickstream-quick",
+        1,
+        "clickstream-small on a demo budget: 15 epochs at a higher learning rate, so the whole batch "
+        "pipeline runs in about 5 minutes on 2 cores. It does not reach the full recipe's quality.",
+        {**_CLICKSTREAM_SMALL, "epochs": 15, "lr": 5e-3},
+        "make demo (Taobao sample): 20 epochs at lr 5e-3 reach NDCG@10 0.013 vs 0.0008 at the default lr "
+        "after 12; the full clickstream-small recipe reaches 0.044 (co-occurrence 0.0325)",
     ),
     Recipe(
         "quick",

@@ -20,7 +20,7 @@ import logging
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import polars as pl
 import torch
@@ -133,6 +133,19 @@ class BehaviorLM:
             setattr(self, name, value)
         self._check_params()
         return self
+
+    def set_output(self, *, transform: Literal["polars", "pandas"] | None = None) -> BehaviorLM:
+        """Choose the frame type that ``recommend``, ``next_action_proba``, ``embed`` and
+        ``generate`` return (scikit-learn's ``set_output``): ``"pandas"`` for analysts whose
+        tooling is pandas, ``"polars"`` (the default) otherwise. Inputs accept either always."""
+        if transform not in (None, "polars", "pandas"):
+            raise ConfigurationError(f"set_output(transform=...) must be 'polars' or 'pandas', got {transform!r}")
+        self._output = transform or "polars"
+        return self
+
+    def _frame(self, df: pl.DataFrame) -> Any:
+        """``df`` in the frame type chosen by :meth:`set_output` (polars unless asked otherwise)."""
+        return df.to_pandas() if getattr(self, "_output", "polars") == "pandas" else df
 
     @property
     def params(self) -> dict[str, Any]:
@@ -285,7 +298,7 @@ class BehaviorLM:
             log.info("recommend: %d user(s) without events get popular items (cold start)", len(cold))
             frames.append(engine.popular(cold, k, allowed))
         frames = [f for f in frames if f.height]
-        return pl.concat(frames, how="vertical_relaxed") if frames else pl.DataFrame(schema=FRAME_SCHEMA)
+        return self._frame(pl.concat(frames, how="vertical_relaxed") if frames else pl.DataFrame(schema=FRAME_SCHEMA))
 
     def next_action_proba(
         self, users: list[Any] | None = None, *, events: Any = None, batch_size: int = 128
@@ -297,14 +310,14 @@ class BehaviorLM:
         out = pl.DataFrame({"user_id": enc.user_ids}) if len(enc) else pl.DataFrame({"user_id": []})
         out = out.with_columns(**{f"p_{a}": probs[:, j] for j, a in enumerate(names)})
         pred = [names[j] for j in probs.argmax(1)] if len(probs) else []
-        return out.with_columns(predicted_action=pl.Series(pred, dtype=pl.String))
+        return self._frame(out.with_columns(predicted_action=pl.Series(pred, dtype=pl.String)))
 
     def embed(self, users: list[Any] | None = None, *, events: Any = None) -> pl.DataFrame:
         """``user_id`` plus the L2-normalised hidden state after each user's latest event."""
         enc, _, _ = self._encode_users(users, events)
         if len(enc) == 0:
             raise InputDataError("no user has events to embed")
-        return pl.DataFrame({"user_id": enc.user_ids, "embedding": self.engine.embeddings(enc)})
+        return self._frame(pl.DataFrame({"user_id": enc.user_ids, "embedding": self.engine.embeddings(enc)}))
 
     def generate(self, users: list[Any] | None = None, *, events: Any = None, **decode_kwargs: Any) -> pl.DataFrame:
         """Decode the next actions as (action, item) trajectories; see :mod:`behaviorlm.inference.decoding`.
@@ -317,7 +330,7 @@ class BehaviorLM:
 
         cfg = DecodeConfig(**decode_kwargs)
         enc, _, _ = self._encode_users(users, events)
-        return decode(self.engine, enc, cfg)
+        return self._frame(decode(self.engine, enc, cfg))
 
     def score(self, inputs: Events, users: list[Any], catalog: pl.Series, chunk: int = 256):
         """Scorer protocol for :mod:`behaviorlm.evaluation`: log-probs over ``catalog``."""

@@ -24,12 +24,13 @@ from typing import Any
 
 import pandas as pd
 
+from behaviorlm import __version__
 from behaviorlm.data.datasets import data_dir
 from behaviorlm.errors import InputDataError
 
 MODEL_NAME = "behaviorlm"
 CHAMPION_URI = f"models:/{MODEL_NAME}@champion"
-PREDICT_PARAMS = {"k": 10, "exclude_seen": True, "format": "long", "explain": False}
+PREDICT_PARAMS: dict[str, Any] = {"k": 10, "exclude_seen": True, "format": "long", "explain": False}
 EVENT_COLUMNS = ("user_id", "item_id", "event_type", "timestamp")
 
 
@@ -60,7 +61,7 @@ def setup(experiment: str = "behaviorlm") -> str:
 try:  # the class must subclass PythonModel, but importing this module must not need mlflow
     from mlflow.pyfunc import PythonModel as _PythonModel
 except ImportError:  # pragma: no cover - mlflow is a dependency; this keeps the import cheap elsewhere
-    _PythonModel = object
+    _PythonModel = object  # type: ignore[misc,assignment]
 
 
 class BehaviorLMPyfunc(_PythonModel):
@@ -165,6 +166,8 @@ def log_model(model: Any, model_dir: str | Path, name: str = "model", registered
     example = pd.DataFrame({"user_id": users})
     output = predict_frame(model, example, {"k": 3})
     signature = infer_signature(example, output, params=PREDICT_PARAMS)
+    if mlflow.active_run() is not None:  # which library wrote the run, beside the model's own manifest
+        mlflow.set_tag("behaviorlm_version", __version__)
     return mlflow.pyfunc.log_model(
         name=name,
         python_model=BehaviorLMPyfunc(),

@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from provenance import write_json
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "out"
 RECIPE = {
@@ -157,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
     print(f"identical: {summary.get('identical', summary.get('identical_output'))}")
     OUT.mkdir(exist_ok=True)
-    (OUT / f"ab_{args.command}.json").write_text(json.dumps(summary, indent=2))
+    write_json(OUT / f"ab_{args.command}.json", summary)
     return summary
 
 

@@ -38,6 +38,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import polars as pl
+from provenance import write_json
 
 OUT = Path(__file__).parent / "out"
 ROOT = Path(__file__).resolve().parents[1]
@@ -216,7 +217,7 @@ def main() -> None:
     OUT.mkdir(exist_ok=True)
     m = Path(args.model)
     path = OUT / f"api_load_{m.parent.name if m.name == 'model' else m.name}.json"  # outputs/taobao/model -> taobao
-    path.write_text(json.dumps(report, indent=2))
+    write_json(path, report)
     print(f"wrote {path}")
 
 

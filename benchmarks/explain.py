@@ -21,13 +21,13 @@ Prints a table and writes ``benchmarks/out/explain_<dataset>.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from pathlib import Path
 
 import numpy as np
 import polars as pl
+from provenance import write_json
 
 from behaviorlm.data.datasets import load_dataset
 from behaviorlm.explain import (
@@ -137,7 +137,7 @@ def main() -> None:
     env = {"python": platform.python_version(), "machine": platform.machine()}
     payload = {"dataset": args.dataset, "args": vars(args), "env": env, "train_s": train_s, "results": results}
     path = OUT / f"explain_{args.dataset}.json"
-    path.write_text(json.dumps(payload, indent=2, default=str))
+    write_json(path, payload)
     print(f"wrote {path}")
 
 

@@ -10,7 +10,6 @@ CIs, training curve, wall times and the hardware it ran on.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -19,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from provenance import write_json
 
 from behaviorlm.data.datasets import data_dir, load_dataset
 from behaviorlm.evaluation import comparison_lines, evaluate, leave_one_out, temporal_split
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     OUT.mkdir(exist_ok=True)
     path = OUT / f"pretrain_{args.dataset}_{args.split}.json"
-    path.write_text(json.dumps(result, indent=2, default=str))
+    write_json(path, result)
     print(f"wrote {path}")
     return result
 

@@ -18,7 +18,6 @@ Prints tables and writes ``benchmarks/out/propensity_<dataset>.json`` plus PNG f
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 import torch
+from provenance import write_json
 from sklearn.linear_model import LogisticRegression
 
 from behaviorlm import plots
@@ -305,7 +305,7 @@ def main() -> None:
         res["total_s"] = time.perf_counter() - t0
         part = "_early" if args.skip_temporal else "_temporal" if args.skip_early else ""
         path = OUT / f"propensity_{name}{part}.json"
-        path.write_text(json.dumps(res, indent=2, default=str))
+        write_json(path, res)
         print(f"\n{name}: {res['total_s'] / 60:.1f} min; wrote {path}")
 
 

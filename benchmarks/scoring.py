@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+from provenance import write_json
 
 OUT = Path(__file__).parent / "out"
 
@@ -151,7 +152,7 @@ def main() -> dict:
         f"p99 {nv['latency_ms_p99']:.1f} ms"
     )
     path = OUT / f"scoring_{args.dataset}.json"
-    path.write_text(json.dumps(summary, indent=2))
+    write_json(path, summary)
     print(f"wrote {path}")
     return summary
 

@@ -12,7 +12,6 @@ Prints the profile tables, writes ``benchmarks/out/segments_<dataset>/`` (Parque
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from datetime import timedelta
@@ -22,6 +21,7 @@ import polars as pl
 
 sys.path.insert(0, str(Path(__file__).parent))
 from propensity import SETUPS, pretrain  # noqa: E402  (the sibling benchmark script)
+from provenance import write_json
 
 from behaviorlm.data.datasets import load_dataset  # noqa: E402
 from behaviorlm.inference.batch import set_threads  # noqa: E402
@@ -73,7 +73,7 @@ def main() -> None:
     report["figures"] = {k: str(v) for k, v in res.files.items()}
     report["n_users"] = res.users.height
     report["total_s"] = time.perf_counter() - t0
-    (OUT / f"segments_{args.dataset}.json").write_text(json.dumps(report, indent=2, default=str))
+    write_json(OUT / f"segments_{args.dataset}.json", report)
     print(f"\nwrote {out_dir} and segments_{args.dataset}.json in {report['total_s'] / 60:.1f} min")
 
 

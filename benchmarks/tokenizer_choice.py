@@ -10,10 +10,10 @@ a factorised token needs only the item. Writes benchmarks/out/tokenizer_choice.j
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import polars as pl
+from provenance import write_json
 
 from behaviorlm.data.datasets import load_dataset
 
@@ -61,7 +61,7 @@ def main() -> list[dict]:
             f"{r['purchase_unk_factorised']:>15.1%}{r['purchase_unk_composite']:>15.1%}"
         )
     OUT.mkdir(exist_ok=True)
-    (OUT / "tokenizer_choice.json").write_text(json.dumps(rows, indent=2))
+    write_json(OUT / "tokenizer_choice.json", rows)
     return rows
 
 

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from behaviorlm import __version__
 from pipelines import evaluate, explain, score, segment, train
 from pipelines.common import cli_main, code_version, load_events
 
@@ -44,12 +46,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     steps = list(STEPS) if args.step == "all" else [args.step]
-    results: dict[str, Any] = {}
-    tags = {"code_version": code_version(), "date": args.date}
+    results: dict[str, Any] = {
+        "input": {"source": source, "events": len(ev), "users": ev.n_users, "items": ev.n_items, "actions": ev.actions}
+    }
+    tags = {"code_version": code_version(), "behaviorlm_version": __version__, "date": args.date}
     with mlflow.start_run(run_name=f"pipeline {args.step} {args.date}", tags=tags):
         for name in steps:
             with mlflow.start_run(run_name=name, nested=True, tags=tags):
+                t0 = time.perf_counter()
                 results[name] = RUNNERS[name](args, ev, items, source, out)
+                results[name]["wall_s"] = round(time.perf_counter() - t0, 1)
+                mlflow.log_metric("step_wall_s", results[name]["wall_s"])
                 print(f"{name}: {results[name]}")
     return results
 

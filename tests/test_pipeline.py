@@ -8,7 +8,7 @@ import polars as pl
 import pytest
 
 from behaviorlm.data.datasets import shared_data_dir
-from pipelines import batch_score, steps
+from pipelines import batch_score, demo, steps
 from tests.conftest import make_funnel_events
 
 needs_shared = pytest.mark.skipif(not shared_data_dir().exists(), reason="../shared/data not present")
@@ -30,7 +30,8 @@ def test_all_steps_as_nested_runs_then_one_step_again(workspace):
     base = ["--date", "2023-11-19", "--events", str(workspace / "events.csv"), "--out", str(out), "--epochs", "2"]
     base += ["--max-len", "32", "--n-windows", "2", "--explain-users", "5", "--experiment", "t"]
     res = steps.run(steps.parse(["all", *base]))
-    assert set(res) == set(steps.STEPS) and res["train"]["alias"] == "champion"
+    assert set(res) == {*steps.STEPS, "input"} and res["train"]["alias"] == "champion"
+    assert res["input"]["users"] == 60 and all(res[s]["wall_s"] >= 0 for s in steps.STEPS)
     assert (out / "model" / "weights.pt").exists() and (out / "metrics.json").exists()
     assert (out / "scores" / "date=2023-11-19" / "_SUCCESS").exists()
     users = pl.read_parquet(out / "segments" / "date=2023-11-19" / "users.parquet")
@@ -49,6 +50,26 @@ def test_all_steps_as_nested_runs_then_one_step_again(workspace):
     again = steps.run(steps.parse(["segment", *base]))  # reads the saved model; nothing else reruns
     assert again["segment"]["users"] == 60
     assert pl.read_parquet(out / "segments" / "date=2023-11-19" / "users.parquet").equals(users)
+
+
+def test_demo_runs_the_main_job_and_summarises_it_honestly(workspace, capsys):
+    """`make demo`'s job: all five steps, then a summary read back from what they wrote."""
+    out = workspace / "outputs"
+    argv = ["--events", str(workspace / "events.csv"), "--date", "2023-11-19", "--out", str(out), "--epochs", "1"]
+    assert demo.main([*argv, "--max-len", "32", "--n-windows", "2", "--explain-users", "3", "--experiment", "d"]) == 0
+    text = capsys.readouterr().out
+    summary = text[text.index("behaviorlm demo: the main job") :]
+    expected_parts = ["60 users", "model registered as behaviorlm v1, alias @champion", "popularity", "cooccurrence"]
+    expected_parts += ["honest reading:", "sample rationale", f"behaviorlm dashboard --outputs {out}", "make serve"]
+    for expected in expected_parts:
+        assert expected in summary, expected
+    assert str(out / "segments" / "date=2023-11-19") in summary and "60 users in tiers Low" in summary
+    # the verdict follows the paired intervals in metrics.json, not a fixed sentence
+    paired = json.loads((out / "metrics.json").read_text())["paired_vs_baselines"]
+    if any(p["significant"] and p["diff"] < 0 for p in paired.values()):
+        assert "significantly worse than" in summary and "--recipe clickstream-small" in summary
+    defaults = demo.parse([])
+    assert defaults.recipe == "clickstream-quick" and defaults.keep_seen and defaults.dataset == "taobao"
 
 
 def test_step_errors_are_clear(workspace, capsys):

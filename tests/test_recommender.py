@@ -173,3 +173,25 @@ def test_early_stopping_keeps_the_best_epoch():
     catalog = sp.train.df["item_id"].unique(maintain_order=True)
     now = per_user_metrics(rank_targets(m, sp.valid, catalog).ranks, 10)["ndcg@10"].mean()
     assert abs(now - h.best_score) < 1e-9
+
+
+def test_pandas_in_and_out(fitted):
+    """Analysts' frames: pandas events in, pandas frames out with set_output, the library unaffected."""
+    import pandas as pd
+
+    model, sp = fitted
+    pandas_events = sp.test.inputs.df.to_pandas()
+    expected = model.recommend(events=pandas_events, k=3)  # pandas accepted as input, polars out by default
+    assert isinstance(expected, pl.DataFrame)
+    try:
+        assert model.set_output(transform="pandas") is model
+        recs = model.recommend(events=pandas_events, k=3)
+        assert isinstance(recs, pd.DataFrame) and list(recs.columns) == expected.columns
+        assert pl.from_pandas(recs).equals(expected)
+        assert isinstance(model.next_action_proba(events=pandas_events), pd.DataFrame)
+        assert isinstance(model.embed(events=pandas_events), pd.DataFrame)
+        assert evaluate(model, sp, n_boot=0).model["ndcg@10"] > 0.9  # library code still gets polars
+    finally:
+        model.set_output(transform="polars")
+    with pytest.raises(ValueError, match="'polars' or 'pandas'"):
+        model.set_output(transform="arrow")

@@ -1,0 +1,73 @@
+"""Installable beside other libraries: metadata ranges, extras, versions, the docs' CLI reference."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import behaviorlm
+from behaviorlm.cli import app
+from behaviorlm.errors import MissingExtraError
+from behaviorlm.extras import EXTRAS, require_extra
+
+ROOT = Path(__file__).resolve().parents[1]
+tomllib = pytest.importorskip("tomllib")  # Python 3.11+; the metadata is the same on 3.10
+
+
+def _project() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
+def _name(requirement: str) -> str:
+    return re.split(r"[\[<>=!~; ]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+
+
+def test_torch_is_a_range_and_the_exact_pin_lives_in_constraints():
+    deps = _project()["dependencies"]
+    torch = next(d for d in deps if _name(d) == "torch")
+    assert "==" not in torch and ">=" in torch, torch
+    assert re.search(r"^torch==\d", (ROOT / "constraints.txt").read_text(), re.M)
+    assert "-c constraints.txt" in (ROOT / "Makefile").read_text()
+    assert _project()["requires-python"] == ">=3.10"
+
+
+def test_core_is_the_data_science_stack_and_no_package_is_listed_twice():
+    project = _project()
+    core = {_name(d) for d in project["dependencies"]}
+    assert not core & {"fastapi", "uvicorn", "streamlit", "altair", "pyspark"}
+    seen: dict[str, str] = {name: "core" for name in core}
+    for extra, reqs in project["optional-dependencies"].items():
+        for req in reqs:
+            name = _name(req)
+            if name == "behaviorlm":  # dev = behaviorlm[serve,dashboard,spark,docs] + tools
+                continue
+            assert name not in seen, f"{name} in both {seen[name]} and {extra}"
+            seen[name] = extra
+    assert {"serve", "dashboard", "spark", "dev"} <= set(project["optional-dependencies"])
+
+
+def test_a_missing_extra_is_one_line_naming_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # import uvicorn -> ImportError
+    with pytest.raises(MissingExtraError, match=r"pip install 'behaviorlm\[serve\]'"):
+        require_extra("serve", "behaviorlm serve")
+    res = CliRunner().invoke(app, ["serve", "--model", "models:/behaviorlm@champion"])
+    assert res.exit_code == 2
+    assert "needs the optional 'serve' extra (uvicorn is not installed)" in res.output
+    assert "Traceback" not in res.output
+    assert set(EXTRAS) >= {"serve", "dashboard", "spark"}
+
+
+def test_version_everywhere():
+    res = CliRunner().invoke(app, ["--version"])
+    assert res.exit_code == 0 and res.output.startswith(f"behaviorlm {behaviorlm.__version__} (model format")
+    assert f"## {behaviorlm.__version__}" in (ROOT / "CHANGELOG.md").read_text()
+
+
+def test_the_cli_reference_matches_the_cli():
+    from docs.gen_cli import TARGET, render
+
+    assert TARGET.read_text() == render(), "docs/cli.md is stale: run python docs/gen_cli.py"
