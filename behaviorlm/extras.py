@@ -18,7 +18,6 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "serve": ("fastapi", "uvicorn"),
     "dashboard": ("streamlit", "altair"),
     "spark": ("pyspark",),
-    "docs": ("mkdocs", "mkdocstrings"),
 }
 
 
