@@ -183,7 +183,8 @@ def _requirements() -> list[str]:
     from importlib.metadata import version
 
     pkgs = ("torch", "numpy", "polars", "pyarrow", "pandas", "mlflow")
-    return [f"{p}=={version(p)}" for p in pkgs] + ["behaviorlm"]
+    # behaviorlm reads every older model format, so any release from this one on can serve the model
+    return [f"{p}=={version(p)}" for p in pkgs] + [f"behaviorlm>={__version__}"]
 
 
 @dataclass
