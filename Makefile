@@ -62,7 +62,8 @@ data: install
 # One target per section of benchmarks/RESULTS.md; expected wall time on 2 cores in brackets.
 # Each script prints its table and writes benchmarks/out/*.json with the commit it ran on.
 BENCH_TARGETS := bench-pretrain-ml1m bench-pretrain-taobao bench-tokenizer bench-scoring \
-	bench-propensity bench-segments bench-explain bench-pipeline bench-api bench-notebooks bench-bad-input
+	bench-propensity bench-segments bench-explain bench-pipeline bench-api bench-notebooks bench-bad-input \
+	bench-scale
 ML1M_MODEL := data/models/ml-1m-loo-d01
 
 bench: $(BENCH_TARGETS)
@@ -119,6 +120,10 @@ bench-notebooks: install system-deps
 # section 11 [<1 min]: the bad-input corpus through the Python boundary and the CLI
 bench-bad-input: install
 	$(BIN)/python -m pytest tests/test_bad_input.py -v
+
+# section 13 [~4 min]: streaming prepare vs the in-memory path on synthetic S and M shops (issue 16, part 1)
+bench-scale: install
+	$(BIN)/python benchmarks/scale.py --size S --size M
 
 # section 10 [~7 min]: A/B against another checkout (git worktree add ../base COMMIT), interleaved:
 #   make bench-ab BASE=../base MODEL=data/models/ml-1m-loo

@@ -284,6 +284,47 @@ RECIPE_HELP = f"named training recipe ({' | '.join(RECIPES)}); the flags below o
 
 @app.command()
 @cli_errors
+@events_input()
+def prepare(
+    data: EventsInput,
+    out_dir: Annotated[Path, typer.Option("--out", help="prepared folder: tokenizer, schema, shards, manifest")],
+    recipe: Annotated[str, Opt(help="the recipe whose tokenizer settings to use")] = "ml-1m",
+    rows_per_shard: Annotated[int, Opt(help="events per user bucket: bounds the memory")] = 2_000_000,
+    min_item_count: Annotated[int | None, Opt(help="default: the recipe's")] = None,
+    max_len: Annotated[int | None, Opt(help="default: the recipe's")] = None,
+) -> None:
+    """Validate and tokenise event files too large for memory into token shards, streaming.
+
+    --events takes a file, a folder of them or a glob. Memory is bounded by one input file or
+    one user bucket; a killed run restarted with the same arguments resumes and writes
+    identical shards; manifest.json is written last.
+    """
+    from behaviorlm.recipes import get_recipe
+    from behaviorlm.sequence.prepare import PrepareConfig
+    from behaviorlm.sequence.prepare import prepare as run_prepare
+
+    if data.events is None or data.dataset is not None:
+        raise ConfigurationError("prepare reads --events PATH|DIR|GLOB (not --dataset)")
+    params = get_recipe(recipe).params
+    cfg = PrepareConfig(
+        rows_per_shard=rows_per_shard,
+        max_len=max_len or params["max_len"],
+        min_item_count=min_item_count or params["min_item_count"],
+        n_time_buckets=params["n_time_buckets"],
+        invalid=data.invalid,
+    )
+    prepared = run_prepare(data.events, out_dir, data.schema(), cfg)
+    rep = prepared.report
+    out.print(
+        f"prepared {rep['rows_kept']:,} of {rep['rows_read']:,} events from {len(rep['files'])} file(s): "
+        f"{prepared.n_users:,} users, {len(prepared.tokenizer.items_):,} items, {len(prepared.shards)} shard(s)"
+        f"{'; dropped ' + str(rep['dropped']) if rep['dropped'] else ''} -> {out_dir}",
+        highlight=False,
+    )
+
+
+@app.command()
+@cli_errors
 @events_input(with_items=True)
 def train(
     out_dir: Annotated[Path, Opt("--out", help="model directory to write")],

@@ -138,6 +138,27 @@ class ActionTokenizer:
         self._build_lookups()
         return self
 
+    @classmethod
+    def from_vocabulary(
+        cls,
+        items: list[Any],
+        item_counts: list[int],
+        actions: list[str],
+        item_dtype: str,
+        max_len: int = 200,
+        min_item_count: int = 1,
+        n_time_buckets: int = 24,
+    ) -> ActionTokenizer:
+        """A tokenizer from vocabularies counted elsewhere (the streaming ``prepare``), in the
+        order :meth:`fit` would give: ``items`` by first appearance, already filtered by count."""
+        if not items:
+            raise EventsError(f"no item occurs at least min_item_count={min_item_count} times")
+        tok = cls(max_len=max_len, min_item_count=min_item_count, n_time_buckets=n_time_buckets)
+        tok.item_dtype_, tok.items_, tok.item_counts_ = item_dtype, list(items), [int(n) for n in item_counts]
+        tok.actions_ = sorted(actions)
+        tok._build_lookups()
+        return tok
+
     def _build_lookups(self) -> None:
         self._item_index = {item: i + N_SPECIAL for i, item in enumerate(self.items_)}
         self._action_index = {a: i + N_SPECIAL for i, a in enumerate(self.actions_)}

@@ -1,0 +1,268 @@
+"""Streaming preparation: many event files -> vocabulary + per-user token shards, in bounded memory.
+
+The in-memory path (``validate_events`` then ``ActionTokenizer.fit/encode``) holds every event
+at once; this one never holds more than one input file or one user bucket:
+
+1. **validate** each input file on its own (the same ``validate_schema`` as everywhere, so a bad
+   row is reported with its file and row) and split its rows into ``B`` user buckets by a
+   fixed hash of ``user_id``, staged as Parquet parts;
+2. **sort** each bucket by (user, time, file, row) — the order the in-memory path gives the
+   concatenated files — drop exact duplicates across files, and count each item and its first
+   appearance as (global user rank, position in the user's sequence);
+3. build the **vocabulary** from those counts, in exactly the order ``ActionTokenizer.fit``
+   would choose (first appearance in the sorted log);
+4. **encode** each bucket into one shard (:mod:`behaviorlm.sequence.shards`).
+
+Every stage writes atomically and skips work whose output already exists, so a killed run
+restarted with the same arguments produces identical shards. ``manifest.json`` comes last.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from behaviorlm.data.events import Events, validate_schema
+from behaviorlm.data.io import write_parquet_atomic, write_text_atomic
+from behaviorlm.data.schema import InputSchema
+from behaviorlm.errors import BehaviorLMError, ConfigurationError, InputDataError
+from behaviorlm.sequence import shards
+from behaviorlm.sequence.tokenizer import ActionTokenizer
+
+log = logging.getLogger("behaviorlm.prepare")
+STAGING = "_staging"
+KEY_SHIFT = 2**31  # first-appearance key: user rank * 2^31 + position in the user's sequence
+_HASH_SEED = 17  # fixed: the same user lands in the same bucket on every run
+
+
+@dataclass
+class PrepareConfig:
+    """How to cut the work: rows per bucket bound the memory; tokenizer settings as in a recipe."""
+
+    rows_per_shard: int = 2_000_000
+    max_len: int = 200
+    min_item_count: int = 1
+    n_time_buckets: int = 24
+    invalid: str = "raise"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def input_files(spec: str | Path | list[str | Path]) -> list[Path]:
+    """A file, a folder (its ``*.parquet``, ``*.csv``, ``*.csv.gz``, ``*.tsv``) or a glob, sorted."""
+    if isinstance(spec, list):
+        return [Path(p) for p in spec]
+    path = Path(spec)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.name.endswith((".parquet", ".csv", ".csv.gz", ".tsv")))
+    elif any(ch in str(spec) for ch in "*?["):
+        files = sorted(Path(p) for p in glob.glob(str(spec)))
+    else:
+        files = [path] if path.exists() else []
+    if not files:
+        raise InputDataError(f"--events {spec}: no event files found (a file, a folder of them, or a glob)")
+    return files
+
+
+def _check_same_columns(files: list[Path]) -> None:
+    """Shards whose columns disagree are named together, before any work."""
+    first = _columns(files[0])
+    for f in files[1:]:
+        cols = _columns(f)
+        if set(cols) != set(first):
+            raise InputDataError(
+                f"{f}: columns {sorted(cols)} differ from {files[0]}'s {sorted(first)}",
+                cli_hint=f"every --events file needs the same columns; {f.name} and {files[0].name} differ",
+            )
+
+
+def _columns(path: Path) -> list[str]:
+    if path.suffix == ".parquet":
+        return list(pl.read_parquet_schema(path))
+    sep = "\t" if path.suffix == ".tsv" else ","
+    return pl.read_csv(path, n_rows=0, separator=sep).columns
+
+
+def _count_rows(path: Path) -> int:
+    if path.suffix == ".parquet":
+        return int(pl.scan_parquet(path).select(pl.len()).collect().item())
+    sep = "\t" if path.suffix == ".tsv" else ","
+    return int(pl.scan_csv(path, separator=sep, infer_schema=False).select(pl.len()).collect().item())
+
+
+def _bucket_of(users: pl.Series, n_buckets: int) -> pl.Series:
+    return (users.cast(pl.String).hash(_HASH_SEED) % n_buckets).alias("__bucket")
+
+
+def _stage_file(index: int, path: Path, schema: InputSchema, cfg: PrepareConfig, n_buckets: int, stage: Path) -> dict:
+    """Validate one file and write its rows into the user buckets (skipped when already staged)."""
+    done = stage / f"file-{index:05d}.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    try:
+        ev = validate_schema(path, schema, invalid=cfg.invalid)
+    except BehaviorLMError as e:
+        raise type(e)(f"{path}: {e.message}", hint=e.hint, cli_hint=e.cli_hint) from e
+    df = ev.df.with_columns(
+        pl.lit(index, pl.Int32).alias("__file"), pl.int_range(pl.len(), dtype=pl.Int64).alias("__row")
+    )
+    df = df.with_columns(_bucket_of(df["user_id"], n_buckets))
+    for (b,), part in df.partition_by("__bucket", as_dict=True).items():
+        write_parquet_atomic(part.drop("__bucket"), stage / f"bucket-{b:05d}" / f"part-{index:05d}.parquet")
+    info = {
+        "file": str(path),
+        "rows_read": ev.report.n_input_rows,
+        "rows_kept": ev.df.height,
+        "dropped": ev.report.dropped,
+        "user_dtype": str(ev.df["user_id"].dtype),
+        "item_dtype": str(ev.df["item_id"].dtype),
+    }
+    write_text_atomic(json.dumps(info), done)
+    return info
+
+
+def _sorted_bucket(stage: Path, b: int) -> tuple[pl.DataFrame, int]:
+    """A bucket in the in-memory path's order, exact cross-file duplicates dropped (first kept)."""
+    parts = sorted((stage / f"bucket-{b:05d}").glob("part-*.parquet"))
+    if not parts:
+        return pl.DataFrame(), 0
+    df = pl.concat([pl.read_parquet(p) for p in parts], how="vertical_relaxed")
+    df = df.sort(["user_id", "timestamp", "__file", "__row"], maintain_order=True)
+    dup = df.select(pl.struct("user_id", "item_id", "event_type", "timestamp").is_first_distinct()).to_series()
+    return df.filter(dup), int((~dup).sum())
+
+
+def _item_stats(df: pl.DataFrame, rank: pl.DataFrame) -> pl.DataFrame:
+    """Per item: count and the first-appearance key (global user rank, position in the user)."""
+    keyed = df.join(rank, on="user_id", how="left").with_columns(
+        (pl.col("__rank") * KEY_SHIFT + pl.int_range(pl.len()).over("user_id")).alias("__key")
+    )
+    return keyed.group_by("item_id").agg(pl.len().alias("n"), pl.col("__key").min().alias("first"))
+
+
+def prepare(
+    events: str | Path | list[str | Path],
+    out: str | Path,
+    schema: InputSchema | None = None,
+    config: PrepareConfig | None = None,
+) -> shards.PreparedShards:
+    """Validate and tokenise ``events`` (files, a folder or a glob) into shards under ``out``."""
+    cfg, schema = config or PrepareConfig(), schema or InputSchema()
+    if cfg.rows_per_shard < 1:
+        raise ConfigurationError("rows_per_shard must be >= 1", cli_hint="--rows-per-shard must be >= 1")
+    out = Path(out)
+    files = input_files(events)
+    _check_same_columns(files)
+    stage = out / STAGING
+    total = sum(_count_rows(f) for f in files)
+    n_buckets = max(1, math.ceil(total / cfg.rows_per_shard))
+    log.info("prepare: %d file(s), %d rows, %d bucket(s)", len(files), total, n_buckets)
+    infos = [_stage_file(i, f, schema, cfg, n_buckets, stage) for i, f in enumerate(files)]
+    _check_same_dtypes(infos)
+    rank = _user_ranks(stage, n_buckets)
+    stats, duplicates = _count_buckets(stage, n_buckets, rank)
+    tokenizer = _vocabulary(stats, cfg, stage, n_buckets)
+    tokenizer.save(out / shards.TOKENIZER)
+    write_text_atomic(json.dumps(schema.to_dict()), out / shards.SCHEMA)
+    shard_list = _encode_buckets(stage, n_buckets, tokenizer, out)
+    report = {
+        "files": infos,
+        "rows_read": sum(i["rows_read"] for i in infos),
+        "rows_kept": sum(i["rows_kept"] for i in infos) - duplicates,
+        "dropped": _merge_drops(infos, duplicates),
+        "buckets": n_buckets,
+    }
+    shards.write_manifest(out, shard_list, report)
+    shutil.rmtree(stage, ignore_errors=True)
+    return shards.PreparedShards.open(out)
+
+
+def _check_same_dtypes(infos: list[dict]) -> None:
+    for key in ("user_dtype", "item_dtype"):
+        kinds = {i[key] for i in infos}
+        if len(kinds) > 1:
+            a, b = infos[0], next(i for i in infos if i[key] != infos[0][key])
+            raise InputDataError(f"{b['file']}: {key.split('_')[0]} ids are {b[key]} but {a[key]} in {a['file']}")
+
+
+def _user_ranks(stage: Path, n_buckets: int) -> pl.DataFrame:
+    """Every user's rank in sorted order: the in-memory log is sorted by user first."""
+    users = [
+        pl.scan_parquet(folder / "part-*.parquet").select("user_id").unique().collect()
+        for folder in (stage / f"bucket-{b:05d}" for b in range(n_buckets))
+        if any(folder.glob("part-*.parquet"))
+    ]
+    all_users = pl.concat(users).unique().sort("user_id")
+    return all_users.with_columns(pl.int_range(pl.len(), dtype=pl.Int64).alias("__rank"))
+
+
+def _count_buckets(stage: Path, n_buckets: int, rank: pl.DataFrame) -> tuple[pl.DataFrame, int]:
+    """Sort each bucket once (kept as ``sorted.parquet``) and collect the item statistics."""
+    stats, duplicates = [], 0
+    for b in range(n_buckets):
+        folder = stage / f"bucket-{b:05d}"
+        done = folder / "stats.parquet"
+        if not done.exists():
+            df, dups = _sorted_bucket(stage, b)
+            if df.height:
+                write_parquet_atomic(df.drop("__file", "__row"), folder / "sorted.parquet")
+                write_parquet_atomic(_item_stats(df, rank).with_columns(pl.lit(dups).alias("__dups")), done)
+        if done.exists():
+            part = pl.read_parquet(done)
+            duplicates += int(part["__dups"][0]) if part.height else 0
+            stats.append(part.drop("__dups"))
+    if not stats:
+        raise InputDataError("no events are left after validation", cli_hint="no events are left after validation")
+    merged = pl.concat(stats).group_by("item_id").agg(pl.col("n").sum(), pl.col("first").min())
+    return merged, duplicates
+
+
+def _vocabulary(stats: pl.DataFrame, cfg: PrepareConfig, stage: Path, n_buckets: int) -> ActionTokenizer:
+    kept = stats.filter(pl.col("n") >= cfg.min_item_count).sort("first")
+    actions: set[str] = set()
+    for b in range(n_buckets):
+        path = stage / f"bucket-{b:05d}" / "sorted.parquet"
+        if path.exists():
+            actions |= set(pl.scan_parquet(path).select("event_type").unique().collect()["event_type"].to_list())
+    item_dtype = "int" if kept["item_id"].dtype.is_integer() else "str"
+    return ActionTokenizer.from_vocabulary(
+        kept["item_id"].to_list(),
+        kept["n"].to_list(),
+        sorted(actions),
+        item_dtype,
+        cfg.max_len,
+        cfg.min_item_count,
+        cfg.n_time_buckets,
+    )
+
+
+def _encode_buckets(stage: Path, n_buckets: int, tokenizer: ActionTokenizer, out: Path) -> list[dict[str, Any]]:
+    listed: list[dict[str, Any]] = []
+    for b in range(n_buckets):
+        path = stage / f"bucket-{b:05d}" / "sorted.parquet"
+        if not path.exists():
+            continue
+        name = shards.shard_name(len(listed))
+        if not (out / name / "offsets.npy").exists():
+            enc = tokenizer.encode(Events.trusted(pl.read_parquet(path), f"prepared bucket {b}"), truncate=False)
+            shards.write_shard(out / name, enc)
+        loaded = shards.load_shard(out / name)  # counts from the shard on disk, also when it was resumed
+        listed.append({"name": name, "users": len(loaded), "tokens": int(loaded.offsets[-1])})
+    return listed
+
+
+def _merge_drops(infos: list[dict], duplicates: int) -> dict[str, int]:
+    dropped: dict[str, int] = {}
+    for info in infos:
+        for reason, n in info["dropped"].items():
+            dropped[reason] = dropped.get(reason, 0) + n
+    if duplicates:
+        dropped["exact duplicate across files"] = duplicates
+    return dropped

@@ -1,0 +1,106 @@
+"""Prepared shards: the on-disk contract of tokenised sequences that outgrow memory.
+
+A prepared folder (``behaviorlm prepare --out DIR``) holds::
+
+    tokenizer.json            the vocabulary (ActionTokenizer), as in a model directory
+    schema.json               the InputSchema the events were read with
+    shard-00000/              one shard per user bucket, each memory-mappable:
+        offsets.npy               int64 (users + 1,): user u's tokens are [offsets[u], offsets[u+1])
+        items.npy actions.npy gaps.npy   int32 / int16 / int16 token ids, BOS-prefixed per user
+        users.parquet             user_id in shard order
+    manifest.json             written last: format version, shards and their counts, the report
+
+Why ``.npy`` arrays rather than Parquet: training reads random windows of token ids, which a
+memory map serves without decoding or copying; the arrays are the same CSR layout as
+:class:`~behaviorlm.sequence.tokenizer.EncodedSequences`, so a shard loads as one (``load_shard``)
+at the cost of its user table only. **Complete** means ``manifest.json`` exists; a shard folder
+is written to a temporary sibling and renamed, so a killed run never leaves a partial shard
+that a later step would read.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import polars as pl
+
+from behaviorlm.data.io import atomic_dir, write_text_atomic
+from behaviorlm.data.schema import InputSchema
+from behaviorlm.errors import ModelFormatError
+from behaviorlm.sequence.tokenizer import ActionTokenizer, EncodedSequences
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+TOKENIZER = "tokenizer.json"
+SCHEMA = "schema.json"
+_DTYPES = {"items": np.int32, "actions": np.int16, "gaps": np.int16}
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}"
+
+
+def write_shard(folder: Path, enc: EncodedSequences) -> dict[str, int]:
+    """One shard, atomically: the arrays of ``enc`` and its users. Returns its counts."""
+    with atomic_dir(folder) as tmp:
+        np.save(tmp / "offsets.npy", enc.offsets.astype(np.int64))
+        for name, dtype in _DTYPES.items():
+            np.save(tmp / f"{name}.npy", getattr(enc, name).astype(dtype))
+        pl.DataFrame({"user_id": enc.user_ids}).write_parquet(tmp / "users.parquet")
+    return {"users": len(enc), "tokens": int(enc.offsets[-1])}
+
+
+def load_shard(folder: Path, mmap: bool = True) -> EncodedSequences:
+    """A shard as :class:`EncodedSequences` (arrays memory-mapped unless ``mmap=False``)."""
+    mode: Literal["r"] | None = "r" if mmap else None
+    arrays = {name: np.load(folder / f"{name}.npy", mmap_mode=mode) for name in ("offsets", *_DTYPES)}
+    users = pl.read_parquet(folder / "users.parquet")["user_id"].to_list()
+    return EncodedSequences(users, arrays["offsets"], arrays["items"], arrays["actions"], arrays["gaps"])
+
+
+def write_manifest(out: Path, shards: list[dict[str, Any]], report: dict[str, Any]) -> Path:
+    body = {"format_version": FORMAT_VERSION, "shards": shards, "report": report}
+    return write_text_atomic(json.dumps(body, indent=2, default=str), out / MANIFEST)
+
+
+@dataclass
+class PreparedShards:
+    """A complete prepared folder: its tokenizer, schema, shard list and validation report."""
+
+    folder: Path
+    tokenizer: ActionTokenizer
+    schema: InputSchema
+    shards: list[dict[str, Any]]
+    report: dict[str, Any]
+
+    @classmethod
+    def open(cls, folder: str | Path) -> PreparedShards:
+        root = Path(folder)
+        if not (root / MANIFEST).is_file():
+            raise ModelFormatError(f"{root}: not a complete prepared folder (no {MANIFEST}); run behaviorlm prepare")
+        manifest = json.loads((root / MANIFEST).read_text())
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise ModelFormatError(
+                f"{root}: prepared format {manifest.get('format_version')!r}; this behaviorlm reads {FORMAT_VERSION}"
+            )
+        tokenizer = ActionTokenizer.load(root / TOKENIZER)
+        schema = InputSchema.from_dict(json.loads((root / SCHEMA).read_text()))
+        return cls(root, tokenizer, schema, manifest["shards"], manifest["report"])
+
+    @property
+    def n_users(self) -> int:
+        return sum(s["users"] for s in self.shards)
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(s["tokens"] for s in self.shards)
+
+    def __iter__(self) -> Iterator[EncodedSequences]:
+        """Each shard in order, memory-mapped."""
+        for shard in self.shards:
+            yield load_shard(self.folder / shard["name"])

@@ -1,0 +1,108 @@
+"""Streaming prepare: the same vocabulary and sequences as the in-memory tokenizer, resumable, exact errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+
+from behaviorlm.data.events import validate_schema
+from behaviorlm.data.schema import InputSchema
+from behaviorlm.errors import InputDataError
+from behaviorlm.sequence.prepare import PrepareConfig, prepare
+from behaviorlm.sequence.shards import PreparedShards
+from behaviorlm.sequence.tokenizer import ActionTokenizer
+from tests.conftest import make_funnel_events
+
+
+def _write_shards(df: pl.DataFrame, folder, n: int = 4) -> list:
+    """Rows dealt round-robin over ``n`` files, so users span files; one exact duplicate across files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    df = pl.concat([df, df.head(1)])  # the last file repeats the first row
+    paths = []
+    for i in range(n):
+        part = df.gather(np.arange(i, df.height, n))
+        part.write_parquet(folder / f"part-{i}.parquet")
+        paths.append(folder / f"part-{i}.parquet")
+    return paths
+
+
+def _in_memory(paths, cfg: PrepareConfig):
+    frame = pl.concat([pl.read_parquet(p) for p in paths])
+    ev = validate_schema(frame, InputSchema())
+    tok = ActionTokenizer(cfg.max_len, cfg.min_item_count, cfg.n_time_buckets).fit(ev)
+    return tok, tok.encode(ev, truncate=False), ev
+
+
+def _by_user(encs) -> dict:
+    out = {}
+    for enc in encs:
+        for u, user in enumerate(enc.user_ids):
+            s, e = int(enc.offsets[u]), int(enc.offsets[u + 1])
+            out[user] = (enc.items[s:e].tolist(), enc.actions[s:e].tolist(), enc.gaps[s:e].tolist())
+    return out
+
+
+@pytest.mark.parametrize("min_item_count", [1, 2])
+def test_prepare_equals_the_in_memory_tokenizer(tmp_path, min_item_count):
+    paths = _write_shards(make_funnel_events(n_users=80), tmp_path / "in")
+    cfg = PrepareConfig(rows_per_shard=400, min_item_count=min_item_count)  # several buckets
+    prepared = prepare(tmp_path / "in", tmp_path / "out", config=cfg)
+    tok, enc, ev = _in_memory(paths, cfg)
+    assert len(prepared.shards) > 1
+    assert prepared.tokenizer.to_dict() == tok.to_dict()  # same vocabulary, same order, same counts
+    assert _by_user(prepared) == _by_user([enc])  # same sequences, user by user
+    assert prepared.n_users == len(enc) and prepared.n_tokens == int(enc.offsets[-1])
+    report = prepared.report
+    assert report["rows_kept"] == len(ev) and report["dropped"] == {"exact duplicate across files": 1}
+    assert [f["rows_read"] for f in report["files"]] == [pl.read_parquet(p).height for p in paths]
+
+
+def test_a_killed_prepare_rerun_gives_identical_shards(tmp_path, monkeypatch):
+    _write_shards(make_funnel_events(n_users=60), tmp_path / "in")
+    cfg = PrepareConfig(rows_per_shard=300)
+    reference = prepare(tmp_path / "in", tmp_path / "ref", config=cfg)
+
+    import behaviorlm.sequence.prepare as prep
+
+    real, calls = prep.shards.write_shard, []
+
+    def dies_on_the_second_shard(folder, enc):
+        calls.append(folder)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return real(folder, enc)
+
+    monkeypatch.setattr(prep.shards, "write_shard", dies_on_the_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(tmp_path / "in", tmp_path / "out", config=cfg)
+    assert not (tmp_path / "out" / "manifest.json").exists()  # incomplete: nothing may read it
+    with pytest.raises(Exception, match="not a complete prepared folder"):
+        PreparedShards.open(tmp_path / "out")
+    monkeypatch.setattr(prep.shards, "write_shard", real)
+    again = prepare(tmp_path / "in", tmp_path / "out", config=cfg)
+    assert again.tokenizer.to_dict() == reference.tokenizer.to_dict()
+    for a, b in zip(again.shards, reference.shards, strict=True):
+        for name in ("offsets", "items", "actions", "gaps"):
+            assert np.array_equal(
+                np.load(tmp_path / "out" / a["name"] / f"{name}.npy"),
+                np.load(tmp_path / "ref" / b["name"] / f"{name}.npy"),
+            )
+
+
+def test_a_bad_row_names_its_file_and_row(tmp_path):
+    paths = _write_shards(make_funnel_events(n_users=40), tmp_path / "in")
+    bad = pl.read_parquet(paths[2]).with_columns(pl.col("item_id").cast(pl.String))
+    bad = bad.with_columns(
+        pl.when(pl.int_range(pl.len()) == 7).then(None).otherwise(pl.col("item_id")).alias("item_id")
+    )
+    bad.write_parquet(paths[2])
+    with pytest.raises(InputDataError, match=r"part-2\.parquet: .*item_id.*row 7"):
+        prepare(tmp_path / "in", tmp_path / "out")
+
+
+def test_files_whose_columns_disagree_are_named_together(tmp_path):
+    paths = _write_shards(make_funnel_events(n_users=20), tmp_path / "in")
+    pl.read_parquet(paths[1]).rename({"item_id": "sku"}).write_parquet(paths[1])
+    with pytest.raises(InputDataError, match=r"part-1\.parquet: columns .* differ from .*part-0\.parquet"):
+        prepare(tmp_path / "in", tmp_path / "out")
