@@ -24,7 +24,7 @@ import json
 import logging
 import math
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,6 @@ class PrepareConfig:
     min_item_count: int = 1
     n_time_buckets: int = 24
     invalid: str = "raise"
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def input_files(spec: str | Path | list[str | Path]) -> list[Path]:
