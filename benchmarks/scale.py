@@ -3,12 +3,12 @@
     python benchmarks/scale.py --size S [--size M] [--skip-in-memory]
 
 Generates ``../shared/tools/synth_clickstream.py`` data into ``data/synth/<size>/`` (once), then
-runs each path in its own process under ``/usr/bin/time`` for wall time and peak RSS:
+runs each path in its own process, sampling the wall time and the peak RSS of its process tree:
 
 - ``prepare``: ``behaviorlm.sequence.prepare.prepare`` (per-file validation, user buckets, shards);
 - ``in-memory``: read every file, ``validate_events``, ``ActionTokenizer.fit`` + ``encode``.
 
-Synthetic data is for scale figures only, never quality. Writes ``benchmarks/out/scale.json``.
+Synthetic data is for scale figures only, never quality. Writes ``benchmarks/out/scale_<sizes>.json``.
 """
 
 from __future__ import annotations
@@ -56,28 +56,35 @@ def generate(size: str) -> Path:
 
 
 def timed(code: str, *args: str) -> dict[str, float]:
-    """Run ``code`` in a fresh interpreter; wall seconds, peak RSS and what it printed."""
+    """Run ``code`` in a fresh interpreter: wall seconds, the peak RSS of its whole process tree
+    (sampled every 50 ms: prepare's worker processes count) and what it printed."""
+    import psutil
+
     t0 = time.perf_counter()
-    done = subprocess.run(
-        ["/usr/bin/time", "-f", "PEAK %M", sys.executable, "-c", code, *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT
     )
+    root, peak = psutil.Process(proc.pid), 0
+    while proc.poll() is None:
+        try:
+            tree = [root, *root.children(recursive=True)]
+            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+        except psutil.Error:
+            pass
+        time.sleep(0.05)
+    stdout, stderr = proc.communicate()
     wall = time.perf_counter() - t0
-    if done.returncode:
-        raise RuntimeError(done.stderr[-2000:])
-    peak_kb = int(next(line for line in done.stderr.splitlines() if line.startswith("PEAK")).split()[1])
-    rows, users, tokens, shards = next(line for line in done.stdout.splitlines() if line.startswith("RESULT")).split()[
-        1:
-    ]
+    if proc.returncode:
+        raise RuntimeError(stderr[-2000:])
+    result = next(line for line in stdout.splitlines() if line.startswith("RESULT")).split()[1:]
+    rows, users, tokens, n_shards = (int(x) for x in result)
     return {
         "wall_s": round(wall, 1),
-        "peak_rss_mb": round(peak_kb / 1024),
-        "rows": int(rows),
-        "users": int(users),
-        "tokens": int(tokens),
-        "shards": int(shards),
+        "peak_rss_mb": round(peak / 2**20),
+        "rows": rows,
+        "users": users,
+        "tokens": tokens,
+        "shards": n_shards,
     }
 
 
@@ -107,7 +114,7 @@ def main() -> None:
     for r in rows:
         cells = f"{r['rows']:>12,} {r['users']:>10,} {r['wall_s']:>8} {r['peak_rss_mb']:>12,}"
         print(f"{r['size']:<5} {r['path']:<10} {cells}")
-    write_json(OUT / "scale.json", {"rows_per_shard": args.rows_per_shard, "results": rows})
+    write_json(OUT / f"scale_{'_'.join(args.size)}.json", {"rows_per_shard": args.rows_per_shard, "results": rows})
 
 
 if __name__ == "__main__":

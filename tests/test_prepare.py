@@ -16,9 +16,9 @@ from tests.conftest import make_funnel_events
 
 
 def _write_shards(df: pl.DataFrame, folder, n: int = 4) -> list:
-    """Rows dealt round-robin over ``n`` files, so users span files; one exact duplicate across files."""
+    """Rows dealt round-robin over ``n`` files, so users span files; two exact duplicates."""
     folder.mkdir(parents=True, exist_ok=True)
-    df = pl.concat([df, df.head(1)])  # the last file repeats the first row
+    df = pl.concat([df, df.head(1), df.slice(5, 1)])  # two exact repeats, in other files than their originals or not
     paths = []
     for i in range(n):
         part = df.gather(np.arange(i, df.height, n))
@@ -43,10 +43,10 @@ def _by_user(encs) -> dict:
     return out
 
 
-@pytest.mark.parametrize("min_item_count", [1, 2])
-def test_prepare_equals_the_in_memory_tokenizer(tmp_path, min_item_count):
+@pytest.mark.parametrize(("min_item_count", "workers"), [(1, 1), (2, 1), (1, 2)])
+def test_prepare_equals_the_in_memory_tokenizer(tmp_path, min_item_count, workers):
     paths = _write_shards(make_funnel_events(n_users=80), tmp_path / "in")
-    cfg = PrepareConfig(rows_per_shard=400, min_item_count=min_item_count)  # several buckets
+    cfg = PrepareConfig(rows_per_shard=400, min_item_count=min_item_count, workers=workers)  # several buckets
     prepared = prepare(tmp_path / "in", tmp_path / "out", config=cfg)
     tok, enc, ev = _in_memory(paths, cfg)
     assert len(prepared.shards) > 1
@@ -54,13 +54,13 @@ def test_prepare_equals_the_in_memory_tokenizer(tmp_path, min_item_count):
     assert _by_user(prepared) == _by_user([enc])  # same sequences, user by user
     assert prepared.n_users == len(enc) and prepared.n_tokens == int(enc.offsets[-1])
     report = prepared.report
-    assert report["rows_kept"] == len(ev) and report["dropped"] == {"exact duplicate across files": 1}
+    assert report["rows_kept"] == len(ev) and report["dropped"] == {"exact duplicate": 2}
     assert [f["rows_read"] for f in report["files"]] == [pl.read_parquet(p).height for p in paths]
 
 
 def test_a_killed_prepare_rerun_gives_identical_shards(tmp_path, monkeypatch):
     _write_shards(make_funnel_events(n_users=60), tmp_path / "in")
-    cfg = PrepareConfig(rows_per_shard=300)
+    cfg = PrepareConfig(rows_per_shard=300, workers=1)  # in-process, so the patched writer is the one called
     reference = prepare(tmp_path / "in", tmp_path / "ref", config=cfg)
 
     import behaviorlm.sequence.prepare as prep

@@ -33,8 +33,9 @@ def _write(path: str | Path, writer: Callable[[Path], object]) -> Path:
     return Path(path)
 
 
-def write_parquet_atomic(df: pl.DataFrame, path: str | Path) -> Path:
-    return _write(path, df.write_parquet)
+def write_parquet_atomic(df: pl.DataFrame, path: str | Path, compression: str = "zstd") -> Path:
+    """``compression="lz4"`` for scratch files read back once: faster to write, larger on disk."""
+    return _write(path, lambda p: df.write_parquet(p, compression=compression))  # type: ignore[arg-type]
 
 
 def write_text_atomic(text: str, path: str | Path) -> Path:

@@ -5,9 +5,9 @@ at once; this one never holds more than one input file or one user bucket:
 
 1. **validate** each input file on its own (the same ``validate_schema`` as everywhere, so a bad
    row is reported with its file and row) and split its rows into ``B`` user buckets by a
-   fixed hash of ``user_id``, staged as Parquet parts;
+   fixed hash of ``user_id``, staged as Parquet parts (lz4: scratch, read back once);
 2. **sort** each bucket by (user, time, file, row) — the order the in-memory path gives the
-   concatenated files — drop exact duplicates across files, and count each item and its first
+   concatenated files — drop exact duplicates (within and across files), count each item and its first
    appearance as (global user rank, position in the user's sequence);
 3. build the **vocabulary** from those counts, in exactly the order ``ActionTokenizer.fit``
    would choose (first appearance in the sorted log);
@@ -19,15 +19,21 @@ restarted with the same arguments produces identical shards. ``manifest.json`` c
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import logging
 import math
+import os
 import shutil
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 from behaviorlm.data.events import Events, validate_schema
@@ -52,6 +58,7 @@ class PrepareConfig:
     min_item_count: int = 1
     n_time_buckets: int = 24
     invalid: str = "raise"
+    workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))  # processes over files/buckets
 
 
 def input_files(spec: str | Path | list[str | Path]) -> list[Path]:
@@ -106,7 +113,8 @@ def _stage_file(index: int, path: Path, schema: InputSchema, cfg: PrepareConfig,
     if done.exists():
         return json.loads(done.read_text())
     try:
-        ev = validate_schema(path, schema, invalid=cfg.invalid)
+        # duplicates are dropped per bucket, across files at once (the in-memory rule: first kept)
+        ev = validate_schema(path, schema, invalid=cfg.invalid, duplicates="keep")
     except BehaviorLMError as e:
         raise type(e)(f"{path}: {e.message}", hint=e.hint, cli_hint=e.cli_hint) from e
     df = ev.df.with_columns(
@@ -114,7 +122,8 @@ def _stage_file(index: int, path: Path, schema: InputSchema, cfg: PrepareConfig,
     )
     df = df.with_columns(_bucket_of(df["user_id"], n_buckets))
     for (b,), part in df.partition_by("__bucket", as_dict=True).items():
-        write_parquet_atomic(part.drop("__bucket"), stage / f"bucket-{b:05d}" / f"part-{index:05d}.parquet")
+        path = stage / f"bucket-{b:05d}" / f"part-{index:05d}.parquet"
+        write_parquet_atomic(part.drop("__bucket"), path, compression="lz4")
     info = {
         "file": str(path),
         "rows_read": ev.report.n_input_rows,
@@ -163,14 +172,17 @@ def prepare(
     total = sum(_count_rows(f) for f in files)
     n_buckets = max(1, math.ceil(total / cfg.rows_per_shard))
     log.info("prepare: %d file(s), %d rows, %d bucket(s)", len(files), total, n_buckets)
-    infos = [_stage_file(i, f, schema, cfg, n_buckets, stage) for i, f in enumerate(files)]
+    infos = _map(_stage_file, [(i, f, schema, cfg, n_buckets, stage) for i, f in enumerate(files)], cfg.workers)
     _check_same_dtypes(infos)
-    rank = _user_ranks(stage, n_buckets)
-    stats, duplicates = _count_buckets(stage, n_buckets, rank)
+    write_parquet_atomic(_user_ranks(stage, n_buckets), stage / "ranks.parquet")
+    counted = _map(_count_bucket, [(stage, b) for b in range(n_buckets)], cfg.workers)
+    stats, duplicates = _merge_stats(counted)
     tokenizer = _vocabulary(stats, cfg, stage, n_buckets)
     tokenizer.save(out / shards.TOKENIZER)
     write_text_atomic(json.dumps(schema.to_dict()), out / shards.SCHEMA)
-    shard_list = _encode_buckets(stage, n_buckets, tokenizer, out)
+    buckets = [b for b in range(n_buckets) if (stage / f"bucket-{b:05d}" / "sorted.parquet").exists()]
+    jobs = [(stage, b, out / shards.TOKENIZER, out / shards.shard_name(i)) for i, b in enumerate(buckets)]
+    shard_list = _map(_encode_bucket, jobs, cfg.workers)
     report = {
         "files": infos,
         "rows_read": sum(i["rows_read"] for i in infos),
@@ -180,7 +192,30 @@ def prepare(
     }
     shards.write_manifest(out, shard_list, report)
     shutil.rmtree(stage, ignore_errors=True)
-    return shards.PreparedShards.open(out)
+    return shards.PreparedShards(out, tokenizer, schema, shard_list, report)
+
+
+def _map(fn: Callable[..., Any], jobs: Iterable[tuple], workers: int) -> list[Any]:
+    """``fn(*job)`` for every job, in order; over ``workers`` fresh processes when more than one.
+
+    Processes are spawned (forking a process whose polars thread pool is running can hang), and
+    each gets an equal share of the cores for polars, so the workers do not oversubscribe them.
+    """
+    jobs = list(jobs)
+    if workers <= 1 or len(jobs) <= 1:
+        return [fn(*job) for job in jobs]
+    threads = str(max(1, (os.cpu_count() or 1) // workers))
+    previous = os.environ.get("POLARS_MAX_THREADS")
+    os.environ["POLARS_MAX_THREADS"] = threads  # read by polars when a spawned worker imports it
+    try:
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=get_context("spawn")) as pool:
+            futures = [pool.submit(fn, *job) for job in jobs]
+            return [f.result() for f in futures]
+    finally:
+        if previous is None:
+            os.environ.pop("POLARS_MAX_THREADS", None)
+        else:
+            os.environ["POLARS_MAX_THREADS"] = previous
 
 
 def _check_same_dtypes(infos: list[dict]) -> None:
@@ -202,25 +237,36 @@ def _user_ranks(stage: Path, n_buckets: int) -> pl.DataFrame:
     return all_users.with_columns(pl.int_range(pl.len(), dtype=pl.Int64).alias("__rank"))
 
 
-def _count_buckets(stage: Path, n_buckets: int, rank: pl.DataFrame) -> tuple[pl.DataFrame, int]:
-    """Sort each bucket once (kept as ``sorted.parquet``) and collect the item statistics."""
-    stats, duplicates = [], 0
-    for b in range(n_buckets):
-        folder = stage / f"bucket-{b:05d}"
-        done = folder / "stats.parquet"
-        if not done.exists():
-            df, dups = _sorted_bucket(stage, b)
-            if df.height:
-                write_parquet_atomic(df.drop("__file", "__row"), folder / "sorted.parquet")
-                write_parquet_atomic(_item_stats(df, rank).with_columns(pl.lit(dups).alias("__dups")), done)
-        if done.exists():
-            part = pl.read_parquet(done)
-            duplicates += int(part["__dups"][0]) if part.height else 0
-            stats.append(part.drop("__dups"))
-    if not stats:
+def _count_bucket(stage: Path, b: int) -> tuple[Path | None, int]:
+    """Sort one bucket (kept as ``sorted.parquet``) and write its item statistics; skipped if done."""
+    folder = stage / f"bucket-{b:05d}"
+    done = folder / "stats.parquet"
+    if not done.exists():
+        df, dups = _sorted_bucket(stage, b)
+        if not df.height:
+            return None, 0
+        write_parquet_atomic(df.drop("__file", "__row"), folder / "sorted.parquet", compression="lz4")
+        write_parquet_atomic(
+            _item_stats(df, _ranks(stage, (stage / "ranks.parquet").stat().st_mtime_ns)).with_columns(
+                pl.lit(dups).alias("__dups")
+            ),
+            done,
+        )
+    return done, int(pl.read_parquet(done, columns=["__dups"])["__dups"][0])
+
+
+@functools.lru_cache(maxsize=1)
+def _ranks(stage: Path, stamp: int) -> pl.DataFrame:
+    """The user ranks, read once per worker process (``stamp``: the file's mtime, so a new run reloads)."""
+    return pl.read_parquet(stage / "ranks.parquet")
+
+
+def _merge_stats(counted: list[tuple[Path | None, int]]) -> tuple[pl.DataFrame, int]:
+    parts = [pl.read_parquet(path).drop("__dups") for path, _ in counted if path is not None]
+    if not parts:
         raise InputDataError("no events are left after validation", cli_hint="no events are left after validation")
-    merged = pl.concat(stats).group_by("item_id").agg(pl.col("n").sum(), pl.col("first").min())
-    return merged, duplicates
+    merged = pl.concat(parts).group_by("item_id").agg(pl.col("n").sum(), pl.col("first").min())
+    return merged, sum(d for _, d in counted)
 
 
 def _vocabulary(stats: pl.DataFrame, cfg: PrepareConfig, stage: Path, n_buckets: int) -> ActionTokenizer:
@@ -242,19 +288,22 @@ def _vocabulary(stats: pl.DataFrame, cfg: PrepareConfig, stage: Path, n_buckets:
     )
 
 
-def _encode_buckets(stage: Path, n_buckets: int, tokenizer: ActionTokenizer, out: Path) -> list[dict[str, Any]]:
-    listed: list[dict[str, Any]] = []
-    for b in range(n_buckets):
-        path = stage / f"bucket-{b:05d}" / "sorted.parquet"
-        if not path.exists():
-            continue
-        name = shards.shard_name(len(listed))
-        if not (out / name / "offsets.npy").exists():
-            enc = tokenizer.encode(Events.trusted(pl.read_parquet(path), f"prepared bucket {b}"), truncate=False)
-            shards.write_shard(out / name, enc)
-        loaded = shards.load_shard(out / name)  # counts from the shard on disk, also when it was resumed
-        listed.append({"name": name, "users": len(loaded), "tokens": int(loaded.offsets[-1])})
-    return listed
+def _encode_bucket(stage: Path, b: int, tokenizer_path: Path, folder: Path) -> dict[str, Any]:
+    """Encode one sorted bucket into its shard (skipped when the shard exists); its counts."""
+    if not (folder / "offsets.npy").exists():
+        df = pl.read_parquet(stage / f"bucket-{b:05d}" / "sorted.parquet")
+        enc = _tokenizer(tokenizer_path, tokenizer_path.stat().st_mtime_ns).encode(
+            Events.trusted(df, f"prepared bucket {b}"), truncate=False
+        )
+        shards.write_shard(folder, enc)
+    offsets = np.load(folder / "offsets.npy", mmap_mode="r")  # from disk, also for a resumed shard
+    return {"name": folder.name, "users": len(offsets) - 1, "tokens": int(offsets[-1])}
+
+
+@functools.lru_cache(maxsize=1)
+def _tokenizer(path: Path, stamp: int) -> ActionTokenizer:
+    """The vocabulary, loaded once per worker process (``stamp``: the file's mtime)."""
+    return ActionTokenizer.load(path)
 
 
 def _merge_drops(infos: list[dict], duplicates: int) -> dict[str, int]:
@@ -263,5 +312,5 @@ def _merge_drops(infos: list[dict], duplicates: int) -> dict[str, int]:
         for reason, n in info["dropped"].items():
             dropped[reason] = dropped.get(reason, 0) + n
     if duplicates:
-        dropped["exact duplicate across files"] = duplicates
+        dropped["exact duplicate"] = dropped.get("exact duplicate", 0) + duplicates
     return dropped
