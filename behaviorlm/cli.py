@@ -292,6 +292,7 @@ def prepare(
     rows_per_shard: Annotated[int, Opt(help="events per user bucket: bounds the memory")] = 2_000_000,
     min_item_count: Annotated[int | None, Opt(help="default: the recipe's")] = None,
     max_len: Annotated[int | None, Opt(help="default: the recipe's")] = None,
+    workers: Annotated[int | None, Opt(help="processes over files and buckets (default: cores, at most 4)")] = None,
 ) -> None:
     """Validate and tokenise event files too large for memory into token shards, streaming.
 
@@ -313,6 +314,10 @@ def prepare(
         n_time_buckets=params["n_time_buckets"],
         invalid=data.invalid,
     )
+    if workers is not None:
+        if workers < 1:
+            raise ConfigurationError("--workers must be >= 1")
+        cfg.workers = workers
     prepared = run_prepare(data.events, out_dir, data.schema(), cfg)
     rep = prepared.report
     out.print(

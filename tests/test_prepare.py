@@ -106,3 +106,21 @@ def test_files_whose_columns_disagree_are_named_together(tmp_path):
     pl.read_parquet(paths[1]).rename({"item_id": "sku"}).write_parquet(paths[1])
     with pytest.raises(InputDataError, match=r"part-1\.parquet: columns .* differ from .*part-0\.parquet"):
         prepare(tmp_path / "in", tmp_path / "out")
+
+
+def test_the_prepare_command(tmp_path):
+    from typer.testing import CliRunner
+
+    from behaviorlm.cli import app
+
+    df = make_funnel_events(n_users=30)
+    (tmp_path / "in").mkdir()
+    df.head(300).write_csv(tmp_path / "in" / "a.csv")
+    df.slice(300).write_csv(tmp_path / "in" / "b.csv")
+    argv = ["prepare", "--events", str(tmp_path / "in" / "*.csv"), "--out", str(tmp_path / "out")]
+    res = CliRunner().invoke(app, [*argv, "--rows-per-shard", "200", "--workers", "1"])
+    assert res.exit_code == 0, res.output
+    assert f"prepared {df.height:,} of {df.height:,} events from 2 file(s): 30 users" in res.output
+    assert PreparedShards.open(tmp_path / "out").n_users == 30
+    res = CliRunner().invoke(app, ["prepare", "--events", str(tmp_path / "none*.csv"), "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "no event files found" in res.output
