@@ -63,7 +63,7 @@ data: install
 # Each script prints its table and writes benchmarks/out/*.json with the commit it ran on.
 BENCH_TARGETS := bench-pretrain-ml1m bench-pretrain-taobao bench-tokenizer bench-scoring \
 	bench-propensity bench-segments bench-explain bench-pipeline bench-api bench-notebooks bench-bad-input \
-	bench-scale
+	bench-scale bench-scale-large
 ML1M_MODEL := data/models/ml-1m-loo-d01
 
 bench: $(BENCH_TARGETS)
@@ -124,6 +124,10 @@ bench-bad-input: install
 # section 13 [~4 min]: streaming prepare vs the in-memory path on synthetic S and M shops (issue 16, part 1)
 bench-scale: install
 	$(BIN)/python benchmarks/scale.py --size S --size M
+
+# section 13, L [~6 min: 90 s to generate 102M events, ~3.5 min to prepare; ~5 GB of disk in data/synth/L]
+bench-scale-large: install
+	$(BIN)/python benchmarks/scale.py --size L --skip-in-memory
 
 # section 10 [~7 min]: A/B against another checkout (git worktree add ../base COMMIT), interleaved:
 #   make bench-ab BASE=../base MODEL=data/models/ml-1m-loo
