@@ -6,7 +6,7 @@ import argparse
 import subprocess
 import sys
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import polars as pl
@@ -14,9 +14,8 @@ import polars as pl
 from behaviorlm.data.events import Events
 from behaviorlm.data.loading import load_events as load_source
 from behaviorlm.data.schema import InputSchema
+from behaviorlm.data.timestamps import UTC
 from behaviorlm.errors import BehaviorLMError, ConfigurationError
-
-UTC = timezone.utc  # datetime.UTC is 3.11+
 
 
 def code_version() -> str:

@@ -100,16 +100,18 @@ def _source_flag(args: argparse.Namespace) -> str:
 
 
 def _step_lines(out: Path, date: str, results: dict[str, Any]) -> list[str]:
+    from behaviorlm.segments import store
+
     train, score, seg, expl = (results[s] for s in ("train", "score", "segment", "explain"))
-    tiers = _tier_sizes(out / "segments" / f"date={date}")
+    segments = store.day_folder(out / "segments", date)
+    tiers = _tier_sizes(segments)
     described = {
         "train": f"model registered as behaviorlm v{train['version']}"
         + (f", alias @{train['alias']}" if train.get("alias") else " (not promoted: the champion is better)")
         + f" -> {out / 'model'}",
         "evaluate": f"NDCG@10 {results['evaluate']['ndcg@10']:.4f} beside the baselines -> {out / 'metrics.json'}",
         "score": f"top-10 for {score['users']:,} users ({score['rows']:,} rows) -> {out / 'scores' / f'date={date}'}",
-        "segment": f"{seg['users']:,} users in tiers {tiers} and {seg['clusters']} behaviour clusters "
-        f"-> {out / 'segments' / f'date={date}'}",
+        "segment": f"{seg['users']:,} users in tiers {tiers} and {seg['clusters']} behaviour clusters -> {segments}",
         "explain": f"{expl['rationales']:,} rationales ({expl['source']}) "
         f"-> {out / 'rationales' / f'date={date}.parquet'}",
     }

@@ -56,6 +56,7 @@ def test_prepare_equals_the_in_memory_tokenizer(tmp_path, min_item_count, worker
     report = prepared.report
     assert report["rows_kept"] == len(ev) and report["dropped"] == {"exact duplicate": 2}
     assert [f["rows_read"] for f in report["files"]] == [pl.read_parquet(p).height for p in paths]
+    assert [f["file"] for f in report["files"]] == [str(p) for p in paths]  # the inputs, not staging parts
 
 
 def test_a_killed_prepare_rerun_gives_identical_shards(tmp_path, monkeypatch):

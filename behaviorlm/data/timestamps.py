@@ -15,7 +15,7 @@ import polars as pl
 
 from behaviorlm.errors import InputDataError
 
-UTC = timezone.utc  # datetime.UTC is 3.11+
+UTC = timezone.utc  # datetime.UTC is 3.11+; the other modules import this one
 
 TIME_UNITS = {"s": 1_000_000, "ms": 1_000, "us": 1, "ns": 0.001}  # microseconds per unit
 AUTO = "auto"

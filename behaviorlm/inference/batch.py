@@ -18,7 +18,7 @@ import os
 import resource
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +30,9 @@ from tqdm.auto import tqdm
 
 from behaviorlm.data.events import Events, events_digest, require_events
 from behaviorlm.data.io import atomic_path, write_text_atomic
+from behaviorlm.data.timestamps import UTC
 from behaviorlm.errors import ConfigurationError
 from behaviorlm.inference.engine import NO_SEEN, InferenceEngine
-
-UTC = timezone.utc  # datetime.UTC is 3.11+
 
 
 @dataclass

@@ -122,8 +122,8 @@ def _stage_file(index: int, path: Path, schema: InputSchema, cfg: PrepareConfig,
     )
     df = df.with_columns(_bucket_of(df["user_id"], n_buckets))
     for (b,), part in df.partition_by("__bucket", as_dict=True).items():
-        path = stage / f"bucket-{b:05d}" / f"part-{index:05d}.parquet"
-        write_parquet_atomic(part.drop("__bucket"), path, compression="lz4")
+        part_path = stage / f"bucket-{b:05d}" / f"part-{index:05d}.parquet"
+        write_parquet_atomic(part.drop("__bucket"), part_path, compression="lz4")
     info = {
         "file": str(path),
         "rows_read": ev.report.n_input_rows,
@@ -131,6 +131,7 @@ def _stage_file(index: int, path: Path, schema: InputSchema, cfg: PrepareConfig,
         "dropped": ev.report.dropped,
         "user_dtype": str(ev.df["user_id"].dtype),
         "item_dtype": str(ev.df["item_id"].dtype),
+        "actions": ev.actions,
     }
     write_text_atomic(json.dumps(info), done)
     return info
@@ -177,7 +178,7 @@ def prepare(
     write_parquet_atomic(_user_ranks(stage, n_buckets), stage / "ranks.parquet")
     counted = _map(_count_bucket, [(stage, b) for b in range(n_buckets)], cfg.workers)
     stats, duplicates = _merge_stats(counted)
-    tokenizer = _vocabulary(stats, cfg, stage, n_buckets)
+    tokenizer = _vocabulary(stats, infos, cfg)
     tokenizer.save(out / shards.TOKENIZER)
     write_text_atomic(json.dumps(schema.to_dict()), out / shards.SCHEMA)
     buckets = [b for b in range(n_buckets) if (stage / f"bucket-{b:05d}" / "sorted.parquet").exists()]
@@ -269,18 +270,14 @@ def _merge_stats(counted: list[tuple[Path | None, int]]) -> tuple[pl.DataFrame, 
     return merged, sum(d for _, d in counted)
 
 
-def _vocabulary(stats: pl.DataFrame, cfg: PrepareConfig, stage: Path, n_buckets: int) -> ActionTokenizer:
+def _vocabulary(stats: pl.DataFrame, infos: list[dict], cfg: PrepareConfig) -> ActionTokenizer:
     kept = stats.filter(pl.col("n") >= cfg.min_item_count).sort("first")
-    actions: set[str] = set()
-    for b in range(n_buckets):
-        path = stage / f"bucket-{b:05d}" / "sorted.parquet"
-        if path.exists():
-            actions |= set(pl.scan_parquet(path).select("event_type").unique().collect()["event_type"].to_list())
+    actions = {a for info in infos for a in info["actions"]}  # a dropped duplicate repeats a kept action
     item_dtype = "int" if kept["item_id"].dtype.is_integer() else "str"
     return ActionTokenizer.from_vocabulary(
         kept["item_id"].to_list(),
         kept["n"].to_list(),
-        sorted(actions),
+        list(actions),
         item_dtype,
         cfg.max_len,
         cfg.min_item_count,

@@ -45,14 +45,13 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}"
 
 
-def write_shard(folder: Path, enc: EncodedSequences) -> dict[str, int]:
-    """One shard, atomically: the arrays of ``enc`` and its users. Returns its counts."""
+def write_shard(folder: Path, enc: EncodedSequences) -> None:
+    """One shard, atomically: the arrays of ``enc`` and its users."""
     with atomic_dir(folder) as tmp:
         np.save(tmp / "offsets.npy", enc.offsets.astype(np.int64))
         for name, dtype in _DTYPES.items():
             np.save(tmp / f"{name}.npy", getattr(enc, name).astype(dtype))
         pl.DataFrame({"user_id": enc.user_ids}).write_parquet(tmp / "users.parquet")
-    return {"users": len(enc), "tokens": int(enc.offsets[-1])}
 
 
 def load_shard(folder: Path, mmap: bool = True) -> EncodedSequences:

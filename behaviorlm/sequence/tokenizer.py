@@ -131,12 +131,9 @@ class ActionTokenizer:
         )
         if counts.height == 0:
             raise EventsError(f"no item occurs at least min_item_count={self.min_item_count} times")
-        self.item_dtype_ = "int" if df["item_id"].dtype.is_integer() else "str"
-        self.items_ = counts["item_id"].to_list()
-        self.item_counts_ = counts["n"].to_list()
-        self.actions_ = sorted(df["event_type"].unique().to_list())
-        self._build_lookups()
-        return self
+        item_dtype = "int" if df["item_id"].dtype.is_integer() else "str"
+        actions = sorted(df["event_type"].unique().to_list())
+        return self._set_vocabulary(item_dtype, counts["item_id"].to_list(), counts["n"].to_list(), actions)
 
     @classmethod
     def from_vocabulary(
@@ -154,10 +151,17 @@ class ActionTokenizer:
         if not items:
             raise EventsError(f"no item occurs at least min_item_count={min_item_count} times")
         tok = cls(max_len=max_len, min_item_count=min_item_count, n_time_buckets=n_time_buckets)
-        tok.item_dtype_, tok.items_, tok.item_counts_ = item_dtype, list(items), [int(n) for n in item_counts]
-        tok.actions_ = sorted(actions)
-        tok._build_lookups()
-        return tok
+        return tok._set_vocabulary(item_dtype, list(items), item_counts, sorted(actions))
+
+    def _set_vocabulary(
+        self, item_dtype: str, items: list[Any], item_counts: list[int], actions: list[str]
+    ) -> ActionTokenizer:
+        """The one place the learned vocabulary is set (fit, from_vocabulary, from_dict)."""
+        self.item_dtype_, self.items_ = item_dtype, items
+        self.item_counts_ = [int(n) for n in item_counts]
+        self.actions_ = list(actions)
+        self._build_lookups()
+        return self
 
     def _build_lookups(self) -> None:
         self._item_index = {item: i + N_SPECIAL for i, item in enumerate(self.items_)}
@@ -308,13 +312,8 @@ class ActionTokenizer:
                 f"tokenizer format version {d.get('format_version')!r}; this behaviorlm reads {FORMAT_VERSION}"
             )
         tok = cls(max_len=d["max_len"], min_item_count=d["min_item_count"], n_time_buckets=d["n_time_buckets"])
-        tok.item_dtype_ = d["item_dtype"]
-        cast = int if tok.item_dtype_ == "int" else str
-        tok.items_ = [cast(x) for x in d["items"]]
-        tok.item_counts_ = [int(x) for x in d["item_counts"]]
-        tok.actions_ = list(d["actions"])
-        tok._build_lookups()
-        return tok
+        cast = int if d["item_dtype"] == "int" else str
+        return tok._set_vocabulary(d["item_dtype"], [cast(x) for x in d["items"]], d["item_counts"], d["actions"])
 
     def save(self, path: str | Path) -> None:
         write_text_atomic(json.dumps(self.to_dict(), ensure_ascii=False), path)

@@ -36,7 +36,7 @@ import secrets
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -45,7 +45,7 @@ import polars as pl
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from behaviorlm.data.events import Events, validate_schema
-from behaviorlm.data.timestamps import EARLIEST, latest_plausible, parse_timestamps
+from behaviorlm.data.timestamps import EARLIEST, UTC, latest_plausible, parse_timestamps
 from behaviorlm.errors import BehaviorLMError, InputDataError
 from behaviorlm.extras import missing_extra
 from behaviorlm.segments.store import SegmentsFolder
@@ -56,8 +56,6 @@ try:
     from fastapi.responses import JSONResponse
 except ImportError as exc:  # the service is an extra: say which, not a bare ModuleNotFoundError
     raise missing_extra("serve", "the HTTP service (behaviorlm serve)", exc) from exc
-
-UTC = timezone.utc  # datetime.UTC is 3.11+
 
 log = logging.getLogger("behaviorlm.service.api")
 
