@@ -16,6 +16,7 @@ import functools
 import inspect
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -334,7 +335,16 @@ def prepare(
 def train(
     out_dir: Annotated[Path, Opt("--out", help="model directory to write")],
     data: EventsInput,
-    holdout: Annotated[str, Opt(help="loo | temporal: hold out validation+test; none: train on all")] = "loo",
+    prepared: Annotated[
+        Path | None, Opt(help="train on a `behaviorlm prepare` folder (memory-mapped) instead of --events")
+    ] = None,
+    init_from: Annotated[
+        Path | None, Opt(help="continue training this model on --events (the daily increment; vocabulary grows)")
+    ] = None,
+    holdout: Annotated[
+        str | None,
+        Opt(help="loo | temporal: hold out validation+test; none: train on all (default loo; none with --prepared)"),
+    ] = None,
     recipe: Annotated[str, Opt(help=RECIPE_HELP)] = "ml-1m",
     epochs: Annotated[int | None, Opt(help="default: the recipe's")] = None,
     max_len: Annotated[int | None, Opt(help="default: the recipe's")] = None,
@@ -342,50 +352,95 @@ def train(
     layers: Annotated[int | None, Opt(help="default: the recipe's")] = None,
     heads: Annotated[int | None, Opt(help="default: the recipe's")] = None,
     ffn_mult: Annotated[int | None, Opt(help="default: the recipe's")] = None,
-    batch_size: Annotated[int | None, Opt(help="default: the recipe's")] = None,
+    batch_size: Annotated[int | None, Opt(help="global batch, split over --nproc; default: the recipe's")] = None,
     lr: Annotated[float | None, Opt(help="default: the recipe's")] = None,
     dropout: Annotated[float | None, Opt(help="default: the recipe's")] = None,
     patience: Annotated[int | None, Opt(help="default: the recipe's")] = None,
     seed: Annotated[int | None, Opt(help="default: the recipe's")] = None,
+    max_steps: Annotated[int | None, Opt(help="stop after this many optimizer steps")] = None,
+    min_item_count: Annotated[int | None, Opt(help="default: the recipe's (with --prepared: the folder's)")] = None,
+    checkpoint_dir: Annotated[Path | None, Opt(help="save resumable state here; a rerun resumes from it")] = None,
+    checkpoint_every: Annotated[int, Opt(help="steps between checkpoints")] = 1000,
+    nproc: Annotated[int, Opt(help="data-parallel processes on this machine (PyTorch DDP, gloo)")] = 1,
     exclude_seen: Annotated[bool, Opt(help="exclude already-seen items when validating")] = True,
     verbose: bool = True,
 ) -> None:
     """Pretrain a model. By default the test and validation events are held out (leave-one-out),
-    so `behaviorlm evaluate` can measure it honestly; use --holdout none for production."""
-    from behaviorlm.recommender import BehaviorLM
+    so `behaviorlm evaluate` can measure it honestly; use --holdout none for production.
 
+    --prepared trains on a prepared folder without loading it; --init-from continues a model on
+    new --events; --nproc N runs N DDP processes (or launch with torchrun; only rank 0 writes).
+    """
+    from behaviorlm.nn import distributed
+
+    if nproc < 1:
+        raise ConfigurationError("--nproc must be >= 1")
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:  # launch N copies of this very command
+        raise typer.Exit(distributed.launch(nproc, "behaviorlm", sys.argv[1:]))
     _setup_logging(verbose)
+    rank = distributed.init_from_env()
+    holdout = holdout or ("none" if prepared or init_from else "loo")
     if holdout not in ("loo", "temporal", "none"):
         raise ConfigurationError(f"--holdout must be loo, temporal or none, got {holdout!r}")
+    overrides = dict(
+        epochs=epochs, max_len=max_len, dim=dim, n_layers=layers, n_heads=heads, ffn_mult=ffn_mult,
+        batch_size=batch_size, lr=lr, dropout=dropout, patience=patience, seed=seed, max_steps=max_steps,
+        min_item_count=min_item_count,
+    )  # fmt: skip
+    ckpt = _checkpointing(checkpoint_dir, checkpoint_every)
+    model = _fit_for_cli(data, prepared, init_from, holdout, recipe, overrides, ckpt, exclude_seen)
+    if rank.is_main:
+        model.save(out_dir)
+        h = model.history_
+        best = "" if h.best_score is None else f"best validation ndcg@10 {h.best_score:.4f} at epoch {h.best_epoch}; "
+        where = f" with {rank.world} processes" if rank.world > 1 else ""
+        out.print(
+            f"saved model to {out_dir} ({model!r}; {best}{len(h.epochs)} epochs, {h.train_time_s:.0f} s{where})",
+            highlight=False,
+        )
+
+
+def _checkpointing(folder: Path | None, every: int):
+    from behaviorlm.nn.checkpoint import Checkpointing
+
+    return Checkpointing(folder, every) if folder is not None else None
+
+
+def _fit_for_cli(data: EventsInput, prepared, init_from, holdout: str, recipe: str, overrides: dict, ckpt, excl: bool):
+    """The model `behaviorlm train` fits: from a prepared folder, from a previous model, or anew."""
+    from behaviorlm.recommender import BehaviorLM
+
+    if prepared is not None and (data.events is not None or data.dataset is not None or init_from is not None):
+        raise ConfigurationError("--prepared replaces --events/--dataset and cannot be combined with --init-from")
+    if prepared is not None and holdout != "none":
+        raise ConfigurationError(
+            "--prepared trains on every prepared event: hold out by preparing the training events only (--holdout none)"
+        )
+    progress = sys.stderr.isatty()
+    if init_from is not None:
+        model = _load_model(init_from)
+        ev = data.load(model.input_schema_).events
+        epochs, lr = overrides.get("epochs"), overrides.get("lr")
+        if holdout == "none":
+            return model.fit_partial(ev, epochs=epochs, lr=lr, checkpoint=ckpt)
+        split = _split(ev, holdout)
+        return model.fit_partial(split.train, split.valid, epochs=epochs, lr=lr, checkpoint=ckpt)
+    if prepared is not None:
+        from behaviorlm.sequence.shards import PreparedShards
+
+        shards = PreparedShards.open(prepared)
+        overrides = {**overrides, "min_item_count": overrides["min_item_count"] or shards.tokenizer.min_item_count}
+        model = BehaviorLM(recipe, progress=progress, **overrides)
+        provenance = {"source": str(prepared), "holdout": "none", "events_digest": None}
+        return model.fit(shards, exclude_seen=excl, training_data=provenance, checkpoint=ckpt)
     loaded = data.load()
     ev = loaded.events
-    model = BehaviorLM(
-        recipe,
-        epochs=epochs,
-        max_len=max_len,
-        dim=dim,
-        n_layers=layers,
-        n_heads=heads,
-        ffn_mult=ffn_mult,
-        batch_size=batch_size,
-        lr=lr,
-        dropout=dropout,
-        patience=patience,
-        seed=seed,
-        progress=sys.stderr.isatty(),
-    )
+    model = BehaviorLM(recipe, progress=progress, **overrides)
     provenance = {"source": loaded.source, "holdout": holdout, "events_digest": events_digest(ev)}
     if holdout == "none":
-        model.fit(ev, exclude_seen=exclude_seen, items=loaded.items, training_data=provenance)
-    else:
-        split = _split(ev, holdout)
-        model.fit(split.train, split.valid, exclude_seen, items=loaded.items, training_data=provenance)
-    model.save(out_dir)
-    h = model.history_
-    best = f"best validation ndcg@10 {h.best_score:.4f} at epoch {h.best_epoch}; " if h.best_score is not None else ""
-    out.print(
-        f"saved model to {out_dir} ({model!r}; {best}{len(h.epochs)} epochs, {h.train_time_s:.0f} s)", highlight=False
-    )
+        return model.fit(ev, exclude_seen=excl, items=loaded.items, training_data=provenance, checkpoint=ckpt)
+    split = _split(ev, holdout)
+    return model.fit(split.train, split.valid, excl, items=loaded.items, training_data=provenance, checkpoint=ckpt)
 
 
 @app.command()

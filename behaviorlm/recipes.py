@@ -42,6 +42,7 @@ BASE_PARAMS: Mapping[str, Any] = MappingProxyType(
         "seed": 42,
         "progress": True,
         "max_time_s": None,
+        "max_steps": None,
     }
 )
 

@@ -32,9 +32,13 @@ from behaviorlm.evaluation.metrics import per_user_metrics, rank_targets, seen_l
 from behaviorlm.evaluation.splits import Holdout
 from behaviorlm.inference.engine import FRAME_SCHEMA, NO_SEEN, InferenceEngine
 from behaviorlm.model_dir import ModelFiles, read_model_dir, write_model_dir
+from behaviorlm.nn import distributed
+from behaviorlm.nn.checkpoint import Checkpointing
 from behaviorlm.nn.model import BehaviorTransformer, ModelConfig
 from behaviorlm.nn.training import TrainConfig, TrainHistory, train
 from behaviorlm.recipes import BASE_PARAMS, DEFAULT_RECIPE, get_recipe
+from behaviorlm.sequence.corpus import Corpus
+from behaviorlm.sequence.shards import PreparedShards
 from behaviorlm.sequence.tokenizer import ActionTokenizer, EncodedSequences
 
 log = logging.getLogger(__name__)
@@ -82,6 +86,9 @@ class BehaviorLM:
         Show a progress bar per epoch.
     max_time_s:
         Stop after this many seconds of training (the best epoch so far is kept).
+    max_steps:
+        Stop after this many optimizer steps (fixed-work benchmarks; a checkpointed run
+        continues from there when resumed with a larger value).
     """
 
     name = "behaviorlm"
@@ -113,6 +120,7 @@ class BehaviorLM:
         seed: int | None = None,
         progress: bool | None = None,
         max_time_s: float | None = None,
+        max_steps: int | None = None,
     ):
         self.recipe = recipe
         for name, value in locals().items():
@@ -165,42 +173,133 @@ class BehaviorLM:
     # ------------------------------------------------------------------ fit
     def fit(
         self,
-        events: Events | Any,
+        events: Events | PreparedShards | Any,
         validation: Holdout | None = None,
         exclude_seen: bool = True,
         k_val: int = 10,
         items: Any = None,
         training_data: dict[str, Any] | None = None,
+        *,
+        checkpoint: Checkpointing | None = None,
     ) -> BehaviorLM:
         """Pretrain on ``events``; with a ``validation`` holdout, early-stop on its NDCG@k_val.
 
+        ``events`` are raw events (any frame or :class:`Events`) or a
+        :class:`~behaviorlm.sequence.shards.PreparedShards` folder (``behaviorlm prepare``), which
+        is trained on memory-mapped, never loaded whole; such a model keeps no per-user
+        histories, so it scores users from their events or from the shards.
         ``items`` (optional item metadata: ``item_id`` + title/category/brand/price) is validated
         and kept with the model, so downstream steps (segments, explanations) need no other copy.
         ``training_data`` (source, holdout, digest) is stored with the model so that evaluation
         can refuse a leaky split. The input schema of ``events`` is stored too, and applied to
-        raw events everywhere the model is used later.
+        raw events everywhere the model is used later. ``checkpoint`` saves resumable training
+        state and resumes from it (:mod:`behaviorlm.nn.checkpoint`).
         """
-        ev = as_events(events)
         p = self.params
-        self.input_schema_ = ev.schema or InputSchema()
         self.items_ = validate_items(items) if items is not None else None
-        self.tokenizer_ = ActionTokenizer(**{k: p[k] for k in _TOKENIZER_PARAMS}).fit(ev)
-        seqs = self.tokenizer_.encode(ev, truncate=False)
-        cfg = ModelConfig(
+        if isinstance(events, PreparedShards):
+            self._check_prepared(events)
+            # shards hold whole sequences; the model's max_len is what inference keeps per user
+            self.tokenizer_ = ActionTokenizer.from_dict({**events.tokenizer.to_dict(), "max_len": p["max_len"]})
+            self.input_schema_ = events.schema
+            data: EncodedSequences | Corpus = events.corpus()
+            n_events = int(events.report["rows_kept"])
+        else:
+            ev = as_events(events)
+            self.input_schema_ = ev.schema or InputSchema()
+            self.tokenizer_ = ActionTokenizer(**{k: p[k] for k in _TOKENIZER_PARAMS}).fit(ev)
+            data, n_events = self.tokenizer_.encode(ev, truncate=False), len(ev)
+        torch.manual_seed(p["seed"])
+        self.model_ = BehaviorTransformer(self._network_config())
+        self.exclude_seen_, self.training_data_ = exclude_seen, training_data
+        self._train(data, validation, exclude_seen, k_val, TrainConfig(**{k: p[k] for k in _TRAIN_PARAMS}), checkpoint)
+        self.prepared_from_ = str(events.folder) if isinstance(events, PreparedShards) else None
+        self.parent_version_ = None
+        if isinstance(events, PreparedShards):
+            self._remember_none(events)
+        else:
+            self._remember_users(ev)
+        self._finish(n_events)
+        return self
+
+    def fit_partial(
+        self,
+        events: Events | Any,
+        validation: Holdout | None = None,
+        k_val: int = 10,
+        *,
+        epochs: int | None = None,
+        lr: float | None = None,
+        checkpoint: Checkpointing | None = None,
+    ) -> BehaviorLM:
+        """Continue training on new events (the daily increment) instead of retraining.
+
+        The vocabulary grows: items and actions first seen in ``events`` get fresh embedding
+        rows, every existing weight is kept (:meth:`BehaviorTransformer.grown`). Each user in
+        ``events`` is trained on their remembered recent history followed by the new events, so
+        the new events are predicted in context; users' histories and seen items are then
+        updated. ``epochs`` and ``lr`` default to the model's parameters. Evaluation stays
+        leak-free when ``events`` and ``validation`` come from a split made before the call.
+        """
+        engine = self.engine
+        new = self.validate_input(events)
+        if self.histories_.height == 0:
+            log.info("fit_partial: the model keeps no histories; training on the new events alone")
+        combined = self._with_history(new)
+        self.tokenizer_ = self.tokenizer_.extended(combined)
+        grown = self.model_.grown(self.tokenizer_.n_items, self.tokenizer_.n_actions)
+        self.model_ = grown
+        p = {**self.params, **{k: v for k, v in (("epochs", epochs), ("lr", lr)) if v is not None}}
+        tcfg = TrainConfig(**{k: p[k] for k in _TRAIN_PARAMS})
+        seqs = self.tokenizer_.encode(combined, truncate=False)
+        self._train(seqs, validation, self.exclude_seen_, k_val, tcfg, checkpoint)
+        self.parent_version_ = engine.version
+        self._remember_users(combined, keep_others=True)
+        self._finish(self.n_train_events_ + len(new))
+        return self
+
+    def _with_history(self, new: Events) -> Events:
+        """The new events of each of their users, after that user's remembered history."""
+        users = new.df["user_id"].unique().implode()
+        past = self.histories_.filter(pl.col("user_id").is_in(users))
+        if past.height == 0:
+            return new
+        both = pl.concat([past, new.df.select(past.columns)], how="vertical_relaxed")
+        return Events.trusted(both.sort(["user_id", "timestamp"], maintain_order=True), "history + new events")
+
+    def _network_config(self) -> ModelConfig:
+        p = self.params
+        return ModelConfig(
             self.tokenizer_.n_items,
             self.tokenizer_.n_actions,
             self.tokenizer_.n_gaps,
             max_len=p["max_len"],
             **{k: p[k] for k in _ARCH_PARAMS},
         )
-        torch.manual_seed(p["seed"])
-        self.model_ = BehaviorTransformer(cfg)
+
+    def _check_prepared(self, prepared: PreparedShards) -> None:
+        tok, p = prepared.tokenizer, self.params
+        for name in ("min_item_count", "n_time_buckets"):
+            if getattr(tok, name) != p[name]:
+                raise ConfigurationError(
+                    f"{prepared.folder} was prepared with {name}={getattr(tok, name)} but the model has "
+                    f"{name}={p[name]}: prepare again or pass {name}={getattr(tok, name)}"
+                )
+
+    def _train(
+        self,
+        data: EncodedSequences | Corpus,
+        validation: Holdout | None,
+        exclude_seen: bool,
+        k_val: int,
+        tcfg: TrainConfig,
+        checkpoint: Checkpointing | None,
+    ) -> None:
+        """Train ``self.model_`` on ``data``, early-stopping on ``validation``'s NDCG@k_val."""
         self.engine_ = InferenceEngine(self.model_, self.tokenizer_, version="training")
-        self.exclude_seen_ = exclude_seen
-        self.training_data_ = training_data
         validate = None
         if validation is not None and validation.n_users:
-            catalog = ev.df["item_id"].unique(maintain_order=True)
+            catalog = pl.Series("item_id", self.tokenizer_.items_)
             metric = f"ndcg@{k_val}"
             seen = seen_lists(validation.inputs, catalog) if exclude_seen else {}
 
@@ -208,26 +307,43 @@ class BehaviorLM:
                 ranks = rank_targets(self, validation, catalog, k_val, exclude_seen, seen).ranks
                 return float(per_user_metrics(ranks, k_val)[metric].mean())
 
-        tcfg = TrainConfig(**{k: p[k] for k in _TRAIN_PARAMS})
-        self.history_: TrainHistory = train(self.model_, seqs, tcfg, validate, log=self._log_epoch)
-        self._remember_users(ev)
+        distributed.init_from_env()
+        self.history_: TrainHistory = train(self.model_, data, tcfg, validate, self._log_epoch, checkpoint=checkpoint)
+
+    def _finish(self, n_events: int) -> None:
         self.fitted_at_ = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        self.n_train_events_ = len(ev)
+        self.n_train_events_ = n_events
         self.model_version_ = _tensor_digest(self.model_)
         self.engine_.version = self.model_version_
-        return self
 
     @staticmethod
     def _log_epoch(stats: dict) -> None:
         val = f" val={stats['val_score']:.4f}" if "val_score" in stats else ""
         log.info("epoch %d loss=%.4f %.0f tok/s%s", stats["epoch"], stats["loss"], stats["tokens_per_s"], val)
 
-    def _remember_users(self, ev: Events) -> None:
-        """Keep what recommend(users=...) needs: recent events and the seen-item sets."""
+    def _remember_users(self, ev: Events, keep_others: bool = False) -> None:
+        """Keep what recommend(users=...) needs: recent events and the seen-item sets
+        (``keep_others``: users absent from ``ev`` keep what was remembered of them)."""
         df = ev.df
         n = pl.len().over("user_id").cast(pl.Int64)  # UInt32 would underflow for short users
-        self.histories_ = df.filter(pl.int_range(pl.len()).over("user_id") >= n - self.params["max_len"])
-        self.seen_ = df.select("user_id", "item_id").unique(maintain_order=True)
+        recent = df.filter(pl.int_range(pl.len()).over("user_id") >= n - self.params["max_len"])
+        seen = df.select("user_id", "item_id").unique(maintain_order=True)
+        if keep_others:
+            users = df["user_id"].unique().implode()
+            others = self.histories_.filter(~pl.col("user_id").is_in(users)).select(recent.columns)
+            recent = pl.concat([others, recent], how="vertical_relaxed").sort("user_id", maintain_order=True)
+            seen = pl.concat([self.seen_, seen], how="vertical_relaxed").unique(maintain_order=True)
+        self.histories_, self.seen_ = recent, seen
+
+    def _remember_none(self, prepared: PreparedShards) -> None:
+        """A model trained from shards keeps no per-user events (they may be billions); empty
+        tables of the right types, so recommend(users=...) answers with a clear error instead."""
+        kinds = {"Int64": pl.Int64, "String": pl.String}
+        user_t = kinds.get(prepared.report["files"][0]["user_dtype"], pl.String)
+        item_t = pl.Int64 if prepared.tokenizer.item_dtype_ == "int" else pl.String
+        schema = {"user_id": user_t, "item_id": item_t, "event_type": pl.String, "timestamp": pl.Datetime("us", "UTC")}
+        self.histories_ = pl.DataFrame(schema=schema)
+        self.seen_ = pl.DataFrame(schema={"user_id": user_t, "item_id": item_t})
 
     @property
     def engine(self) -> InferenceEngine:
@@ -258,6 +374,11 @@ class BehaviorLM:
                 df = df.filter(pl.col("user_id").is_in(_ids_as(users, df["user_id"].dtype).implode()))
             seen = df.select("user_id", "item_id").unique()
         else:
+            if self.prepared_from_:
+                raise InputDataError(
+                    f"this model was trained from prepared shards ({self.prepared_from_}) and keeps no user "
+                    "histories: pass events=..., or score the shards (behaviorlm score --prepared DIR)"
+                )
             if users is None:
                 users = self.histories_["user_id"].unique(maintain_order=True).to_list()
             u = _ids_as(users, self.user_id_dtype())
@@ -360,6 +481,8 @@ class BehaviorLM:
             "n_train_events": self.n_train_events_,
             "exclude_seen": self.exclude_seen_,
             "training_data": self.training_data_,
+            "prepared_from": self.prepared_from_,
+            "parent_version": self.parent_version_,
         }
         files = ModelFiles(self.model_, self.tokenizer_, self.histories_, self.seen_, self.items_, manifest)
         written = write_model_dir(directory, files)
@@ -380,6 +503,7 @@ class BehaviorLM:
         est.fitted_at_, est.n_train_events_ = meta["fitted_at"], meta["n_train_events"]
         est.exclude_seen_ = meta.get("exclude_seen", True)
         est.training_data_ = meta.get("training_data")
+        est.prepared_from_, est.parent_version_ = meta.get("prepared_from"), meta.get("parent_version")
         est.model_version_ = meta["model_version"]
         est.engine_ = InferenceEngine(est.model_, est.tokenizer_, est.model_version_)
         return est

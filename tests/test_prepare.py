@@ -68,11 +68,11 @@ def test_a_killed_prepare_rerun_gives_identical_shards(tmp_path, monkeypatch):
 
     real, calls = prep.shards.write_shard, []
 
-    def dies_on_the_second_shard(folder, enc):
+    def dies_on_the_second_shard(folder, enc, ranks):
         calls.append(folder)
         if len(calls) == 2:
             raise KeyboardInterrupt("killed")
-        return real(folder, enc)
+        return real(folder, enc, ranks)
 
     monkeypatch.setattr(prep.shards, "write_shard", dies_on_the_second_shard)
     with pytest.raises(KeyboardInterrupt):

@@ -17,7 +17,7 @@ position id leaks how many events come later.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -173,6 +173,20 @@ class BehaviorTransformer(nn.Module):
         logits = self.item_query(h, next_action) @ self.item_emb.weight.T
         logits[..., :N_SPECIAL] = float("-inf")
         return logits
+
+    def grown(self, n_items: int, n_actions: int) -> BehaviorTransformer:
+        """A copy with room for a larger vocabulary: every existing weight is kept exactly, and
+        the new item and action rows (embeddings, action head, next-action query) are initialised
+        like a fresh model's. Incremental training starts from it when new items appear."""
+        if n_items < self.config.n_items or n_actions < self.config.n_actions:
+            raise ConfigurationError("a vocabulary can only grow: new sizes must be >= the current ones")
+        bigger = BehaviorTransformer(replace(self.config, n_items=n_items, n_actions=n_actions))
+        with torch.no_grad():
+            mine = self.state_dict()
+            for name, target in bigger.state_dict().items():
+                old = mine[name]
+                target[: old.shape[0]].copy_(old)  # vocabulary-sized tensors grow along dim 0 only
+        return bigger.train(self.training)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -18,15 +18,19 @@ import copy
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 
 from behaviorlm.errors import ConfigurationError, InputDataError
+from behaviorlm.nn import checkpoint, distributed
+from behaviorlm.nn.checkpoint import Checkpointing
 from behaviorlm.nn.model import BehaviorTransformer
+from behaviorlm.sequence.corpus import Corpus
 from behaviorlm.sequence.tokenizer import N_SPECIAL, PAD, UNK, EncodedSequences
 
 
@@ -47,12 +51,15 @@ class TrainConfig:
     seed: int = 42
     progress: bool = True
     max_time_s: float | None = None  # stop (keeping the best) once training exceeds this
+    max_steps: int | None = None  # stop after this many optimizer steps (fixed-work benchmarks, resumable)
 
     def __post_init__(self) -> None:
         if self.loss not in ("full", "sampled", "auto"):
             raise ConfigurationError(f"loss must be 'full', 'sampled' or 'auto', got {self.loss!r}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ConfigurationError("epochs and batch_size must be >= 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigurationError("max_steps must be >= 1 (or None)")
 
     def resolved(self, n_items: int) -> TrainConfig:
         """``loss="auto"`` made concrete for a vocabulary of ``n_items`` items."""
@@ -77,27 +84,27 @@ class TrainHistory:
 
 @dataclass
 class Windows:
-    """Training examples: inputs are tokens[s:e], targets are tokens[s+1:e+1]."""
+    """Training examples: inputs are tokens[s:e], targets are tokens[s+1:e+1] (global positions)."""
 
     starts: np.ndarray
     ends: np.ndarray
 
 
-def make_windows(seqs: EncodedSequences, max_len: int) -> Windows:
-    """Cut each sequence (BOS + events) into windows of <= max_len inputs, newest first."""
-    starts, ends = [], []
-    for u in range(len(seqs)):
-        lo, hi = int(seqs.offsets[u]), int(seqs.offsets[u + 1]) - 1  # last input has a target
-        e = hi
-        while e > lo:
-            s = max(lo, e - max_len)
-            starts.append(s)
-            ends.append(e)
-            e = s
-    return Windows(np.asarray(starts, np.int64), np.asarray(ends, np.int64))
+def make_windows(corpus: Corpus, max_len: int) -> Windows:
+    """Cut each user's span (BOS + events) into windows of <= max_len inputs, newest first.
+
+    Vectorised over users (3M users take well under a second); windows are listed in the
+    corpus's canonical user order, so the batches do not depend on how the data is stored.
+    """
+    lo, hi = corpus.starts, corpus.ends - 1  # the last token has no target
+    n = np.maximum(0, -(-(hi - lo) // max_len))
+    user = np.repeat(np.arange(len(lo)), n)
+    k = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+    ends = hi[user] - k * max_len
+    return Windows(np.maximum(lo[user], ends - max_len).astype(np.int64), ends.astype(np.int64))
 
 
-def batch_from_windows(seqs: EncodedSequences, starts: np.ndarray, ends: np.ndarray) -> dict[str, torch.Tensor]:
+def batch_from_windows(corpus: Corpus, starts: np.ndarray, ends: np.ndarray) -> dict[str, torch.Tensor]:
     """Right-padded input/target tensors for a set of windows."""
     lens = ends - starts
     n, width = len(lens), int(lens.max())
@@ -106,15 +113,15 @@ def batch_from_windows(seqs: EncodedSequences, starts: np.ndarray, ends: np.ndar
     idx = np.where(valid, idx, 0)
     tgt_idx = np.where(valid, idx + 1, 0)
 
-    def take(arr: np.ndarray, ix: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.where(valid, arr[ix], PAD))
+    def take(name: str, ix: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.where(valid, corpus.take(name, ix), PAD))
 
     batch = {
-        "items": take(seqs.items, idx),
-        "actions": take(seqs.actions, idx),
-        "gaps": take(seqs.gaps, idx),
-        "target_items": take(seqs.items, tgt_idx),
-        "target_actions": take(seqs.actions, tgt_idx),
+        "items": take("items", idx),
+        "actions": take("actions", idx),
+        "gaps": take("gaps", idx),
+        "target_items": take("items", tgt_idx),
+        "target_actions": take("actions", tgt_idx),
     }
     batch["target_items"][batch["target_items"] == UNK] = PAD  # rare items are not targets
     assert batch["items"].shape == (n, width)
@@ -130,26 +137,45 @@ def iterate_batches(windows: Windows, batch_size: int, rng: np.random.Generator)
         yield batches[b]
 
 
+class SequenceLoss(nn.Module):
+    """The training objective as a module (so DDP can wrap it): summed next-item CE (given the
+    true next action) and summed next-action CE, with their target counts.
+
+    Sums, not means: the caller divides by the *global* counts, which makes 1 and N processes
+    compute the same gradient. Padding (and UNK item targets) are ignored.
+    """
+
+    def __init__(self, model: BehaviorTransformer, cfg: TrainConfig, gen: torch.Generator | None = None):
+        super().__init__()
+        self.model, self.cfg, self.gen = model, cfg, gen
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        model, cfg = self.model, self.cfg
+        h = model(batch["items"], batch["actions"], batch["gaps"])
+        tgt_i, tgt_a = batch["target_items"], batch["target_actions"]
+        mask = tgt_i != PAD
+        n_item = int(mask.sum())
+        if cfg.loss == "full":
+            q = model.item_query(h[mask], tgt_a[mask])
+            item_sum = FusedLinearCrossEntropy.apply(q, model.item_emb.weight, tgt_i[mask], 2048) * max(n_item, 1)
+        else:
+            item_sum = _sampled_softmax_loss(model, h[mask], tgt_a[mask], tgt_i[mask], cfg.n_negatives, self.gen)
+        a_logits = model.action_logits(h)
+        action_sum = F.cross_entropy(
+            a_logits.reshape(-1, a_logits.shape[-1]), tgt_a.reshape(-1), ignore_index=PAD, reduction="sum"
+        )
+        counts = torch.tensor([n_item, int((tgt_a != PAD).sum())], dtype=torch.float64)
+        return torch.stack([item_sum, action_sum]), counts
+
+
 def sequence_loss(
     model: BehaviorTransformer, batch: dict[str, torch.Tensor], cfg: TrainConfig, gen: torch.Generator | None = None
 ) -> tuple[torch.Tensor, int]:
-    """Mean CE of next item (given the true next action) + weighted CE of next action.
-
-    Padding (and UNK targets) are ignored through ``ignore_index=PAD``; returns the loss and
-    the number of target tokens.
-    """
-    h = model(batch["items"], batch["actions"], batch["gaps"])
-    tgt_i, tgt_a = batch["target_items"], batch["target_actions"]
-    mask = tgt_i != PAD
-    n_tokens = int(mask.sum())
-    if cfg.loss == "full":
-        q = model.item_query(h[mask], tgt_a[mask])
-        item_loss = FusedLinearCrossEntropy.apply(q, model.item_emb.weight, tgt_i[mask], 2048)
-    else:
-        item_loss = _sampled_softmax_loss(model, h[mask], tgt_a[mask], tgt_i[mask], cfg.n_negatives, gen)
-    a_logits = model.action_logits(h)
-    action_loss = F.cross_entropy(a_logits.reshape(-1, a_logits.shape[-1]), tgt_a.reshape(-1), ignore_index=PAD)
-    return item_loss + cfg.action_loss_weight * action_loss, n_tokens
+    """Mean next-item CE + ``action_loss_weight`` x mean next-action CE on one batch, and the
+    number of item target tokens (the one-process objective)."""
+    sums, counts = SequenceLoss(model, cfg, gen)(batch)
+    n_item, n_action = max(float(counts[0]), 1.0), max(float(counts[1]), 1.0)
+    return sums[0] / n_item + cfg.action_loss_weight * sums[1] / n_action, int(counts[0])
 
 
 class FusedLinearCrossEntropy(torch.autograd.Function):
@@ -189,7 +215,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
 
 
 def _sampled_softmax_loss(model, h, next_action, target, n_neg, gen) -> torch.Tensor:
-    """CE over [positive, shared uniform negatives]; negatives equal to the positive are masked."""
+    """Summed CE over [positive, shared uniform negatives]; negatives equal to the positive are masked."""
     n_items = model.config.n_items
     neg = torch.randint(N_SPECIAL, n_items, (n_neg,), generator=gen)
     q = model.item_query(h, next_action)
@@ -197,7 +223,7 @@ def _sampled_softmax_loss(model, h, next_action, target, n_neg, gen) -> torch.Te
     neg_logit = q @ model.item_emb(neg).T
     neg_logit = neg_logit.masked_fill(neg[None, :] == target[:, None], float("-inf"))
     logits = torch.cat([pos_logit, neg_logit], dim=1)
-    return F.cross_entropy(logits, torch.zeros(len(target), dtype=torch.long))
+    return F.cross_entropy(logits, torch.zeros(len(target), dtype=torch.long), reduction="sum")
 
 
 def _optimizer(model: BehaviorTransformer, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -230,78 +256,164 @@ def seed_everything(seed: int) -> None:
 
 def train(
     model: BehaviorTransformer,
-    seqs: EncodedSequences,
+    data: EncodedSequences | Corpus,
     cfg: TrainConfig,
     validate: Callable[[BehaviorTransformer], float] | None = None,
     log: Callable[[dict], None] | None = None,
+    *,
+    checkpoint: Checkpointing | None = None,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> TrainHistory:
-    """Train in place; with ``validate`` keep the best epoch's weights and stop early."""
-    cfg = cfg.resolved(model.config.n_items)
-    seed_everything(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    windows = make_windows(seqs, model.config.max_len)
-    if len(windows.starts) == 0:
-        raise InputDataError("no training examples: every user needs at least one event")
-    steps_per_epoch = math.ceil(len(windows.starts) / cfg.batch_size)
-    opt = _optimizer(model, cfg)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.epochs * steps_per_epoch, cfg))
-    hist, best_state, bad_epochs = TrainHistory(), None, 0
-    t_start = time.perf_counter()
-    for epoch in range(1, cfg.epochs + 1):
-        stats = _run_epoch(model, seqs, windows, opt, sched, cfg, rng, gen, epoch)
-        if validate is not None and (epoch % cfg.validate_every == 0 or epoch == cfg.epochs):
-            model.eval()
-            stats["val_score"] = float(validate(model))
-            if hist.best_score is None or stats["val_score"] > hist.best_score:
-                hist.best_score, hist.best_epoch, bad_epochs = stats["val_score"], epoch, 0
-                best_state = copy.deepcopy(model.state_dict())
-            else:
-                bad_epochs += 1
-        hist.epochs.append(stats)
-        if log:
-            log(stats)
-        elapsed = time.perf_counter() - t_start
-        if bad_epochs >= cfg.patience:
-            hist.stopped_early = True
-            break
-        if cfg.max_time_s is not None and elapsed > cfg.max_time_s:
-            hist.stopped_early = True
-            break
-    hist.train_time_s = time.perf_counter() - t_start
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    model.eval()
-    return hist
+    """Train in place; with ``validate`` keep the best epoch's weights and stop early.
+
+    ``data`` is an in-memory :class:`EncodedSequences` or a :class:`Corpus` (memory-mapped
+    prepared shards): the same windows, batches and losses either way. Under a distributed
+    launcher (see :mod:`behaviorlm.nn.distributed`) each process trains on its share of every
+    global batch. ``checkpoint`` saves every ``every_steps`` steps and at the end, and resumes
+    from a checkpoint found there; ``on_step(step, loss)`` sees every step's global loss.
+    """
+    corpus = data if isinstance(data, Corpus) else Corpus.from_sequences(data)
+    return _Trainer(model, corpus, cfg.resolved(model.config.n_items), checkpoint).run(validate, log, on_step)
 
 
-def _run_epoch(model, seqs, windows, opt, sched, cfg, rng, gen, epoch) -> dict:
-    model.train()
-    t0, total_loss, total_tokens, n_batches = time.perf_counter(), 0.0, 0, 0
-    n_batches_epoch = math.ceil(len(windows.starts) / cfg.batch_size)
-    bar = tqdm(total=n_batches_epoch, desc=f"epoch {epoch}", disable=not cfg.progress, leave=False)
-    for idx in iterate_batches(windows, cfg.batch_size, rng):
-        batch = batch_from_windows(seqs, windows.starts[idx], windows.ends[idx])
-        loss, n_tok = sequence_loss(model, batch, cfg, gen)
-        opt.zero_grad(set_to_none=True)
+class _Trainer:
+    """One training run's moving parts; ``run`` is the loop, the rest are its steps."""
+
+    def __init__(self, model: BehaviorTransformer, corpus: Corpus, cfg: TrainConfig, ckpt: Checkpointing | None):
+        self.model, self.corpus, self.cfg, self.ckpt = model, corpus, cfg, ckpt
+        self.dist = distributed.current()
+        seed_everything(cfg.seed)
+        self.rng = np.random.default_rng(cfg.seed)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.windows = make_windows(corpus, model.config.max_len)
+        if len(self.windows.starts) == 0:
+            raise InputDataError("no training examples: every user needs at least one event")
+        self.steps_per_epoch = math.ceil(len(self.windows.starts) / cfg.batch_size)
+        self.opt = _optimizer(model, cfg)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg.epochs * self.steps_per_epoch, cfg))
+        self.loss = self.dist.wrap(SequenceLoss(model, cfg, self.gen))
+        self.fingerprint = {
+            "windows": len(self.windows.starts),
+            "tokens": corpus.n_tokens,
+            "n_items": model.config.n_items,
+            "world": self.dist.world,
+            "config": {k: v for k, v in asdict(cfg).items() if k not in ("progress", "max_steps", "max_time_s")},
+        }
+        restored = checkpoint.restore(ckpt, model, self.opt, self.sched, self.gen, self.fingerprint) if ckpt else None
+        self.state = restored or checkpoint.TrainState()
+        self.hist = TrainHistory(**self.state.history) if self.state.history else TrainHistory()
+
+    def run(self, validate, log, on_step) -> TrainHistory:
+        self.t_start = t_start = time.perf_counter() - self.state.elapsed_s
+        stop = False
+        while self.state.epoch <= self.cfg.epochs and not stop and not self._steps_spent():
+            if not self._epoch(on_step):  # max_steps reached mid-epoch
+                break
+            stats = self._end_epoch(validate)
+            self.hist.epochs.append(stats)
+            if log and self.dist.is_main:
+                log(stats)
+            stop = self.state.bad_epochs >= self.cfg.patience or self._out_of_time(t_start)
+            self.hist.stopped_early = stop
+            self.state.epoch += 1
+        self.hist.train_time_s = self.state.elapsed_s = time.perf_counter() - t_start
+        self._save()
+        if self.state.best_state is not None:
+            self.model.load_state_dict(self.state.best_state)
+        self.model.eval()
+        return self.hist
+
+    def _steps_spent(self) -> bool:
+        return self.cfg.max_steps is not None and self.state.step >= self.cfg.max_steps
+
+    def _epoch(self, on_step) -> bool:
+        """Run the rest of the epoch in progress; False when ``max_steps`` stopped it mid-way."""
+        st, cfg = self.state, self.cfg
+        if st.epoch_rng is None:
+            st.epoch_rng = copy.deepcopy(self.rng.bit_generator.state)
+        else:  # a resumed (or continued) epoch draws its batch order again from the saved state
+            self.rng.bit_generator.state = copy.deepcopy(st.epoch_rng)
+        batches = list(iterate_batches(self.windows, cfg.batch_size, self.rng))
+        self.model.train()
+        bar = tqdm(total=len(batches), initial=st.batch, desc=f"epoch {st.epoch}", disable=not cfg.progress)
+        t0 = time.perf_counter()
+        for idx in batches[st.batch :]:
+            loss, n_tok = self._step(idx)
+            st.batch, st.step = st.batch + 1, st.step + 1
+            st.epoch_loss, st.epoch_tokens = st.epoch_loss + loss * n_tok, st.epoch_tokens + n_tok
+            if on_step is not None:
+                on_step(st.step, loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}")
+            if self.ckpt and st.step % self.ckpt.every_steps == 0:
+                st.epoch_seconds += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                self._save()
+            if self._steps_spent():
+                st.epoch_seconds += time.perf_counter() - t0
+                bar.close()
+                return st.batch == len(batches)
+        st.epoch_seconds += time.perf_counter() - t0
+        bar.close()
+        return True
+
+    def _step(self, idx: np.ndarray) -> tuple[float, int]:
+        """One optimizer step on a global batch; returns its global loss and item-token count."""
+        mine = self.dist.share(idx)
+        empty = len(mine) == 0  # a tiny last batch can leave a rank without windows
+        batch = batch_from_windows(self.corpus, *(w[idx[:1] if empty else mine] for w in self.windows_arrays))
+        if empty:
+            batch["target_items"].fill_(PAD)
+            batch["target_actions"].fill_(PAD)
+        sums, counts = self.loss(batch)
+        totals = self.dist.all_reduce_sum(torch.cat([sums.detach().double(), counts]))
+        n_item, n_action = max(float(totals[2]), 1.0), max(float(totals[3]), 1.0)
+        w = self.cfg.action_loss_weight
+        loss = (sums[0] / n_item + w * sums[1] / n_action) * self.dist.world  # DDP averages over ranks
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        sched.step()
-        total_loss += loss.item() * n_tok
-        total_tokens += n_tok
-        n_batches += 1
-        dt = time.perf_counter() - t0
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{total_tokens / max(dt, 1e-9):,.0f}")
-    bar.close()
-    dt = time.perf_counter() - t0
-    return {
-        "epoch": epoch,
-        "loss": total_loss / max(total_tokens, 1),
-        "tokens": total_tokens,
-        "seconds": dt,
-        "tokens_per_s": total_tokens / max(dt, 1e-9),
-        "lr": sched.get_last_lr()[0],
-    }
+        if self.cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        return float(totals[0] / n_item + w * totals[1] / n_action), int(totals[2])
+
+    @property
+    def windows_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.windows.starts, self.windows.ends
+
+    def _end_epoch(self, validate) -> dict:
+        st = self.state
+        stats = {
+            "epoch": st.epoch,
+            "loss": st.epoch_loss / max(st.epoch_tokens, 1),
+            "tokens": st.epoch_tokens,
+            "seconds": st.epoch_seconds,
+            "tokens_per_s": st.epoch_tokens / max(st.epoch_seconds, 1e-9),
+            "lr": self.sched.get_last_lr()[0],
+        }
+        if validate is not None and (st.epoch % self.cfg.validate_every == 0 or st.epoch == self.cfg.epochs):
+            self.model.eval()
+            score = self.dist.broadcast(float(validate(self.model)) if self.dist.is_main else None)
+            stats["val_score"] = score
+            if self.hist.best_score is None or score > self.hist.best_score:
+                self.hist.best_score, self.hist.best_epoch, st.bad_epochs = score, st.epoch, 0
+                st.best_state = copy.deepcopy(self.model.state_dict())
+            else:
+                st.bad_epochs += 1
+        st.batch, st.epoch_rng, st.epoch_loss, st.epoch_tokens, st.epoch_seconds = 0, None, 0.0, 0, 0.0
+        return stats
+
+    def _out_of_time(self, t_start: float) -> bool:
+        limit = self.cfg.max_time_s
+        return limit is not None and time.perf_counter() - t_start > limit
+
+    def _save(self) -> None:
+        """Checkpoint (rank 0 writes; every rank waits, so none runs ahead of a file being written)."""
+        if self.ckpt is None:
+            return
+        if self.dist.is_main:
+            self.state.elapsed_s = time.perf_counter() - self.t_start
+            self.state.history = asdict(self.hist)
+            checkpoint.save(self.ckpt, self.state, self.model, self.opt, self.sched, self.gen, self.fingerprint)
+        self.dist.barrier()

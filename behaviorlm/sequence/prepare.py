@@ -150,7 +150,7 @@ def _sorted_bucket(stage: Path, b: int) -> tuple[pl.DataFrame, int]:
 
 def _item_stats(df: pl.DataFrame, rank: pl.DataFrame) -> pl.DataFrame:
     """Per item: count and the first-appearance key (global user rank, position in the user)."""
-    keyed = df.join(rank, on="user_id", how="left").with_columns(
+    keyed = df.join(rank, on="user_id", how="left", maintain_order="left").with_columns(
         (pl.col("__rank") * KEY_SHIFT + pl.int_range(pl.len()).over("user_id")).alias("__key")
     )
     return keyed.group_by("item_id").agg(pl.len().alias("n"), pl.col("__key").min().alias("first"))
@@ -292,7 +292,10 @@ def _encode_bucket(stage: Path, b: int, tokenizer_path: Path, folder: Path) -> d
         enc = _tokenizer(tokenizer_path, tokenizer_path.stat().st_mtime_ns).encode(
             Events.trusted(df, f"prepared bucket {b}"), truncate=False
         )
-        shards.write_shard(folder, enc)
+        rank = _ranks(stage, (stage / "ranks.parquet").stat().st_mtime_ns)
+        users = pl.DataFrame({"user_id": enc.user_ids}, schema={"user_id": df["user_id"].dtype})
+        ranks = users.join(rank, on="user_id", how="left", maintain_order="left")["__rank"].to_numpy()
+        shards.write_shard(folder, enc, ranks)
     offsets = np.load(folder / "offsets.npy", mmap_mode="r")  # from disk, also for a resumed shard
     return {"name": folder.name, "users": len(offsets) - 1, "tokens": int(offsets[-1])}
 

@@ -8,6 +8,8 @@ A prepared folder (``behaviorlm prepare --out DIR``) holds::
         offsets.npy               int64 (users + 1,): user u's tokens are [offsets[u], offsets[u+1])
         items.npy actions.npy gaps.npy   int32 / int16 / int16 token ids, BOS-prefixed per user
         users.parquet             user_id in shard order
+        ranks.npy                 int64: each user's rank among all users sorted by id (the
+                                  in-memory order, so training batches do not depend on sharding)
     manifest.json             written last: format version, shards and their counts, the report
 
 Why ``.npy`` arrays rather than Parquet: training reads random windows of token ids, which a
@@ -32,9 +34,10 @@ import polars as pl
 from behaviorlm.data.io import atomic_dir, write_text_atomic
 from behaviorlm.data.schema import InputSchema
 from behaviorlm.errors import ModelFormatError
+from behaviorlm.sequence.corpus import Corpus
 from behaviorlm.sequence.tokenizer import ActionTokenizer, EncodedSequences
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.json"
 SCHEMA = "schema.json"
@@ -45,9 +48,10 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}"
 
 
-def write_shard(folder: Path, enc: EncodedSequences) -> None:
-    """One shard, atomically: the arrays of ``enc`` and its users."""
+def write_shard(folder: Path, enc: EncodedSequences, ranks: np.ndarray) -> None:
+    """One shard, atomically: the arrays of ``enc``, its users and their global ranks."""
     with atomic_dir(folder) as tmp:
+        np.save(tmp / "ranks.npy", np.asarray(ranks, np.int64))
         np.save(tmp / "offsets.npy", enc.offsets.astype(np.int64))
         for name, dtype in _DTYPES.items():
             np.save(tmp / f"{name}.npy", getattr(enc, name).astype(dtype))
@@ -98,6 +102,12 @@ class PreparedShards:
     @property
     def n_tokens(self) -> int:
         return sum(s["tokens"] for s in self.shards)
+
+    def corpus(self) -> Corpus:
+        """Every shard memory-mapped, users in global rank order: what training reads."""
+        parts = [load_shard(self.folder / s["name"]) for s in self.shards]
+        ranks = [np.load(self.folder / s["name"] / "ranks.npy") for s in self.shards]
+        return Corpus.from_parts(parts, ranks)
 
     def __iter__(self) -> Iterator[EncodedSequences]:
         """Each shard in order, memory-mapped."""

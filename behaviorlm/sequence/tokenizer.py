@@ -153,6 +153,26 @@ class ActionTokenizer:
         tok = cls(max_len=max_len, min_item_count=min_item_count, n_time_buckets=n_time_buckets)
         return tok._set_vocabulary(item_dtype, list(items), item_counts, sorted(actions))
 
+    def extended(self, events: Events) -> ActionTokenizer:
+        """A copy whose vocabulary also covers ``events`` (a new day's log): existing items and
+        actions keep their ids, counts add up, and new items (now seen ``min_item_count`` times)
+        and new actions are appended -- so a model trained with this tokenizer stays valid."""
+        self._check_fitted()
+        df = require_events(events).df
+        new = df.with_row_index("__r").group_by("item_id").agg(pl.len().alias("n"), pl.col("__r").min().alias("first"))
+        counts = dict(zip(self.items_, self.item_counts_, strict=True))
+        added = []
+        for item, n in new.sort("first").select("item_id", "n").iter_rows():
+            if item in counts:
+                counts[item] += int(n)
+            elif n >= self.min_item_count:
+                added.append(item)
+                counts[item] = int(n)
+        items = self.items_ + added
+        actions = self.actions_ + sorted(set(df["event_type"].unique().to_list()) - set(self.actions_))
+        tok = ActionTokenizer(self.max_len, self.min_item_count, self.n_time_buckets)
+        return tok._set_vocabulary(self.item_dtype_, items, [counts[i] for i in items], actions)
+
     def _set_vocabulary(
         self, item_dtype: str, items: list[Any], item_counts: list[int], actions: list[str]
     ) -> ActionTokenizer:

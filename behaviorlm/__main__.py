@@ -1,0 +1,3 @@
+from behaviorlm.cli import app
+
+app(prog_name="behaviorlm")

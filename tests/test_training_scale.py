@@ -1,0 +1,180 @@
+"""Training beyond memory and beyond one process: shards = in-memory, exact resume, DDP = one
+process, incremental training keeps what it knew."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from behaviorlm.data.events import validate_schema
+from behaviorlm.data.schema import InputSchema
+from behaviorlm.errors import ConfigurationError
+from behaviorlm.nn.checkpoint import Checkpointing
+from behaviorlm.nn.model import BehaviorTransformer, ModelConfig
+from behaviorlm.nn.training import TrainConfig, train
+from behaviorlm.recommender import BehaviorLM
+from behaviorlm.sequence.prepare import PrepareConfig, prepare
+from behaviorlm.sequence.tokenizer import ActionTokenizer
+from tests.conftest import make_funnel_events
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(dim=16, n_layers=1, n_heads=1, max_len=12, batch_size=16, progress=False)
+
+
+def _write_files(df: pl.DataFrame, folder: Path, n: int = 3) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        df.gather(np.arange(i, df.height, n)).write_parquet(folder / f"part-{i}.parquet")
+    return folder
+
+
+def _state(model: BehaviorLM) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.model_.state_dict().items()}
+
+
+def test_training_from_shards_equals_in_memory_training(tmp_path):
+    raw = make_funnel_events(n_users=60)
+    prepared = prepare(_write_files(raw, tmp_path / "in"), tmp_path / "out", config=PrepareConfig(rows_per_shard=300))
+    assert len(prepared.shards) > 1
+    from_shards = BehaviorLM("quick", epochs=3, **TINY).fit(prepared)
+    in_memory = BehaviorLM("quick", epochs=3, **TINY).fit(raw)
+    assert from_shards.tokenizer_.to_dict() == in_memory.tokenizer_.to_dict()
+    losses = [e["loss"] for e in from_shards.history_.epochs]
+    assert losses == [e["loss"] for e in in_memory.history_.epochs]  # the same batches, bit for bit
+    for name, tensor in _state(in_memory).items():
+        torch.testing.assert_close(_state(from_shards)[name], tensor, rtol=0, atol=0)
+    with pytest.raises(Exception, match="trained from prepared shards"):
+        from_shards.recommend(users=[raw["user_id"][0]])  # no histories kept: say so, no cold-start answer
+    assert from_shards.recommend(events=raw.head(30)).height > 0
+
+
+def _toy(seed: int = 0):
+    ev = validate_schema(make_funnel_events(n_users=50, seed=seed), InputSchema())
+    tok = ActionTokenizer(max_len=10).fit(ev)
+    return tok, tok.encode(ev, truncate=False)
+
+
+def _fresh(tok: ActionTokenizer) -> BehaviorTransformer:
+    torch.manual_seed(0)
+    return BehaviorTransformer(ModelConfig(tok.n_items, tok.n_actions, tok.n_gaps, max_len=10, dim=16, dropout=0.2))
+
+
+@pytest.mark.parametrize("loss", ["full", "sampled"])
+def test_a_resumed_checkpoint_continues_the_exact_loss_curve(tmp_path, loss):
+    tok, seqs = _toy()
+    cfg = TrainConfig(epochs=3, batch_size=16, loss=loss, n_negatives=32, progress=False, patience=99)
+    reference: list[float] = []
+    train(_fresh(tok), seqs, cfg, on_step=lambda s, v: reference.append(v))
+    steps_per_epoch = len(reference) // 3
+    stop_at = steps_per_epoch + 2  # mid-way through epoch 2: batch order, dropout and negatives must all resume
+    ckpt = Checkpointing(tmp_path / "ckpt", every_steps=1000)
+    first: list[float] = []
+    cut = TrainConfig(**{**cfg.__dict__, "max_steps": stop_at})
+    train(_fresh(tok), seqs, cut, checkpoint=ckpt, on_step=lambda s, v: first.append(v))
+    assert (tmp_path / "ckpt" / "checkpoint.pt").is_file()
+    rest: list[float] = []
+    torch.manual_seed(123)  # a new process: global RNG elsewhere; the checkpoint must restore it
+    hist = train(_fresh(tok), seqs, cfg, checkpoint=ckpt, on_step=lambda s, v: rest.append(v))
+    assert first + rest == reference
+    assert len(hist.epochs) == 3
+
+
+def test_a_checkpoint_of_other_data_is_refused(tmp_path):
+    tok, seqs = _toy()
+    ckpt = Checkpointing(tmp_path / "ckpt")
+    cfg = TrainConfig(epochs=1, batch_size=16, progress=False, max_steps=2)
+    train(_fresh(tok), seqs, cfg, checkpoint=ckpt)
+    with pytest.raises(ConfigurationError, match="other training data or settings"):
+        train(_fresh(tok), seqs, TrainConfig(epochs=1, batch_size=8, progress=False), checkpoint=ckpt)
+
+
+def _cli(args: list[str], **env: str) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
+    return subprocess.run(
+        [sys.executable, "-m", "behaviorlm", *args], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=240
+    )
+
+
+def test_two_ddp_processes_reproduce_the_one_process_run(tmp_path):
+    """Same global batch: the loss curve within 1e-4 and the same vocabulary and weights (1e-4)."""
+    make_funnel_events(n_users=40).write_csv(tmp_path / "events.csv")
+    common = ["train", "--events", str(tmp_path / "events.csv"), "--holdout", "none", "--recipe", "quick"]
+    common += ["--epochs", "2", "--dim", "16", "--layers", "1", "--heads", "1", "--max-len", "12"]
+    common += ["--batch-size", "16", "--dropout", "0"]
+    one = _cli([*common, "--out", str(tmp_path / "one")])
+    two = _cli([*common, "--out", str(tmp_path / "two"), "--nproc", "2"])
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert "with 2 processes" in " ".join(two.stdout.split())
+    a, b = BehaviorLM.load(tmp_path / "one"), BehaviorLM.load(tmp_path / "two")
+    assert a.tokenizer_.to_dict() == b.tokenizer_.to_dict()
+    la, lb = ([e["loss"] for e in m.history_.epochs] for m in (a, b))
+    np.testing.assert_allclose(lb, la, rtol=1e-4)
+    for name, tensor in a.model_.state_dict().items():
+        torch.testing.assert_close(b.model_.state_dict()[name], tensor, rtol=1e-4, atol=1e-4)
+    assert not list(tmp_path.glob(".two*"))  # one writer: no leftovers of a second one
+
+
+def test_grown_model_keeps_every_old_weight():
+    tok, _ = _toy()
+    old = _fresh(tok)
+    new = old.grown(tok.n_items + 5, tok.n_actions + 1)
+    for name, tensor in old.state_dict().items():
+        grown = new.state_dict()[name]
+        torch.testing.assert_close(grown[: tensor.shape[0]], tensor, rtol=0, atol=0)
+    assert new.item_emb.weight.shape[0] == tok.n_items + 5 and new.action_head.out_features == tok.n_actions + 1
+    assert new.item_emb.weight[tok.n_items :].abs().sum() > 0  # fresh rows, initialised
+    with pytest.raises(ConfigurationError):
+        old.grown(tok.n_items - 1, tok.n_actions)
+
+
+def test_fit_partial_grows_the_vocabulary_and_continues(tmp_path):
+    raw = make_funnel_events(n_users=50)
+    cutoff = raw["timestamp"].sort()[int(raw.height * 0.8)]
+    old_part, new_part = raw.filter(pl.col("timestamp") < cutoff), raw.filter(pl.col("timestamp") >= cutoff)
+    novel_ids = [f"novel-{i}" for i in range(6)]
+    novel = new_part.head(6).with_columns(item_id=pl.Series(novel_ids), event_type=pl.lit("add_to_favorites"))
+    new_part = pl.concat([new_part, novel])
+    model = BehaviorLM("quick", epochs=2, **TINY).fit(old_part)
+    before_items, before_actions = list(model.tokenizer_.items_), list(model.tokenizer_.actions_)
+    before_weights, before_version = model.model_.item_emb.weight.detach().clone(), model.model_version
+    model.fit_partial(new_part, epochs=1)
+    tok = model.tokenizer_
+    assert tok.items_[: len(before_items)] == before_items and tok.actions_[: len(before_actions)] == before_actions
+    assert set(novel_ids) <= set(tok.items_) and tok.actions_[-1] == "add_to_favorites"
+    assert model.model_.item_emb.weight.shape[0] == tok.n_items > before_weights.shape[0]
+    assert model.model_version != before_version and model.parent_version_ == before_version
+    user = novel["user_id"][0]
+    assert "novel-0" in model.seen_.filter(pl.col("user_id") == user)["item_id"].to_list()
+    model.save(tmp_path / "m2")
+    again = BehaviorLM.load(tmp_path / "m2")
+    assert again.parent_version_ == before_version
+    assert again.recommend(users=[user], k=3).height == 3
+
+
+def test_cli_trains_from_prepared_with_checkpoints_and_continues_a_model(tmp_path):
+    raw = make_funnel_events(n_users=40)
+    raw.write_csv(tmp_path / "events.csv")
+    prep = _cli(["prepare", "--events", str(tmp_path / "events.csv"), "--out", str(tmp_path / "prep")])
+    assert prep.returncode == 0, prep.stderr[-2000:]
+    args = ["train", "--prepared", str(tmp_path / "prep"), "--recipe", "quick", "--epochs", "2", "--dim", "16"]
+    args += ["--layers", "1", "--heads", "1", "--max-len", "12", "--checkpoint-dir", str(tmp_path / "ck")]
+    first = _cli([*args, "--out", str(tmp_path / "m"), "--checkpoint-every", "3"])
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert (tmp_path / "ck" / "checkpoint.pt").is_file()
+    manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    assert manifest["prepared_from"] == str(tmp_path / "prep")
+    bad = _cli([*args[:-2], "--out", str(tmp_path / "x"), "--holdout", "loo"])
+    assert bad.returncode != 0 and "--holdout none" in bad.stderr and "Traceback" not in bad.stderr
+    more = _cli(["train", "--init-from", str(tmp_path / "m"), "--events", str(tmp_path / "events.csv")]
+                + ["--epochs", "1", "--out", str(tmp_path / "m2")])  # fmt: skip
+    assert more.returncode == 0, more.stderr[-2000:]
+    assert json.loads((tmp_path / "m2" / "manifest.json").read_text())["parent_version"] == manifest["model_version"]
