@@ -170,11 +170,11 @@ def test_cli_trains_from_prepared_with_checkpoints_and_continues_a_model(tmp_pat
     first = _cli([*args, "--out", str(tmp_path / "m"), "--checkpoint-every", "3"])
     assert first.returncode == 0, first.stderr[-2000:]
     assert (tmp_path / "ck" / "checkpoint.pt").is_file()
-    manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    manifest = json.loads((tmp_path / "m" / "estimator.json").read_text())
     assert manifest["prepared_from"] == str(tmp_path / "prep")
     bad = _cli([*args[:-2], "--out", str(tmp_path / "x"), "--holdout", "loo"])
     assert bad.returncode != 0 and "--holdout none" in bad.stderr and "Traceback" not in bad.stderr
     more = _cli(["train", "--init-from", str(tmp_path / "m"), "--events", str(tmp_path / "events.csv")]
                 + ["--epochs", "1", "--out", str(tmp_path / "m2")])  # fmt: skip
     assert more.returncode == 0, more.stderr[-2000:]
-    assert json.loads((tmp_path / "m2" / "manifest.json").read_text())["parent_version"] == manifest["model_version"]
+    assert json.loads((tmp_path / "m2" / "estimator.json").read_text())["parent_version"] == manifest["model_version"]
