@@ -544,8 +544,11 @@ def _allowed_items(path: Path | None, item_col: str) -> tuple | None:
 @events_input()
 def score(
     model_dir: Annotated[Path, Opt("--model", help="model directory")],
-    out_path: Annotated[Path, Opt("--out", help="output .parquet")],
+    out_path: Annotated[Path, Opt("--out", help="output .parquet (with --prepared: a folder of parts)")],
     data: EventsInput,
+    prepared: Annotated[
+        Path | None, Opt(help="score every user of a `behaviorlm prepare` folder from its shards (resumable)")
+    ] = None,
     k: int = 10,
     batch_size: int = 128,
     quantize: Annotated[str | None, Opt(help="int8: dynamic quantisation of Linear layers")] = None,
@@ -557,13 +560,28 @@ def score(
     """Top-K for every user in the events, streamed to Parquet in bounded memory."""
     from behaviorlm.inference.batch import ScoringOptions, score_events, set_threads
 
-    _parquet_out(out_path)
     set_threads(threads)
     model = _load_model(model_dir)
     schema = data.schema(model.input_schema_)
     options = ScoringOptions(k, exclude_seen, action, _allowed_items(allowed_items, schema.columns.item), batch_size)
-    ev = data.load(model.input_schema_).events
-    res = score_events(model.engine, ev, out_path, options, quantize=quantize, progress=sys.stderr.isatty())
+    progress = sys.stderr.isatty()
+    if prepared is not None:
+        from datetime import datetime
+
+        from behaviorlm.data.timestamps import UTC
+        from behaviorlm.inference.batch import score_prepared
+        from behaviorlm.sequence.shards import PreparedShards
+
+        if data.events is not None or data.dataset is not None:
+            raise ConfigurationError("--prepared replaces --events/--dataset")
+        shards = PreparedShards.open(prepared)
+        res = score_prepared(
+            model.engine, shards, out_path, datetime.now(UTC), options, quantize=quantize, progress=progress
+        )
+    else:
+        _parquet_out(out_path)
+        ev = data.load(model.input_schema_).events
+        res = score_events(model.engine, ev, out_path, options, quantize=quantize, progress=progress)
     out.print(
         f"scored {res.n_users:,} users -> {res.n_rows:,} rows in {res.seconds:.1f} s "
         f"({res.users_per_s:,.0f} users/s, peak RSS {res.peak_rss_mb:,.0f} MB, model {res.model_version}); "

@@ -46,3 +46,29 @@ def test_spark_udf_equals_single_process(tmp_path, monkeypatch):
     assert len(got) == 25
     for u, items in zip(got["user_id"], got["item_ids"], strict=True):
         assert [i for i in items if i] == [str(i) for i in want[u]]
+
+
+def test_torch_distributor_runs_the_same_ddp_training(tmp_path, monkeypatch):
+    """TorchDistributor (local Spark, 2 processes) trains what one process trains (same global batch)."""
+    import numpy as np
+    from pyspark.sql import SparkSession
+
+    from behaviorlm.spark_train import train_on_spark
+
+    monkeypatch.setenv("PYSPARK_PYTHON", sys.executable)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    make_events(n_users=30, n_items=20, length=8).write_csv(tmp_path / "events.csv")
+    args = ["--events", str(tmp_path / "events.csv"), "--holdout", "none", "--recipe", "quick", "--epochs", "2"]
+    args += ["--dim", "16", "--layers", "1", "--heads", "1", "--max-len", "12", "--batch-size", "16", "--dropout", "0"]
+    spark = SparkSession.builder.master("local[2]").appName("test").config("spark.ui.enabled", "false").getOrCreate()
+    try:
+        train_on_spark([*args, "--out", str(tmp_path / "spark")], num_processes=2, local_mode=True, spark=spark)
+    finally:
+        spark.stop()
+    from behaviorlm.spark_train import train_command
+
+    train_command([*args, "--out", str(tmp_path / "one")])
+    a, b = BehaviorLM.load(tmp_path / "one"), BehaviorLM.load(tmp_path / "spark")
+    assert a.tokenizer_.to_dict() == b.tokenizer_.to_dict()
+    la, lb = ([e["loss"] for e in m.history_.epochs] for m in (a, b))
+    np.testing.assert_allclose(lb, la, rtol=1e-4)

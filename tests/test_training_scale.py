@@ -178,3 +178,35 @@ def test_cli_trains_from_prepared_with_checkpoints_and_continues_a_model(tmp_pat
                 + ["--epochs", "1", "--out", str(tmp_path / "m2")])  # fmt: skip
     assert more.returncode == 0, more.stderr[-2000:]
     assert json.loads((tmp_path / "m2" / "estimator.json").read_text())["parent_version"] == manifest["model_version"]
+
+
+def test_scoring_from_shards_equals_scoring_events(tmp_path):
+    from datetime import datetime, timezone
+
+    from behaviorlm.inference.batch import ScoringOptions, score_events, score_prepared
+
+    raw = make_funnel_events(n_users=60)
+    prepared = prepare(_write_files(raw, tmp_path / "in"), tmp_path / "out", config=PrepareConfig(rows_per_shard=300))
+    model = BehaviorLM("quick", epochs=1, **TINY).fit(prepared)
+    stamp = datetime(2024, 1, 1, tzinfo=timezone.utc)
+    options = ScoringOptions(k=5)
+    summary = score_prepared(model.engine, prepared, tmp_path / "scores", stamp, options, chunk_users=7)
+    got = pl.read_parquet(tmp_path / "scores" / "part-*.parquet").sort("user_id", "rank")
+    score_events(model.engine, model.validate_input(raw), tmp_path / "ref.parquet", options, scored_at=stamp)
+    want = pl.read_parquet(tmp_path / "ref.parquet").sort("user_id", "rank")
+    assert summary.n_users == raw["user_id"].n_unique() == got["user_id"].n_unique()
+    assert got.select("user_id", "item_id", "rank").equals(want.select("user_id", "item_id", "rank"))
+    np.testing.assert_allclose(got["score"].to_numpy(), want["score"].to_numpy(), rtol=1e-5)
+    again = score_prepared(model.engine, prepared, tmp_path / "scores", stamp, options, chunk_users=7)
+    assert again.n_rows == summary.n_rows  # resumed: every part kept
+
+
+def test_scoring_shards_with_another_vocabulary_is_refused(tmp_path):
+    from datetime import datetime, timezone
+
+    from behaviorlm.inference.batch import score_prepared
+
+    prepared = prepare(_write_files(make_funnel_events(n_users=30), tmp_path / "in"), tmp_path / "out")
+    other = BehaviorLM("quick", epochs=1, **TINY).fit(make_funnel_events(n_users=30, seed=5).head(200))
+    with pytest.raises(ConfigurationError, match="another vocabulary"):
+        score_prepared(other.engine, prepared, tmp_path / "s", datetime(2024, 1, 1, tzinfo=timezone.utc))

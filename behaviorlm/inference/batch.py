@@ -33,6 +33,9 @@ from behaviorlm.data.io import atomic_path, write_text_atomic
 from behaviorlm.data.timestamps import UTC
 from behaviorlm.errors import ConfigurationError
 from behaviorlm.inference.engine import NO_SEEN, InferenceEngine
+from behaviorlm.sequence import shards
+from behaviorlm.sequence.shards import PreparedShards
+from behaviorlm.sequence.tokenizer import N_SPECIAL, EncodedSequences
 
 
 @dataclass
@@ -200,9 +203,6 @@ def score_partition(
     engine = engine.quantized(quantize)
     df = ev.df
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stray in out_dir.glob(".*.tmp"):  # left by a killed writer
-        stray.unlink()
     stamp = scored_at.astimezone(UTC).replace(microsecond=0)
     plan = {
         "model_version": engine.version,
@@ -211,11 +211,7 @@ def score_partition(
         "chunk_users": chunk_users,
         "scored_at": stamp.isoformat(),
     }
-    plan_path = out_dir / PLAN_FILE
-    if not plan_path.exists() or json.loads(plan_path.read_text()) != json.loads(json.dumps(plan)):
-        for old in [*out_dir.glob("part-*.parquet"), out_dir / SUCCESS_FILE]:
-            old.unlink(missing_ok=True)
-        write_text_atomic(json.dumps(plan, indent=2), plan_path)
+    _start_plan(out_dir, plan)
     bounds = _user_bounds(df)
     n_users = len(bounds) - 1
     t0, n_rows, n_new = time.perf_counter(), 0, 0
@@ -235,3 +231,129 @@ def score_partition(
     done = {"n_users": n_users, "n_rows": n_rows, "parts": -(-n_users // chunk_users), "parts_written_now": n_new}
     write_text_atomic(json.dumps(plan | done, indent=2), out_dir / SUCCESS_FILE)
     return summary
+
+
+def _start_plan(out_dir: Path, plan: dict) -> None:
+    """Keep the parts of an earlier run with the same plan (resume); discard them otherwise."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stray in out_dir.glob(".*.tmp"):  # left by a killed writer
+        stray.unlink()
+    plan_path = out_dir / PLAN_FILE
+    if not plan_path.exists() or json.loads(plan_path.read_text()) != json.loads(json.dumps(plan)):
+        for old in [*out_dir.glob("part-*.parquet"), out_dir / SUCCESS_FILE]:
+            old.unlink(missing_ok=True)
+        write_text_atomic(json.dumps(plan, indent=2), plan_path)
+
+
+def score_prepared(
+    engine: InferenceEngine,
+    prepared: PreparedShards,
+    out_dir: str | Path,
+    scored_at: datetime,
+    options: ScoringOptions = ScoringOptions(),
+    chunk_users: int = 8192,
+    quantize: str | None = None,
+    progress: bool = True,
+    max_users: int | None = None,
+) -> ScoreSummary:
+    """Top-K for every user of a prepared folder, read from its memory-mapped shards.
+
+    No events are parsed or tokenised: each user's newest ``max_len`` tokens are the input and
+    every item token of the user's whole sequence is "seen". Parts (one per shard chunk) are
+    written atomically under a plan, so a killed run resumes like :func:`score_partition`.
+    Memory is one chunk's tokens and ``batch_size`` x catalog scores. ``max_users`` stops early
+    (throughput benchmarks on a sample).
+    """
+    _check_vocabulary(engine, prepared)
+    engine = engine.quantized(quantize)
+    out_dir, stamp = Path(out_dir), scored_at.astimezone(UTC).replace(microsecond=0)
+    plan = {
+        "model_version": engine.version,
+        "prepared": str(prepared.folder),
+        "prepared_tokens": prepared.n_tokens,
+        **options.plan(),
+        "chunk_users": chunk_users,
+        "max_users": max_users,
+        "scored_at": stamp.isoformat(),
+    }
+    _start_plan(out_dir, plan)
+    item_dtype = pl.Int64 if prepared.tokenizer.item_dtype_ == "int" else pl.String
+    total = min(prepared.n_users, max_users or prepared.n_users)
+    t0, n_users, n_rows = time.perf_counter(), 0, 0
+    bar = tqdm(total=total, unit="user", desc="scoring", disable=not progress)
+    for shard in prepared.shards:
+        enc, user_ids = shards.load_shard(prepared.folder / shard["name"]), prepared.user_ids(shard)
+        for c in range(0, len(enc), chunk_users):
+            hi = min(c + chunk_users, len(enc), c + total - n_users)
+            part = out_dir / f"part-{shard['name']}-{c // chunk_users:05d}.parquet"
+            if part.exists():
+                n_rows += pq.ParquetFile(part).metadata.num_rows
+            else:
+                table = _score_tokens(engine, enc, np.arange(c, hi), user_ids, item_dtype, options, stamp)
+                with atomic_path(part) as tmp:
+                    pq.write_table(table, tmp)
+                n_rows += table.num_rows
+            n_users += hi - c
+            bar.update(hi - c)
+            if n_users >= total:
+                break
+        if n_users >= total:
+            break
+    bar.close()
+    summary = ScoreSummary.since(t0, out_dir, n_users, n_rows, engine, stamp, quantize)
+    write_text_atomic(json.dumps(plan | {"n_users": n_users, "n_rows": n_rows}, indent=2), out_dir / SUCCESS_FILE)
+    return summary
+
+
+def _check_vocabulary(engine: InferenceEngine, prepared: PreparedShards) -> None:
+    """The shards' token ids must mean the same items and actions to the model (its vocabulary
+    equals the folder's, or extends it, as after ``fit_partial``)."""
+    mine, theirs = engine.tokenizer, prepared.tokenizer
+    n, m = len(theirs.items_), len(theirs.actions_)
+    if mine.items_[:n] != theirs.items_ or mine.actions_[:m] != theirs.actions_:
+        raise ConfigurationError(
+            f"{prepared.folder} was tokenised with another vocabulary than the model's; "
+            "score it with the model it trained, or prepare the events again",
+            cli_hint=f"--prepared {prepared.folder} does not match --model's vocabulary",
+        )
+
+
+@torch.inference_mode()
+def _score_tokens(
+    engine: InferenceEngine,
+    enc: EncodedSequences,
+    rows: np.ndarray,
+    user_ids: pl.Series,
+    item_dtype: pl.DataType,
+    options: ScoringOptions,
+    stamp: datetime,
+) -> pa.Table:
+    """One chunk of a shard: newest ``max_len`` tokens as input, the whole sequence as seen."""
+    lo, hi = enc.offsets[rows].astype(np.int64), enc.offsets[rows + 1].astype(np.int64)
+    order = np.argsort(np.minimum(hi - lo, engine.max_len), kind="stable")  # similar lengths share a batch
+    lo, hi, rows = lo[order], hi[order], rows[order]
+    start = np.maximum(lo, hi - engine.max_len)
+    flat, offsets = _ranges(start, hi)
+    tokens = (np.asarray(getattr(enc, f)[flat], np.int64) for f in ("items", "actions", "gaps"))
+    recent = EncodedSequences(list(range(len(rows))), offsets, *tokens)  # ids attached to the frame below
+    seen = NO_SEEN
+    if options.exclude_seen:
+        every, every_off = _ranges(lo, hi)
+        cols = np.asarray(enc.items[every], np.int64)
+        row_of = np.repeat(np.arange(len(rows)), np.diff(every_off))
+        keep = cols >= N_SPECIAL
+        seen = (row_of[keep], cols[keep])
+    allowed = engine.allowed_mask(options.allowed_items)
+    val, idx = engine.top_k_all(recent, options.k, seen, allowed, options.action, options.batch_size)
+    frame = engine.frame(user_ids.gather(rows).to_list(), val, idx, user_ids.dtype, item_dtype)
+    frame = frame.with_columns(
+        model_version=pl.lit(engine.version), scored_at=pl.lit(stamp, dtype=pl.Datetime("us", "UTC"))
+    )
+    return frame.sort("user_id", "rank").to_arrow()
+
+
+def _ranges(start: np.ndarray, end: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The concatenation of ``range(start[i], end[i])`` and its CSR offsets, vectorised."""
+    counts = end - start
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    return np.repeat(start - offsets[:-1], counts) + np.arange(offsets[-1]), offsets

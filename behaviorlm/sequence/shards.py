@@ -103,6 +103,10 @@ class PreparedShards:
     def n_tokens(self) -> int:
         return sum(s["tokens"] for s in self.shards)
 
+    def user_ids(self, shard: dict[str, Any]) -> pl.Series:
+        """A shard's user ids, in shard order, in their original type."""
+        return pl.read_parquet(self.folder / shard["name"] / "users.parquet")["user_id"]
+
     def corpus(self) -> Corpus:
         """Every shard memory-mapped, users in global rank order: what training reads."""
         parts = [load_shard(self.folder / s["name"]) for s in self.shards]
