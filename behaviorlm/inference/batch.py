@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -33,6 +32,7 @@ from behaviorlm.data.io import atomic_path, write_text_atomic
 from behaviorlm.data.timestamps import UTC
 from behaviorlm.errors import ConfigurationError
 from behaviorlm.inference.engine import NO_SEEN, InferenceEngine
+from behaviorlm.nn.training import peak_rss_mb
 from behaviorlm.sequence import shards
 from behaviorlm.sequence.shards import PreparedShards
 from behaviorlm.sequence.tokenizer import N_SPECIAL, EncodedSequences
@@ -168,11 +168,6 @@ def _schema(user_dtype: pl.DataType, item_dtype: pl.DataType) -> pa.Schema:
         }
     )
     return empty.to_arrow().schema
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 PLAN_FILE, SUCCESS_FILE = "_PLAN.json", "_SUCCESS"

@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import resource
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -80,6 +83,10 @@ class TrainHistory:
     best_score: float | None = None
     stopped_early: bool = False
     train_time_s: float = 0.0
+    processes: int = 1
+    allreduce_bytes_per_step: float | None = None  # what DDP sent per step and rank (None: one process)
+    rss_start_mb: float | None = None  # resident memory when training began (data and model built)
+    rss_first_step_mb: float | None = None  # ... after the first step (gradients, optimizer state)
 
 
 @dataclass
@@ -305,9 +312,11 @@ class _Trainer:
 
     def run(self, validate, log, on_step) -> TrainHistory:
         self.t_start = t_start = time.perf_counter() - self.state.elapsed_s
+        self.hist.rss_start_mb, self._steps_here = current_rss_mb(), 0
         stop = False
         while self.state.epoch <= self.cfg.epochs and not stop and not self._steps_spent():
-            if not self._epoch(on_step):  # max_steps reached mid-epoch
+            if not self._epoch(on_step):  # max_steps reached mid-epoch: report the partial epoch
+                self.hist.epochs.append({**self._epoch_stats(), "partial": True})
                 break
             stats = self._end_epoch(validate)
             self.hist.epochs.append(stats)
@@ -317,6 +326,9 @@ class _Trainer:
             self.hist.stopped_early = stop
             self.state.epoch += 1
         self.hist.train_time_s = self.state.elapsed_s = time.perf_counter() - t_start
+        self.hist.processes = self.dist.world
+        if self.dist.active and self.state.step:
+            self.hist.allreduce_bytes_per_step = self.dist.counter.bytes / max(1, self._steps_here)
         self._save()
         if self.state.best_state is not None:
             self.model.load_state_dict(self.state.best_state)
@@ -339,7 +351,9 @@ class _Trainer:
         t0 = time.perf_counter()
         for idx in batches[st.batch :]:
             loss, n_tok = self._step(idx)
-            st.batch, st.step = st.batch + 1, st.step + 1
+            st.batch, st.step, self._steps_here = st.batch + 1, st.step + 1, self._steps_here + 1
+            if self._steps_here == 1:
+                self.hist.rss_first_step_mb = current_rss_mb()
             st.epoch_loss, st.epoch_tokens = st.epoch_loss + loss * n_tok, st.epoch_tokens + n_tok
             if on_step is not None:
                 on_step(st.step, loss)
@@ -382,16 +396,21 @@ class _Trainer:
     def windows_arrays(self) -> tuple[np.ndarray, np.ndarray]:
         return self.windows.starts, self.windows.ends
 
-    def _end_epoch(self, validate) -> dict:
+    def _epoch_stats(self) -> dict:
         st = self.state
-        stats = {
+        return {
             "epoch": st.epoch,
             "loss": st.epoch_loss / max(st.epoch_tokens, 1),
             "tokens": st.epoch_tokens,
             "seconds": st.epoch_seconds,
             "tokens_per_s": st.epoch_tokens / max(st.epoch_seconds, 1e-9),
             "lr": self.sched.get_last_lr()[0],
+            "peak_rss_mb": peak_rss_mb(),
         }
+
+    def _end_epoch(self, validate) -> dict:
+        st = self.state
+        stats = self._epoch_stats()
         if validate is not None and (st.epoch % self.cfg.validate_every == 0 or st.epoch == self.cfg.epochs):
             self.model.eval()
             score = self.dist.broadcast(float(validate(self.model)) if self.dist.is_main else None)
@@ -417,3 +436,17 @@ class _Trainer:
             self.state.history = asdict(self.hist)
             checkpoint.save(self.ckpt, self.state, self.model, self.opt, self.sched, self.gen, self.fingerprint)
         self.dist.barrier()
+
+
+def current_rss_mb() -> float | None:
+    """This process's resident memory now (Linux ``/proc``; None elsewhere)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
