@@ -72,3 +72,45 @@ def test_torch_distributor_runs_the_same_ddp_training(tmp_path, monkeypatch):
     assert a.tokenizer_.to_dict() == b.tokenizer_.to_dict()
     la, lb = ([e["loss"] for e in m.history_.epochs] for m in (a, b))
     np.testing.assert_allclose(lb, la, rtol=1e-4)
+
+
+def test_spark_prepare_equals_the_polars_prepare(tmp_path, monkeypatch):
+    import numpy as np
+    import polars as pl
+    from pyspark.sql import SparkSession
+
+    from behaviorlm.sequence.prepare import PrepareConfig, prepare
+    from behaviorlm.sequence.spark_prepare import prepare_spark
+    from tests.conftest import make_funnel_events
+
+    monkeypatch.setenv("PYSPARK_PYTHON", sys.executable)
+    df = make_funnel_events(n_users=60)
+    df = pl.concat([df, df.head(1), df.slice(7, 1)])  # exact duplicates across files
+    (tmp_path / "in").mkdir()
+    for i in range(3):
+        df.gather(np.arange(i, df.height, 3)).write_parquet(tmp_path / "in" / f"part-{i}.parquet")
+    cfg = PrepareConfig(rows_per_shard=300, workers=1)
+    ref = prepare(tmp_path / "in", tmp_path / "polars", config=cfg)
+    spark = (
+        SparkSession.builder.master("local[2]").appName("test").config("spark.ui.enabled", "false")
+        .config("spark.sql.session.timeZone", "UTC").getOrCreate()
+    )  # fmt: skip
+    try:
+        got = prepare_spark(spark, tmp_path / "in", tmp_path / "spark", config=cfg)
+    finally:
+        spark.stop()
+    assert got.tokenizer.to_dict() == ref.tokenizer.to_dict()
+    assert got.report["rows_kept"] == ref.report["rows_kept"] and got.n_tokens == ref.n_tokens
+
+    def by_user(p):
+        return {
+            u: tuple(
+                a[int(enc.offsets[i]) : int(enc.offsets[i + 1])].tolist() for a in (enc.items, enc.actions, enc.gaps)
+            )
+            for enc in p
+            for i, u in enumerate(enc.user_ids)
+        }
+
+    assert by_user(got) == by_user(ref)
+    c_ref, c_got = ref.corpus(), got.corpus()  # same canonical training order, whatever the sharding
+    np.testing.assert_array_equal(c_got.ends - c_got.starts, c_ref.ends - c_ref.starts)

@@ -77,7 +77,7 @@ def input_files(spec: str | Path | list[str | Path]) -> list[Path]:
     return files
 
 
-def _check_same_columns(files: list[Path]) -> None:
+def check_same_columns(files: list[Path]) -> None:
     """Shards whose columns disagree are named together, before any work."""
     first = _columns(files[0])
     for f in files[1:]:
@@ -168,7 +168,7 @@ def prepare(
         raise ConfigurationError("rows_per_shard must be >= 1", cli_hint="--rows-per-shard must be >= 1")
     out = Path(out)
     files = input_files(events)
-    _check_same_columns(files)
+    check_same_columns(files)
     stage = out / STAGING
     total = sum(_count_rows(f) for f in files)
     n_buckets = max(1, math.ceil(total / cfg.rows_per_shard))
@@ -178,7 +178,7 @@ def prepare(
     write_parquet_atomic(_user_ranks(stage, n_buckets), stage / "ranks.parquet")
     counted = _map(_count_bucket, [(stage, b) for b in range(n_buckets)], cfg.workers)
     stats, duplicates = _merge_stats(counted)
-    tokenizer = _vocabulary(stats, infos, cfg)
+    tokenizer = vocabulary(stats, {a for info in infos for a in info["actions"]}, cfg)
     tokenizer.save(out / shards.TOKENIZER)
     write_text_atomic(json.dumps(schema.to_dict()), out / shards.SCHEMA)
     buckets = [b for b in range(n_buckets) if (stage / f"bucket-{b:05d}" / "sorted.parquet").exists()]
@@ -270,9 +270,10 @@ def _merge_stats(counted: list[tuple[Path | None, int]]) -> tuple[pl.DataFrame, 
     return merged, sum(d for _, d in counted)
 
 
-def _vocabulary(stats: pl.DataFrame, infos: list[dict], cfg: PrepareConfig) -> ActionTokenizer:
+def vocabulary(stats: pl.DataFrame, actions: Iterable[str], cfg: PrepareConfig) -> ActionTokenizer:
+    """The tokenizer from per-item counts and first-appearance keys (``item_id, n, first``), in
+    the order ``ActionTokenizer.fit`` gives: shared by the polars and the Spark preparation."""
     kept = stats.filter(pl.col("n") >= cfg.min_item_count).sort("first")
-    actions = {a for info in infos for a in info["actions"]}  # a dropped duplicate repeats a kept action
     item_dtype = "int" if kept["item_id"].dtype.is_integer() else "str"
     return ActionTokenizer.from_vocabulary(
         kept["item_id"].to_list(),

@@ -89,7 +89,8 @@ class PreparedShards:
         manifest = json.loads((root / MANIFEST).read_text())
         if manifest.get("format_version") != FORMAT_VERSION:
             raise ModelFormatError(
-                f"{root}: prepared format {manifest.get('format_version')!r}; this behaviorlm reads {FORMAT_VERSION}"
+                f"{root}: prepared format {manifest.get('format_version')!r}; this behaviorlm reads {FORMAT_VERSION}: "
+                "run behaviorlm prepare again"
             )
         tokenizer = ActionTokenizer.load(root / TOKENIZER)
         schema = InputSchema.from_dict(json.loads((root / SCHEMA).read_text()))
