@@ -63,7 +63,7 @@ data: install
 # Each script prints its table and writes benchmarks/out/*.json with the commit it ran on.
 BENCH_TARGETS := bench-pretrain-ml1m bench-pretrain-taobao bench-tokenizer bench-scoring \
 	bench-propensity bench-segments bench-explain bench-pipeline bench-api bench-notebooks bench-bad-input \
-	bench-scale bench-scale-large
+	bench-scale bench-scale-large bench-scale-train bench-scale-train-large bench-incremental
 ML1M_MODEL := data/models/ml-1m-loo-d01
 
 bench: $(BENCH_TARGETS)
@@ -121,13 +121,26 @@ bench-notebooks: install system-deps
 bench-bad-input: install
 	$(BIN)/python -m pytest tests/test_bad_input.py -v
 
-# section 13 [~4 min]: streaming prepare vs the in-memory path on synthetic S and M shops (issue 16, part 1)
+# section 13 [~4 min]: streaming prepare vs the in-memory path on synthetic S and M shops (issue 16)
 bench-scale: install
 	$(BIN)/python benchmarks/scale.py --size S --size M
 
 # section 13, L [~6 min: 90 s to generate 102M events, ~3.5 min to prepare; ~5 GB of disk in data/synth/L]
 bench-scale-large: install
 	$(BIN)/python benchmarks/scale.py --size L --skip-in-memory
+
+# section 14 [~30 min]: training from shards vs in memory, DDP 1 vs 2 processes, scoring from shards (S, M)
+bench-scale-train: bench-scale
+	$(BIN)/python benchmarks/scale_train.py --size S --steps 150 --repeats 2 --ddp --score-users 20000
+	$(BIN)/python benchmarks/scale_train.py --size M --steps 100 --repeats 2 --score-users 3000
+
+# section 14, L [~10 min after bench-scale-large]: training and scoring the 3M-user shop from its shards
+bench-scale-train-large: bench-scale-large
+	$(BIN)/python benchmarks/scale_train.py --size L --steps 100 --repeats 1 --score-users 3000
+
+# section 15 [~10 min]: one new day by fit_partial vs a full retrain, Taobao, leak-free time cut
+bench-incremental: install
+	$(BIN)/python benchmarks/incremental.py
 
 # section 10 [~7 min]: A/B against another checkout (git worktree add ../base COMMIT), interleaved:
 #   make bench-ab BASE=../base MODEL=data/models/ml-1m-loo

@@ -55,15 +55,13 @@ def generate(size: str) -> Path:
     return folder
 
 
-def timed(code: str, *args: str) -> dict[str, float]:
-    """Run ``code`` in a fresh interpreter: wall seconds, the peak RSS of its whole process tree
-    (sampled every 50 ms: prepare's worker processes count) and what it printed."""
+def measure(cmd: list[str]) -> tuple[float, int, str]:
+    """Run ``cmd``: wall seconds, the peak RSS of its whole process tree in bytes (sampled every
+    50 ms, so worker processes count) and its stdout; raises with its stderr when it fails."""
     import psutil
 
     t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT
-    )
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     root, peak = psutil.Process(proc.pid), 0
     while proc.poll() is None:
         try:
@@ -73,9 +71,14 @@ def timed(code: str, *args: str) -> dict[str, float]:
             pass
         time.sleep(0.05)
     stdout, stderr = proc.communicate()
-    wall = time.perf_counter() - t0
     if proc.returncode:
-        raise RuntimeError(stderr[-2000:])
+        raise RuntimeError(f"{cmd[:4]} failed:\n{stderr[-3000:]}")
+    return time.perf_counter() - t0, peak, stdout
+
+
+def timed(code: str, *args: str) -> dict[str, float]:
+    """Run ``code`` in a fresh interpreter (see :func:`measure`) and parse what it printed."""
+    wall, peak, stdout = measure([sys.executable, "-c", code, *args])
     result = next(line for line in stdout.splitlines() if line.startswith("RESULT")).split()[1:]
     rows, users, tokens, n_shards = (int(x) for x in result)
     return {

@@ -23,13 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from provenance import ROOT, write_json
+from scale import measure
 
 OUT = Path(__file__).parent / "out"
 MODEL = {"dim": 64, "n_layers": 2, "n_heads": 2, "max_len": 200, "batch_size": 128, "loss": "sampled"}
@@ -74,23 +73,9 @@ print("RESULT", json.dumps({"users": s.n_users, "rows": s.n_rows, "seconds": s.s
 
 def run(cmd: list[str]) -> dict:
     """Run ``cmd``: its wall time, the peak RSS of its process tree, and the JSON it printed."""
-    import psutil
-
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    root, peak = psutil.Process(proc.pid), 0
-    while proc.poll() is None:
-        try:
-            tree = [root, *root.children(recursive=True)]
-            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
-        except psutil.Error:
-            pass
-        time.sleep(0.05)
-    stdout, stderr = proc.communicate()
-    if proc.returncode:
-        raise RuntimeError(f"{cmd[:4]} failed:\n{stderr[-3000:]}")
+    wall, peak, stdout = measure(cmd)
     line = next((ln for ln in stdout.splitlines() if ln.startswith("RESULT")), "RESULT {}")
-    return {"wall_s": round(time.perf_counter() - t0, 1), "peak_rss_mb": round(peak / 2**20), **json.loads(line[7:])}
+    return {"wall_s": round(wall, 1), "peak_rss_mb": round(peak / 2**20), **json.loads(line[7:])}
 
 
 def fit(mode: str, size: str, steps: int, out: Path) -> dict:

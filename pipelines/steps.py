@@ -78,6 +78,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--keep-seen", action="store_true", help="recommend already-seen items (repeat-heavy clickstreams)")
     ap.add_argument("--tolerance", type=float, default=0.0, help="promotion: allowed NDCG@10 drop vs the champion")
+    ap.add_argument(
+        "--init-from", default=None, help="continue this model (models:/NAME@ALIAS or a folder) on --date's events"
+    )
     segment.add_segment_args(ap)
     ap.add_argument("--explain-users", type=int, default=50)
     return ap.parse_args(argv)

@@ -1,13 +1,19 @@
 """Train step: fit on a leave-one-out split, log and register the model, apply the promotion gate.
 
 Run alone: ``python -m pipelines.steps train --date YYYY-MM-DD --dataset NAME`` (reads the earlier steps' outputs).
+With ``--init-from REF`` (``models:/behaviorlm@champion`` or a model directory) the step is the
+daily increment: the previous model continues on the training events of ``--date``'s day
+(``BehaviorLM.fit_partial``) instead of being retrained; validation and the promotion gate are
+the same, so a worse increment is not promoted.
 """
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from behaviorlm.errors import ConfigurationError
 from pipelines.common import log_input
 
 
@@ -25,14 +31,17 @@ def run_step(args, ev, items, source, out: Path) -> dict[str, Any]:
         "batch_size": args.batch_size,
         "patience": args.patience,
     }
-    model = BehaviorLM(args.recipe, progress=False, **overrides)
-    mlflow.log_params({"recipe": repr(model), **model.params})
-    log_input(split.train, source, "training")
-    mlflow.log_param("exclude_seen", not args.keep_seen)
-    provenance = {"source": source, "holdout": "loo"}
-    model.fit(
-        split.train, validation=split.valid, items=items, exclude_seen=not args.keep_seen, training_data=provenance
-    )
+    if getattr(args, "init_from", None):
+        model = _increment(args, split)
+    else:
+        model = BehaviorLM(args.recipe, progress=False, **overrides)
+        mlflow.log_params({"recipe": repr(model), **model.params})
+        log_input(split.train, source, "training")
+        mlflow.log_param("exclude_seen", not args.keep_seen)
+        provenance = {"source": source, "holdout": "loo"}
+        model.fit(
+            split.train, validation=split.valid, items=items, exclude_seen=not args.keep_seen, training_data=provenance
+        )
     model.save(out / "model")
     score = float(model.history_.best_score or 0.0)
     mlflow.log_metric("val_ndcg_10", score)
@@ -40,3 +49,24 @@ def run_step(args, ev, items, source, out: Path) -> dict[str, Any]:
     decision = promote(info.registered_model_version, score, tolerance=args.tolerance)
     mlflow.log_params(decision.as_params())
     return {"val_ndcg_10": score, "version": decision.version, "alias": decision.alias}
+
+
+def _increment(args, split) -> Any:
+    """The previous model continued on the day's training events (leave-one-out targets stay held out)."""
+    import mlflow
+    import polars as pl
+
+    from behaviorlm.tracking import load_model_ref
+    from pipelines.common import day_end
+
+    model, origin = load_model_ref(args.init_from)
+    end = day_end(args.date)
+    start = end - timedelta(days=1)
+    day = split.train.derive(
+        split.train.df.filter((pl.col("timestamp") >= start) & (pl.col("timestamp") < end)),
+        f"training events of {args.date}",
+    )
+    mlflow.log_params({"init_from": origin["model_uri"], "parent_version": model.model_version, "new_events": len(day)})
+    if len(day) == 0:
+        raise ConfigurationError(f"--init-from: no training events on {args.date}; nothing to continue on")
+    return model.fit_partial(day, split.valid, epochs=args.epochs)

@@ -52,6 +52,20 @@ def test_all_steps_as_nested_runs_then_one_step_again(workspace):
     assert pl.read_parquet(out / "segments" / "date=2023-11-19" / "users.parquet").equals(users)
 
 
+def test_the_daily_increment_continues_the_champion(workspace):
+    base = ["--date", "2023-11-19", "--events", str(workspace / "events.csv"), "--out", str(workspace / "o")]
+    base += ["--epochs", "1", "--max-len", "32", "--experiment", "inc"]
+    first = steps.run(steps.parse(["train", *base]))
+    parent = json.loads((workspace / "o" / "model" / "estimator.json").read_text())["model_version"]
+    second = steps.run(steps.parse(["train", *base, "--init-from", "models:/behaviorlm@champion"]))
+    child = json.loads((workspace / "o" / "model" / "estimator.json").read_text())
+    assert child["parent_version"] == parent and child["model_version"] != parent
+    assert int(second["train"]["version"]) == int(first["train"]["version"]) + 1
+    runs = mlflow.search_runs(experiment_names=["inc"], output_format="list")
+    inc = next(r for r in runs if r.data.params.get("init_from") == "models:/behaviorlm@champion")
+    assert inc.data.params["parent_version"] == parent and int(inc.data.params["new_events"]) > 0
+
+
 def test_demo_runs_the_main_job_and_summarises_it_honestly(workspace, capsys):
     """`make demo`'s job: all five steps, then a summary read back from what they wrote."""
     out = workspace / "outputs"
