@@ -214,7 +214,7 @@ class BehaviorLM:
         self.exclude_seen_, self.training_data_ = exclude_seen, training_data
         self._train(data, validation, exclude_seen, k_val, TrainConfig(**{k: p[k] for k in _TRAIN_PARAMS}), checkpoint)
         self.prepared_from_ = str(events.folder) if isinstance(events, PreparedShards) else None
-        self.parent_version_ = None
+        self.parent_version_: str | None = None
         if isinstance(events, PreparedShards):
             self._remember_none(events)
         else:
@@ -321,6 +321,9 @@ class BehaviorLM:
         val = f" val={stats['val_score']:.4f}" if "val_score" in stats else ""
         log.info("epoch %d loss=%.4f %.0f tok/s%s", stats["epoch"], stats["loss"], stats["tokens_per_s"], val)
 
+    histories_: pl.DataFrame
+    seen_: pl.DataFrame
+
     def _remember_users(self, ev: Events, keep_others: bool = False) -> None:
         """Keep what recommend(users=...) needs: recent events and the seen-item sets
         (``keep_others``: users absent from ``ev`` keep what was remembered of them)."""
@@ -338,10 +341,14 @@ class BehaviorLM:
     def _remember_none(self, prepared: PreparedShards) -> None:
         """A model trained from shards keeps no per-user events (they may be billions); empty
         tables of the right types, so recommend(users=...) answers with a clear error instead."""
-        kinds = {"Int64": pl.Int64, "String": pl.String}
-        user_t = kinds.get(prepared.report["files"][0]["user_dtype"], pl.String)
+        user_t = prepared.user_ids(prepared.shards[0]).dtype
         item_t = pl.Int64 if prepared.tokenizer.item_dtype_ == "int" else pl.String
-        schema = {"user_id": user_t, "item_id": item_t, "event_type": pl.String, "timestamp": pl.Datetime("us", "UTC")}
+        schema: dict[str, Any] = {
+            "user_id": user_t,
+            "item_id": item_t,
+            "event_type": pl.String,
+            "timestamp": pl.Datetime("us", "UTC"),
+        }
         self.histories_ = pl.DataFrame(schema=schema)
         self.seen_ = pl.DataFrame(schema={"user_id": user_t, "item_id": item_t})
 

@@ -272,7 +272,7 @@ def score_prepared(
         "scored_at": stamp.isoformat(),
     }
     _start_plan(out_dir, plan)
-    item_dtype = pl.Int64 if prepared.tokenizer.item_dtype_ == "int" else pl.String
+    item_dtype: pl.DataType = pl.Int64() if prepared.tokenizer.item_dtype_ == "int" else pl.String()
     total = min(prepared.n_users, max_users or prepared.n_users)
     t0, n_users, n_rows = time.perf_counter(), 0, 0
     bar = tqdm(total=total, unit="user", desc="scoring", disable=not progress)

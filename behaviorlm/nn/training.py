@@ -312,11 +312,12 @@ class _Trainer:
 
     def run(self, validate, log, on_step) -> TrainHistory:
         self.t_start = t_start = time.perf_counter() - self.state.elapsed_s
+        partial = False
         self.hist.rss_start_mb, self._steps_here = current_rss_mb(), 0
         stop = False
         while self.state.epoch <= self.cfg.epochs and not stop and not self._steps_spent():
-            if not self._epoch(on_step):  # max_steps reached mid-epoch: report the partial epoch
-                self.hist.epochs.append({**self._epoch_stats(), "partial": True})
+            if not self._epoch(on_step):  # max_steps reached mid-epoch
+                partial = True
                 break
             stats = self._end_epoch(validate)
             self.hist.epochs.append(stats)
@@ -330,6 +331,8 @@ class _Trainer:
         if self.dist.active and self.state.step:
             self.hist.allreduce_bytes_per_step = self.dist.counter.bytes / max(1, self._steps_here)
         self._save()
+        if partial:  # reported, not checkpointed: a resumed run completes this epoch itself
+            self.hist.epochs.append({**self._epoch_stats(), "partial": True})
         if self.state.best_state is not None:
             self.model.load_state_dict(self.state.best_state)
         self.model.eval()
@@ -342,7 +345,7 @@ class _Trainer:
         """Run the rest of the epoch in progress; False when ``max_steps`` stopped it mid-way."""
         st, cfg = self.state, self.cfg
         if st.epoch_rng is None:
-            st.epoch_rng = copy.deepcopy(self.rng.bit_generator.state)
+            st.epoch_rng = dict(copy.deepcopy(self.rng.bit_generator.state))
         else:  # a resumed (or continued) epoch draws its batch order again from the saved state
             self.rng.bit_generator.state = copy.deepcopy(st.epoch_rng)
         batches = list(iterate_batches(self.windows, cfg.batch_size, self.rng))

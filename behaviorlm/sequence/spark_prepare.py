@@ -136,7 +136,7 @@ def _validator(schema: InputSchema, invalid: str, files: list[Path]):
                 try:
                     ev = validate_schema(part.drop("__file", "__row"), schema, invalid=invalid, duplicates="keep")
                 except BehaviorLMError as e:
-                    path = files[int(f)]  # type: ignore[call-overload]
+                    path = files[int(f)]
                     raise type(e)(f"{path}: {e.message}", hint=e.hint, cli_hint=e.cli_hint) from e
                 tagged = ev.df.select(_KEY).with_columns(
                     pl.lit(f, pl.Int32).alias("__file"),
@@ -161,7 +161,9 @@ def _encoder(tokenizer: dict[str, Any], out: str):
         tok = ActionTokenizer.from_dict(tokenizer)
         enc = tok.encode(Events.trusted(df.drop("__rank"), "spark bucket"), truncate=False)
         ranks = df.group_by("user_id", maintain_order=True).agg(pl.col("__rank").first())["__rank"].to_numpy()
-        name = shards.shard_name(TaskContext.get().partitionId())
+        ctx = TaskContext.get()
+        assert ctx is not None, "runs inside a Spark task"
+        name = shards.shard_name(ctx.partitionId())
         shards.write_shard(Path(out) / name, enc, ranks)
         yield pa.RecordBatch.from_pydict(
             {"name": [name], "users": [len(enc)], "tokens": [int(enc.offsets[-1])]},
