@@ -246,9 +246,8 @@ class BehaviorLM:
         if self.histories_.height == 0:
             log.info("fit_partial: the model keeps no histories; training on the new events alone")
         combined = self._with_history(new)
-        self.tokenizer_ = self.tokenizer_.extended(combined)
-        grown = self.model_.grown(self.tokenizer_.n_items, self.tokenizer_.n_actions)
-        self.model_ = grown
+        self.tokenizer_ = self.tokenizer_.extended(new)  # counts the new events only, once
+        self.model_ = self.model_.grown(self.tokenizer_.n_items, self.tokenizer_.n_actions)
         p = {**self.params, **{k: v for k, v in (("epochs", epochs), ("lr", lr)) if v is not None}}
         tcfg = TrainConfig(**{k: p[k] for k in _TRAIN_PARAMS})
         seqs = self.tokenizer_.encode(combined, truncate=False)

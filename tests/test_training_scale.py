@@ -151,6 +151,10 @@ def test_fit_partial_grows_the_vocabulary_and_continues(tmp_path):
     assert tok.items_[: len(before_items)] == before_items and tok.actions_[: len(before_actions)] == before_actions
     assert set(novel_ids) <= set(tok.items_) and tok.actions_[-1] == "add_to_favorites"
     assert model.model_.item_emb.weight.shape[0] == tok.n_items > before_weights.shape[0]
+    counts = dict(zip(tok.items_, tok.item_counts_, strict=True))
+    both = pl.concat([old_part, new_part])
+    for item in before_items[:5] + novel_ids[:2]:  # old counts plus the new day's, each event once
+        assert counts[item] == both.filter(pl.col("item_id") == item).height
     assert model.model_version != before_version and model.parent_version_ == before_version
     user = novel["user_id"][0]
     assert "novel-0" in model.seen_.filter(pl.col("user_id") == user)["item_id"].to_list()
