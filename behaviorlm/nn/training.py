@@ -10,6 +10,12 @@ Why these choices:
   spent on padding; batch order is shuffled with a seeded generator.
 * Early stopping calls a ``validate`` function supplied by the caller (metrics are defined in
   ``evaluation``, not here) and restores the best weights.
+* **One data source** (:class:`~behaviorlm.sequence.corpus.Corpus`) for sequences in memory and
+  memory-mapped shards, in a canonical user order: the same seed gives the same batches either way.
+* **Resumable and data-parallel**: :mod:`behaviorlm.nn.checkpoint` restores every RNG and the
+  position in the epoch; under DDP (:mod:`behaviorlm.nn.distributed`) each rank takes its share
+  of the same global batch and losses are divided by global token counts, so N processes follow
+  the one-process loss curve.
 """
 
 from __future__ import annotations
