@@ -419,12 +419,9 @@ def _fit_for_cli(data: EventsInput, prepared, init_from, holdout: str, recipe: s
     progress = sys.stderr.isatty()
     if init_from is not None:
         model = _load_model(init_from)
-        ev = data.load(model.input_schema_).events
+        train_ev, valid = _held_out(data.load(model.input_schema_).events, holdout)
         epochs, lr = overrides.get("epochs"), overrides.get("lr")
-        if holdout == "none":
-            return model.fit_partial(ev, epochs=epochs, lr=lr, checkpoint=ckpt)
-        split = _split(ev, holdout)
-        return model.fit_partial(split.train, split.valid, epochs=epochs, lr=lr, checkpoint=ckpt)
+        return model.fit_partial(train_ev, valid, epochs=epochs, lr=lr, checkpoint=ckpt)
     if prepared is not None:
         from behaviorlm.sequence.shards import PreparedShards
 
@@ -437,10 +434,16 @@ def _fit_for_cli(data: EventsInput, prepared, init_from, holdout: str, recipe: s
     ev = loaded.events
     model = BehaviorLM(recipe, progress=progress, **overrides)
     provenance = {"source": loaded.source, "holdout": holdout, "events_digest": events_digest(ev)}
+    train_ev, valid = _held_out(ev, holdout)
+    return model.fit(train_ev, valid, excl, items=loaded.items, training_data=provenance, checkpoint=ckpt)
+
+
+def _held_out(ev: Events, holdout: str):
+    """The training events and the validation holdout of ``--holdout`` (none: all events, no validation)."""
     if holdout == "none":
-        return model.fit(ev, exclude_seen=excl, items=loaded.items, training_data=provenance, checkpoint=ckpt)
+        return ev, None
     split = _split(ev, holdout)
-    return model.fit(split.train, split.valid, excl, items=loaded.items, training_data=provenance, checkpoint=ckpt)
+    return split.train, split.valid
 
 
 @app.command()

@@ -341,7 +341,7 @@ class BehaviorLM:
         """A model trained from shards keeps no per-user events (they may be billions); empty
         tables of the right types, so recommend(users=...) answers with a clear error instead."""
         user_t = prepared.user_ids(prepared.shards[0]).dtype
-        item_t = pl.Int64 if prepared.tokenizer.item_dtype_ == "int" else pl.String
+        item_t = prepared.tokenizer.item_polars_dtype
         schema: dict[str, Any] = {
             "user_id": user_t,
             "item_id": item_t,

@@ -31,7 +31,7 @@ def run_step(args, ev, items, source, out: Path) -> dict[str, Any]:
         "batch_size": args.batch_size,
         "patience": args.patience,
     }
-    if getattr(args, "init_from", None):
+    if args.init_from:
         model = _increment(args, split)
     else:
         model = BehaviorLM(args.recipe, progress=False, **overrides)

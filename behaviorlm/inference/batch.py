@@ -16,8 +16,10 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +37,7 @@ from behaviorlm.inference.engine import NO_SEEN, InferenceEngine
 from behaviorlm.nn.training import peak_rss_mb
 from behaviorlm.sequence import shards
 from behaviorlm.sequence.shards import PreparedShards
-from behaviorlm.sequence.tokenizer import N_SPECIAL, EncodedSequences
+from behaviorlm.sequence.tokenizer import N_SPECIAL, EncodedSequences, concat_ranges
 
 
 @dataclass
@@ -149,11 +151,26 @@ def _score_chunk(engine: InferenceEngine, chunk: pl.DataFrame, options: ScoringO
     seen = engine.seen_pairs(chunk, enc.user_ids) if options.exclude_seen else NO_SEEN
     allowed = engine.allowed_mask(options.allowed_items)
     val, idx = engine.top_k_all(enc, options.k, seen, allowed, options.action, options.batch_size)
-    frame = engine.frame(enc.user_ids, val, idx, chunk["user_id"].dtype, chunk["item_id"].dtype)
+    return _stamped(engine, engine.frame(enc.user_ids, val, idx, chunk["user_id"].dtype, chunk["item_id"].dtype), stamp)
+
+
+def _stamped(engine: InferenceEngine, frame: pl.DataFrame, stamp: datetime) -> pa.Table:
+    """A top-k frame as the scores contract's table: model version and time added, sorted."""
     frame = frame.with_columns(
         model_version=pl.lit(engine.version), scored_at=pl.lit(stamp, dtype=pl.Datetime("us", "UTC"))
     )
     return frame.sort("user_id", "rank").to_arrow()
+
+
+def _resumable_part(part: Path, make: Callable[[], pa.Table]) -> tuple[int, bool]:
+    """``part``'s row count, writing it atomically from ``make()`` unless a finished one exists
+    (a resumed run); and whether it was written now."""
+    if part.exists():
+        return pq.ParquetFile(part).metadata.num_rows, False
+    table = make()
+    with atomic_path(part) as tmp:
+        pq.write_table(table, tmp)
+    return table.num_rows, True
 
 
 def _schema(user_dtype: pl.DataType, item_dtype: pl.DataType) -> pa.Schema:
@@ -211,16 +228,12 @@ def score_partition(
     n_users = len(bounds) - 1
     t0, n_rows, n_new = time.perf_counter(), 0, 0
     for i, c in enumerate(tqdm(range(0, n_users, chunk_users), desc="scoring chunks", disable=not progress)):
-        part = out_dir / f"part-{i:05d}.parquet"
-        if part.exists():
-            n_rows += pq.ParquetFile(part).metadata.num_rows
-            continue
         lo, hi = int(bounds[c]), int(bounds[min(c + chunk_users, n_users)])
-        table = _score_chunk(engine, df.slice(lo, hi - lo), options, stamp)
-        with atomic_path(part) as tmp:
-            pq.write_table(table, tmp)
-        n_rows, n_new = n_rows + table.num_rows, n_new + 1
-        if pause_s:
+        rows, written = _resumable_part(
+            out_dir / f"part-{i:05d}.parquet", partial(_score_chunk, engine, df.slice(lo, hi - lo), options, stamp)
+        )
+        n_rows, n_new = n_rows + rows, n_new + written
+        if written and pause_s:
             time.sleep(pause_s)
     summary = ScoreSummary.since(t0, out_dir, n_users, n_rows, engine, stamp, quantize)
     done = {"n_users": n_users, "n_rows": n_rows, "parts": -(-n_users // chunk_users), "parts_written_now": n_new}
@@ -272,32 +285,35 @@ def score_prepared(
         "scored_at": stamp.isoformat(),
     }
     _start_plan(out_dir, plan)
-    item_dtype: pl.DataType = pl.Int64() if prepared.tokenizer.item_dtype_ == "int" else pl.String()
+    item_dtype = prepared.tokenizer.item_polars_dtype
     total = min(prepared.n_users, max_users or prepared.n_users)
     t0, n_users, n_rows = time.perf_counter(), 0, 0
     bar = tqdm(total=total, unit="user", desc="scoring", disable=not progress)
-    for shard in prepared.shards:
-        enc, user_ids = shards.load_shard(prepared.folder / shard["name"]), prepared.user_ids(shard)
-        for c in range(0, len(enc), chunk_users):
-            hi = min(c + chunk_users, len(enc), c + total - n_users)
-            part = out_dir / f"part-{shard['name']}-{c // chunk_users:05d}.parquet"
-            if part.exists():
-                n_rows += pq.ParquetFile(part).metadata.num_rows
-            else:
-                table = _score_tokens(engine, enc, np.arange(c, hi), user_ids, item_dtype, options, stamp)
-                with atomic_path(part) as tmp:
-                    pq.write_table(table, tmp)
-                n_rows += table.num_rows
-            n_users += hi - c
-            bar.update(hi - c)
-            if n_users >= total:
-                break
-        if n_users >= total:
-            break
+    for name, enc, user_ids, rows in _shard_chunks(prepared, chunk_users, total):
+        part = out_dir / f"part-{name}-{rows[0] // chunk_users:05d}.parquet"
+        done, _ = _resumable_part(part, partial(_score_tokens, engine, enc, rows, user_ids, item_dtype, options, stamp))
+        n_rows, n_users = n_rows + done, n_users + len(rows)
+        bar.update(len(rows))
     bar.close()
     summary = ScoreSummary.since(t0, out_dir, n_users, n_rows, engine, stamp, quantize)
     write_text_atomic(json.dumps(plan | {"n_users": n_users, "n_rows": n_rows}, indent=2), out_dir / SUCCESS_FILE)
     return summary
+
+
+def _shard_chunks(
+    prepared: PreparedShards, chunk_users: int, total: int
+) -> Iterator[tuple[str, EncodedSequences, pl.Series, np.ndarray]]:
+    """(shard name, its memory-mapped tokens, its user ids, rows of one chunk) over the shards
+    in order, ``total`` users in all."""
+    left = total
+    for shard in prepared.shards:
+        enc, user_ids = shards.load_shard(prepared.folder / shard["name"]), prepared.user_ids(shard)
+        for c in range(0, len(enc), chunk_users):
+            if left <= 0:
+                return
+            rows = np.arange(c, min(c + chunk_users, len(enc), c + left))
+            left -= len(rows)
+            yield shard["name"], enc, user_ids, rows
 
 
 def _check_vocabulary(engine: InferenceEngine, prepared: PreparedShards) -> None:
@@ -328,27 +344,16 @@ def _score_tokens(
     order = np.argsort(np.minimum(hi - lo, engine.max_len), kind="stable")  # similar lengths share a batch
     lo, hi, rows = lo[order], hi[order], rows[order]
     start = np.maximum(lo, hi - engine.max_len)
-    flat, offsets = _ranges(start, hi)
+    flat, offsets = concat_ranges(start, hi)
     tokens = (np.asarray(getattr(enc, f)[flat], np.int64) for f in ("items", "actions", "gaps"))
     recent = EncodedSequences(list(range(len(rows))), offsets, *tokens)  # ids attached to the frame below
     seen = NO_SEEN
     if options.exclude_seen:
-        every, every_off = _ranges(lo, hi)
+        every, every_off = concat_ranges(lo, hi)
         cols = np.asarray(enc.items[every], np.int64)
         row_of = np.repeat(np.arange(len(rows)), np.diff(every_off))
         keep = cols >= N_SPECIAL
         seen = (row_of[keep], cols[keep])
     allowed = engine.allowed_mask(options.allowed_items)
     val, idx = engine.top_k_all(recent, options.k, seen, allowed, options.action, options.batch_size)
-    frame = engine.frame(user_ids.gather(rows).to_list(), val, idx, user_ids.dtype, item_dtype)
-    frame = frame.with_columns(
-        model_version=pl.lit(engine.version), scored_at=pl.lit(stamp, dtype=pl.Datetime("us", "UTC"))
-    )
-    return frame.sort("user_id", "rank").to_arrow()
-
-
-def _ranges(start: np.ndarray, end: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The concatenation of ``range(start[i], end[i])`` and its CSR offsets, vectorised."""
-    counts = end - start
-    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    return np.repeat(start - offsets[:-1], counts) + np.arange(offsets[-1]), offsets
+    return _stamped(engine, engine.frame(user_ids.gather(rows).to_list(), val, idx, user_ids.dtype, item_dtype), stamp)

@@ -187,8 +187,14 @@ def sequence_loss(
     """Mean next-item CE + ``action_loss_weight`` x mean next-action CE on one batch, and the
     number of item target tokens (the one-process objective)."""
     sums, counts = SequenceLoss(model, cfg, gen)(batch)
+    return objective(sums, counts, cfg.action_loss_weight), int(counts[0])
+
+
+def objective(sums: torch.Tensor, counts: torch.Tensor, action_loss_weight: float) -> torch.Tensor:
+    """Item and action CE sums -> mean next-item CE + weighted mean next-action CE, with the
+    means taken over ``counts`` (the batch's own, or the global ones under DDP)."""
     n_item, n_action = max(float(counts[0]), 1.0), max(float(counts[1]), 1.0)
-    return sums[0] / n_item + cfg.action_loss_weight * sums[1] / n_action, int(counts[0])
+    return sums[0] / n_item + action_loss_weight * sums[1] / n_action
 
 
 class FusedLinearCrossEntropy(torch.autograd.Function):
@@ -373,37 +379,31 @@ class _Trainer:
                 t0 = time.perf_counter()
                 self._save()
             if self._steps_spent():
-                st.epoch_seconds += time.perf_counter() - t0
-                bar.close()
-                return st.batch == len(batches)
+                break
         st.epoch_seconds += time.perf_counter() - t0
         bar.close()
-        return True
+        return st.batch == len(batches)
 
     def _step(self, idx: np.ndarray) -> tuple[float, int]:
         """One optimizer step on a global batch; returns its global loss and item-token count."""
         mine = self.dist.share(idx)
         empty = len(mine) == 0  # a tiny last batch can leave a rank without windows
-        batch = batch_from_windows(self.corpus, *(w[idx[:1] if empty else mine] for w in self.windows_arrays))
+        sel = idx[:1] if empty else mine
+        batch = batch_from_windows(self.corpus, self.windows.starts[sel], self.windows.ends[sel])
         if empty:
             batch["target_items"].fill_(PAD)
             batch["target_actions"].fill_(PAD)
         sums, counts = self.loss(batch)
         totals = self.dist.all_reduce_sum(torch.cat([sums.detach().double(), counts]))
-        n_item, n_action = max(float(totals[2]), 1.0), max(float(totals[3]), 1.0)
         w = self.cfg.action_loss_weight
-        loss = (sums[0] / n_item + w * sums[1] / n_action) * self.dist.world  # DDP averages over ranks
+        loss = objective(sums, totals[2:], w) * self.dist.world  # DDP averages gradients over ranks
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if self.cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.opt.step()
         self.sched.step()
-        return float(totals[0] / n_item + w * totals[1] / n_action), int(totals[2])
-
-    @property
-    def windows_arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        return self.windows.starts, self.windows.ends
+        return float(objective(totals[:2], totals[2:], w)), int(totals[2])
 
     def _epoch_stats(self) -> dict:
         st = self.state

@@ -85,15 +85,11 @@ class EncodedSequences:
 
     def subset(self, rows: np.ndarray | list[int]) -> EncodedSequences:
         rows = np.asarray(rows, dtype=np.int64)
-        lens = self.lengths()[rows]
-        idx = (
-            np.concatenate([np.arange(self.offsets[r], self.offsets[r + 1]) for r in rows])
-            if len(rows)
-            else np.zeros(0, np.int64)
-        )
+        starts = np.asarray(self.offsets, np.int64)
+        idx, offsets = concat_ranges(starts[rows], starts[rows + 1])
         return EncodedSequences(
             user_ids=[self.user_ids[r] for r in rows],
-            offsets=np.concatenate([[0], np.cumsum(lens)]).astype(np.int64),
+            offsets=offsets,
             items=self.items[idx],
             actions=self.actions[idx],
             gaps=self.gaps[idx],
@@ -122,13 +118,7 @@ class ActionTokenizer:
     # ------------------------------------------------------------------ fit
     def fit(self, events: Events) -> ActionTokenizer:
         df = require_events(events).df
-        counts = (
-            df.with_row_index("__r")
-            .group_by("item_id")
-            .agg(pl.len().alias("n"), pl.col("__r").min().alias("first"))
-            .filter(pl.col("n") >= self.min_item_count)
-            .sort("first")
-        )
+        counts = _item_counts(df).filter(pl.col("n") >= self.min_item_count)
         if counts.height == 0:
             raise EventsError(f"no item occurs at least min_item_count={self.min_item_count} times")
         item_dtype = "int" if df["item_id"].dtype.is_integer() else "str"
@@ -159,10 +149,9 @@ class ActionTokenizer:
         and new actions are appended -- so a model trained with this tokenizer stays valid."""
         self._check_fitted()
         df = require_events(events).df
-        new = df.with_row_index("__r").group_by("item_id").agg(pl.len().alias("n"), pl.col("__r").min().alias("first"))
         counts = dict(zip(self.items_, self.item_counts_, strict=True))
         added = []
-        for item, n in new.sort("first").select("item_id", "n").iter_rows():
+        for item, n in _item_counts(df).select("item_id", "n").iter_rows():
             if item in counts:
                 counts[item] += int(n)
             elif n >= self.min_item_count:
@@ -172,6 +161,11 @@ class ActionTokenizer:
         actions = self.actions_ + sorted(set(df["event_type"].unique().to_list()) - set(self.actions_))
         tok = ActionTokenizer(self.max_len, self.min_item_count, self.n_time_buckets)
         return tok._set_vocabulary(self.item_dtype_, items, [counts[i] for i in items], actions)
+
+    @property
+    def item_polars_dtype(self) -> pl.DataType:
+        """The polars type of the original item ids (Int64 or String)."""
+        return pl.Int64() if self.item_dtype_ == "int" else pl.String()
 
     def _set_vocabulary(
         self, item_dtype: str, items: list[Any], item_counts: list[int], actions: list[str]
@@ -216,7 +210,7 @@ class ActionTokenizer:
         self._check_fitted()
         if not isinstance(item_ids, pl.Series):  # lists may mix "10" and 10 (JSON, CLI args)
             item_ids = pl.Series("item_id", [None if x is None else str(x) for x in item_ids], dtype=pl.String)
-        target = pl.Int64 if self.item_dtype_ == "int" else pl.String
+        target = self.item_polars_dtype
         s = item_ids.cast(target, strict=False)
         if target == pl.Int64 and item_ids.dtype == pl.String:  # "00123" is not item 123: text ids match
             s = s.set(s.cast(pl.String) != item_ids.str.strip_chars(), None)  # only as integers written plainly
@@ -283,17 +277,8 @@ class ActionTokenizer:
         offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
         enc = EncodedSequences(list(user_ids), offsets, out_items, out_actions, out_gaps)
         if truncate and (lens > self.max_len).any():
-            keep = np.concatenate(
-                [np.arange(max(s, e - self.max_len), e) for s, e in zip(offsets[:-1], offsets[1:], strict=True)]
-            )
-            new_lens = np.minimum(lens, self.max_len)
-            enc = EncodedSequences(
-                list(user_ids),
-                np.concatenate([[0], np.cumsum(new_lens)]).astype(np.int64),
-                out_items[keep],
-                out_actions[keep],
-                out_gaps[keep],
-            )
+            keep, new_offsets = concat_ranges(np.maximum(offsets[:-1], offsets[1:] - self.max_len), offsets[1:])
+            enc = EncodedSequences(list(user_ids), new_offsets, out_items[keep], out_actions[keep], out_gaps[keep])
         return enc
 
     # ------------------------------------------------------------------ decode
@@ -345,3 +330,21 @@ class ActionTokenizer:
     def __repr__(self) -> str:
         fitted = f", n_items={len(self.items_)}, actions={self.actions_}" if hasattr(self, "items_") else ""
         return f"ActionTokenizer(max_len={self.max_len}, min_item_count={self.min_item_count}{fitted})"
+
+
+def _item_counts(df: pl.DataFrame) -> pl.DataFrame:
+    """``item_id, n, first``: each item's count and first row, in first-appearance order."""
+    return (
+        df.with_row_index("__r")
+        .group_by("item_id")
+        .agg(pl.len().alias("n"), pl.col("__r").min().alias("first"))
+        .sort("first")
+    )
+
+
+def concat_ranges(start: np.ndarray, end: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The concatenation of ``range(start[i], end[i])`` and its CSR offsets, vectorised: how a
+    subset of users' tokens is gathered from flat arrays without a Python loop per user."""
+    counts = np.asarray(end, np.int64) - np.asarray(start, np.int64)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    return np.repeat(np.asarray(start, np.int64) - offsets[:-1], counts) + np.arange(offsets[-1]), offsets
