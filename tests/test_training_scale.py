@@ -214,3 +214,28 @@ def test_scoring_shards_with_another_vocabulary_is_refused(tmp_path):
     other = BehaviorLM("quick", epochs=1, **TINY).fit(make_funnel_events(n_users=30, seed=5).head(200))
     with pytest.raises(ConfigurationError, match="another vocabulary"):
         score_prepared(other.engine, prepared, tmp_path / "s", datetime(2024, 1, 1, tzinfo=timezone.utc))
+
+
+def test_scale_bad_input_gets_clear_errors(tmp_path):
+    from typer.testing import CliRunner
+
+    from behaviorlm.cli import app
+    from behaviorlm.errors import ModelFormatError
+    from behaviorlm.sequence.shards import PreparedShards
+
+    prepare(_write_files(make_funnel_events(n_users=20), tmp_path / "in"), tmp_path / "prep")
+    manifest = tmp_path / "prep" / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"format_version": 2', '"format_version": 1'))
+    with pytest.raises(ModelFormatError, match="prepared format 1; this behaviorlm reads 2: run behaviorlm prepare"):
+        PreparedShards.open(tmp_path / "prep")
+    runner = CliRunner()
+    csv = tmp_path / "e.csv"
+    make_funnel_events(n_users=10).write_csv(csv)
+    both = runner.invoke(app, ["train", "--prepared", str(tmp_path / "prep"), "--events", str(csv), "--out", "x"])
+    assert both.exit_code == 2 and "--prepared replaces --events" in both.output
+    zero = runner.invoke(app, ["train", "--events", str(csv), "--out", "x", "--nproc", "0"])
+    assert zero.exit_code == 2 and "--nproc must be >= 1" in zero.output
+    every = runner.invoke(
+        app, ["train", "--events", str(csv), "--out", "x", "--checkpoint-dir", "c", "--checkpoint-every", "0"]
+    )
+    assert every.exit_code == 2 and "--checkpoint-every must be >= 1" in every.output
