@@ -31,6 +31,7 @@ from behaviorlm.errors import ConfigurationError, InputDataError, NotFittedError
 from behaviorlm.evaluation.metrics import per_user_metrics, rank_targets, seen_lists
 from behaviorlm.evaluation.splits import Holdout
 from behaviorlm.inference.engine import FRAME_SCHEMA, NO_SEEN, InferenceEngine
+from behaviorlm.inference.retrieval import IndexParams, open_index, wants_ann
 from behaviorlm.model_dir import ModelFiles, read_model_dir, write_model_dir
 from behaviorlm.nn import distributed
 from behaviorlm.nn.checkpoint import Checkpointing
@@ -90,6 +91,10 @@ class BehaviorLM:
         Stop after this many optimizer steps (fixed-work benchmarks; a checkpointed run
         continues from there when resumed with a larger value).
     """
+
+    #: how top-k lists are found until :meth:`use_retrieval` says otherwise (see there)
+    retrieval_: str = "auto"
+    retrieval_params_: IndexParams | None = None
 
     name = "behaviorlm"
 
@@ -492,11 +497,31 @@ class BehaviorLM:
         }
         files = ModelFiles(self.model_, self.tokenizer_, self.histories_, self.seen_, self.items_, manifest)
         written = write_model_dir(directory, files)
-        self.model_version_ = self.engine_.version = written["model_version"]
+        self.model_version_ = written["model_version"]
+        self.engine_ = InferenceEngine(self.model_, self.tokenizer_, self.model_version_)
+        if wants_ann(self.retrieval_, self.tokenizer_.n_items):  # the index is built once, beside the model
+            self.use_retrieval(self.retrieval_, self.retrieval_params_, directory=directory)
         return Path(directory)
 
+    def use_retrieval(
+        self, mode: str = "auto", params: IndexParams | None = None, directory: str | Path | None = None
+    ) -> BehaviorLM:
+        """How top-k lists are found from now on: ``exact`` (the full catalog), ``ann`` (two-stage
+        retrieval through an HNSW index over the item embeddings, re-scored exactly; see
+        :mod:`behaviorlm.inference.retrieval`) or ``auto`` (ANN from
+        :data:`~behaviorlm.inference.retrieval.ANN_MIN_ITEMS` items up). With ``directory`` the
+        index stored there is used if it matches this model, else built and stored there."""
+        engine = self.engine
+        self.retrieval_, self.retrieval_params_ = mode, params
+        index = (
+            open_index(directory, engine.network, engine.version, params) if wants_ann(mode, engine.n_items) else None
+        )
+        self.engine_ = engine.with_index(index)
+        return self
+
     @classmethod
-    def load(cls, directory: str | Path) -> BehaviorLM:
+    def load(cls, directory: str | Path, retrieval: str = "auto") -> BehaviorLM:
+        """A saved model; ``retrieval`` as in :meth:`use_retrieval` (the stored index is reused)."""
         files = read_model_dir(directory)
         meta = files.manifest
         recipe = meta.get("recipe") or DEFAULT_RECIPE
@@ -512,7 +537,7 @@ class BehaviorLM:
         est.prepared_from_, est.parent_version_ = meta.get("prepared_from"), meta.get("parent_version")
         est.model_version_ = meta["model_version"]
         est.engine_ = InferenceEngine(est.model_, est.tokenizer_, est.model_version_)
-        return est
+        return est.use_retrieval(retrieval, directory=directory)
 
     @property
     def model_version(self) -> str:

@@ -224,6 +224,14 @@ def promote(
     return PromotionDecision(str(version), alias, new_score, champ_version, champ_score, tolerance)
 
 
+def alias_version(name: str, alias: str) -> str:
+    """The registry version an alias names now (what the service's hot reload polls)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    return str(mlflow.MlflowClient().get_model_version_by_alias(name, alias).version)
+
+
 def load_model_ref(ref: str) -> tuple[Any, dict[str, Any]]:
     """A registry URI (``models:/name@alias`` or ``models:/name/3``) or a local model directory
     -> (BehaviorLM, provenance: ``model_uri``, ``run_id``, ``registry_version``).
@@ -241,7 +249,7 @@ def load_model_ref(ref: str) -> tuple[Any, dict[str, Any]]:
     provenance: dict[str, Any] = {"model_uri": ref, "run_id": loaded.metadata.run_id, "registry_version": None}
     name, _, alias = ref.removeprefix("models:/").partition("@")
     if alias:
-        provenance["registry_version"] = str(mlflow.MlflowClient().get_model_version_by_alias(name, alias).version)
+        provenance["registry_version"] = alias_version(name, alias)
     elif "/" in name:
         provenance["registry_version"] = name.split("/", 1)[1]
     return loaded.unwrap_python_model().model, provenance

@@ -200,14 +200,24 @@ def _require_columns(df: pl.DataFrame, needed: Mapping[str, str | None], what: s
         )
 
 
+def action_aliases(action_map: Mapping[str, str] | None) -> tuple[dict[str, str], frozenset[str]]:
+    """(alias -> canonical name, every known canonical name) for a schema's ``action_map``.
+
+    The one definition of how action names are read: files (below) and the service's lean
+    request path (``behaviorlm.service.request_events``) both use it, each value stripped and
+    lower-cased first.
+    """
+    aliases = {**DEFAULT_ACTION_ALIASES, **{k.strip().lower(): v for k, v in (action_map or {}).items()}}
+    return aliases, frozenset(CANONICAL_ACTIONS) | frozenset(aliases.values())
+
+
 def _normalise_actions(
     df: pl.DataFrame,
     action_map: Mapping[str, str] | None,
     unknown_actions: ActionPolicy,
     report: ValidationReport,
 ) -> pl.DataFrame:
-    aliases = {**DEFAULT_ACTION_ALIASES, **{k.strip().lower(): v for k, v in (action_map or {}).items()}}
-    known = set(CANONICAL_ACTIONS) | set(aliases.values())
+    aliases, known = action_aliases(action_map)
     raw = df["event_type"].cast(pl.String).str.strip_chars().str.to_lowercase()
     mapped = raw.replace(aliases)
     if unknown_actions == "keep":

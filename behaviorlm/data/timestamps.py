@@ -61,16 +61,24 @@ def plausible_range(unit: str) -> tuple[float, float]:
     return EARLIEST.timestamp() * per_s, latest_plausible().timestamp() * per_s
 
 
+def unit_of_magnitude(median: float) -> str | None:
+    """The unit of unix time whose plausible range holds ``median`` (an absolute value), if any."""
+    for unit in TIME_UNITS:
+        lo, hi = plausible_range(unit)
+        if lo <= median <= hi:
+            return unit
+    return None
+
+
 def detect_time_unit(values: pl.Series, column: str) -> str:
     """The unit whose plausible range holds the median magnitude; the ranges of s, ms, us and ns
     are a factor of 1000 apart and never overlap, so at most one fits."""
     median = cast("float | None", values.cast(pl.Float64).abs().median())  # a Float64 median
     if median is None:
         return "s"
-    for unit in TIME_UNITS:
-        lo, hi = plausible_range(unit)
-        if lo <= median <= hi:
-            return unit
+    unit = unit_of_magnitude(median)
+    if unit is not None:
+        return unit
     ranges = ", ".join(f"{u} [{lo:.2g}, {hi:.2g}]" for u in TIME_UNITS for lo, hi in [plausible_range(u)])
     raise InputDataError(
         f"column {column!r}: numeric timestamps from {values.min()!s} to {values.max()!s} (median {median:.6g}) "

@@ -25,6 +25,7 @@ import torch
 
 from behaviorlm.data.events import Events
 from behaviorlm.errors import ConfigurationError, InputDataError
+from behaviorlm.inference.retrieval import ItemIndex, two_stage_top_k
 from behaviorlm.nn.model import BehaviorTransformer
 from behaviorlm.sequence.tokenizer import N_SPECIAL, ActionTokenizer, EncodedSequences
 
@@ -41,11 +42,18 @@ class InferenceEngine:
     ``version`` names the weights (a digest), so every output can say which model produced it.
     """
 
-    def __init__(self, network: BehaviorTransformer, tokenizer: ActionTokenizer, version: str):
+    def __init__(
+        self, network: BehaviorTransformer, tokenizer: ActionTokenizer, version: str, index: ItemIndex | None = None
+    ):
         self.network = network.eval()
         self.tokenizer = tokenizer
         self.version = version
+        self.index = index  # ANN candidates for top-k (None: rank the full catalog)
         self._real_actions = torch.arange(N_SPECIAL, tokenizer.n_actions)
+
+    def with_index(self, index: ItemIndex | None) -> InferenceEngine:
+        """This engine ranking through ``index`` (two-stage retrieval), or exactly with ``None``."""
+        return InferenceEngine(self.network, self.tokenizer, self.version, index)
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -59,6 +67,16 @@ class InferenceEngine:
     @property
     def dim(self) -> int:
         return self.network.config.dim
+
+    @property
+    def retrieval_name(self) -> str:
+        """How top-k lists are found: ``exact`` (the full catalog) or the ANN index's name."""
+        return "exact" if self.index is None else self.index.name
+
+    @property
+    def real_actions(self) -> torch.Tensor:
+        """Vocabulary ids of the action types seen in training (the specials excluded)."""
+        return self._real_actions
 
     @property
     def action_names(self) -> list[str]:
@@ -79,7 +97,7 @@ class InferenceEngine:
         with warnings.catch_warnings():  # torch.ao quantisation is deprecated in favour of torchao
             warnings.simplefilter("ignore")
             net = quantize_dynamic(copy.deepcopy(self.network), {torch.nn.Linear}, dtype=torch.qint8)
-        return InferenceEngine(net, self.tokenizer, f"{self.version}-int8")
+        return InferenceEngine(net, self.tokenizer, f"{self.version}-int8", self.index)
 
     # ------------------------------------------------------------------ encoding
     def encode(self, events: Events, truncate: bool = True) -> EncodedSequences:
@@ -217,6 +235,24 @@ class InferenceEngine:
         logp[torch.from_numpy(seen_rows[a:b] - rows.start), torch.from_numpy(seen_cols[a:b])] = float("-inf")
         return torch.topk(logp, min(k, logp.shape[1] - N_SPECIAL), dim=1)
 
+    @torch.inference_mode()
+    def rank(
+        self,
+        h: torch.Tensor,
+        a_logp: torch.Tensor,
+        rows: slice,
+        k: int,
+        seen: SeenPairs = NO_SEEN,
+        allowed: torch.Tensor | None = None,
+        action_id: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-``k`` (log-probs, vocabulary indices) for a batch of heads covering ``rows``:
+        over the full catalog, or -- with an index -- over its candidates, re-scored exactly
+        (:mod:`behaviorlm.inference.retrieval`). Masked or missing slots are -inf."""
+        if self.index is None:
+            return self.top_k(self.item_logp(h, a_logp, action_id), rows, k, seen, allowed)
+        return two_stage_top_k(self, h, a_logp, rows, k, seen, allowed, action_id)
+
     def top_k_all(
         self,
         enc: EncodedSequences,
@@ -228,8 +264,10 @@ class InferenceEngine:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` log-probs and vocabulary indices for every user of ``enc``, (users, k) each."""
         vals, idxs = [], []
-        for rows, i_logp, _ in self.iter_scores(enc, action, batch_size):
-            val, idx = self.top_k(i_logp, rows, k, seen, allowed)
+        a_id = self.action_id(action)
+        for rows in self._batches(enc, batch_size):
+            h, a_logp = self.heads(enc, rows)
+            val, idx = self.rank(h, a_logp, rows, k, seen, allowed, a_id)
             vals.append(val.numpy())
             idxs.append(idx.numpy())
         if not vals:

@@ -240,6 +240,29 @@ class ActionTokenizer:
         out = 2 + np.minimum(b, self.n_time_buckets - 1)
         return np.where(np.isnan(sec), GAP_NONE, out)
 
+    def lookup_items(self, item_ids: list[Any]) -> np.ndarray:
+        """:meth:`item_index` for a short list in pure Python (the service's per-request path):
+        the same answers -- an integer vocabulary matches ints and plainly written integer text
+        only, a text vocabulary matches the text of each id -- without building a Series."""
+        self._check_fitted()
+        get = self._item_index.get
+        if self.item_dtype_ == "int":
+            return np.fromiter((get(_as_plain_int(x), UNK) for x in item_ids), np.int64, len(item_ids))
+        return np.fromiter((get(str(x), UNK) for x in item_ids), np.int64, len(item_ids))
+
+    def lookup_actions(self, actions: list[str]) -> np.ndarray:
+        """:meth:`action_index` (not strict) for a short list of canonical names, in pure Python."""
+        self._check_fitted()
+        get = self._action_index.get
+        return np.fromiter((get(a, UNK) for a in actions), np.int64, len(actions))
+
+    def encode_one(self, user_id: Any, items: np.ndarray, actions: np.ndarray, seconds: np.ndarray) -> EncodedSequences:
+        """One user's time-sorted events (vocabulary ids and seconds since the previous event,
+        NaN for the first) -> the sequence :meth:`encode` builds for them, truncated."""
+        self._check_fitted()
+        counts = np.array([len(items)], np.int64)
+        return self._assemble([user_id], counts, items, actions, self.gap_bucket(seconds), truncate=True)
+
     def encode(self, events: Events, truncate: bool = True, strict_actions: bool = False) -> EncodedSequences:
         """Encode every user's events (sorted by time) into BOS-prefixed token sequences.
 
@@ -330,6 +353,18 @@ class ActionTokenizer:
     def __repr__(self) -> str:
         fitted = f", n_items={len(self.items_)}, actions={self.actions_}" if hasattr(self, "items_") else ""
         return f"ActionTokenizer(max_len={self.max_len}, min_item_count={self.min_item_count}{fitted})"
+
+
+def _as_plain_int(x: Any) -> int | None:
+    """An id as an integer if it is one or is written as one (``"12"``, not ``"012"`` or ``"1e3"``)."""
+    if isinstance(x, int) and not isinstance(x, bool):
+        return x
+    text = str(x).strip()
+    try:
+        value = int(text)
+    except ValueError:
+        return None
+    return value if str(value) == text else None
 
 
 def _item_counts(df: pl.DataFrame) -> pl.DataFrame:

@@ -25,6 +25,7 @@ Design notes:
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import hmac
 import itertools
@@ -33,8 +34,10 @@ import logging
 import os
 import re
 import secrets
+import threading
 import time
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -49,11 +52,15 @@ from behaviorlm.data.timestamps import EARLIEST, UTC, latest_plausible, parse_ti
 from behaviorlm.errors import BehaviorLMError, InputDataError
 from behaviorlm.extras import missing_extra
 from behaviorlm.segments.store import SegmentsFolder
+from behaviorlm.service.metrics import ServiceMetrics
+from behaviorlm.service.online import MicroBatcher, OnlineRecommender
+from behaviorlm.service.reload import RegistryWatcher
+from behaviorlm.service.request_events import RequestEncoder
 
 try:
     from fastapi import FastAPI, HTTPException, Request
     from fastapi.concurrency import run_in_threadpool
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import JSONResponse, Response
 except ImportError as exc:  # the service is an extra: say which, not a bare ModuleNotFoundError
     raise missing_extra("serve", "the HTTP service (behaviorlm serve)", exc) from exc
 
@@ -65,6 +72,9 @@ MAX_ALLOWED_ITEMS = 10_000
 MAX_BODY_BYTES = 1 << 20
 MAX_ID_CHARS = 128
 API_KEY_ENV = "BEHAVIORLM_API_KEY"
+VERSION_HEADER = "X-Model-Version"
+# microseconds since 1970 of datetime.min and datetime.max (years 1 and 9999)
+PY_MIN_MICROS, PY_MAX_MICROS = -62_135_596_800_000_000, 253_402_300_799_999_999
 
 Id = int | Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS)]
 
@@ -180,6 +190,7 @@ class PropensityRequest(UserInput):
 
 class PropensityResponse(BaseModel):
     user_id: Id | None
+    model_version: str
     propensity: float = Field(description="calibrated P(purchase within the horizon)")
     churn_propensity: float | None
     horizon: str
@@ -195,20 +206,68 @@ class SegmentResponse(PropensityResponse):
 
 # ---------------------------------------------------------------- service state
 @dataclass
-class ServiceState:
-    model: Any = None
-    online: Any = None
-    batcher: Any = None
-    provenance: dict[str, Any] = field(default_factory=dict)
-    segments: SegmentsFolder | None = None
-    explainer: Any = None
-    loaded_at: str | None = None
-    load_error: str | None = None
+class Serving:
+    """One loaded model version and everything that answers for it.
+
+    A hot reload builds a new one beside the old and swaps it in whole, so a request that
+    started on one version finishes on it: routes take it once (:meth:`ServiceState.hold`) and
+    the old version's batcher closes only when the last of its requests has left.
+    """
+
+    model: Any
+    online: OnlineRecommender
+    batcher: MicroBatcher
+    encoder: RequestEncoder
+    provenance: dict[str, Any]
+    segments: SegmentsFolder | None
+    loaded_at: str
+    inflight: int = 0
+    retired: bool = False
 
     @property
     def version(self) -> str:
         reg = self.provenance.get("registry_version")
         return f"{self.model.model_version}" + (f" (registry v{reg})" if reg else "")
+
+
+@dataclass
+class ServiceState:
+    current: Serving | None = None
+    explainer: Any = None
+    load_error: str | None = None
+    metrics: ServiceMetrics | None = None
+    watcher: RegistryWatcher | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @contextmanager
+    def hold(self) -> Iterator[Serving]:
+        """The current version for the span of one request (503 while none is loaded)."""
+        with self._lock:
+            serving = self.current
+            if serving is None:
+                raise HTTPException(503, _not_ready(self))
+            serving.inflight += 1
+        try:
+            yield serving
+        finally:
+            with self._lock:
+                serving.inflight -= 1
+                last_out = serving.retired and serving.inflight == 0
+            if last_out:
+                serving.batcher.close(wait=False)
+
+    def swap(self, new: Serving) -> Serving | None:
+        """Make ``new`` current; the old version retires once its requests have finished."""
+        with self._lock:
+            old, self.current = self.current, new
+            if old is not None:
+                old.retired = True
+            idle = old is not None and old.inflight == 0
+        if idle:
+            old.batcher.close(wait=False)  # type: ignore[union-attr]
+        if self.metrics is not None:
+            self.metrics.model_loaded(new.version, old.version if old else None)
+        return old
 
 
 # ---------------------------------------------------------------- app factory
@@ -219,24 +278,30 @@ def create_app(
     max_batch: int = 32,
     max_body_bytes: int = MAX_BODY_BYTES,
     threads: int = 1,
+    reload_interval: float | None = None,
 ) -> FastAPI:
     """The service for ``model``: a fitted ``BehaviorLM``, a local model folder, or ``models:/...``.
 
     ``api_key=None`` reads ``BEHAVIORLM_API_KEY``; an empty key means no authentication.
     ``threads`` is torch's intra-op pool: one by default, because the event loop needs the other
     core of a 2-core box and idle pool threads spin-wait on it (benchmarks/RESULTS.md section 8).
+    ``reload_interval`` (seconds; registry aliases only) polls the alias and hot-swaps the model
+    when it moves.
     """
-    state = ServiceState()
+    state = ServiceState(metrics=ServiceMetrics())
     key = os.environ.get(API_KEY_ENV, "") if api_key is None else api_key
+    load = functools.partial(_load_serving, segments=segments, max_batch=max_batch, metrics=state.metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         # load in the background: /health answers at once (liveness), /ready only when loaded
-        loading = asyncio.create_task(_load_in_background(state, model, segments, max_batch, threads))
+        loading = asyncio.create_task(_load_in_background(state, model, load, threads, reload_interval))
         yield
         await asyncio.wait([loading], timeout=0)
-        if state.batcher is not None:
-            state.batcher.close()
+        if state.watcher is not None:
+            state.watcher.stop()
+        if state.current is not None:  # uvicorn has let in-flight requests finish by now
+            state.current.batcher.close()
 
     app = FastAPI(
         title="behaviorlm",
@@ -247,7 +312,7 @@ def create_app(
     )
     app.state.service = state
     app.add_middleware(ApiKeyGate, key=key)
-    app.add_middleware(RequestContext)
+    app.add_middleware(RequestContext, metrics=state.metrics)
     _add_error_handlers(app)
     _add_routes(app, state)
     return app
@@ -262,38 +327,62 @@ def _package_version() -> str:
         return "0"
 
 
-async def _load_in_background(state: ServiceState, *args: Any) -> None:
+async def _load_in_background(
+    state: ServiceState, model: Any, load: Callable[..., Serving], threads: int, reload_interval: float | None
+) -> None:
     try:
-        await run_in_threadpool(_load, state, *args)
+        await run_in_threadpool(_first_load, state, model, load, threads)
     except Exception as e:  # keep serving /health and say why on /ready
         state.load_error = f"{type(e).__name__}: {e}"
         log.exception("model failed to load")
+        return
+    if reload_interval is not None and isinstance(model, str) and model.startswith("models:/"):
+        state.watcher = RegistryWatcher(
+            model, reload_interval, state.current.provenance, load, state.swap, state.metrics
+        )  # type: ignore[union-attr]
+        state.watcher.start()
 
 
-def _load(state: ServiceState, model: Any, segments: str | Path | None, max_batch: int, threads: int) -> None:
+def _first_load(state: ServiceState, model: Any, load: Callable[..., Serving], threads: int) -> None:
     from behaviorlm.inference.batch import set_threads
-    from behaviorlm.service.online import MicroBatcher, OnlineRecommender
     from behaviorlm.tracking import load_model_ref
 
     set_threads(threads)
     t0 = time.perf_counter()
     if isinstance(model, str | Path):
-        state.model, state.provenance = load_model_ref(str(model))
+        fitted, provenance = load_model_ref(str(model))
     else:
-        state.model, state.provenance = model, {"model_uri": "in-process", "registry_version": None}
-    if segments is not None:
-        state.segments = SegmentsFolder.load(segments, state.model.items_)
-    online = OnlineRecommender.from_model(state.model)
-    state.batcher = MicroBatcher(online.recommend, max_batch=max_batch, name="recommend-batcher")
-    state.online = online  # last: being set means ready
-    state.loaded_at = datetime.now(UTC).isoformat(timespec="seconds")
+        fitted, provenance = model, {"model_uri": "in-process", "registry_version": None}
+    serving = load(fitted, provenance)
+    state.swap(serving)  # being current means ready
     # Everything loaded so far lives as long as the process: keep it out of the cyclic GC, whose
     # full collections over millions of start-up objects showed up as p99 stalls (RESULTS.md section 8).
     gc.collect()
     gc.freeze()
     log.info(
-        "model %s loaded in %.1fs (%d known users)", state.version, time.perf_counter() - t0, len(state.online.rows_)
+        "model %s loaded in %.1fs (%d known users)",
+        serving.version,
+        time.perf_counter() - t0,
+        len(serving.online.rows_),
     )
+
+
+def _load_serving(
+    model: Any,
+    provenance: dict[str, Any],
+    *,
+    segments: str | Path | None,
+    max_batch: int,
+    metrics: ServiceMetrics | None,
+) -> Serving:
+    """Everything one model version needs to answer: built off to the side, then swapped in."""
+    seg = SegmentsFolder.load(segments, model.items_) if segments is not None else None
+    online = OnlineRecommender.from_model(model)
+    observe = metrics.batch_size.observe if metrics is not None else None
+    batcher = MicroBatcher(online.recommend, max_batch=max_batch, name="recommend-batcher", on_batch=observe)
+    encoder = RequestEncoder(model.engine.tokenizer, model.input_schema_.canonical())
+    loaded_at = datetime.now(UTC).isoformat(timespec="seconds")
+    return Serving(model, online, batcher, encoder, provenance, seg, loaded_at)
 
 
 # ---------------------------------------------------------------- middleware, errors, auth
@@ -308,8 +397,8 @@ class RequestContext:
     per request, a measurable share of a 2-core latency budget.
     """
 
-    def __init__(self, app: Any):
-        self.app = app
+    def __init__(self, app: Any, metrics: ServiceMetrics | None = None):
+        self.app, self.metrics = app, metrics
         # process prefix + counter: unique per process, and far cheaper than uuid4 per request
         self._prefix, self._next = secrets.token_hex(4), itertools.count(1)
 
@@ -330,8 +419,10 @@ class RequestContext:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            ms = (time.perf_counter() - t0) * 1000
-            log.info("%s %s %s %d %.1fms", rid.decode(), scope["method"], scope["path"], status, ms)
+            seconds = time.perf_counter() - t0
+            log.info("%s %s %s %d %.1fms", rid.decode(), scope["method"], scope["path"], status, seconds * 1000)
+            if self.metrics is not None:
+                self.metrics.request(scope["path"], status, seconds)
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -386,71 +477,98 @@ def _add_routes(app: FastAPI, state: ServiceState) -> None:
 
     @app.get("/ready", tags=["ops"])
     async def ready():
-        if state.online is None:
+        serving = state.current
+        if serving is None:
             return JSONResponse({"ready": False, "detail": _not_ready(state)}, status_code=503)
+        watcher = state.watcher
         return {
             "ready": True,
-            "model_version": state.version,
-            "model_uri": state.provenance.get("model_uri"),
-            "registry_version": state.provenance.get("registry_version"),
-            "known_users": len(state.online.rows_),
-            "segments_date": state.segments.date if state.segments else None,
-            "loaded_at": state.loaded_at,
+            "model_version": serving.version,
+            "model_uri": serving.provenance.get("model_uri"),
+            "registry_version": serving.provenance.get("registry_version"),
+            "known_users": len(serving.online.rows_),
+            "retrieval": serving.online.engine.retrieval_name,
+            "segments_date": serving.segments.date if serving.segments else None,
+            "loaded_at": serving.loaded_at,
+            "reload": watcher.status() if watcher is not None else None,
         }
 
+    @app.get("/metrics", tags=["ops"], include_in_schema=False)
+    async def metrics() -> Response:
+        assert state.metrics is not None
+        body, content_type = state.metrics.exposition()
+        return Response(body, media_type=content_type)
+
     @app.post("/v1/recommend", tags=["v1"], response_model=RecommendResponse)
-    async def recommend(req: RecommendRequest) -> RecommendResponse:
-        online = _ready(state)
-        exclude = state.model.exclude_seen_ if req.exclude_seen is None else req.exclude_seen
-        allowed = online.allowed_index(req.allowed_items) if req.allowed_items is not None else None
-        if allowed is not None and len(allowed) == 0:
-            raise HTTPException(422, "field 'allowed_items': none of these items is in the model's catalog")
-        opts = {"k": req.k, "exclude_seen": exclude, "allowed": allowed}
-        events = await run_in_threadpool(_request_events, state, req) if req.events else None
-        if events is not None:
-            query = await run_in_threadpool(online.query_for_events, req.user_id, events, **opts)
-        elif online.knows(req.user_id):
-            query = online.query_for_user(req.user_id, **opts)
-        else:
-            raise _unknown(req.user_id)
-        cold = not query.has_known_items()
-        if cold:  # nothing in the events is in the catalog: popular items, as BehaviorLM.recommend does
-            ranked = online.popular(req.k, allowed)
-            ranked.user_id = query.user_id
-        else:
-            ranked = await asyncio.wrap_future(state.batcher.submit(query))
-        pairs = zip(ranked.item_ids, ranked.scores, strict=True)
-        items = [ItemOut(item_id=i, score=s, rank=r) for r, (i, s) in enumerate(pairs, 1)]
-        res = RecommendResponse(user_id=req.user_id, model_version=state.version, cold_start=cold, items=items)
-        if req.explain:
-            res.rationales = await run_in_threadpool(_explain, state, req.user_id, ranked, events)
-        return res
+    async def recommend(req: RecommendRequest, response: Response) -> RecommendResponse:
+        with state.hold() as serving:
+            response.headers[VERSION_HEADER] = serving.version
+            return await _recommend(state, serving, req)
 
     @app.post("/v1/next-actions", tags=["v1"], response_model=NextActionsResponse)
-    async def next_actions(req: NextActionsRequest) -> NextActionsResponse:
-        _ready(state)
-        return await run_in_threadpool(_next_actions, state, req)
+    async def next_actions(req: NextActionsRequest, response: Response) -> NextActionsResponse:
+        with state.hold() as serving:
+            response.headers[VERSION_HEADER] = serving.version
+            return await run_in_threadpool(_next_actions, serving, req)
 
     @app.post("/v1/propensity", tags=["v1"], response_model=PropensityResponse)
-    async def propensity(req: PropensityRequest) -> PropensityResponse:
-        row = await run_in_threadpool(_segment_row, state, req)
+    async def propensity(req: PropensityRequest, response: Response) -> PropensityResponse:
+        with state.hold() as serving:
+            response.headers[VERSION_HEADER] = serving.version
+            row = await run_in_threadpool(_segment_row, serving, req)
         return PropensityResponse(**{k: row[k] for k in PropensityResponse.model_fields})
 
     @app.post("/v1/segment", tags=["v1"], response_model=SegmentResponse)
-    async def segment(req: PropensityRequest) -> SegmentResponse:
-        row = await run_in_threadpool(_segment_row, state, req)
+    async def segment(req: PropensityRequest, response: Response) -> SegmentResponse:
+        with state.hold() as serving:
+            response.headers[VERSION_HEADER] = serving.version
+            row = await run_in_threadpool(_segment_row, serving, req)
         if "tier" not in row:
-            folder = state.segments.folder if state.segments is not None else "the segments folder"
+            folder = serving.segments.folder if serving.segments is not None else "the segments folder"
             raise HTTPException(
                 404, f"{folder} has propensity models but no tiers or clusters: run `behaviorlm segment`"
             )
         return SegmentResponse(**row)
 
+    assert state.metrics is not None
+    state.metrics.routes = {r.path for r in app.routes if hasattr(r, "path")}
 
-def _ready(state: ServiceState):
-    if state.online is None:
-        raise HTTPException(503, _not_ready(state))
-    return state.online
+
+async def _recommend(state: ServiceState, serving: Serving, req: RecommendRequest) -> RecommendResponse:
+    online = serving.online
+    exclude = serving.model.exclude_seen_ if req.exclude_seen is None else req.exclude_seen
+    allowed = online.allowed_index(req.allowed_items) if req.allowed_items is not None else None
+    if allowed is not None and len(allowed) == 0:
+        raise HTTPException(422, "field 'allowed_items': none of these items is in the model's catalog")
+    opts = {"k": req.k, "exclude_seen": exclude, "allowed": allowed}
+    events = None
+    if req.events:
+        lean = None if req.explain else serving.encoder.encode(req.user_id, _triples(req.events))
+        if lean is not None:  # the common case: no DataFrame, no thread hop
+            query = online.query_for_request(req.user_id, lean, **opts)
+        else:  # what only the full validation can answer (and explanations, which need Events)
+            events = await run_in_threadpool(_request_events, serving, req)
+            query = await run_in_threadpool(online.query_for_events, req.user_id, events, **opts)
+    elif online.knows(req.user_id):
+        query = online.query_for_user(req.user_id, **opts)
+    else:
+        raise _unknown(req.user_id)
+    cold = not query.has_known_items()
+    if cold:  # nothing in the events is in the catalog: popular items, as BehaviorLM.recommend does
+        ranked = online.popular(req.k, allowed)
+        ranked.user_id = query.user_id
+    else:
+        ranked = await asyncio.wrap_future(serving.batcher.submit(query))
+    pairs = zip(ranked.item_ids, ranked.scores, strict=True)
+    items = [ItemOut(item_id=i, score=s, rank=r) for r, (i, s) in enumerate(pairs, 1)]
+    res = RecommendResponse(user_id=req.user_id, model_version=serving.version, cold_start=cold, items=items)
+    if req.explain:
+        res.rationales = await run_in_threadpool(_explain, state, serving, req.user_id, ranked, events)
+    return res
+
+
+def _triples(events: list[EventIn]) -> list[tuple[Any, str, str | float]]:
+    return [(e.item_id, e.event_type, e.timestamp) for e in events]
 
 
 def _not_ready(state: ServiceState) -> str:
@@ -463,11 +581,11 @@ def _unknown(user_id: Any) -> HTTPException:
     return HTTPException(404, f"unknown user_id {user_id!r}: not in the model's training data; send 'events' instead")
 
 
-def _request_events(state: ServiceState, req: UserInput) -> Events:
+def _request_events(serving: Serving, req: UserInput) -> Events:
     """The request's events as a validated one-user log (errors name the row and column), with
     action names read through the model's own action map and unknown-action policy."""
     assert req.events is not None
-    schema = state.model.input_schema_.canonical()
+    schema = serving.model.input_schema_.canonical()
     uid = "request" if req.user_id is None else str(req.user_id)
     frame = pl.DataFrame(
         {
@@ -487,7 +605,8 @@ def _request_times(values: list[str | float], time_unit: str, plausible_only: bo
     numbers = [float(v) for v in values if not isinstance(v, str)]
     texts = [v for v in values if isinstance(v, str)]
     try:
-        nums = iter(parse_timestamps(pl.Series("timestamp", numbers, dtype=pl.Float64), time_unit)) if numbers else None
+        parsed = parse_timestamps(pl.Series("timestamp", numbers, dtype=pl.Float64), time_unit) if numbers else None
+        nums = iter(_within_python_range(parsed)) if parsed is not None else None
     except InputDataError as e:
         first = next(i for i, v in enumerate(values) if not isinstance(v, str))
         raise HTTPException(422, f"field 'events.{first}.timestamp': {e.message}") from None
@@ -495,6 +614,10 @@ def _request_times(values: list[str | float], time_unit: str, plausible_only: bo
     merged = [next(strs) if isinstance(v, str) else next(nums) for v in values]  # type: ignore[arg-type]
     earliest, latest = EARLIEST, latest_plausible()
     for i, t in enumerate(merged):
+        if t is None and not isinstance(values[i], str):
+            raise HTTPException(
+                422, f"field 'events.{i}.timestamp': {values[i]!r} is not a time between years 1 and 9999"
+            )
         if t is None:
             raise HTTPException(422, f"field 'events.{i}.timestamp': {values[i]!r} is not an ISO-8601 time or a number")
         if plausible_only and not earliest <= t <= latest:
@@ -504,13 +627,22 @@ def _request_times(values: list[str | float], time_unit: str, plausible_only: bo
     return pl.Series("timestamp", merged, dtype=pl.Datetime("us", "UTC"))
 
 
-def _explain(state: ServiceState, user_id: Any, ranked: Any, events: Events | None) -> list[RationaleOut]:
+def _within_python_range(times: pl.Series) -> pl.Series:
+    """Times a Python ``datetime`` can hold (years 1-9999); the others null, so they are refused
+    by name instead of overflowing when read out (a number in the wrong unit does that)."""
+    micros = times.to_physical()
+    return times.set((micros < PY_MIN_MICROS) | (micros > PY_MAX_MICROS), None)
+
+
+def _explain(
+    state: ServiceState, serving: Serving, user_id: Any, ranked: Any, events: Events | None
+) -> list[RationaleOut]:
     from behaviorlm.explain import build_contexts, make_explainer
     from behaviorlm.service.online import ranked_frame
 
     if state.explainer is None:
         state.explainer = make_explainer()
-    model = state.model
+    model = serving.model
     uid = ranked.user_id
     if events is None:
         known = model.history_events()
@@ -526,15 +658,15 @@ def _explain(state: ServiceState, user_id: Any, ranked: Any, events: Events | No
     ]
 
 
-def _next_actions(state: ServiceState, req: NextActionsRequest) -> NextActionsResponse:
-    model = state.model
+def _next_actions(serving: Serving, req: NextActionsRequest) -> NextActionsResponse:
+    model = serving.model
     cfg = req.model_dump(include={"method", "n_steps", "temperature", "top_k", "top_p", "beam_width", "n_samples"})
     cfg["seed"] = req.seed
     if req.events:
-        ev = _request_events(state, req)
+        ev = _request_events(serving, req)
         kwargs: dict[str, Any] = {"events": ev}
-    elif state.online.knows(req.user_id):
-        kwargs = {"users": [state.online.query_for_user(req.user_id).user_id]}
+    elif serving.online.knows(req.user_id):
+        kwargs = {"users": [serving.online.query_for_user(req.user_id).user_id]}
     else:
         raise _unknown(req.user_id)
     try:
@@ -545,36 +677,35 @@ def _next_actions(state: ServiceState, req: NextActionsRequest) -> NextActionsRe
     steps = [StepOut(**{k: r[k] for k in StepOut.model_fields}) for r in paths.iter_rows(named=True)]
     return NextActionsResponse(
         user_id=req.user_id,
-        model_version=state.version,
+        model_version=serving.version,
         action_probabilities={k.removeprefix("p_"): float(v) for k, v in probs.items()},
         steps=steps,
     )
 
 
-def _segment_row(state: ServiceState, req: UserInput) -> dict[str, Any]:
+def _segment_row(serving: Serving, req: UserInput) -> dict[str, Any]:
     """Batch figures for a known user; online scoring of raw events (or of a known user's
     remembered history when the folder holds models but no user table) otherwise."""
-    _ready(state)
-    seg = state.segments
+    seg = serving.segments
     if seg is None:
         raise HTTPException(
             501, "propensity/segments are off in this service: start it with --segments DIR (a segments folder)"
         )
-    base = {"user_id": req.user_id, "horizon": seg.horizon, "segments_date": seg.date}
+    base = {"user_id": req.user_id, "horizon": seg.horizon, "segments_date": seg.date, "model_version": serving.version}
     if req.events:
-        ev = _request_events(state, req)
+        ev = _request_events(serving, req)
     else:
         row = seg.by_user.get(str(req.user_id))
         if row is not None:
             return base | _batch_figures(row, seg.date)
-        if seg.users is not None or not state.online.knows(req.user_id):
+        if seg.users is not None or not serving.online.knows(req.user_id):
             raise HTTPException(
                 404, f"user_id {req.user_id!r} has no batch segment for {seg.date}; send 'events' to score online"
             )
-        known = state.model.history_events()
-        uid = state.online.query_for_user(req.user_id).user_id
+        known = serving.model.history_events()
+        uid = serving.online.query_for_user(req.user_id).user_id
         ev = known.derive(known.df.filter(pl.col("user_id") == uid), "the user's remembered history")
-    return base | _online_figures(state, seg, ev)
+    return base | _online_figures(serving, seg, ev)
 
 
 def _batch_figures(row: dict[str, Any], date: str) -> dict[str, Any]:
@@ -588,7 +719,7 @@ def _batch_figures(row: dict[str, Any], date: str) -> dict[str, Any]:
     }
 
 
-def _online_figures(state: ServiceState, seg: SegmentsFolder, ev: Events) -> dict[str, Any]:
+def _online_figures(serving: Serving, seg: SegmentsFolder, ev: Events) -> dict[str, Any]:
     scores = {c: m.predict(ev, column=c) for c, m in seg.models.items()}
     p = float(scores["propensity"]["propensity"][0])
     churn = scores.get("churn_propensity")
@@ -599,7 +730,7 @@ def _online_figures(state: ServiceState, seg: SegmentsFolder, ev: Events) -> dic
         "source": "online",
     }
     if seg.assigner is not None:
-        emb = np.stack(state.model.embed(events=ev)["embedding"].to_numpy())
+        emb = np.stack(serving.model.embed(events=ev)["embedding"].to_numpy())
         figures |= {"tier": seg.assigner.tiers(np.array([p]))[0], "cluster": seg.assigner.clusters(emb)[0]}
     return figures
 

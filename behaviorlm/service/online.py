@@ -27,6 +27,7 @@ import torch
 from behaviorlm.data.events import Events, EventsError
 from behaviorlm.inference.engine import InferenceEngine
 from behaviorlm.sequence.tokenizer import N_SPECIAL, EncodedSequences
+from behaviorlm.service.request_events import EncodedRequest
 
 
 @dataclass
@@ -99,6 +100,10 @@ class OnlineRecommender:
         seen = self.tok.item_index(events.df["item_id"].unique())
         return Query(user_id, items, actions, gaps, seen[seen >= N_SPECIAL], **opts)
 
+    def query_for_request(self, user_id: Any, enc: EncodedRequest, **opts: Any) -> Query:
+        """Raw recent events already read by the lean path (:mod:`behaviorlm.service.request_events`)."""
+        return Query(user_id, enc.items, enc.actions, enc.gaps, enc.seen, **opts)
+
     def allowed_index(self, item_ids: Sequence[Any]) -> np.ndarray:
         idx = self.tok.item_index(list(item_ids))
         return np.unique(idx[idx >= N_SPECIAL])
@@ -107,11 +112,9 @@ class OnlineRecommender:
     def recommend(self, queries: list[Query]) -> list[Ranked]:
         """Top-k for each query from one padded forward pass over those not cached."""
         h, a_logp = self._heads(queries)
-        logp = self.engine.item_logp(h, a_logp)
         seen = _seen_pairs(queries)
-        val, idx = self.engine.top_k(
-            logp, slice(0, len(queries)), max(q.k for q in queries), seen, self._allowed(queries)
-        )
+        k = max(q.k for q in queries)
+        val, idx = self.engine.rank(h, a_logp, slice(0, len(queries)), k, seen, self._allowed(queries))
         return [self._ranked(q, val[r, : q.k], idx[r, : q.k]) for r, q in enumerate(queries)]
 
     def _allowed(self, queries: list[Query]) -> torch.Tensor | None:
@@ -182,8 +185,14 @@ class MicroBatcher:
     is only ever used from one thread. No timer: an idle server starts a batch immediately.
     """
 
-    def __init__(self, fn: Callable[[list[Any]], list[Any]], max_batch: int = 32, name: str = "batcher"):
-        self.fn, self.max_batch = fn, max_batch
+    def __init__(
+        self,
+        fn: Callable[[list[Any]], list[Any]],
+        max_batch: int = 32,
+        name: str = "batcher",
+        on_batch: Callable[[int], Any] | None = None,
+    ):
+        self.fn, self.max_batch, self.on_batch = fn, max_batch, on_batch
         self._q: queue.SimpleQueue[tuple[Any, Future] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
@@ -198,9 +207,11 @@ class MicroBatcher:
         self._q.put((item, fut))
         return fut
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        """Stop after the requests already queued (their answers still arrive)."""
         self._q.put(None)
-        self._thread.join(timeout=5)
+        if wait:
+            self._thread.join(timeout=5)
 
     def _loop(self) -> None:
         while True:
@@ -221,6 +232,8 @@ class MicroBatcher:
 
     def _run(self, batch: list[tuple[Any, Future]]) -> None:
         self.batches, self.items = self.batches + 1, self.items + len(batch)
+        if self.on_batch is not None:
+            self.on_batch(len(batch))
         try:
             results = self.fn([item for item, _ in batch])
         except Exception as e:  # one bad batch fails its requests, not the worker

@@ -1,0 +1,436 @@
+"""Two-stage retrieval for large catalogs: an ANN index proposes, the exact model disposes.
+
+Scoring every item for every request costs ``items x actions x dim`` multiply-adds plus a
+softmax over the catalog: 14M for a 55k-item, 4-action shop, 256M for a 1M-item one -- the
+bound on the service's throughput (benchmarks/RESULTS.md section 8). The item head is an inner
+product between a per-next-action query ``q_a = h + E_next[a]`` and the tied item embeddings
+``E_item`` (:mod:`behaviorlm.nn.model`), so the items with the largest logits under action
+``a`` are the maximum-inner-product neighbours of ``q_a`` in ``E_item``. Here:
+
+1. an HNSW index over the item embeddings (inner product) returns, for each next-action
+   query, its nearest items -- over-fetched by the number of items a filter will remove;
+2. the union of those candidates is re-scored exactly by the model's own head;
+3. each action's softmax normaliser ``Z_a`` is the exact sum over the candidates plus an
+   unbiased estimate of the rest from a fixed uniform sample of the catalog (``tail_sample``
+   items, drawn once when the index is built), so scores are probabilities on the exact scale
+   up to that estimate and the marginal over actions weighs the actions correctly;
+4. allow-lists are scored exactly (they are at most 10,000 items: cheaper than a search), and
+   a row whose filters leave fewer than ``k`` candidates is searched again with a larger fetch.
+
+The approximation is measured, not assumed: recall@10 against exact full-catalog top-10 and
+the NDCG@10 change on leave-one-out are in ``benchmarks/retrieval.py`` (RESULTS.md section 16).
+
+The index lives in the model directory's ``retrieval/`` folder (this module owns it):
+``index.bin`` and ``index.json``, whose fingerprint (model version, catalog size, dimension,
+backend, parameters) must match the model it is loaded for; a mismatch is refused with a
+message and the index rebuilt, never used.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from behaviorlm.data.io import atomic_dir
+from behaviorlm.errors import ConfigurationError, ModelFormatError
+from behaviorlm.sequence.tokenizer import N_SPECIAL
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("hnswlib", "faiss", "usearch")
+RETRIEVAL_MODES = ("auto", "exact", "ann")
+FOLDER = "retrieval"
+#: Below this many items exact scoring is the default (section 16: at 3.7k items a full-catalog
+#: pass is cheaper than an index search; at 55k items the index is 5x faster at c=8).
+ANN_MIN_ITEMS = 20_000
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class IndexParams:
+    """HNSW settings. ``m`` links per node and ``ef_construction`` fix the graph; ``ef_search``
+    (the search beam) trades latency for recall at query time; ``min_fetch`` candidates per
+    next-action query at least (``k`` plus the filtered items are added)."""
+
+    backend: str = "hnswlib"
+    m: int = 32
+    ef_construction: int = 200
+    ef_search: int = 128
+    min_fetch: int = 100
+    tail_sample: int = 4096
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ConfigurationError(
+                f"ANN backend must be one of {list(BACKENDS)}, got {self.backend!r}",
+                cli_hint=f"--ann-backend must be one of {list(BACKENDS)}",
+            )
+        for name in ("m", "ef_construction", "ef_search", "min_fetch", "tail_sample"):
+            if getattr(self, name) < 1:
+                raise ConfigurationError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+class _Backend(Protocol):
+    def add(self, vectors: np.ndarray) -> None: ...
+    def search(self, queries: np.ndarray, k: int) -> np.ndarray: ...
+    def save(self, path: Path) -> None: ...
+    def memory_bytes(self) -> int: ...
+
+
+class _Hnswlib:
+    def __init__(self, dim: int, n: int, p: IndexParams, path: Path | None = None):
+        import hnswlib
+
+        self.index = hnswlib.Index(space="ip", dim=dim)
+        if path is not None:
+            self.index.load_index(str(path), max_elements=n)
+        else:
+            self.index.init_index(max_elements=n, ef_construction=p.ef_construction, M=p.m, random_seed=p.seed)
+        self.index.set_ef(p.ef_search)
+        self.p = p
+
+    def add(self, vectors: np.ndarray) -> None:
+        self.index.add_items(vectors, np.arange(len(vectors)), num_threads=-1)
+
+    def search(self, queries: np.ndarray, k: int) -> np.ndarray:
+        self.index.set_ef(max(self.p.ef_search, k))
+        labels, _ = self.index.knn_query(queries, k=k, num_threads=1)
+        return labels.astype(np.int64)
+
+    def save(self, path: Path) -> None:
+        self.index.save_index(str(path))
+
+    def memory_bytes(self) -> int:
+        n, dim = self.index.get_current_count(), self.index.dim
+        return n * (dim * 4 + self.p.m * 2 * 4 + 16)  # vectors + level-0 links (hnswlib's layout)
+
+
+class _Faiss:
+    def __init__(self, dim: int, n: int, p: IndexParams, path: Path | None = None):
+        import faiss
+
+        self.faiss = faiss
+        if path is not None:
+            self.index = faiss.read_index(str(path))
+        else:
+            self.index = faiss.IndexHNSWFlat(dim, p.m, faiss.METRIC_INNER_PRODUCT)
+            self.index.hnsw.efConstruction = p.ef_construction
+        self.p = p
+
+    def add(self, vectors: np.ndarray) -> None:
+        self.index.add(np.ascontiguousarray(vectors, np.float32))
+
+    def search(self, queries: np.ndarray, k: int) -> np.ndarray:
+        self.index.hnsw.efSearch = max(self.p.ef_search, k)
+        _, labels = self.index.search(np.ascontiguousarray(queries, np.float32), k)
+        return labels.astype(np.int64)
+
+    def save(self, path: Path) -> None:
+        self.faiss.write_index(self.index, str(path))
+
+    def memory_bytes(self) -> int:
+        return int(self.index.ntotal * (self.index.d * 4 + self.p.m * 2 * 8))
+
+
+class _Usearch:
+    def __init__(self, dim: int, n: int, p: IndexParams, path: Path | None = None):
+        from usearch.index import Index
+
+        self.index = Index(
+            ndim=dim,
+            metric="ip",
+            dtype="f32",
+            connectivity=p.m,
+            expansion_add=p.ef_construction,
+            expansion_search=p.ef_search,
+        )
+        if path is not None:
+            self.index.load(str(path))
+        self.p = p
+
+    def add(self, vectors: np.ndarray) -> None:
+        self.index.add(np.arange(len(vectors)), np.ascontiguousarray(vectors, np.float32))
+
+    def search(self, queries: np.ndarray, k: int) -> np.ndarray:
+        self.index.expansion_search = max(self.p.ef_search, k)
+        found = self.index.search(np.ascontiguousarray(queries, np.float32), k, threads=1)
+        return np.asarray(found.keys, np.int64).reshape(len(queries), k)
+
+    def save(self, path: Path) -> None:
+        self.index.save(str(path))
+
+    def memory_bytes(self) -> int:
+        return int(self.index.memory_usage)
+
+
+_ADAPTERS: dict[str, type] = {"hnswlib": _Hnswlib, "faiss": _Faiss, "usearch": _Usearch}
+
+
+class ItemIndex:
+    """An ANN index over a model's real items (vocabulary index ``N_SPECIAL + row``)."""
+
+    def __init__(self, backend: _Backend, fingerprint: dict[str, Any], tail: np.ndarray, params: IndexParams):
+        self.backend, self.fingerprint, self.tail_, self.params = backend, fingerprint, tail, params
+
+    @property
+    def name(self) -> str:
+        return f"ann:{self.params.backend}"
+
+    @staticmethod
+    def fingerprint_of(network: Any, model_version: str, params: IndexParams) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "model_version": model_version,
+            "n_items": int(network.config.n_items),
+            "dim": int(network.config.dim),
+            "params": asdict(params),
+        }
+
+    @classmethod
+    def build(cls, network: Any, model_version: str, params: IndexParams | None = None) -> ItemIndex:
+        """Index the item embeddings of ``network`` (seconds to minutes: 1M items ~2 min on 2 cores)."""
+        params = params or IndexParams()
+        emb = network.item_emb.weight.detach()[N_SPECIAL:].numpy().astype(np.float32)
+        t0 = time.perf_counter()
+        backend = _ADAPTERS[params.backend](emb.shape[1], len(emb), params)
+        backend.add(emb)
+        log.info("built %s index over %d items in %.1fs", params.backend, len(emb), time.perf_counter() - t0)
+        rng = np.random.default_rng(params.seed)
+        tail = np.sort(rng.choice(len(emb), size=min(params.tail_sample, len(emb)), replace=False)) + N_SPECIAL
+        return cls(backend, cls.fingerprint_of(network, model_version, params), tail, params)
+
+    def save(self, model_dir: str | Path) -> Path:
+        """Write ``model_dir/retrieval`` atomically."""
+        target = Path(model_dir) / FOLDER
+        with atomic_dir(target) as tmp:
+            self.backend.save(tmp / "index.bin")
+            np.save(tmp / "tail.npy", self.tail_)
+            (tmp / "index.json").write_text(json.dumps(self.fingerprint, indent=2))
+        return target
+
+    @classmethod
+    def load(cls, model_dir: str | Path, network: Any, model_version: str, params: IndexParams) -> ItemIndex:
+        """The stored index; :class:`ModelFormatError` naming the difference if it was built for
+        another model, vocabulary or settings."""
+        folder = Path(model_dir) / FOLDER
+        meta_path = folder / "index.json"
+        if not meta_path.is_file():
+            raise ModelFormatError(f"{folder}: no ANN index stored")
+        stored = json.loads(meta_path.read_text())
+        expected = cls.fingerprint_of(network, model_version, params)
+        diff = [k for k in expected if stored.get(k) != expected[k]]
+        if diff:
+            got = {k: stored.get(k) for k in diff}
+            want = {k: expected[k] for k in diff}
+            raise ModelFormatError(f"{folder}: the ANN index does not match this model: stored {got}, model {want}")
+        n_real = int(network.config.n_items) - N_SPECIAL
+        backend = _ADAPTERS[params.backend](int(network.config.dim), n_real, params, folder / "index.bin")
+        return cls(backend, stored, np.load(folder / "tail.npy"), params)
+
+    def memory_bytes(self) -> int:
+        return self.backend.memory_bytes()
+
+    # ------------------------------------------------------------------ search and re-score
+    def candidates(self, queries: np.ndarray, fetch: int) -> np.ndarray:
+        """Vocabulary indices of the ``fetch`` nearest items of each query, (Q, fetch)."""
+        n_real = self.fingerprint["n_items"] - N_SPECIAL
+        return self.backend.search(queries, min(fetch, n_real)) + N_SPECIAL
+
+
+def open_index(
+    model_dir: str | Path | None, network: Any, model_version: str, params: IndexParams | None = None
+) -> ItemIndex:
+    """The model's stored index if it matches, else a new one (stored beside the model when the
+    directory is writable). Never an index of another model: a mismatch is logged and rebuilt."""
+    params = params or IndexParams()
+    if model_dir is not None:
+        try:
+            return ItemIndex.load(model_dir, network, model_version, params)
+        except ModelFormatError as e:
+            log.warning("%s; building a new one", e)
+    index = ItemIndex.build(network, model_version, params)
+    if model_dir is not None:
+        try:
+            index.save(model_dir)
+        except OSError as e:  # a read-only model folder still serves, from the in-memory index
+            log.warning("could not store the ANN index beside the model (%s); it lives in memory only", e)
+    return index
+
+
+def wants_ann(mode: str, n_items: int) -> bool:
+    """Whether ``mode`` (auto | exact | ann) means an index for a catalog of ``n_items``."""
+    if mode not in RETRIEVAL_MODES:
+        raise ConfigurationError(
+            f"retrieval must be one of {list(RETRIEVAL_MODES)}, got {mode!r}",
+            cli_hint=f"--retrieval must be one of {list(RETRIEVAL_MODES)}",
+        )
+    return mode == "ann" or (mode == "auto" and n_items - N_SPECIAL >= ANN_MIN_ITEMS)
+
+
+def as_tensor(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+# ---------------------------------------------------------------------- two-stage top-k
+NEG_INF = float("-inf")
+
+
+@torch.inference_mode()
+def two_stage_top_k(
+    engine: Any,
+    h: torch.Tensor,
+    a_logp: torch.Tensor,
+    rows: slice,
+    k: int,
+    seen: tuple[np.ndarray, np.ndarray],
+    allowed: torch.Tensor | None,
+    action_id: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:meth:`InferenceEngine.rank` through ``engine.index``: candidates, exact re-score, top-k.
+
+    The first search fetches ``min_fetch`` items per next-action query. Rows whose seen items
+    then leave fewer than ``k`` are searched again, four times deeper each round, until the
+    fetch exceeds ``k`` plus their seen count; a row still short is ranked exactly over the
+    full catalog. So a filter never shortens a list the exact path would have filled.
+    """
+    index: ItemIndex = engine.index
+    k = min(k, engine.n_items - N_SPECIAL)  # what the exact path returns at most
+    acts = engine.real_actions if action_id is None else torch.tensor([action_id])
+    q = h[:, None, :] + engine.network.next_action_emb.weight[acts][None]  # (B, A, d)
+    if allowed is not None:  # allow-lists are scored exactly: cheaper than a search
+        return _score_candidates(engine, q, a_logp, acts, _allowed_candidates(allowed, len(h)), rows, k, seen)
+    val, idx = _score_candidates(
+        engine, q, a_logp, acts, _search(index, q, max(index.params.min_fetch, k)), rows, k, seen
+    )
+    fetch = max(index.params.min_fetch, k)
+    n_seen = np.bincount(_seen_rows(seen, rows), minlength=len(h))
+    short = (torch.isfinite(val).sum(1) < k).nonzero().flatten()
+    while len(short) and fetch < k + n_seen[short.numpy()].max():  # filters removed too many: search deeper
+        fetch *= 4
+        sub_seen = _rows_of(seen, rows, short.numpy())
+        found = _search(index, q[short], fetch)
+        val[short], idx[short] = _score_candidates(
+            engine, q[short], a_logp[short], acts, found, slice(0, len(short)), k, sub_seen
+        )
+        short = short[torch.isfinite(val[short]).sum(1) < k]
+    if len(short):  # still short with every seen item fetched past: the exact path
+        exact = engine.item_logp(h[short], a_logp[short], action_id)
+        val[short], idx[short] = engine.top_k(exact, slice(0, len(short)), k, _rows_of(seen, rows, short.numpy()))
+    return val, idx
+
+
+def _search(index: ItemIndex, q: torch.Tensor, fetch: int) -> torch.Tensor:
+    """The union of each row's candidates over its next-action queries, (B, <= A * fetch)."""
+    found = index.candidates(q.reshape(-1, q.shape[-1]).numpy(), fetch)
+    return _unique_rows(torch.from_numpy(found).reshape(len(q), -1))
+
+
+def _score_candidates(
+    engine: Any,
+    q: torch.Tensor,
+    a_logp: torch.Tensor,
+    acts: torch.Tensor,
+    cand: torch.Tensor,
+    rows: slice,
+    k: int,
+    seen: tuple[np.ndarray, np.ndarray],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact log-probs of the candidates (PAD entries invalid), seen items masked, top-``k``."""
+    valid = cand >= N_SPECIAL
+    emb = engine.network.item_emb.weight
+    scores = torch.einsum("bad,bcd->bac", q, emb[cand])  # the model's own logits
+    scores.masked_fill_(~valid[:, None, :], NEG_INF)
+    logp = scores - _log_normaliser(q, scores, cand, valid, engine.index.tail_, emb, engine.n_items)[..., None]
+    logp = torch.logsumexp(a_logp[:, acts][..., None] + logp, dim=1) if len(acts) > 1 else logp[:, 0]
+    keys = _seen_keys(seen, rows, engine.n_items)
+    if len(keys):
+        row_of = torch.arange(len(q))[:, None] + rows.start
+        logp.masked_fill_(torch.isin(row_of * engine.n_items + cand, keys), NEG_INF)
+    val, pos = torch.topk(logp, min(k, logp.shape[1]), dim=1)
+    return _pad(val, cand.gather(1, pos), k)
+
+
+def _seen_rows(seen: tuple[np.ndarray, np.ndarray], rows: slice) -> np.ndarray:
+    a, b = np.searchsorted(seen[0], [rows.start, rows.stop])
+    return seen[0][a:b] - rows.start
+
+
+def _seen_keys(seen: tuple[np.ndarray, np.ndarray], rows: slice, n_items: int) -> torch.Tensor:
+    """``row * n_items + item`` of the seen pairs within ``rows`` (global row numbers)."""
+    a, b = np.searchsorted(seen[0], [rows.start, rows.stop])
+    return torch.from_numpy(seen[0][a:b] * n_items + seen[1][a:b])
+
+
+def _rows_of(seen: tuple[np.ndarray, np.ndarray], rows: slice, picked: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The seen pairs of some rows of the batch, renumbered 0.. in ``picked`` order."""
+    local = _seen_rows(seen, rows)
+    a = np.searchsorted(seen[0], rows.start)
+    cols = seen[1][a : a + len(local)]
+    new_row = np.full(rows.stop - rows.start, -1)
+    new_row[picked] = np.arange(len(picked))
+    keep = new_row[local] >= 0
+    r, c = new_row[local][keep], cols[keep]
+    order = np.argsort(r, kind="stable")
+    return r[order].astype(np.int64), c[order].astype(np.int64)
+
+
+def _allowed_candidates(allowed: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """Allow-lists as candidate rows, padded with PAD (0, masked as invalid)."""
+    if allowed.dim() == 1:
+        return allowed.nonzero().flatten()[None, :].expand(n_rows, -1).clone()
+    per_row = [m.nonzero().flatten() for m in allowed]
+    return torch.nn.utils.rnn.pad_sequence(per_row, batch_first=True, padding_value=0)
+
+
+def _unique_rows(cand: torch.Tensor) -> torch.Tensor:
+    """Each row's candidates with duplicates (the same item proposed under two actions) set to PAD."""
+    srt, _ = torch.sort(cand, dim=1)
+    dup = torch.zeros_like(srt, dtype=torch.bool)
+    dup[:, 1:] = srt[:, 1:] == srt[:, :-1]
+    return srt.masked_fill(dup | (srt < N_SPECIAL), 0)
+
+
+def _log_normaliser(
+    q: torch.Tensor,
+    scores: torch.Tensor,
+    cand: torch.Tensor,
+    valid: torch.Tensor,
+    tail: np.ndarray,
+    emb: torch.Tensor,
+    n_items: int,
+) -> torch.Tensor:
+    """``log Z_a`` per (row, action): the candidates' exact sum plus the rest of the catalog
+    estimated from the uniform ``tail`` sample (its members outside the candidates, scaled)."""
+    in_cand = torch.logsumexp(scores, dim=2)  # (B, A)
+    n_real = n_items - N_SPECIAL
+    n_rest = n_real - valid.sum(1)  # (B,)
+    if n_rest.max() <= 0:
+        return in_cand
+    t = torch.from_numpy(tail)
+    t_scores = torch.einsum("bad,td->bat", q, emb[t])  # (B, A, S)
+    srt = torch.sort(cand, dim=1).values
+    pos = torch.searchsorted(srt, t.expand(len(cand), -1).contiguous()).clamp(max=srt.shape[1] - 1)
+    member = srt.gather(1, pos) == t[None, :]  # (B, S): sampled item is a candidate
+    t_scores.masked_fill_(member[:, None, :], NEG_INF)
+    n_out = (~member).sum(1).clamp(min=1)
+    rest = torch.logsumexp(t_scores, dim=2) + (n_rest.float() / n_out.float()).log()[:, None]
+    rest = torch.where((n_rest > 0)[:, None], rest, torch.full_like(rest, NEG_INF))
+    return torch.logaddexp(in_cand, rest)
+
+
+def _pad(val: torch.Tensor, idx: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if val.shape[1] >= k:
+        return val, idx
+    extra = k - val.shape[1]
+    return (
+        torch.cat([val, torch.full((len(val), extra), NEG_INF)], 1),
+        torch.cat([idx, torch.zeros((len(idx), extra), dtype=idx.dtype)], 1),
+    )

@@ -1,0 +1,127 @@
+"""Two-stage retrieval: an ANN index proposes, the exact head re-scores (behaviorlm.inference.retrieval)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import numpy as np
+import polars as pl
+import pytest
+
+from behaviorlm.data.events import validate_events
+from behaviorlm.errors import ConfigurationError, ModelFormatError
+from behaviorlm.inference.retrieval import FOLDER, IndexParams, ItemIndex, wants_ann
+from behaviorlm.recommender import BehaviorLM
+from tests.conftest import make_events
+
+
+@pytest.fixture(scope="module")
+def events():
+    return validate_events(make_events(n_users=60, n_items=300, length=20, seed=3))
+
+
+@pytest.fixture(scope="module")
+def model(events):
+    return BehaviorLM(max_len=24, dim=16, n_layers=1, n_heads=2, epochs=2, seed=0, progress=False).fit(events)
+
+
+@pytest.mark.parametrize("backend", ["hnswlib", "faiss", "usearch"])
+def test_whole_catalog_fetch_equals_exact_scores(model, backend):
+    """When the fetch covers the catalog the normaliser is exact: same lists, same scores."""
+    exact = model.recommend(k=10)
+    model.use_retrieval("ann", IndexParams(backend=backend, min_fetch=400))
+    try:
+        ann = model.recommend(k=10)
+    finally:
+        model.use_retrieval("exact")
+    assert model.engine.retrieval_name == "exact"
+    assert ann["item_id"].to_list() == exact["item_id"].to_list()
+    np.testing.assert_allclose(ann["score"].to_numpy(), exact["score"].to_numpy(), rtol=1e-4)
+
+
+def test_small_fetch_keeps_filters_and_recall(model, events):
+    """A fetch far smaller than the catalog: seen items stay excluded, allow-lists are honoured,
+    lists are full, and the top-10 matches the exact one almost everywhere."""
+    exact = model.recommend(k=10)
+    allowed = [f"item{i}" for i in range(0, 300, 7)]
+    exact_allowed = model.recommend(k=10, allowed_items=allowed)
+    model.use_retrieval("ann", IndexParams(min_fetch=12, ef_search=32, tail_sample=64))
+    try:
+        ann = model.recommend(k=10)
+        ann_allowed = model.recommend(k=10, allowed_items=allowed)
+    finally:
+        model.use_retrieval("exact")
+    seen = set(map(tuple, events.df.select("user_id", "item_id").unique().rows()))
+    assert not any((u, i) in seen for u, i in ann.select("user_id", "item_id").rows())
+    assert ann.group_by("user_id").len()["len"].min() == 10
+    assert set(ann_allowed["item_id"]) <= set(allowed)
+    assert ann_allowed["item_id"].to_list() == exact_allowed["item_id"].to_list()  # allow-lists are exact
+    a = {u: set(g["item_id"]) for (u,), g in ann.group_by("user_id")}
+    e = {u: set(g["item_id"]) for (u,), g in exact.group_by("user_id")}
+    recall = np.mean([len(a[u] & e[u]) / 10 for u in e])
+    assert recall >= 0.9, recall
+
+
+def test_users_who_saw_most_candidates_still_get_full_lists(model, events):
+    """Seen items dominate the first fetch: the deeper search (or exact fallback) fills the list."""
+    exact = model.recommend(k=10)
+    model.use_retrieval("ann", IndexParams(min_fetch=10, ef_search=10, tail_sample=32))
+    try:
+        ann = model.recommend(k=10)
+    finally:
+        model.use_retrieval("exact")
+    assert ann.height == exact.height
+
+
+def test_index_is_stored_beside_the_model_and_refused_for_another(model, events, tmp_path, caplog):
+    a = tmp_path / "a"
+    model.use_retrieval("ann")
+    try:
+        model.save(a)
+    finally:
+        model.use_retrieval("exact")
+    assert (a / FOLDER / "index.json").is_file()
+    loaded = BehaviorLM.load(a, retrieval="ann")
+    assert loaded.engine.retrieval_name == "ann:hnswlib"
+    # another model (other weights and vocabulary) given a's index: refused by name, rebuilt
+    other = BehaviorLM(max_len=24, dim=16, n_layers=1, n_heads=2, epochs=1, seed=1, progress=False)
+    other.fit(validate_events(make_events(n_users=30, n_items=200, length=10, seed=9)))
+    b = tmp_path / "b"
+    other.save(b)
+    shutil.copytree(a / FOLDER, b / FOLDER)
+    with pytest.raises(ModelFormatError, match="does not match this model"):
+        ItemIndex.load(b, other.engine.network, other.model_version, IndexParams())
+    with caplog.at_level(logging.WARNING):
+        fresh = BehaviorLM.load(b, retrieval="ann")
+    assert "does not match this model" in caplog.text
+    rebuilt = ItemIndex.load(b, fresh.engine.network, fresh.model_version, IndexParams())  # stored anew
+    assert rebuilt.fingerprint["model_version"] == other.model_version
+
+
+def test_modes_and_thresholds():
+    assert not wants_ann("auto", 3_708) and wants_ann("auto", 55_237) and wants_ann("ann", 10)
+    assert not wants_ann("exact", 10**6)
+    with pytest.raises(ConfigurationError, match="retrieval must be one of") as e:
+        wants_ann("fast", 10)
+    assert "--retrieval" in str(e.value.cli_hint)
+    with pytest.raises(ConfigurationError, match="ANN backend must be one of") as e:
+        IndexParams(backend="annoy")
+    assert "--ann-backend" in str(e.value.cli_hint)
+
+
+def test_batch_scoring_through_the_index_equals_online(model, events):
+    """recommend (batch) and the service's OnlineRecommender share the engine's rank()."""
+    from behaviorlm.service.online import OnlineRecommender
+
+    model.use_retrieval("ann", IndexParams(min_fetch=20, ef_search=40))
+    try:
+        batch = model.recommend(k=5)
+        online = OnlineRecommender.from_model(model)
+        users = batch["user_id"].unique().sort().to_list()[:10]
+        got = online.recommend([online.query_for_user(u, k=5) for u in users])
+    finally:
+        model.use_retrieval("exact")
+    for r in got:
+        want = batch.filter(pl.col("user_id") == r.user_id)["item_id"].to_list()
+        assert r.item_ids == want
