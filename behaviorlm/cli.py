@@ -273,10 +273,14 @@ def _parquet_out(path: Path) -> Path:
     return path
 
 
-def _load_model(model_dir: Path):
+def _load_model(model_dir: Path, retrieval: str = "auto", engine: str = "torch"):
     from behaviorlm.recommender import BehaviorLM
 
-    return BehaviorLM.load(model_dir)
+    return BehaviorLM.load(model_dir, retrieval=retrieval).use_engine(engine, model_dir)
+
+
+ENGINE_HELP = "torch | onnx | onnx-int8 (onnxruntime, the export kept in the model folder)"
+RETRIEVAL_HELP = "auto (ANN from 20,000 items) | exact (full catalog) | ann (HNSW candidates, re-scored exactly)"
 
 
 Opt = typer.Option
@@ -554,7 +558,9 @@ def score(
     ] = None,
     k: int = 10,
     batch_size: int = 128,
-    quantize: Annotated[str | None, Opt(help="int8: dynamic quantisation of Linear layers")] = None,
+    quantize: Annotated[str | None, Opt(help="int8: torch dynamic quantisation of Linear layers")] = None,
+    engine: Annotated[str, Opt(help=ENGINE_HELP)] = "torch",
+    retrieval: Annotated[str, Opt(help=RETRIEVAL_HELP)] = "auto",
     exclude_seen: bool = True,
     action: Annotated[str | None, Opt(help="rank by P(item | next action = ACTION)")] = None,
     allowed_items: Annotated[Path | None, Opt(help="only these items: .txt (one per line) or a table")] = None,
@@ -564,7 +570,9 @@ def score(
     from behaviorlm.inference.batch import ScoringOptions, score_events, set_threads
 
     set_threads(threads)
-    model = _load_model(model_dir)
+    if quantize is not None and engine != "torch":
+        raise ConfigurationError("--quantize is torch's int8; with onnxruntime use --engine onnx-int8")
+    model = _load_model(model_dir, retrieval, engine)
     schema = data.schema(model.input_schema_)
     options = ScoringOptions(k, exclude_seen, action, _allowed_items(allowed_items, schema.columns.item), batch_size)
     progress = sys.stderr.isatty()
@@ -843,31 +851,65 @@ def serve(
     port: int = 8000,
     max_batch: Annotated[int, typer.Option(help="requests answered by one forward pass at most")] = 32,
     threads: Annotated[int, typer.Option(help="torch intra-op threads (the event loop needs a core too)")] = 1,
+    engine: Annotated[str, Opt(help=ENGINE_HELP)] = "torch",
+    retrieval: Annotated[str, Opt(help=RETRIEVAL_HELP)] = "auto",
+    reload_interval: Annotated[
+        float, Opt(help="seconds between registry polls for a models:/name@alias (0: never reload)")
+    ] = 30.0,
+    workers: Annotated[int, Opt(help="server processes, each with its own copy of the model")] = 1,
+    graceful_timeout: Annotated[float, Opt(help="seconds in-flight requests get to finish on shutdown")] = 30.0,
     log_level: str = "info",
 ) -> None:
     """Serve recommendations, next actions, propensity and segments over HTTP (docs at /docs).
 
-    Set BEHAVIORLM_API_KEY to require that key (header X-API-Key) on every /v1 call.
+    Set BEHAVIORLM_API_KEY to require that key (header X-API-Key) on every /v1 call. A
+    models:/name@alias is followed: when the alias moves, the new version is loaded in the
+    background and swapped in without failing a request. Metrics for Prometheus at /metrics.
     """
     from behaviorlm.extras import require_extra
 
     require_extra("serve", "behaviorlm serve")
-    import uvicorn
-
     from behaviorlm.model_dir import is_model_dir
-    from behaviorlm.service.api import create_app
+    from behaviorlm.service.launch import ServeConfig, run
 
     if not model.startswith("models:/") and not is_model_dir(model):
         raise ConfigurationError(f"--model {model}: not a registry URI (models:/...) nor a saved model directory")
+    for flag, value in (("--workers", workers), ("--max-batch", max_batch), ("--threads", threads)):
+        if value < 1:
+            raise ConfigurationError(f"{flag} must be >= 1, got {value}")
+    if reload_interval < 0 or graceful_timeout < 0:
+        raise ConfigurationError("--reload-interval and --graceful-timeout must be >= 0 seconds")
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
-    # one process, event loop + one inference thread: the 2-core budget; scale out with more replicas
-    uvicorn.run(
-        create_app(model, segments, max_batch=max_batch, threads=threads),
-        host=host,
-        port=port,
-        log_level=log_level,
-        access_log=False,
+    config = ServeConfig(
+        model, str(segments) if segments else None, max_batch, threads, reload_interval or None, retrieval, engine
     )
+    run(config, host, port, workers, graceful_timeout, log_level)
+
+
+@app.command()
+@cli_errors
+def export(
+    model_dir: Annotated[Path, Opt("--model", help="model directory")],
+    out_dir: Annotated[Path, Opt("--out", help="folder for heads.onnx, heads.int8.onnx and export.json")],
+    format: Annotated[str, Opt("--format", help="onnx (the only format so far)")] = "onnx",
+    quantize: Annotated[str | None, Opt(help="int8: also write onnxruntime's dynamic int8 twin")] = None,
+    check: Annotated[bool, Opt(help="score the model's own users with both and report the differences")] = True,
+) -> None:
+    """Export the scoring graph (last-position hidden state and next-action head) for onnxruntime."""
+    from behaviorlm.inference.onnx_engine import OnnxEngine, compare, export_onnx
+
+    if format != "onnx":
+        raise ConfigurationError(f"--format must be onnx, got {format!r}")
+    model = _load_model(model_dir, retrieval="exact")
+    folder = export_onnx(model.engine, out_dir, quantize)
+    out.print(f"exported model {model.model_version} to {folder}", highlight=False)
+    if check and model.histories_ is not None and len(model.histories_):
+        enc = model.engine.encode(model.history_events())
+        rows = slice(0, min(256, len(enc)))
+        for name in ["heads.onnx"] + (["heads.int8.onnx"] if quantize == "int8" else []):
+            diff = compare(model.engine, OnnxEngine(model.engine, folder / name, name), enc, rows)
+            shown = ", ".join(f"{k} {v:.2e}" for k, v in diff.items())
+            out.print(f"{name}: max |onnxruntime - torch| over {rows.stop} users: {shown}", highlight=False)
 
 
 @app.command()

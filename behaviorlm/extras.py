@@ -1,7 +1,7 @@
 """Optional parts and the extra that installs each: one line telling the user what to install.
 
 The core (training, evaluation, scoring, propensity, segments, explanations) needs only the
-data-science stack; the HTTP service, the dashboard and Spark live in extras so a notebook
+data-science stack; the HTTP service, ANN retrieval, ONNX, the dashboard and Spark live in extras so a notebook
 user's environment does not pull a web server. Code that needs an extra calls
 :func:`require_extra` before importing it, so a missing package reads as an instruction, not
 as a ``ModuleNotFoundError`` deep inside an import chain.
@@ -15,7 +15,9 @@ from behaviorlm.errors import MissingExtraError
 
 #: extra name -> the top-level modules it provides
 EXTRAS: dict[str, tuple[str, ...]] = {
-    "serve": ("fastapi", "uvicorn"),
+    "serve": ("fastapi", "uvicorn", "prometheus_client"),
+    "ann": ("hnswlib",),
+    "onnx": ("onnx", "onnxruntime", "onnxscript"),
     "dashboard": ("streamlit", "altair"),
     "spark": ("pyspark",),
 }

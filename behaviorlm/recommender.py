@@ -519,6 +519,15 @@ class BehaviorLM:
         self.engine_ = engine.with_index(index)
         return self
 
+    def use_engine(self, kind: str = "torch", directory: str | Path | None = None) -> BehaviorLM:
+        """Run the transformer on ``torch`` or on onnxruntime (``onnx``, ``onnx-int8``) from now on;
+        see :mod:`behaviorlm.inference.onnx_engine`. With ``directory`` (the model's folder) the
+        export kept there is reused when it matches these weights."""
+        from behaviorlm.inference.onnx_engine import onnx_engine
+
+        self.engine_ = onnx_engine(self.engine, kind, directory)
+        return self
+
     @classmethod
     def load(cls, directory: str | Path, retrieval: str = "auto") -> BehaviorLM:
         """A saved model; ``retrieval`` as in :meth:`use_retrieval` (the stored index is reused)."""

@@ -232,16 +232,26 @@ def alias_version(name: str, alias: str) -> str:
     return str(mlflow.MlflowClient().get_model_version_by_alias(name, alias).version)
 
 
-def load_model_ref(ref: str) -> tuple[Any, dict[str, Any]]:
+def load_model_ref(ref: str, retrieval: str = "auto", engine: str = "torch") -> tuple[Any, dict[str, Any]]:
     """A registry URI (``models:/name@alias`` or ``models:/name/3``) or a local model directory
     -> (BehaviorLM, provenance: ``model_uri``, ``run_id``, ``registry_version``).
 
     The batch job and the service load the same way, so both can say which model answered.
+    ``retrieval`` and ``engine`` are :meth:`BehaviorLM.use_retrieval` and
+    :meth:`BehaviorLM.use_engine`.
     """
     if not str(ref).startswith("models:/"):
         from behaviorlm.recommender import BehaviorLM
 
-        return BehaviorLM.load(ref), {"model_uri": str(Path(ref).resolve()), "run_id": None, "registry_version": None}
+        model = BehaviorLM.load(ref, retrieval=retrieval).use_engine(engine, ref)
+        return model, {"model_uri": str(Path(ref).resolve()), "run_id": None, "registry_version": None}
+    model, provenance = _load_registered(ref)
+    if retrieval != "auto":  # the pyfunc loaded it with the default
+        model.use_retrieval(retrieval)
+    return model.use_engine(engine), provenance
+
+
+def _load_registered(ref: str) -> tuple[Any, dict[str, Any]]:
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri())

@@ -28,6 +28,7 @@ message and the index rebuilt, never used.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import time
@@ -40,6 +41,7 @@ import torch
 
 from behaviorlm.data.io import atomic_dir
 from behaviorlm.errors import ConfigurationError, ModelFormatError
+from behaviorlm.extras import missing_extra
 from behaviorlm.sequence.tokenizer import N_SPECIAL
 
 log = logging.getLogger(__name__)
@@ -265,14 +267,32 @@ def open_index(
     return index
 
 
-def wants_ann(mode: str, n_items: int) -> bool:
-    """Whether ``mode`` (auto | exact | ann) means an index for a catalog of ``n_items``."""
+def wants_ann(mode: str, n_items: int, backend: str = "hnswlib") -> bool:
+    """Whether ``mode`` (auto | exact | ann) means an index for a catalog of ``n_items``.
+
+    ``auto`` without the ANN library installed stays exact (and says so once); ``ann`` without
+    it is an error naming the extra to install."""
     if mode not in RETRIEVAL_MODES:
         raise ConfigurationError(
             f"retrieval must be one of {list(RETRIEVAL_MODES)}, got {mode!r}",
             cli_hint=f"--retrieval must be one of {list(RETRIEVAL_MODES)}",
         )
-    return mode == "ann" or (mode == "auto" and n_items - N_SPECIAL >= ANN_MIN_ITEMS)
+    wanted = mode == "ann" or (mode == "auto" and n_items - N_SPECIAL >= ANN_MIN_ITEMS)
+    if wanted and importlib.util.find_spec(backend) is None:
+        if mode == "ann":
+            raise missing_extra("ann", f"two-stage retrieval ({backend})", ImportError(backend))
+        if backend not in _WARNED:
+            _WARNED.add(backend)
+            log.warning(
+                "%d items: exact ranking, because %s is not installed (pip install 'behaviorlm[ann]')",
+                n_items - N_SPECIAL,
+                backend,
+            )
+        return False
+    return wanted
+
+
+_WARNED: set[str] = set()
 
 
 def as_tensor(a: np.ndarray) -> torch.Tensor:

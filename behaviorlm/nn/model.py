@@ -52,6 +52,12 @@ class ModelConfig:
             raise ConfigurationError(f"dropout must be in [0, 1), got {self.dropout}")
 
 
+def at_positions(x: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """``x[b, last[b]]`` for every row: (B, L, d) -> (B, d). A gather rather than advanced
+    indexing with ``arange(B)``, so an exported graph (ONNX) keeps the batch size dynamic."""
+    return x.gather(1, last[:, None, None].expand(-1, 1, x.shape[-1])).squeeze(1)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -73,14 +79,14 @@ class CausalSelfAttention(nn.Module):
     def forward_at(self, x: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         """Attention output for one query per row (position ``last``) over keys ``<= last``."""
         b, n, d = x.shape
-        x_last = x[torch.arange(b), last]
+        x_last = at_positions(x, last)
         if isinstance(self.qkv, nn.Linear):  # keys/values everywhere, the query at `last` only
             w, bias = self.qkv.weight, self.qkv.bias
             q = F.linear(x_last, w[:d], bias[:d])[:, None]  # (b, 1, d)
             k, v = F.linear(x, w[d:], bias[d:]).split(d, dim=2)
         else:  # a quantised Linear cannot be sliced
             q, k, v = self.qkv(x).split(d, dim=2)
-            q = q[torch.arange(b), last][:, None]
+            q = at_positions(q, last)[:, None]
         heads = lambda t: t.view(b, t.shape[1], self.n_heads, d // self.n_heads).transpose(1, 2)  # noqa: E731
         visible = (torch.arange(n, device=x.device)[None, :] <= last[:, None])[:, None, None, :]
         y = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=visible)
@@ -106,7 +112,7 @@ class Block(nn.Module):
 
     def forward_at(self, x: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         """The block's output at position ``last`` of each row only: (b, dim)."""
-        y = x[torch.arange(len(last)), last] + self.attn.forward_at(self.ln1(x), last)
+        y = at_positions(x, last) + self.attn.forward_at(self.ln1(x), last)
         return y + self.mlp(self.ln2(y))
 
 

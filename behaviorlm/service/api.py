@@ -279,6 +279,8 @@ def create_app(
     max_body_bytes: int = MAX_BODY_BYTES,
     threads: int = 1,
     reload_interval: float | None = None,
+    retrieval: str = "auto",
+    engine: str = "torch",
 ) -> FastAPI:
     """The service for ``model``: a fitted ``BehaviorLM``, a local model folder, or ``models:/...``.
 
@@ -286,7 +288,8 @@ def create_app(
     ``threads`` is torch's intra-op pool: one by default, because the event loop needs the other
     core of a 2-core box and idle pool threads spin-wait on it (benchmarks/RESULTS.md section 8).
     ``reload_interval`` (seconds; registry aliases only) polls the alias and hot-swaps the model
-    when it moves.
+    when it moves. ``retrieval`` (auto | exact | ann) and ``engine`` (torch | onnx | onnx-int8)
+    say how a loaded model ranks and runs (:meth:`BehaviorLM.use_retrieval`, :meth:`~BehaviorLM.use_engine`).
     """
     state = ServiceState(metrics=ServiceMetrics())
     key = os.environ.get(API_KEY_ENV, "") if api_key is None else api_key
@@ -295,7 +298,8 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         # load in the background: /health answers at once (liveness), /ready only when loaded
-        loading = asyncio.create_task(_load_in_background(state, model, load, threads, reload_interval))
+        options = {"retrieval": retrieval, "engine": engine}
+        loading = asyncio.create_task(_load_in_background(state, model, load, threads, reload_interval, options))
         yield
         await asyncio.wait([loading], timeout=0)
         if state.watcher is not None:
@@ -328,29 +332,37 @@ def _package_version() -> str:
 
 
 async def _load_in_background(
-    state: ServiceState, model: Any, load: Callable[..., Serving], threads: int, reload_interval: float | None
+    state: ServiceState,
+    model: Any,
+    load: Callable[..., Serving],
+    threads: int,
+    reload_interval: float | None,
+    options: dict[str, str],
 ) -> None:
     try:
-        await run_in_threadpool(_first_load, state, model, load, threads)
+        await run_in_threadpool(_first_load, state, model, load, threads, options)
     except Exception as e:  # keep serving /health and say why on /ready
         state.load_error = f"{type(e).__name__}: {e}"
         log.exception("model failed to load")
         return
-    if reload_interval is not None and isinstance(model, str) and model.startswith("models:/"):
+    if reload_interval and isinstance(model, str) and model.startswith("models:/") and "@" in model:
+        assert state.current is not None
         state.watcher = RegistryWatcher(
-            model, reload_interval, state.current.provenance, load, state.swap, state.metrics
-        )  # type: ignore[union-attr]
+            model, reload_interval, state.current.provenance, load, state.swap, state.metrics, options
+        )
         state.watcher.start()
 
 
-def _first_load(state: ServiceState, model: Any, load: Callable[..., Serving], threads: int) -> None:
+def _first_load(
+    state: ServiceState, model: Any, load: Callable[..., Serving], threads: int, options: dict[str, str]
+) -> None:
     from behaviorlm.inference.batch import set_threads
     from behaviorlm.tracking import load_model_ref
 
     set_threads(threads)
     t0 = time.perf_counter()
     if isinstance(model, str | Path):
-        fitted, provenance = load_model_ref(str(model))
+        fitted, provenance = load_model_ref(str(model), **options)
     else:
         fitted, provenance = model, {"model_uri": "in-process", "registry_version": None}
     serving = load(fitted, provenance)

@@ -35,6 +35,7 @@ class RegistryWatcher:
         build: Callable[[Any, dict[str, Any]], Any],
         swap: Callable[[Any], Any],
         metrics: Any = None,
+        load_options: dict[str, str] | None = None,
     ):
         if interval <= 0:
             raise ValueError(f"reload interval must be > 0 seconds, got {interval}")
@@ -44,6 +45,7 @@ class RegistryWatcher:
             raise ValueError(f"hot reload follows an alias (models:/name@alias), not {uri!r}")
         self.version: str | None = provenance.get("registry_version")
         self.build, self.swap, self.metrics = build, swap, metrics
+        self.load_options = load_options or {}
         self.checked_at: str | None = None
         self.last_error: str | None = None
         self.last_swap_seconds: float | None = None
@@ -83,7 +85,7 @@ class RegistryWatcher:
             if version == self.version:
                 return False
             t0 = time.perf_counter()
-            model, provenance = load_model_ref(f"models:/{self.name}/{version}")
+            model, provenance = load_model_ref(f"models:/{self.name}/{version}", **self.load_options)
             serving = self.build(model, provenance | {"model_uri": self.uri, "registry_version": version})
             self.swap(serving)
             gc.freeze()  # the new version's objects join the start-up ones outside the cyclic GC (see api._first_load)
