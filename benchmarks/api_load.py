@@ -32,6 +32,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -50,11 +51,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, port: int, extra: list[str]) -> subprocess.Popen:
+def start_server(model: str, port: int, extra: list[str], env: dict | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "behaviorlm.cli", "serve", "--model", model, "--port", str(port)]
     cmd += ["--log-level", "warning", *extra]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ))
-    deadline = time.monotonic() + 180
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env or dict(os.environ))
+    deadline = time.monotonic() + 900  # a 1M-item model builds or loads its index first
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}")
@@ -65,7 +66,7 @@ def start_server(model: str, port: int, extra: list[str]) -> subprocess.Popen:
             pass
         time.sleep(0.2)
     proc.kill()
-    raise RuntimeError("server did not become ready in 180 s")
+    raise RuntimeError("server did not become ready in 900 s")
 
 
 async def run_level(url: str, bodies: list[dict], concurrency: int, seconds: float) -> dict:
@@ -172,6 +173,49 @@ def _events(df: pl.DataFrame) -> list[dict]:
     ]
 
 
+def tree_rss_mb(proc: subprocess.Popen) -> float:
+    """Resident memory of the server and its worker processes."""
+    import psutil
+
+    root = psutil.Process(proc.pid)
+    return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]) / 1e6
+
+
+def reload_under_load(model: str, bodies: list[dict], seconds: float, tmp: Path, extra: list[str]) -> dict:
+    """wrk at c=8 against a service following models:/behaviorlm@champion while the alias moves
+    from version 1 to version 2 a third of the way in: failed requests and the swap time."""
+    import mlflow
+
+    from behaviorlm import tracking
+    from behaviorlm.recommender import BehaviorLM
+
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'mlflow.db'}")
+    os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    mlflow.set_experiment("reload-bench")
+    loaded = BehaviorLM.load(model, retrieval="exact")
+    versions = []
+    for _ in range(2):
+        with mlflow.start_run():
+            versions.append(
+                tracking.log_model(loaded, model, registered_model_name="behaviorlm").registered_model_version
+            )
+    client = mlflow.MlflowClient()
+    client.set_registered_model_alias("behaviorlm", "champion", versions[0])
+    port = free_port()
+    proc = start_server("models:/behaviorlm@champion", port, ["--reload-interval", "1", *extra], env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        mover = threading.Timer(seconds / 3, client.set_registered_model_alias, ("behaviorlm", "champion", versions[1]))
+        mover.start()
+        res = run_level_wrk(url, bodies, 8, seconds, tmp)
+        ready = httpx.get(url + "/ready").json()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    return {"kind": "reload", **res, "swapped_to": ready["registry_version"], "reload": ready["reload"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True, help="model directory (histories.parquet is read for user ids)")
@@ -181,12 +225,20 @@ def main() -> None:
     ap.add_argument("--kinds", default="user,events,explain", help="user: known user_id; events: raw events")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--python-client", action="store_true", help="use the httpx client even if wrk is installed")
+    ap.add_argument("--serve-args", default="", help="extra `behaviorlm serve` flags, e.g. '--retrieval ann'")
+    ap.add_argument("--name", default=None, help="report name (default: the model folder's)")
+    ap.add_argument("--reload", action="store_true", help="also measure a hot reload under c=8 load")
     args = ap.parse_args()
 
     client = "wrk" if shutil.which("wrk") and not args.python_client else "httpx"
     print(f"client: {client}")
     port = free_port()
-    proc = start_server(args.model, port, [])
+    extra = args.serve_args.split()
+    t_start = time.perf_counter()
+    proc = start_server(args.model, port, extra)
+    ready_s = time.perf_counter() - t_start
+    rss_ready = tree_rss_mb(proc)
+    print(f"server ready in {ready_s:.1f} s, RSS {rss_ready:,.0f} MB ({args.serve_args or 'defaults'})")
     rows = []
     try:
         url = f"http://127.0.0.1:{port}"
@@ -201,10 +253,19 @@ def main() -> None:
                         res = asyncio.run(run_level(url, bodies, c, args.seconds))
                     rows.append({"kind": kind, **res})
                     print(_fmt(rows[-1]), flush=True)
+        rss_end = tree_rss_mb(proc)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+    if args.reload:
+        with tempfile.TemporaryDirectory() as tmp:
+            bodies = request_bodies(args.model, 2000, args.k, "user", args.seed)
+            rows.append(reload_under_load(args.model, bodies, args.seconds, Path(tmp), extra))
+            print(_fmt(rows[-1]), "swap", rows[-1]["reload"], flush=True)
     report = {
+        "serve_args": args.serve_args,
+        "server_ready_s": ready_s,
+        "server_rss_mb": {"ready": rss_ready, "end": rss_end},
         "model": args.model,
         "k": args.k,
         "seconds_per_level": args.seconds,
@@ -216,7 +277,8 @@ def main() -> None:
     }
     OUT.mkdir(exist_ok=True)
     m = Path(args.model)
-    path = OUT / f"api_load_{m.parent.name if m.name == 'model' else m.name}.json"  # outputs/taobao/model -> taobao
+    name = args.name or (m.parent.name if m.name == "model" else m.name)  # outputs/taobao/model -> taobao
+    path = OUT / f"api_load_{name}.json"
     write_json(path, report)
     print(f"wrote {path}")
 

@@ -62,11 +62,11 @@ class IndexParams:
     next-action query at least (``k`` plus the filtered items are added)."""
 
     backend: str = "hnswlib"
-    m: int = 32
-    ef_construction: int = 200
-    ef_search: int = 128
-    min_fetch: int = 100
-    tail_sample: int = 4096
+    m: int = 16
+    ef_construction: int = 100
+    ef_search: int = 64
+    min_fetch: int = 50
+    tail_sample: int = 2048
     seed: int = 0
 
     def __post_init__(self) -> None:
