@@ -162,6 +162,17 @@ def request_bodies(model_dir: str, n: int, k: int, kind: str, seed: int) -> list
         return [{"user_id": u, "k": k} for u in picked]
     if kind == "explain":
         return [{"user_id": u, "k": k, "explain": True} for u in picked]
+    if kind == "unknown":  # the bad-input bound: 1,000 events of items the model never saw
+        return [
+            {
+                "events": [
+                    {"item_id": f"never-seen-{i}-{j}", "event_type": "view", "timestamp": 1.7e9 + j}
+                    for j in range(1000)
+                ],
+                "k": k,
+            }
+            for i in range(20)
+        ]
     by_user = {u: g for (u,), g in hist.filter(pl.col("user_id").is_in(picked)).group_by("user_id")}
     return [{"events": _events(by_user[u].sort("timestamp").tail(50)), "k": k} for u in picked]
 
@@ -222,7 +233,11 @@ def main() -> None:
     ap.add_argument("--levels", default="1,8,32")
     ap.add_argument("--seconds", type=float, default=30)
     ap.add_argument("--k", type=int, default=10)
-    ap.add_argument("--kinds", default="user,events,explain", help="user: known user_id; events: raw events")
+    ap.add_argument(
+        "--kinds",
+        default="user,events,explain",
+        help="user: known user_id; events: 50 raw events; explain: user_id + explain; unknown: 1,000 unknown items",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--python-client", action="store_true", help="use the httpx client even if wrk is installed")
     ap.add_argument("--serve-args", default="", help="extra `behaviorlm serve` flags, e.g. '--retrieval ann'")
@@ -244,7 +259,7 @@ def main() -> None:
         url = f"http://127.0.0.1:{port}"
         with tempfile.TemporaryDirectory() as tmp:
             for kind in args.kinds.split(","):
-                bodies = request_bodies(args.model, 2000 if kind != "events" else 300, args.k, kind, args.seed)
+                bodies = request_bodies(args.model, 2000 if kind == "user" else 300, args.k, kind, args.seed)
                 levels = [int(c) for c in args.levels.split(",")] if kind == "user" else [8]
                 for c in levels:
                     if client == "wrk":

@@ -29,6 +29,8 @@ ALLOWED = {
     "model_dir": {"data", "sequence", "nn"},
     "recipes": set(),
 }
+#: leaf modules any layer may use: the error types, and the missing-extra message built from them
+LEAVES = ("errors", "extras")
 
 
 def _modules() -> dict[str, Path]:
@@ -115,7 +117,7 @@ def test_layers_import_only_what_they_may(layer):
         if _package_of(name) != layer:
             continue
         for dep in deps:
-            if dep.startswith("behaviorlm.") and _package_of(dep) not in ALLOWED[layer] | {layer, "errors"}:
+            if dep.startswith("behaviorlm.") and _package_of(dep) not in ALLOWED[layer] | {layer, *LEAVES}:
                 bad.append(f"{name} imports {dep}")
     assert not bad, bad
 
@@ -168,3 +170,10 @@ def test_pyfunc_class_keeps_its_registered_import_path():
     from behaviorlm.tracking import BehaviorLMPyfunc
 
     assert BehaviorLMPyfunc.__module__ == "behaviorlm.tracking"
+
+
+def test_leaves_stay_leaves():
+    """errors and extras may be used by every layer only while they import nothing else of ours."""
+    for leaf in LEAVES:
+        ours = {d for d in GRAPH[f"behaviorlm.{leaf}"] if d.startswith("behaviorlm.")}
+        assert ours <= {"behaviorlm.errors"}, (leaf, ours)

@@ -134,7 +134,7 @@ def test_python_callers_get_the_python_phrasing():
 
 
 def test_a_bug_keeps_its_traceback_and_exit_code_1(trained, monkeypatch):
-    def broken(directory):
+    def broken(directory, **options):
         raise KeyError("a real bug")
 
     monkeypatch.setattr(BehaviorLM, "load", broken)

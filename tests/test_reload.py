@@ -97,8 +97,7 @@ def test_alias_move_swaps_without_failed_requests(registry):
     assert f'behaviorlm_model_info{{version="{ready["model_version"]}"}} 1.0' in metrics
     assert 'behaviorlm_requests_total{route="/v1/recommend",status="200"}' in metrics
     assert "behaviorlm_batch_size_bucket" in metrics and "behaviorlm_request_seconds_bucket" in metrics
-    old.batcher._thread.join(timeout=5)
-    assert not old.batcher._thread.is_alive()  # the retired version's worker has stopped
+    assert old.batcher.stopped(timeout=5)  # the retired version's worker has stopped
 
 
 def test_a_failed_reload_keeps_the_old_version_and_says_why(registry):

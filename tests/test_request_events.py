@@ -36,14 +36,14 @@ def model(request):
 
 def _full(model, online, events, schema):
     """What the service did before the lean path: a one-user frame through validate_schema."""
-    from behaviorlm.service.api import _request_times
+    from behaviorlm.service.api import request_times
 
     frame = pl.DataFrame(
         {
             "user_id": ["u"] * len(events),
             "item_id": [str(e[0]) for e in events],
             "event_type": [e[1] for e in events],
-            "timestamp": _request_times([e[2] for e in events], schema.time_unit, schema.plausible_times),
+            "timestamp": request_times([e[2] for e in events], schema.time_unit, schema.plausible_times),
         }
     )
     ev = validate_schema(frame, schema, duplicates="keep")

@@ -604,13 +604,13 @@ def _request_events(serving: Serving, req: UserInput) -> Events:
             "user_id": [uid] * len(req.events),
             "item_id": [str(e.item_id) for e in req.events],
             "event_type": [e.event_type for e in req.events],
-            "timestamp": _request_times([e.timestamp for e in req.events], schema.time_unit, schema.plausible_times),
+            "timestamp": request_times([e.timestamp for e in req.events], schema.time_unit, schema.plausible_times),
         }
     )
     return validate_schema(frame, schema, duplicates="keep")
 
 
-def _request_times(values: list[str | float], time_unit: str, plausible_only: bool) -> pl.Series:
+def request_times(values: list[str | float], time_unit: str, plausible_only: bool) -> pl.Series:
     """Request timestamps by the same rules as files: numbers in the detected (or the model's)
     unit, strings as ISO-8601, times before 1990 or after tomorrow refused; every failure is a
     422 naming the field of the first bad event."""

@@ -207,6 +207,11 @@ class MicroBatcher:
         self._q.put((item, fut))
         return fut
 
+    def stopped(self, timeout: float = 0.0) -> bool:
+        """Whether the worker thread has ended (waiting up to ``timeout`` seconds for it)."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
     def close(self, wait: bool = True) -> None:
         """Stop after the requests already queued (their answers still arrive)."""
         self._q.put(None)
