@@ -23,7 +23,7 @@ from provenance import write_json
 
 from behaviorlm.data.datasets import load_dataset
 from behaviorlm.evaluation import leave_one_out
-from behaviorlm.evaluation.metrics import paired_difference
+from behaviorlm.evaluation.metrics import list_ranks, paired_difference, per_user_metrics
 from behaviorlm.inference.batch import set_threads
 from behaviorlm.inference.onnx_engine import compare, onnx_engine
 from behaviorlm.recommender import BehaviorLM
@@ -38,10 +38,8 @@ def engine_of(model: BehaviorLM, kind: str, model_dir: Path):
     return onnx_engine(model.engine, kind, model_dir)
 
 
-def ndcg(idx: np.ndarray, target: np.ndarray) -> np.ndarray:
-    hit = idx == target[:, None]
-    rank = np.where(hit.any(1), hit.argmax(1) + 1, 0)
-    return np.where(rank > 0, 1 / np.log2(rank + 1), 0.0)
+def ndcg(top: np.ndarray, target: np.ndarray) -> np.ndarray:
+    return per_user_metrics(list_ranks(top, target), 10)["ndcg@10"]
 
 
 def main() -> None:

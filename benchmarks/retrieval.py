@@ -36,7 +36,7 @@ from provenance import write_json
 
 from behaviorlm.data.datasets import load_dataset
 from behaviorlm.data.events import validate_events
-from behaviorlm.evaluation.metrics import bootstrap_ci, paired_difference
+from behaviorlm.evaluation.metrics import bootstrap_ci, list_ranks, paired_difference, per_user_metrics
 from behaviorlm.evaluation.splits import leave_one_out
 from behaviorlm.inference.retrieval import BACKENDS, IndexParams, ItemIndex
 from behaviorlm.recommender import BehaviorLM
@@ -206,9 +206,7 @@ def two_stage(model: BehaviorLM, split, n_users: int, params: IndexParams, model
 
 
 def _ndcg(top: np.ndarray, target: np.ndarray) -> np.ndarray:
-    hit = top == target[:, None]
-    rank = np.where(hit.any(1), hit.argmax(1) + 1, 0)
-    return np.where(rank > 0, 1 / np.log2(rank + 1), 0.0)
+    return per_user_metrics(list_ranks(top, target), 10)["ndcg@10"]
 
 
 def main() -> None:

@@ -182,3 +182,13 @@ def test_short_users_are_not_evaluated_but_counted():
     assert sp.test.targets.height == 0 and sp.info["users_too_short"] == 5
     with pytest.raises(ValueError, match="no users"):
         evaluate(ConstantScorer(), sp)
+
+
+def test_list_ranks_of_top_k_lists():
+    import numpy as np
+
+    from behaviorlm.evaluation.metrics import list_ranks, per_user_metrics
+
+    ranks = list_ranks(np.array([[5, 6, 7], [1, 2, 3], [9, 9, 4]]), np.array([6, 8, 4]))
+    assert ranks.tolist() == [2.0, float("inf"), 3.0]
+    assert per_user_metrics(ranks, 3)["ndcg@3"].tolist() == [1 / np.log2(3), 0.0, 0.5]

@@ -74,6 +74,13 @@ def seen_lists(inputs: Events, catalog: pl.Series) -> dict[Any, np.ndarray]:
     return {u: np.asarray(c, dtype=np.int64) for u, c in zip(g["user_id"].to_list(), g["c"].to_list(), strict=True)}
 
 
+def list_ranks(top: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """1-based rank of each row's target in its top-k list (``inf`` when absent): metrics for
+    lists that came from a top-k (another engine, approximate retrieval), not a full ranking."""
+    hit = top == np.asarray(target)[:, None]
+    return np.where(hit.any(1), hit.argmax(1) + 1.0, np.inf)
+
+
 def per_user_metrics(ranks: np.ndarray, k: int) -> dict[str, np.ndarray]:
     hit = ranks <= k
     with np.errstate(divide="ignore"):
