@@ -62,10 +62,10 @@ class IndexParams:
     next-action query at least (``k`` plus the filtered items are added)."""
 
     backend: str = "hnswlib"
-    m: int = 16
-    ef_construction: int = 100
-    ef_search: int = 64
-    min_fetch: int = 50
+    m: int = 32
+    ef_construction: int = 200
+    ef_search: int = 200
+    min_fetch: int = 200
     tail_sample: int = 2048
     seed: int = 0
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from itertools import repeat
 from pathlib import Path
 from typing import Any
 
@@ -245,16 +246,14 @@ class ActionTokenizer:
         the same answers -- an integer vocabulary matches ints and plainly written integer text
         only, a text vocabulary matches the text of each id -- without building a Series."""
         self._check_fitted()
-        get = self._item_index.get
-        if self.item_dtype_ == "int":
-            return np.fromiter((get(_as_plain_int(x), UNK) for x in item_ids), np.int64, len(item_ids))
-        return np.fromiter((get(str(x), UNK) for x in item_ids), np.int64, len(item_ids))
+        get, unk = self._item_index.get, repeat(UNK)
+        keys = map(_as_plain_int, item_ids) if self.item_dtype_ == "int" else map(str, item_ids)
+        return np.fromiter(map(get, keys, unk), np.int64, len(item_ids))
 
     def lookup_actions(self, actions: list[str]) -> np.ndarray:
         """:meth:`action_index` (not strict) for a short list of canonical names, in pure Python."""
         self._check_fitted()
-        get = self._action_index.get
-        return np.fromiter((get(a, UNK) for a in actions), np.int64, len(actions))
+        return np.fromiter(map(self._action_index.get, actions, repeat(UNK)), np.int64, len(actions))
 
     def encode_one(self, user_id: Any, items: np.ndarray, actions: np.ndarray, seconds: np.ndarray) -> EncodedSequences:
         """One user's time-sorted events (vocabulary ids and seconds since the previous event,

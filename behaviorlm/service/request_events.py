@@ -62,25 +62,27 @@ class RequestEncoder:
 
     def encode(self, user_id: Any, events: list[tuple[Any, str, str | float]]) -> EncodedRequest | None:
         """The encoded events, or ``None`` where only the full validation can answer."""
-        items = self._items([e[0] for e in events])
-        actions = self._actions([e[1] for e in events])
-        micros = self._micros([e[2] for e in events])
+        raw_items, names, stamps = zip(*events, strict=True)
+        items = self._items(raw_items)
+        actions = self._actions(names)
+        micros = self._micros(stamps)
         if items is None or actions is None or micros is None:
             return None
-        keep = [i for i, a in enumerate(actions) if a is not None]  # unknown_actions="drop"
-        if not keep:
+        keep = np.flatnonzero([a is not None for a in actions])  # unknown_actions="drop"
+        if not len(keep):
             return None
-        order = sorted(keep, key=micros.__getitem__)  # stable: ties keep the request's order
-        t = np.array([micros[i] for i in order], np.int64)
-        seconds = np.r_[np.nan, np.diff(t) / 1e6]
+        order = keep[np.argsort(micros[keep], kind="stable")]  # ties keep the request's order
+        seconds = np.r_[np.nan, np.diff(micros[order]) / 1e6]
         item_idx = self.tok.lookup_items([items[i] for i in order])
         action_idx = self.tok.lookup_actions([actions[i] for i in order])  # type: ignore[misc]  # None dropped
         enc = self.tok.encode_one(user_id, item_idx, action_idx, seconds)
         seen = np.unique(item_idx)
         return EncodedRequest(enc.items, enc.actions, enc.gaps, seen[seen >= N_SPECIAL])
 
-    def _items(self, raw: list[Any]) -> list[Any] | None:
+    def _items(self, raw: tuple[Any, ...]) -> tuple[Any, ...] | list[Any] | None:
         """Ids as the file path cleans them: text stripped; blank or (with numeric ids) non-integer -> full path."""
+        if not any(isinstance(x, str) for x in raw):
+            return raw
         out = []
         for x in raw:
             if isinstance(x, str):
@@ -95,48 +97,50 @@ class RequestEncoder:
             out.append(x)
         return out
 
-    def _actions(self, raw: list[str]) -> list[str | None] | None:
-        """Canonical names; ``None`` marks an event the schema drops; a refused name -> full path."""
-        out: list[str | None] = []
-        policy = self.schema.unknown_actions
-        for name in raw:
-            key = name.strip().lower()
-            mapped = self.aliases_.get(key, key)
-            if policy != "keep" and mapped not in self.known_:
-                if policy == "raise":
-                    return None
-                mapped = None
-            out.append(mapped)
-        return out
+    def _actions(self, raw: tuple[str, ...]) -> list[str | None] | None:
+        """Canonical names; ``None`` marks an event the schema drops; a refused name -> full path.
+        A session repeats a handful of names, so each distinct one is read once per request."""
+        read = {name: self._action(name) for name in set(raw)}
+        if any(v is _REFUSED for v in read.values()):
+            return None
+        return [read[name] for name in raw]  # type: ignore[misc]
 
-    def _micros(self, raw: list[str | float]) -> list[int] | None:
+    def _action(self, name: str) -> str | None | object:
+        key = name.strip().lower()
+        mapped = self.aliases_.get(key, key)
+        if self.schema.unknown_actions == "keep" or mapped in self.known_:
+            return mapped
+        return _REFUSED if self.schema.unknown_actions == "raise" else None
+
+    def _micros(self, raw: tuple[str | float, ...]) -> np.ndarray | None:
         """Microseconds since the epoch; numbers in the model's (or their detected) unit."""
-        numbers = [float(v) for v in raw if not isinstance(v, str)]
-        factor = 0.0
-        if numbers:
+        is_text = np.fromiter((isinstance(v, str) for v in raw), bool, len(raw))
+        numbers = np.array([v for v, t in zip(raw, is_text, strict=True) if not t], np.float64)
+        micros = np.zeros(len(raw), np.int64)
+        if len(numbers):
             unit = self.schema.time_unit
             if unit == "auto":
-                detected = unit_of_magnitude(float(np.median(np.abs(numbers))))
-                if detected is None:
+                unit = unit_of_magnitude(float(np.median(np.abs(numbers))))  # type: ignore[assignment]
+                if unit is None:
                     return None
-                unit = detected
-            factor = TIME_UNITS[unit]
-        lo = (EARLIEST - _EPOCH) // _MICRO
-        hi = (latest_plausible() - _EPOCH) // _MICRO
-        out = []
-        for v in raw:
-            t = _iso_micros(v) if isinstance(v, str) else _number_micros(v, factor)
-            if t is None or (self.schema.plausible_times and not lo <= t <= hi):
+            scaled = numbers * TIME_UNITS[unit]
+            if not ((scaled >= _MIN_MICROS) & (scaled <= _MAX_MICROS)).all():
                 return None
-            out.append(t)
-        return out
+            micros[~is_text] = np.rint(scaled)  # half to even, as polars rounds the file path's column
+        for i in np.flatnonzero(is_text):
+            t = _iso_micros(raw[i])  # type: ignore[arg-type]
+            if t is None:
+                return None
+            micros[i] = t
+        if self.schema.plausible_times:
+            lo = (EARLIEST - _EPOCH) // _MICRO
+            hi = (latest_plausible() - _EPOCH) // _MICRO
+            if micros.min() < lo or micros.max() > hi:
+                return None
+        return micros
 
 
-def _number_micros(value: float, factor: float) -> int | None:
-    scaled = value * factor
-    if not _MIN_MICROS <= scaled <= _MAX_MICROS:
-        return None
-    return round(scaled)  # half to even, as polars rounds the file path's column
+_REFUSED = object()  # an action name the schema's "raise" policy refuses
 
 
 def _iso_micros(text: str) -> int | None:
