@@ -148,24 +148,29 @@ SYNTH_1M := data/synth/1M/raw
 TAOBAO_LOO := data/models/taobao-loo
 bench-retrieval: install
 	test -d $(SYNTH_1M) || $(BIN)/python ../shared/tools/synth_clickstream.py --out $(SYNTH_1M) --users 300000 --items 1000000 --seed 0
-	$(BIN)/python benchmarks/retrieval.py --synthetic $(SYNTH_1M) --model data/models/synth-1m-loo --users 2000
+	test -d data/models/synth-1m-loo || $(BIN)/python benchmarks/retrieval.py --synthetic $(SYNTH_1M) --model data/models/synth-1m-loo --train-only --max-steps 300
+	$(BIN)/python benchmarks/retrieval.py --synthetic $(SYNTH_1M) --model data/models/synth-1m-loo --users 1000
 	test -d $(TAOBAO_LOO) || $(BIN)/python benchmarks/pretrain.py --dataset taobao --recipe clickstream-small --no-exclude-seen --max-minutes 8 --save $(TAOBAO_LOO)
 	$(BIN)/python benchmarks/retrieval.py --model $(TAOBAO_LOO) --dataset taobao --users 814
+	$(BIN)/python benchmarks/retrieval.py --model $(ML1M_MODEL) --dataset ml-1m --users 500 --skip-libraries
 
 # section 17 [~8 min, after bench-pretrain-ml1m]: batch scoring on torch / torch int8 / onnxruntime fp32 / int8
 bench-engines: data
 	test -d $(ML1M_MODEL) || $(MAKE) bench-pretrain-ml1m
-	$(BIN)/python benchmarks/engines.py --model $(ML1M_MODEL) --dataset ml-1m --rounds 3
+	$(BIN)/python benchmarks/engines.py --model $(ML1M_MODEL) --dataset ml-1m --rounds 2
 
 # section 18 [~15 min, after bench-retrieval and bench-engines]: the API at production shape (raw events,
 # ANN, ONNX, 1M items, workers, a hot reload under load)
 bench-api-production: install system-deps
-	$(BIN)/python benchmarks/api_load.py --model $(ML1M_MODEL) --kinds user,events --levels 8 --seconds 20 --reload
+	$(BIN)/python benchmarks/api_load.py --model $(ML1M_MODEL) --kinds user,events,unknown --levels 8 --seconds 20 --reload
 	$(BIN)/python benchmarks/api_load.py --model $(ML1M_MODEL) --kinds user,events --levels 8 --seconds 20 --serve-args "--engine onnx" --name ml-1m-onnx
 	$(BIN)/python benchmarks/api_load.py --model $(ML1M_MODEL) --kinds user --levels 8 --seconds 20 --serve-args "--workers 2" --name ml-1m-2workers
 	$(BIN)/python benchmarks/api_load.py --model $(TAOBAO_LOO) --kinds user,events --levels 8 --seconds 20 --name taobao-ann
 	$(BIN)/python benchmarks/api_load.py --model $(TAOBAO_LOO) --kinds user --levels 8 --seconds 20 --serve-args "--retrieval exact" --name taobao-exact
 	$(BIN)/python benchmarks/api_load.py --model data/models/synth-1m-loo --kinds user,events --levels 8 --seconds 20 --name synth-1m
+	$(BIN)/python benchmarks/api_load.py --model $(ML1M_MODEL) --kinds events,unknown --levels 8 --seconds 20 --serve-args "--workers 2" --name ml-1m-2workers-events
+	$(BIN)/python benchmarks/api_load.py --model $(TAOBAO_LOO) --kinds user,events --levels 8 --seconds 20 --serve-args "--workers 2" --name taobao-ann-2workers
+	$(BIN)/python benchmarks/api_load.py --model data/models/synth-1m-loo --kinds user,events --levels 8 --seconds 20 --serve-args "--workers 2" --name synth-1m-2workers
 
 # section 10 [~7 min]: A/B against another checkout (git worktree add ../base COMMIT), interleaved:
 #   make bench-ab BASE=../base MODEL=data/models/ml-1m-loo
