@@ -510,12 +510,14 @@ class BehaviorLM:
         retrieval through an HNSW index over the item embeddings, re-scored exactly; see
         :mod:`behaviorlm.inference.retrieval`) or ``auto`` (ANN from
         :data:`~behaviorlm.inference.retrieval.ANN_MIN_ITEMS` items up). With ``directory`` the
-        index stored there is used if it matches this model, else built and stored there."""
+        index stored there is used if it matches this model, else built (its search depth tuned
+        to 0.99 recall@10 against exact ranking on a sample of the known users) and stored there."""
         engine = self.engine
         self.retrieval_, self.retrieval_params_ = mode, params
-        index = (
-            open_index(directory, engine.network, engine.version, params) if wants_ann(mode, engine.n_items) else None
-        )
+        index = None
+        if wants_ann(mode, engine.n_items):  # a new index calibrates its search depth on the known users
+            users = engine.with_index(None).encode(self.history_events()) if len(self.histories_) else None
+            index = open_index(directory, engine, params, users)
         self.engine_ = engine.with_index(index)
         return self
 

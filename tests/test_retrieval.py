@@ -125,3 +125,20 @@ def test_batch_scoring_through_the_index_equals_online(model, events):
     for r in got:
         want = batch.filter(pl.col("user_id") == r.user_id)["item_id"].to_list()
         assert r.item_ids == want
+
+
+def test_search_depth_is_tuned_on_the_models_users_and_kept(model, tmp_path):
+    """A new index picks the shallowest depth reaching the recall target against exact ranking,
+    records it in index.json, and a reload searches at that depth."""
+    import json
+
+    model.use_retrieval("ann")
+    try:
+        model.save(tmp_path / "m")
+    finally:
+        model.use_retrieval("exact")
+    tuned = json.loads((tmp_path / "m" / FOLDER / "index.json").read_text())["tuned"]
+    assert tuned["recall_at_10"] >= tuned["target"] or tuned["params"]["ef_search"] == 400
+    loaded = BehaviorLM.load(tmp_path / "m", retrieval="ann")
+    assert loaded.engine.index.params.ef_search == tuned["params"]["ef_search"]
+    assert loaded.engine.index.params.min_fetch == tuned["params"]["min_fetch"]

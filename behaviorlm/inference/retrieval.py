@@ -17,7 +17,9 @@ product between a per-next-action query ``q_a = h + E_next[a]`` and the tied ite
 4. allow-lists are scored exactly (they are at most 10,000 items: cheaper than a search), and
    a row whose filters leave fewer than ``k`` candidates is searched again with a larger fetch.
 
-The approximation is measured, not assumed: recall@10 against exact full-catalog top-10 and
+How deep to search depends on the model, so a new index calibrates itself: the shallowest
+rung of :data:`DEPTHS` whose top-10 agrees with exact ranking on 99% of a sample of the model's
+own users (no labels involved) is stored with it. The approximation is measured, not assumed: recall@10 against exact full-catalog top-10 and
 the NDCG@10 change on leave-one-out are in ``benchmarks/retrieval.py`` (RESULTS.md section 16).
 
 The index lives in the model directory's ``retrieval/`` folder (this module owns it):
@@ -32,7 +34,7 @@ import importlib.util
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -53,6 +55,11 @@ FOLDER = "retrieval"
 #: pass is cheaper than an index search; at 55k items the index is 5x faster at c=8).
 ANN_MIN_ITEMS = 20_000
 FORMAT_VERSION = 1
+#: (ef_search, candidates per next-action query) tried by :meth:`ItemIndex.tune`, shallow first
+DEPTHS = ((48, 30), (64, 50), (100, 100), (200, 200), (400, 400))
+TARGET_RECALL = 0.99
+#: what the stored graph depends on (the rest -- search depth -- is chosen at query time)
+GRAPH_PARAMS = ("backend", "m", "ef_construction", "tail_sample", "seed")
 
 
 @dataclass(frozen=True)
@@ -64,8 +71,8 @@ class IndexParams:
     backend: str = "hnswlib"
     m: int = 32
     ef_construction: int = 200
-    ef_search: int = 200
-    min_fetch: int = 200
+    ef_search: int = 48
+    min_fetch: int = 30
     tail_sample: int = 2048
     seed: int = 0
 
@@ -193,7 +200,7 @@ class ItemIndex:
             "model_version": model_version,
             "n_items": int(network.config.n_items),
             "dim": int(network.config.dim),
-            "params": asdict(params),
+            "params": {k: v for k, v in asdict(params).items() if k in GRAPH_PARAMS},
         }
 
     @classmethod
@@ -227,6 +234,7 @@ class ItemIndex:
         if not meta_path.is_file():
             raise ModelFormatError(f"{folder}: no ANN index stored")
         stored = json.loads(meta_path.read_text())
+        stored["params"] = {k: v for k, v in stored.get("params", {}).items() if k in GRAPH_PARAMS}
         expected = cls.fingerprint_of(network, model_version, params)
         diff = [k for k in expected if stored.get(k) != expected[k]]
         if diff:
@@ -235,10 +243,56 @@ class ItemIndex:
             raise ModelFormatError(f"{folder}: the ANN index does not match this model: stored {got}, model {want}")
         n_real = int(network.config.n_items) - N_SPECIAL
         backend = _ADAPTERS[params.backend](int(network.config.dim), n_real, params, folder / "index.bin")
-        return cls(backend, stored, np.load(folder / "tail.npy"), params)
+        index = cls(backend, stored, np.load(folder / "tail.npy"), params)
+        if "tuned" in stored:  # the search depth calibrated for this model when the index was made
+            index.params = replace(params, **stored["tuned"]["params"])
+        return index
 
     def memory_bytes(self) -> int:
         return self.backend.memory_bytes()
+
+    def tune(self, engine: Any, enc: Any, target: float = TARGET_RECALL, n_users: int = 256) -> dict[str, Any]:
+        """Calibrate the search depth to this model: the shallowest (ef, candidates) rung of
+        :data:`DEPTHS` at or above the configured one whose top-10 recall against exact ranking,
+        over a fixed sample of the model's own users, reaches ``target``; the deepest otherwise.
+
+        Models differ: an under-trained catalog of popular items is easy at ef 64, a trained
+        four-action marginal needs 200 (benchmarks/RESULTS.md section 16). No labels are used --
+        only agreement with the exact ranking -- so tuning on the model's users leaks nothing.
+        """
+        rows = np.sort(np.random.default_rng(self.params.seed).permutation(len(enc))[:n_users])
+        sub = enc.subset(rows)
+        h, a_logp = engine.heads(sub, slice(0, len(sub)))
+        exact = engine.with_index(None).top_k(engine.item_logp(h, a_logp), slice(0, len(sub)), 10)[1].numpy()
+        ann = engine.with_index(self)
+        start = self.params
+        recall = 0.0
+        for ef, fetch in [d for d in DEPTHS if d[0] >= min(start.ef_search, DEPTHS[-1][0])] or DEPTHS[-1:]:
+            self.params = replace(start, ef_search=ef, min_fetch=fetch)
+            found = np.concatenate(
+                [
+                    ann.rank(h[i : i + 8], a_logp[i : i + 8], slice(i, min(i + 8, len(sub))), 10)[1].numpy()
+                    for i in range(0, len(sub), 8)
+                ]
+            )
+            recall = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(exact, found, strict=True)]))
+            if recall >= target:
+                break
+        tuned = {
+            "params": {"ef_search": self.params.ef_search, "min_fetch": self.params.min_fetch},
+            "recall_at_10": recall,
+            "users": len(sub),
+            "target": target,
+        }
+        self.fingerprint = {**self.fingerprint, "tuned": tuned}
+        log.info(
+            "ANN search depth for this model: ef=%d, %d candidates (recall@10 %.4f vs exact over %d users)",
+            self.params.ef_search,
+            self.params.min_fetch,
+            recall,
+            len(sub),
+        )
+        return tuned
 
     # ------------------------------------------------------------------ search and re-score
     def candidates(self, queries: np.ndarray, fetch: int) -> np.ndarray:
@@ -248,23 +302,40 @@ class ItemIndex:
 
 
 def open_index(
-    model_dir: str | Path | None, network: Any, model_version: str, params: IndexParams | None = None
+    model_dir: str | Path | None,
+    engine: Any,
+    params: IndexParams | None = None,
+    users: Any = None,
 ) -> ItemIndex:
-    """The model's stored index if it matches, else a new one (stored beside the model when the
-    directory is writable). Never an index of another model: a mismatch is logged and rebuilt."""
+    """The model's stored index if it matches, else a new one, its search depth tuned on
+    ``users`` (the model's encoded histories) when given, stored beside the model when the
+    directory is writable. Never an index of another model: a mismatch is logged and rebuilt."""
     params = params or IndexParams()
+    network, model_version = engine.network, engine.version
     if model_dir is not None:
         try:
-            return ItemIndex.load(model_dir, network, model_version, params)
+            index = ItemIndex.load(model_dir, network, model_version, params)
         except ModelFormatError as e:
             log.warning("%s; building a new one", e)
+        else:
+            if "tuned" in index.fingerprint or users is None or not len(users):
+                return index
+            index.tune(engine, users)  # an index stored before depth tuning: calibrate it once
+            _store(index, model_dir)
+            return index
     index = ItemIndex.build(network, model_version, params)
+    if users is not None and len(users):
+        index.tune(engine, users)
     if model_dir is not None:
-        try:
-            index.save(model_dir)
-        except OSError as e:  # a read-only model folder still serves, from the in-memory index
-            log.warning("could not store the ANN index beside the model (%s); it lives in memory only", e)
+        _store(index, model_dir)
     return index
+
+
+def _store(index: ItemIndex, model_dir: str | Path) -> None:
+    try:
+        index.save(model_dir)
+    except OSError as e:  # a read-only model folder still serves, from the in-memory index
+        log.warning("could not store the ANN index beside the model (%s); it lives in memory only", e)
 
 
 def wants_ann(mode: str, n_items: int, backend: str = "hnswlib") -> bool:
