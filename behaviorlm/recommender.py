@@ -511,7 +511,7 @@ class BehaviorLM:
         :mod:`behaviorlm.inference.retrieval`) or ``auto`` (ANN from
         :data:`~behaviorlm.inference.retrieval.ANN_MIN_ITEMS` items up). With ``directory`` the
         index stored there is used if it matches this model, else built (its search depth tuned
-        to 0.99 recall@10 against exact ranking on a sample of the known users) and stored there."""
+        to 0.995 recall@10 against exact ranking on a sample of the known users) and stored there."""
         engine = self.engine
         self.retrieval_, self.retrieval_params_ = mode, params
         index = None
