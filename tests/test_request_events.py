@@ -12,9 +12,9 @@ from dataclasses import replace
 import numpy as np
 import polars as pl
 import pytest
+from fastapi import HTTPException
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from fastapi import HTTPException
 
 from behaviorlm.data.events import validate_events, validate_schema
 from behaviorlm.errors import BehaviorLMError

@@ -139,7 +139,7 @@ class _Faiss:
         self.index.add(np.ascontiguousarray(vectors, np.float32))
 
     def search(self, queries: np.ndarray, k: int) -> np.ndarray:
-        self.index.hnsw.efSearch = max(self.p.ef_search, k)
+        self.index.hnsw.efSearch = max(self.p.ef_search, k)  # type: ignore[attr-defined]
         _, labels = self.index.search(np.ascontiguousarray(queries, np.float32), k)
         return labels.astype(np.int64)
 
@@ -170,7 +170,7 @@ class _Usearch:
         self.index.add(np.arange(len(vectors)), np.ascontiguousarray(vectors, np.float32))
 
     def search(self, queries: np.ndarray, k: int) -> np.ndarray:
-        self.index.expansion_search = max(self.p.ef_search, k)
+        self.index.expansion_search = max(self.p.ef_search, k)  # type: ignore[misc]  # settable at run time
         found = self.index.search(np.ascontiguousarray(queries, np.float32), k, threads=1)
         return np.asarray(found.keys, np.int64).reshape(len(queries), k)
 

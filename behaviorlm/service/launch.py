@@ -17,6 +17,7 @@ import json
 import os
 import tempfile
 from dataclasses import asdict, dataclass
+from typing import Any
 
 CONFIG_ENV = "BEHAVIORLM_SERVE_CONFIG"
 
@@ -55,7 +56,7 @@ def app_from_env():  # noqa: ANN201
 def run(config: ServeConfig, host: str, port: int, workers: int, graceful_timeout: float, log_level: str) -> None:
     import uvicorn
 
-    common = {
+    common: dict[str, Any] = {
         "host": host,
         "port": port,
         "log_level": log_level,

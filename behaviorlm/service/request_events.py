@@ -74,7 +74,7 @@ class RequestEncoder:
         order = keep[np.argsort(micros[keep], kind="stable")]  # ties keep the request's order
         seconds = np.r_[np.nan, np.diff(micros[order]) / 1e6]
         item_idx = self.tok.lookup_items([items[i] for i in order])
-        action_idx = self.tok.lookup_actions([actions[i] for i in order])  # type: ignore[misc]  # None dropped
+        action_idx = self.tok.lookup_actions([actions[i] for i in order])  # type: ignore[misc,unused-ignore]
         enc = self.tok.encode_one(user_id, item_idx, action_idx, seconds)
         seen = np.unique(item_idx)
         return EncodedRequest(enc.items, enc.actions, enc.gaps, seen[seen >= N_SPECIAL])
