@@ -66,8 +66,9 @@ GRAPH_PARAMS = ("backend", "m", "ef_construction", "tail_sample", "seed")
 @dataclass(frozen=True)
 class IndexParams:
     """HNSW settings. ``m`` links per node and ``ef_construction`` fix the graph; ``ef_search``
-    (the search beam) trades latency for recall at query time; ``min_fetch`` candidates per
-    next-action query at least (``k`` plus the filtered items are added)."""
+    (the search beam) and ``min_fetch`` (candidates per next-action query, at least ``k``) are
+    the query-time depth: the shallowest one tried by :meth:`ItemIndex.tune`, which a new index
+    deepens until it agrees with exact ranking (M=32 / efConstruction=200: section 16's choice)."""
 
     backend: str = "hnswlib"
     m: int = 32
