@@ -173,7 +173,9 @@ class _Usearch:
     def search(self, queries: np.ndarray, k: int) -> np.ndarray:
         self.index.expansion_search = max(self.p.ef_search, k)  # type: ignore[misc]  # settable at run time
         found = self.index.search(np.ascontiguousarray(queries, np.float32), k, threads=1)
-        return np.asarray(found.keys, np.int64).reshape(len(queries), k)
+        keys = np.asarray(found.keys, np.int64).reshape(len(queries), k)
+        counts = np.asarray(found.counts).reshape(-1, 1)
+        return np.where(np.arange(k)[None, :] < counts, keys, -1)  # short results pad with key 0: mask them
 
     def save(self, path: Path) -> None:
         self.index.save(str(path))
@@ -298,7 +300,8 @@ class ItemIndex:
 
     # ------------------------------------------------------------------ search and re-score
     def candidates(self, queries: np.ndarray, fetch: int) -> np.ndarray:
-        """Vocabulary indices of the ``fetch`` nearest items of each query, (Q, fetch)."""
+        """Vocabulary indices of the ``fetch`` nearest items of each query, (Q, fetch); a slot
+        the search could not fill is below ``N_SPECIAL`` (treated as no candidate)."""
         n_real = self.fingerprint["n_items"] - N_SPECIAL
         return self.backend.search(queries, min(fetch, n_real)) + N_SPECIAL
 
