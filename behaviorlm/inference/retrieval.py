@@ -174,7 +174,7 @@ class _Usearch:
         self.index.expansion_search = max(self.p.ef_search, k)  # type: ignore[misc]  # settable at run time
         found = self.index.search(np.ascontiguousarray(queries, np.float32), k, threads=1)
         keys = np.asarray(found.keys, np.int64).reshape(len(queries), k)
-        counts = np.asarray(found.counts).reshape(-1, 1)
+        counts = np.asarray(found.counts).reshape(-1, 1)  # type: ignore[union-attr]  # batch queries: BatchMatches
         return np.where(np.arange(k)[None, :] < counts, keys, -1)  # short results pad with key 0: mask them
 
     def save(self, path: Path) -> None:
