@@ -34,6 +34,20 @@ ISO_FORMATS = (
 )
 
 
+def unix_micros(value: datetime) -> int:
+    """An aware ``datetime`` as integer microseconds since 1970 (the physical value of a
+    ``Datetime(us, UTC)`` column)."""
+    return (value - _EPOCH) // _MICROSECOND
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+#: The microseconds a Python ``datetime`` can hold (years 1 to 9999): a column value outside
+#: cannot be read out as one (a number in the wrong unit lands there), so it is refused by name.
+PY_MIN_MICROS = unix_micros(datetime.min.replace(tzinfo=UTC))
+PY_MAX_MICROS = unix_micros(datetime.max.replace(tzinfo=UTC))
+
+
 def check_time_unit(time_unit: str) -> str:
     if time_unit != AUTO and time_unit not in TIME_UNITS:
         raise InputDataError(

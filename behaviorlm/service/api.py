@@ -48,7 +48,14 @@ import polars as pl
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from behaviorlm.data.events import Events, validate_schema
-from behaviorlm.data.timestamps import EARLIEST, UTC, latest_plausible, parse_timestamps
+from behaviorlm.data.timestamps import (
+    EARLIEST,
+    PY_MAX_MICROS,
+    PY_MIN_MICROS,
+    UTC,
+    latest_plausible,
+    parse_timestamps,
+)
 from behaviorlm.errors import BehaviorLMError, InputDataError
 from behaviorlm.extras import missing_extra
 from behaviorlm.segments.store import SegmentsFolder
@@ -73,8 +80,6 @@ MAX_BODY_BYTES = 1 << 20
 MAX_ID_CHARS = 128
 API_KEY_ENV = "BEHAVIORLM_API_KEY"
 VERSION_HEADER = "X-Model-Version"
-# microseconds since 1970 of datetime.min and datetime.max (years 1 and 9999)
-PY_MIN_MICROS, PY_MAX_MICROS = -62_135_596_800_000_000, 253_402_300_799_999_999
 
 Id = int | Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS)]
 

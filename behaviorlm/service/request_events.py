@@ -21,26 +21,29 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import numpy as np
 
 from behaviorlm.data.events import action_aliases
 from behaviorlm.data.schema import InputSchema
-from behaviorlm.data.timestamps import EARLIEST, TIME_UNITS, UTC, latest_plausible, unit_of_magnitude
+from behaviorlm.data.timestamps import (
+    EARLIEST,
+    PY_MAX_MICROS,
+    PY_MIN_MICROS,
+    TIME_UNITS,
+    UTC,
+    latest_plausible,
+    unit_of_magnitude,
+    unix_micros,
+)
 from behaviorlm.sequence.tokenizer import N_SPECIAL, ActionTokenizer
 
 # ISO-8601 shapes on which datetime.fromisoformat and the file path's polars formats agree
 # (checked value by value); anything else takes the full path.
 _ISO = re.compile(r"\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d{1,6})?(?:Z|[+-]\d{2}(?::?\d{2})?)?)?)?")
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MICRO = timedelta(microseconds=1)
-# what a Python datetime holds (years 1-9999): the full path refuses other times by name
-_MIN_MICROS, _MAX_MICROS = (
-    (datetime.min.replace(tzinfo=UTC) - _EPOCH) // _MICRO,
-    (datetime.max.replace(tzinfo=UTC) - _EPOCH) // _MICRO,
-)
+
 
 
 @dataclass
@@ -124,7 +127,7 @@ class RequestEncoder:
                 if unit is None:
                     return None
             scaled = numbers * TIME_UNITS[unit]
-            if not ((scaled >= _MIN_MICROS) & (scaled <= _MAX_MICROS)).all():
+            if not ((scaled >= PY_MIN_MICROS) & (scaled <= PY_MAX_MICROS)).all():
                 return None
             micros[~is_text] = np.rint(scaled)  # half to even, as polars rounds the file path's column
         for i in np.flatnonzero(is_text):
@@ -133,9 +136,7 @@ class RequestEncoder:
                 return None
             micros[i] = t
         if self.schema.plausible_times:
-            lo = (EARLIEST - _EPOCH) // _MICRO
-            hi = (latest_plausible() - _EPOCH) // _MICRO
-            if micros.min() < lo or micros.max() > hi:
+            if micros.min() < unix_micros(EARLIEST) or micros.max() > unix_micros(latest_plausible()):
                 return None
         return micros
 
@@ -149,4 +150,4 @@ def _iso_micros(text: str) -> int | None:
         return None
     dt = datetime.fromisoformat(text)
     dt = dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
-    return (dt - _EPOCH) // _MICRO
+    return unix_micros(dt)
