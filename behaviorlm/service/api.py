@@ -240,18 +240,20 @@ class ServiceState:
     current: Serving | None = None
     explainer: Any = None
     load_error: str | None = None
-    metrics: ServiceMetrics | None = None
+    metrics: ServiceMetrics = field(default_factory=ServiceMetrics)
     watcher: RegistryWatcher | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @contextmanager
-    def hold(self) -> Iterator[Serving]:
-        """The current version for the span of one request (503 while none is loaded)."""
+    def hold(self, response: Response) -> Iterator[Serving]:
+        """The current version for the span of one request (503 while none is loaded), named in
+        the response's version header."""
         with self._lock:
             serving = self.current
             if serving is None:
                 raise HTTPException(503, _not_ready(self))
             serving.inflight += 1
+        response.headers[VERSION_HEADER] = serving.version
         try:
             yield serving
         finally:
@@ -270,8 +272,7 @@ class ServiceState:
             idle = old is not None and old.inflight == 0
         if idle:
             old.batcher.close(wait=False)  # type: ignore[union-attr]
-        if self.metrics is not None:
-            self.metrics.model_loaded(new.version, old.version if old else None)
+        self.metrics.model_loaded(new.version, old.version if old else None)
         return old
 
 
@@ -296,7 +297,7 @@ def create_app(
     when it moves. ``retrieval`` (auto | exact | ann) and ``engine`` (torch | onnx | onnx-int8)
     say how a loaded model ranks and runs (:meth:`BehaviorLM.use_retrieval`, :meth:`~BehaviorLM.use_engine`).
     """
-    state = ServiceState(metrics=ServiceMetrics())
+    state = ServiceState()
     key = os.environ.get(API_KEY_ENV, "") if api_key is None else api_key
     load = functools.partial(_load_serving, segments=segments, max_batch=max_batch, metrics=state.metrics)
 
@@ -390,13 +391,14 @@ def _load_serving(
     *,
     segments: str | Path | None,
     max_batch: int,
-    metrics: ServiceMetrics | None,
+    metrics: ServiceMetrics,
 ) -> Serving:
     """Everything one model version needs to answer: built off to the side, then swapped in."""
     seg = SegmentsFolder.load(segments, model.items_) if segments is not None else None
     online = OnlineRecommender.from_model(model)
-    observe = metrics.batch_size.observe if metrics is not None else None
-    batcher = MicroBatcher(online.recommend, max_batch=max_batch, name="recommend-batcher", on_batch=observe)
+    batcher = MicroBatcher(
+        online.recommend, max_batch=max_batch, name="recommend-batcher", on_batch=metrics.batch_size.observe
+    )
     encoder = RequestEncoder(model.engine.tokenizer, model.input_schema_.canonical())
     loaded_at = datetime.now(UTC).isoformat(timespec="seconds")
     return Serving(model, online, batcher, encoder, provenance, seg, loaded_at)
@@ -512,33 +514,28 @@ def _add_routes(app: FastAPI, state: ServiceState) -> None:
 
     @app.get("/metrics", tags=["ops"], include_in_schema=False)
     async def metrics() -> Response:
-        assert state.metrics is not None
         body, content_type = state.metrics.exposition()
         return Response(body, media_type=content_type)
 
     @app.post("/v1/recommend", tags=["v1"], response_model=RecommendResponse)
     async def recommend(req: RecommendRequest, response: Response) -> RecommendResponse:
-        with state.hold() as serving:
-            response.headers[VERSION_HEADER] = serving.version
+        with state.hold(response) as serving:
             return await _recommend(state, serving, req)
 
     @app.post("/v1/next-actions", tags=["v1"], response_model=NextActionsResponse)
     async def next_actions(req: NextActionsRequest, response: Response) -> NextActionsResponse:
-        with state.hold() as serving:
-            response.headers[VERSION_HEADER] = serving.version
+        with state.hold(response) as serving:
             return await run_in_threadpool(_next_actions, serving, req)
 
     @app.post("/v1/propensity", tags=["v1"], response_model=PropensityResponse)
     async def propensity(req: PropensityRequest, response: Response) -> PropensityResponse:
-        with state.hold() as serving:
-            response.headers[VERSION_HEADER] = serving.version
+        with state.hold(response) as serving:
             row = await run_in_threadpool(_segment_row, serving, req)
         return PropensityResponse(**{k: row[k] for k in PropensityResponse.model_fields})
 
     @app.post("/v1/segment", tags=["v1"], response_model=SegmentResponse)
     async def segment(req: PropensityRequest, response: Response) -> SegmentResponse:
-        with state.hold() as serving:
-            response.headers[VERSION_HEADER] = serving.version
+        with state.hold(response) as serving:
             row = await run_in_threadpool(_segment_row, serving, req)
         if "tier" not in row:
             folder = serving.segments.folder if serving.segments is not None else "the segments folder"
@@ -547,7 +544,6 @@ def _add_routes(app: FastAPI, state: ServiceState) -> None:
             )
         return SegmentResponse(**row)
 
-    assert state.metrics is not None
     state.metrics.routes = {r.path for r in app.routes if hasattr(r, "path")}
 
 

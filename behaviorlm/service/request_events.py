@@ -45,7 +45,6 @@ from behaviorlm.sequence.tokenizer import N_SPECIAL, ActionTokenizer
 _ISO = re.compile(r"\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d{1,6})?(?:Z|[+-]\d{2}(?::?\d{2})?)?)?)?")
 
 
-
 @dataclass
 class EncodedRequest:
     """One request's events as the model sees them."""
