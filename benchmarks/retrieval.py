@@ -38,7 +38,7 @@ from behaviorlm.data.datasets import load_dataset
 from behaviorlm.data.events import validate_events
 from behaviorlm.evaluation.metrics import bootstrap_ci, list_ranks, paired_difference, per_user_metrics
 from behaviorlm.evaluation.splits import leave_one_out
-from behaviorlm.inference.retrieval import BACKENDS, IndexParams, ItemIndex
+from behaviorlm.inference.retrieval import BACKENDS, IndexParams, ItemIndex, top_k_recall
 from behaviorlm.recommender import BehaviorLM
 from behaviorlm.sequence.tokenizer import N_SPECIAL
 
@@ -118,7 +118,7 @@ def library_rows(model: BehaviorLM, q: np.ndarray, efs: list[int], m: int, ef_c:
         for ef in efs:
             index.backend.p = replace(params, ef_search=ef)
             found = index.backend.search(q, 10)
-            recall = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, truth, strict=True)]))
+            recall = float(top_k_recall(truth, found).mean())
             lat = []
             for s in range(0, len(q), 32):
                 t0 = time.perf_counter()
@@ -177,7 +177,7 @@ def two_stage(model: BehaviorLM, split, n_users: int, params: IndexParams, model
             idx.append(i.numpy())
         results.setdefault(name.strip(), []).append((np.concatenate(idx), float(np.median(times) * 1000)))
     top_exact, top_ann = results["exact"][0][0], results["ann"][0][0]
-    recall = np.array([len(set(a) & set(b)) / 10 for a, b in zip(top_exact, top_ann, strict=True)])
+    recall = top_k_recall(top_exact, top_ann)
     tgt = eng.tokenizer.item_index(pl.Series([target[u] for u in users]))
     ndcg = {name: _ndcg(results[name][0][0], tgt) for name in ("exact", "ann")}
     diff = paired_difference(ndcg["ann"], ndcg["exact"])

@@ -8,14 +8,14 @@ product between a per-next-action query ``q_a = h + E_next[a]`` and the tied ite
 ``a`` are the maximum-inner-product neighbours of ``q_a`` in ``E_item``. Here:
 
 1. an HNSW index over the item embeddings (inner product) returns, for each next-action
-   query, its nearest items -- over-fetched by the number of items a filter will remove;
+   query, its nearest items;
 2. the union of those candidates is re-scored exactly by the model's own head;
 3. each action's softmax normaliser ``Z_a`` is the exact sum over the candidates plus an
    unbiased estimate of the rest from a fixed uniform sample of the catalog (``tail_sample``
    items, drawn once when the index is built), so scores are probabilities on the exact scale
    up to that estimate and the marginal over actions weighs the actions correctly;
 4. allow-lists are scored exactly (they are at most 10,000 items: cheaper than a search), and
-   a row whose filters leave fewer than ``k`` candidates is searched again with a larger fetch.
+   a row whose seen items leave fewer than ``k`` candidates is searched again, deeper.
 
 How deep to search depends on the model, so a new index calibrates itself: the shallowest
 rung of :data:`DEPTHS` whose top-10 agrees with exact ranking on 99.5% of a sample of the
@@ -53,7 +53,7 @@ BACKENDS = ("hnswlib", "faiss", "usearch")
 RETRIEVAL_MODES = ("auto", "exact", "ann")
 FOLDER = "retrieval"
 #: Below this many items exact scoring is the default (section 16: at 3.7k items a full-catalog
-#: pass is cheaper than an index search; at 55k items the index is 5x faster at c=8).
+#: pass is 5.7x cheaper than the index path; at 54k items x 4 actions the index is ~2x faster).
 ANN_MIN_ITEMS = 20_000
 FORMAT_VERSION = 1
 #: (ef_search, candidates per next-action query) tried by :meth:`ItemIndex.tune`, shallow first
@@ -209,7 +209,7 @@ class ItemIndex:
 
     @classmethod
     def build(cls, network: Any, model_version: str, params: IndexParams | None = None) -> ItemIndex:
-        """Index the item embeddings of ``network`` (seconds to minutes: 1M items ~2 min on 2 cores)."""
+        """Index the item embeddings of ``network`` (seconds to minutes: 1M items ~10 min on 2 cores)."""
         params = params or IndexParams()
         emb = network.item_emb.weight.detach()[N_SPECIAL:].numpy().astype(np.float32)
         t0 = time.perf_counter()
@@ -279,7 +279,7 @@ class ItemIndex:
                     for i in range(0, len(sub), 8)
                 ]
             )
-            recall = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(exact, found, strict=True)]))
+            recall = float(top_k_recall(exact, found).mean())
             if recall >= target:
                 break
         tuned = {
@@ -371,8 +371,11 @@ def wants_ann(mode: str, n_items: int, backend: str = "hnswlib") -> bool:
 _WARNED: set[str] = set()
 
 
-def as_tensor(a: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(a))
+def top_k_recall(reference: np.ndarray, found: np.ndarray) -> np.ndarray:
+    """Per row, the share of ``reference``'s top-k ids that ``found`` also holds (recall@k of an
+    approximate top-k against the exact one; both (rows, k))."""
+    k = reference.shape[1]
+    return np.array([len(set(a) & set(b)) / k for a, b in zip(reference, found, strict=True)])
 
 
 # ---------------------------------------------------------------------- two-stage top-k
@@ -403,10 +406,8 @@ def two_stage_top_k(
     q = h[:, None, :] + engine.network.next_action_emb.weight[acts][None]  # (B, A, d)
     if allowed is not None:  # allow-lists are scored exactly: cheaper than a search
         return _score_candidates(engine, q, a_logp, acts, _allowed_candidates(allowed, len(h)), rows, k, seen)
-    val, idx = _score_candidates(
-        engine, q, a_logp, acts, _search(index, q, max(index.params.min_fetch, k)), rows, k, seen
-    )
     fetch = max(index.params.min_fetch, k)
+    val, idx = _score_candidates(engine, q, a_logp, acts, _search(index, q, fetch), rows, k, seen)
     n_seen = np.bincount(_seen_rows(seen, rows), minlength=len(h))
     short = (torch.isfinite(val).sum(1) < k).nonzero().flatten()
     while len(short) and fetch < k + n_seen[short.numpy()].max():  # filters removed too many: search deeper
@@ -454,22 +455,25 @@ def _score_candidates(
     return _pad(val, cand.gather(1, pos), k)
 
 
-def _seen_rows(seen: tuple[np.ndarray, np.ndarray], rows: slice) -> np.ndarray:
+def _seen_in(seen: tuple[np.ndarray, np.ndarray], rows: slice) -> tuple[np.ndarray, np.ndarray]:
+    """The seen pairs of the batch covering ``rows``: (row within the batch, vocabulary index)."""
     a, b = np.searchsorted(seen[0], [rows.start, rows.stop])
-    return seen[0][a:b] - rows.start
+    return seen[0][a:b] - rows.start, seen[1][a:b]
+
+
+def _seen_rows(seen: tuple[np.ndarray, np.ndarray], rows: slice) -> np.ndarray:
+    return _seen_in(seen, rows)[0]
 
 
 def _seen_keys(seen: tuple[np.ndarray, np.ndarray], rows: slice, n_items: int) -> torch.Tensor:
     """``row * n_items + item`` of the seen pairs within ``rows`` (global row numbers)."""
-    a, b = np.searchsorted(seen[0], [rows.start, rows.stop])
-    return torch.from_numpy(seen[0][a:b] * n_items + seen[1][a:b])
+    local, cols = _seen_in(seen, rows)
+    return torch.from_numpy((local + rows.start) * n_items + cols)
 
 
 def _rows_of(seen: tuple[np.ndarray, np.ndarray], rows: slice, picked: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The seen pairs of some rows of the batch, renumbered 0.. in ``picked`` order."""
-    local = _seen_rows(seen, rows)
-    a = np.searchsorted(seen[0], rows.start)
-    cols = seen[1][a : a + len(local)]
+    local, cols = _seen_in(seen, rows)
     new_row = np.full(rows.stop - rows.start, -1)
     new_row[picked] = np.arange(len(picked))
     keep = new_row[local] >= 0
