@@ -499,8 +499,7 @@ class BehaviorLM:
         written = write_model_dir(directory, files)
         self.model_version_ = written["model_version"]
         self.engine_ = InferenceEngine(self.model_, self.tokenizer_, self.model_version_)
-        if wants_ann(self.retrieval_, self.tokenizer_.n_items):  # the index is built once, beside the model
-            self.use_retrieval(self.retrieval_, self.retrieval_params_, directory=directory)
+        self.use_retrieval(self.retrieval_, self.retrieval_params_, directory=directory)  # an index: beside the model
         return Path(directory)
 
     def use_retrieval(
@@ -516,7 +515,7 @@ class BehaviorLM:
         self.retrieval_, self.retrieval_params_ = mode, params
         index = None
         if wants_ann(mode, engine.n_items):  # a new index calibrates its search depth on the known users
-            users = engine.with_index(None).encode(self.history_events()) if len(self.histories_) else None
+            users = engine.encode(self.history_events()) if len(self.histories_) else None
             index = open_index(directory, engine, params, users)
         self.engine_ = engine.with_index(index)
         return self

@@ -128,13 +128,10 @@ def _require() -> tuple[Any, Any]:
 class OnnxEngine(InferenceEngine):
     """An inference engine whose transformer pass runs on onnxruntime (fp32 or int8)."""
 
-    def __init__(self, base: InferenceEngine, graph: Path, label: str):
+    def __init__(self, base: InferenceEngine, graph: Path | None, label: str, session: Any = None):
+        """``base`` on the graph at ``graph`` -- or on an already open ``session`` of it."""
         super().__init__(base.network, base.tokenizer, base.version, base.index)
-        _, ort = _require()
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = torch.get_num_threads()  # the same thread budget as torch
-        opts.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(graph), opts, providers=["CPUExecutionProvider"])
+        self.session = session if session is not None else _session(graph)
         self.label = label
 
     @property
@@ -142,7 +139,8 @@ class OnnxEngine(InferenceEngine):
         return f"{super().retrieval_name} ({self.label})"
 
     def with_index(self, index: Any) -> InferenceEngine:
-        return _rebound(self, index)
+        """The same session (no second session, no re-export) over another index."""
+        return OnnxEngine(super().with_index(index), None, self.label, self.session)
 
     def heads_from_tensors(
         self, items: torch.Tensor, actions: torch.Tensor, gaps: torch.Tensor, last: torch.Tensor
@@ -152,12 +150,14 @@ class OnnxEngine(InferenceEngine):
         return torch.from_numpy(h), torch.from_numpy(a_logp)
 
 
-def _rebound(engine: OnnxEngine, index: Any) -> OnnxEngine:
-    """The same session over another index (no second session, no re-export)."""
-    twin = object.__new__(OnnxEngine)
-    twin.__dict__.update(engine.__dict__)
-    twin.index = index
-    return twin
+def _session(graph: Path | None) -> Any:
+    if graph is None:
+        raise ValueError("OnnxEngine needs a graph file or an open session")
+    _, ort = _require()
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()  # the same thread budget as torch
+    opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(graph), opts, providers=["CPUExecutionProvider"])
 
 
 def open_export(folder: str | Path, engine: InferenceEngine) -> dict[str, Any]:
