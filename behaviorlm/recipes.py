@@ -27,6 +27,8 @@ BASE_PARAMS: Mapping[str, Any] = MappingProxyType(
         "dropout": 0.1,
         "min_item_count": 1,
         "n_time_buckets": 24,
+        "value_buckets": 0,  # per-event amount/quantity buckets (0: off); see the tokenizer
+        "side_features": (),  # item table columns summed into the item token, e.g. ("category",)
         "epochs": 30,
         "batch_size": 128,
         "lr": 2e-3,

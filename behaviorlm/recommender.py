@@ -45,7 +45,7 @@ from behaviorlm.sequence.tokenizer import ActionTokenizer, EncodedSequences
 log = logging.getLogger(__name__)
 
 _ARCH_PARAMS = ("dim", "n_layers", "n_heads", "ffn_mult", "dropout")
-_TOKENIZER_PARAMS = ("max_len", "min_item_count", "n_time_buckets")
+_TOKENIZER_PARAMS = ("max_len", "min_item_count", "n_time_buckets", "value_buckets")
 _TRAIN_PARAMS = tuple(TrainConfig.__dataclass_fields__)
 
 
@@ -68,6 +68,12 @@ class BehaviorLM:
         Items seen fewer times in training become ``[UNK]`` (inputs only; never targets).
     n_time_buckets:
         Log2 time-gap buckets between consecutive events (24 covers gaps up to ~194 days).
+    value_buckets:
+        Quantile buckets for each event's ``amount`` and ``quantity`` (0: off), embedded at
+        every position (measured in benchmarks/RESULTS.md section 19).
+    side_features:
+        Item-table columns (``category``, ``brand``) whose value embeddings are added to the
+        item's, in the input and the tied output: rare items borrow strength from their category.
     epochs, batch_size, lr, weight_decay, warmup_frac, min_lr_frac, grad_clip:
         AdamW schedule: linear warm-up over ``warmup_frac`` of the steps, then cosine decay to
         ``min_lr_frac * lr``; weight decay on matrices only; gradient-norm clipping.
@@ -110,6 +116,8 @@ class BehaviorLM:
         dropout: float | None = None,
         min_item_count: int | None = None,
         n_time_buckets: int | None = None,
+        value_buckets: int | None = None,
+        side_features: tuple[str, ...] | None = None,
         epochs: int | None = None,
         batch_size: int | None = None,
         lr: float | None = None,
@@ -212,10 +220,12 @@ class BehaviorLM:
         else:
             ev = as_events(events)
             self.input_schema_ = ev.schema or InputSchema()
-            self.tokenizer_ = ActionTokenizer(**{k: p[k] for k in _TOKENIZER_PARAMS}).fit(ev)
+            tok = ActionTokenizer(**{k: p[k] for k in _TOKENIZER_PARAMS}, side_columns=tuple(p["side_features"]))
+            self.tokenizer_ = tok.fit(ev, self.items_)
             data, n_events = self.tokenizer_.encode(ev, truncate=False), len(ev)
         torch.manual_seed(p["seed"])
         self.model_ = BehaviorTransformer(self._network_config())
+        self.model_.set_item_sides(torch.from_numpy(self.tokenizer_.item_sides_))
         self.exclude_seen_, self.training_data_ = exclude_seen, training_data
         self._train(data, validation, exclude_seen, k_val, TrainConfig(**{k: p[k] for k in _TRAIN_PARAMS}), checkpoint)
         self.prepared_from_ = str(events.folder) if isinstance(events, PreparedShards) else None
@@ -253,6 +263,7 @@ class BehaviorLM:
         combined = self._with_history(new)
         self.tokenizer_ = self.tokenizer_.extended(new)  # counts the new events only, once
         self.model_ = self.model_.grown(self.tokenizer_.n_items, self.tokenizer_.n_actions)
+        self.model_.set_item_sides(torch.from_numpy(self.tokenizer_.item_sides_))
         p = {**self.params, **{k: v for k, v in (("epochs", epochs), ("lr", lr)) if v is not None}}
         tcfg = TrainConfig(**{k: p[k] for k in _TRAIN_PARAMS})
         seqs = self.tokenizer_.encode(combined, truncate=False)
@@ -278,6 +289,8 @@ class BehaviorLM:
             self.tokenizer_.n_actions,
             self.tokenizer_.n_gaps,
             max_len=p["max_len"],
+            value_sizes=self.tokenizer_.value_sizes,
+            side_sizes=self.tokenizer_.side_sizes,
             **{k: p[k] for k in _ARCH_PARAMS},
         )
 

@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--max-minutes", type=float, default=30.0)
     ap.add_argument("--no-exclude-seen", action="store_true", help="rank already-seen items too (repeat-heavy data)")
+    ap.add_argument("--side-features", default="", help="item columns added to the item token, e.g. 'category'")
+    ap.add_argument("--tag", default="", help="suffix of the output JSON (to keep A/B runs apart)")
     ap.add_argument("--save", type=Path, default=None, help="model dir (default data/models/<dataset>-<split>)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
@@ -78,9 +80,10 @@ def main(argv: list[str] | None = None) -> dict:
         seed=args.seed,
         progress=False,
         max_time_s=args.max_minutes * 60,
+        side_features=tuple(c for c in args.side_features.split(",") if c),
     )
     provenance = {"source": args.dataset, "holdout": args.split}
-    model.fit(split.train, validation=split.valid, exclude_seen=exclude_seen, training_data=provenance)
+    model.fit(split.train, split.valid, exclude_seen, items=data.items, training_data=provenance)
     report = evaluate(model, split, k=10, exclude_seen=exclude_seen)
     save_dir = args.save or data_dir() / "models" / f"{args.dataset}-{args.split}"
     model.save(save_dir)
@@ -124,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"{tr['seconds_per_epoch']:.1f} s/epoch, {tr['tokens_per_s']:,.0f} tokens/s"
     )
     OUT.mkdir(exist_ok=True)
-    path = OUT / f"pretrain_{args.dataset}_{args.split}.json"
+    path = OUT / f"pretrain_{args.dataset}_{args.split}{'_' + args.tag if args.tag else ''}.json"
     write_json(path, result)
     print(f"wrote {path}")
     return result

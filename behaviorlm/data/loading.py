@@ -61,5 +61,5 @@ def load_events(
     else:
         ev, source = validate_schema(events, schema, invalid=invalid), str(events)
     if items is not None:
-        item_table = validate_items(items, item_col=schema.columns.item)
+        item_table = validate_items(items, item_col=schema.columns.item or "item_id")
     return LoadedEvents(ev, source, item_table)

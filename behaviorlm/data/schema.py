@@ -21,13 +21,22 @@ ACTION_POLICIES = ("raise", "drop", "keep")
 
 @dataclass(frozen=True)
 class ColumnMapping:
-    """Which input column holds each canonical field (``action=None``: no action column)."""
+    """Which input column holds each canonical field.
+
+    ``action=None``: no action column (every event is the default action). ``item=None``: an
+    *event-only* log (product analytics: ``catalog``, ``cart``, ``payment_done``...) -- the event
+    name is the token, so it becomes the item as well. ``amount`` and ``quantity`` name optional
+    per-event value columns (a purchase's dollar value, the number of units), which the
+    tokenizer can bucket and the propensity features aggregate.
+    """
 
     user: str = "user_id"
-    item: str = "item_id"
+    item: str | None = "item_id"
     action: str | None = "event_type"
     timestamp: str = "timestamp"
     session: str | None = None
+    amount: str | None = None
+    quantity: str | None = None
 
 
 @dataclass(frozen=True)
@@ -72,9 +81,18 @@ class InputSchema:
         """A copy for sources with one action type (every event gets ``default_action``)."""
         return replace(self, columns=replace(self.columns, action=None))
 
+    def without_item_column(self) -> InputSchema:
+        """A copy for event-only logs: the event name is the token (see :class:`ColumnMapping`)."""
+        return replace(self, columns=replace(self.columns, item=None))
+
+    @property
+    def event_only(self) -> bool:
+        return self.columns.item is None
+
     def canonical(self) -> InputSchema:
-        """The same action policy and time unit over canonical column names (API request events)."""
-        return replace(self, columns=ColumnMapping())
+        """The same action policy and time unit over canonical column names (API request events);
+        an event-only schema stays event-only."""
+        return replace(self, columns=ColumnMapping(item=None if self.event_only else "item_id"))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

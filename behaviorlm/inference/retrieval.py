@@ -211,7 +211,7 @@ class ItemIndex:
     def build(cls, network: Any, model_version: str, params: IndexParams | None = None) -> ItemIndex:
         """Index the item embeddings of ``network`` (seconds to minutes: 1M items ~10 min on 2 cores)."""
         params = params or IndexParams()
-        emb = network.item_emb.weight.detach()[N_SPECIAL:].numpy().astype(np.float32)
+        emb = network.item_matrix().detach()[N_SPECIAL:].numpy().astype(np.float32)
         t0 = time.perf_counter()
         backend = _ADAPTERS[params.backend](emb.shape[1], len(emb), params)
         backend.add(emb)
@@ -442,7 +442,7 @@ def _score_candidates(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact log-probs of the candidates (PAD entries invalid), seen items masked, top-``k``."""
     valid = cand >= N_SPECIAL
-    emb = engine.network.item_emb.weight
+    emb = engine.network.item_matrix()
     scores = torch.einsum("bad,bcd->bac", q, emb[cand])  # the model's own logits
     scores.masked_fill_(~valid[:, None, :], NEG_INF)
     logp = scores - _log_normaliser(q, scores, cand, valid, engine.index.tail_, emb, engine.n_items)[..., None]

@@ -1,8 +1,10 @@
 """The causal transformer over action sequences, in one readable file (after nanoGPT).
 
 Each position sums four embeddings -- item, action type, time-gap bucket, learned position --
-and a stack of pre-LayerNorm blocks with causal ``scaled_dot_product_attention`` turns it into a
-hidden state ``h_t`` that summarises events ``<= t``. Two heads read it:
+(plus, when the tokenizer has them, one per per-event value bucket unpacked from the gap id, and
+one per item side feature added to the item's own) and a stack of pre-LayerNorm blocks with
+causal ``scaled_dot_product_attention`` turns it into a hidden state ``h_t`` that summarises
+events ``<= t``. Two heads read it:
 
 * ``action_logits(h)``: the next action type, ``P(a_{t+1} | <=t)``;
 * ``item_logits(h, a)``: the next item given that next action, ``P(i_{t+1} | <=t, a)``. The
@@ -41,8 +43,11 @@ class ModelConfig:
     dropout: float = 0.2
     # Dropout on attention weights forces SDPA's unfused math path on CPU; off by default.
     attn_dropout: float = 0.0
+    value_sizes: tuple[int, ...] = ()  # per-event value buckets packed into the gap id (tokenizer)
+    side_sizes: tuple[int, ...] = ()  # item side-feature vocabularies (category, brand, ...)
 
     def __post_init__(self) -> None:
+        self.value_sizes, self.side_sizes = tuple(self.value_sizes), tuple(self.side_sizes)  # from JSON lists
         if self.dim % self.n_heads:
             raise ConfigurationError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
         for name in ("n_items", "n_actions", "n_gaps", "max_len", "dim", "n_layers", "n_heads"):
@@ -119,6 +124,8 @@ class Block(nn.Module):
 class BehaviorTransformer(nn.Module):
     """Decoder-only transformer with a next-action head and a tied, action-conditioned item head."""
 
+    item_sides: torch.Tensor  # a registered buffer
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
@@ -126,6 +133,11 @@ class BehaviorTransformer(nn.Module):
         self.action_emb = nn.Embedding(cfg.n_actions, cfg.dim, padding_idx=PAD)
         self.gap_emb = nn.Embedding(cfg.n_gaps, cfg.dim, padding_idx=PAD)
         self.pos_emb = nn.Embedding(cfg.max_len, cfg.dim)
+        self.value_embs = nn.ModuleList(nn.Embedding(n, cfg.dim, padding_idx=0) for n in cfg.value_sizes)
+        self.side_embs = nn.ModuleList(nn.Embedding(n, cfg.dim, padding_idx=0) for n in cfg.side_sizes)
+        # each item's side-feature ids (n_items, n_sides): vocabulary, saved in the state dict
+        self.register_buffer("item_sides", torch.zeros(cfg.n_items, len(cfg.side_sizes), dtype=torch.long))
+        self._matrix_cache: torch.Tensor | None = None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.dim)
@@ -157,7 +169,7 @@ class BehaviorTransformer(nn.Module):
         if n > self.config.max_len:
             raise ValueError(f"sequence length {n} exceeds max_len {self.config.max_len}")
         pos = torch.arange(n, device=items.device)
-        x = self.item_emb(items) + self.action_emb(actions) + self.gap_emb(gaps) + self.pos_emb(pos)
+        x = self.item_vectors(items) + self.action_emb(actions) + self.context_vectors(gaps) + self.pos_emb(pos)
         x = self.drop(x)
         if last is None:
             for block in self.blocks:
@@ -168,6 +180,52 @@ class BehaviorTransformer(nn.Module):
         last_block: Block = self.blocks[-1]  # type: ignore[assignment]  # ModuleList indexes as Module
         return self.ln_f(last_block.forward_at(x, last))
 
+    def item_vectors(self, items: torch.Tensor) -> torch.Tensor:
+        """Item embeddings plus their side features' (the one item representation: inputs, the
+        tied output matrix, sampled negatives and the retrieval index all read it)."""
+        x = self.item_emb(items)
+        for k, emb in enumerate(self.side_embs):
+            x = x + emb(self.item_sides[items, k])
+        return x
+
+    def item_matrix(self) -> torch.Tensor:
+        """(n_items, dim): :meth:`item_vectors` of the whole vocabulary. In eval mode without
+        gradients it is computed once and reused by every scoring batch; ``train()``/``eval()``,
+        loading weights and new side ids clear it (edit weights in place? call ``eval()`` again)."""
+        if not len(self.side_embs):
+            return self.item_emb.weight
+        rows = torch.arange(self.config.n_items, device=self.item_emb.weight.device)
+        if self.training or torch.is_grad_enabled():
+            return self.item_vectors(rows)
+        if self._matrix_cache is None:
+            self._matrix_cache = self.item_vectors(rows)
+        return self._matrix_cache
+
+    def train(self, mode: bool = True) -> BehaviorTransformer:
+        self._matrix_cache = None
+        return super().train(mode)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        self._matrix_cache = None
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def context_vectors(self, gaps: torch.Tensor) -> torch.Tensor:
+        """Embedding of each position's context id: the time-gap bucket, plus each per-event value
+        bucket the tokenizer packed above it (``gap + n_gaps * (v_0 + n_0 * v_1 ...)``)."""
+        if not len(self.value_embs):
+            return self.gap_emb(gaps)
+        x, rest = self.gap_emb(gaps % self.config.n_gaps), gaps // self.config.n_gaps
+        for emb, size in zip(self.value_embs, self.config.value_sizes, strict=True):
+            x = x + emb(rest % size)
+            rest = rest // size
+        return x
+
+    def set_item_sides(self, ids: torch.Tensor | None) -> None:
+        """Install the tokenizer's item side-feature ids (after fit, or after the vocabulary grew)."""
+        if ids is not None and len(self.side_embs):
+            self.item_sides.copy_(torch.as_tensor(ids, dtype=torch.long))
+            self._matrix_cache = None
+
     def action_logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.action_head(h)
 
@@ -176,7 +234,7 @@ class BehaviorTransformer(nn.Module):
 
     def item_logits(self, h: torch.Tensor, next_action: torch.Tensor) -> torch.Tensor:
         """Full-catalog logits over the item vocabulary (special tokens set to -inf)."""
-        logits = self.item_query(h, next_action) @ self.item_emb.weight.T
+        logits = self.item_query(h, next_action) @ self.item_matrix().T
         logits[..., :N_SPECIAL] = float("-inf")
         return logits
 

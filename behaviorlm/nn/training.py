@@ -170,7 +170,7 @@ class SequenceLoss(nn.Module):
         n_item = int(mask.sum())
         if cfg.loss == "full":
             q = model.item_query(h[mask], tgt_a[mask])
-            item_sum = FusedLinearCrossEntropy.apply(q, model.item_emb.weight, tgt_i[mask], 2048) * max(n_item, 1)
+            item_sum = FusedLinearCrossEntropy.apply(q, model.item_matrix(), tgt_i[mask], 2048) * max(n_item, 1)
         else:
             item_sum = _sampled_softmax_loss(model, h[mask], tgt_a[mask], tgt_i[mask], cfg.n_negatives, self.gen)
         a_logits = model.action_logits(h)
@@ -238,8 +238,8 @@ def _sampled_softmax_loss(model, h, next_action, target, n_neg, gen) -> torch.Te
     n_items = model.config.n_items
     neg = torch.randint(N_SPECIAL, n_items, (n_neg,), generator=gen)
     q = model.item_query(h, next_action)
-    pos_logit = (q * model.item_emb(target)).sum(-1, keepdim=True)
-    neg_logit = q @ model.item_emb(neg).T
+    pos_logit = (q * model.item_vectors(target)).sum(-1, keepdim=True)
+    neg_logit = q @ model.item_vectors(neg).T
     neg_logit = neg_logit.masked_fill(neg[None, :] == target[:, None], float("-inf"))
     logits = torch.cat([pos_logit, neg_logit], dim=1)
     return F.cross_entropy(logits, torch.zeros(len(target), dtype=torch.long), reduction="sum")

@@ -117,27 +117,44 @@ def cutoff_examples(
     horizon: str | timedelta,
     target: Target = "conversion",
     action: str = "purchase",
+    aux: tuple[tuple[Target, str], ...] = (),
 ) -> ExampleSet:
     """Examples "as of ``cutoff``" for every user with at least one event before it.
 
     conversion: label 1 when the user performs ``action`` within ``[cutoff, cutoff + horizon)``.
     churn: label 1 when the user has no event at all in that window.
-    Inputs are the user's events strictly before ``cutoff``.
+    Inputs are the user's events strictly before ``cutoff``. Each ``(target, horizon)`` of
+    ``aux`` adds a label column ``aux_<target>_<horizon>`` at the same cutoff (the auxiliary
+    tasks of multi-task fine-tuning).
     """
     ev = as_events(events)
+    t0, h = to_utc(cutoff, "cutoff"), parse_duration(horizon)
+    label = _window_label(ev, t0, h, target, action)
+    ex, inputs = _as_of(ev.df, t0, label)
+    extra = [
+        _window_label(ev, t0, parse_duration(ah), at, action).cast(pl.Int8).alias(aux_column(at, ah)) for at, ah in aux
+    ]
+    if extra:
+        ex = ex.with_columns(extra)
+    info = {"cutoff": str(t0), "horizon_s": h.total_seconds(), "target": target, "action": action}
+    return ExampleSet(ex, inputs, info)
+
+
+def aux_column(target: str, horizon: str) -> str:
+    """The examples' column of an auxiliary label, e.g. ``aux_churn_39w``."""
+    return f"aux_{target}_{horizon}"
+
+
+def _window_label(ev: Events, t0: datetime, h: timedelta, target: str, action: str) -> pl.Expr:
+    """Per user: ``action`` within ``[t0, t0 + h)`` (conversion) or no event at all there (churn)."""
     if target == "conversion":
         require_action(ev, action)
     elif target != "churn":
         raise EventsError(f"target must be 'conversion' or 'churn', got {target!r}")
-    t0, h = to_utc(cutoff, "cutoff"), parse_duration(horizon)
     window = ev.df.filter(pl.col("timestamp").is_between(t0, t0 + h, closed="left"))
     if target == "conversion":
-        label = pl.col("user_id").is_in(window.filter(pl.col("event_type") == action)["user_id"].unique().implode())
-    else:
-        label = ~pl.col("user_id").is_in(window["user_id"].unique().implode())
-    ex, inputs = _as_of(ev.df, t0, label)
-    info = {"cutoff": str(t0), "horizon_s": h.total_seconds(), "target": target, "action": action}
-    return ExampleSet(ex, inputs, info)
+        return pl.col("user_id").is_in(window.filter(pl.col("event_type") == action)["user_id"].unique().implode())
+    return ~pl.col("user_id").is_in(window["user_id"].unique().implode())
 
 
 @dataclass
@@ -169,10 +186,11 @@ def training_windows(
     stride: str | timedelta | None = None,
     valid_frac: float = 0.2,
     seed: int = 0,
+    aux: tuple[tuple[Target, str], ...] = (),
 ) -> tuple[ExampleSet, ExampleSet, list[datetime]]:
     """Train and validation examples at cutoffs ``labels_end - horizon - j * stride``.
 
-    Every label window ends at or before ``labels_end``. Validation holds a stable
+    Every label window (auxiliary ones included) ends at or before ``labels_end``. Validation holds a stable
     ``valid_frac`` of users (hashed ids) at the same cutoffs; they never train.
     """
     ev = as_events(events)
@@ -183,13 +201,14 @@ def training_windows(
     h = parse_duration(horizon)
     step = parse_duration(stride) if stride is not None else h
     end = to_utc(labels_end, "labels end")
-    cutoffs = [end - h - j * step for j in range(n_windows)]
+    reach = max([h, *(parse_duration(ah) for _, ah in aux)])  # auxiliary labels must end by labels_end too
+    cutoffs = [end - reach - j * step for j in range(n_windows)]
     cutoffs = sorted(c for c in cutoffs if (ev.df["timestamp"] < c).any())
     if not cutoffs:
-        raise EventsError(f"no events before the first training cutoff {end - h}: shorten the horizon")
+        raise EventsError(f"no events before the first training cutoff {end - reach}: shorten the horizon")
     valid_users = _user_fold(ev.df["user_id"].unique().sort(), valid_frac, seed)
     is_valid = pl.col("user_id").is_in(valid_users.implode())
-    stacked = ExampleSet.concat([cutoff_examples(ev, c, h, target, action) for c in cutoffs])
+    stacked = ExampleSet.concat([cutoff_examples(ev, c, h, target, action, aux) for c in cutoffs])
     train, valid = stacked.filter(~is_valid), stacked.filter(is_valid)
     for name, part in (("train", train), ("valid", valid)):
         _require_both_classes(name, part, target)
@@ -214,6 +233,7 @@ def propensity_split(
     test_cutoff: Any = None,
     valid_frac: float = 0.2,
     seed: int = 0,
+    aux: tuple[tuple[Target, str], ...] = (),
 ) -> PropensitySplit:
     """Rolling-origin split. Test: cutoff ``T`` (default: the data's end minus ``horizon``).
 
@@ -229,15 +249,69 @@ def propensity_split(
         raise EventsError(
             f"test window [{t_test}, {t_test + h}) runs past the last event ({end}): its labels would be censored"
         )
-    train, valid, cutoffs = training_windows(ev, t_test, h, target, action, n_windows, stride, valid_frac, seed)
-    test = cutoff_examples(ev, t_test, h, target, action)
+    longest = max([h, *(parse_duration(ah) for _, ah in aux)])
+    if aux and t_test + longest > end + timedelta(microseconds=1):
+        raise EventsError(f"an auxiliary window of {longest} from the test cutoff runs past the last event ({end})")
+    train, valid, cutoffs = training_windows(ev, t_test, h, target, action, n_windows, stride, valid_frac, seed, aux)
+    test = cutoff_examples(ev, t_test, h, target, action, aux)
     _require_both_classes("test", test, target)
     info = {
+        "protocol": "rolling-origin",
         "target": target,
         "action": action,
         "horizon_s": h.total_seconds(),
         "test_cutoff": str(t_test),
         "train_cutoffs": [str(c) for c in cutoffs],
+        "n_train": len(train),
+        "n_valid": len(valid),
+        "n_test": len(test),
+        "positive_rate": {"train": train.positive_rate, "valid": valid.positive_rate, "test": test.positive_rate},
+    }
+    return PropensitySplit(train, valid, test, info)
+
+
+def holdout_split(
+    events: Events | Any,
+    cutoff: Any,
+    horizon: str | timedelta,
+    target: Target = "conversion",
+    action: str = "purchase",
+    valid_frac: float = 0.2,
+    test_frac: float = 0.3,
+    seed: int = 0,
+    aux: tuple[tuple[Target, str], ...] = (),
+) -> PropensitySplit:
+    """The BTYD literature's calibration/holdout protocol: one cutoff, users split three ways.
+
+    Every example's inputs are the user's events strictly before ``cutoff`` (the calibration
+    period) and its label looks only at ``[cutoff, cutoff + horizon)`` (the holdout). Users are
+    split by a stable hash into train / validation / test, so no test user's holdout label
+    trains anything -- but unlike :func:`propensity_split` the labels of all three parts lie in
+    the same future window: it answers "how well does the model rank customers", which is the
+    question BG/NBD is benchmarked on, not "how well does last year's model do next year".
+    """
+    ev = as_events(events)
+    if not (0 < valid_frac < 1 and 0 < test_frac < 1 and valid_frac + test_frac < 1):
+        raise EventsError(
+            f"valid_frac and test_frac must be in (0, 1) with a sum below 1, got {valid_frac}, {test_frac}"
+        )
+    t0, h = to_utc(cutoff, "cutoff"), parse_duration(horizon)
+    if t0 + h > ev.end + timedelta(days=1):
+        raise EventsError(f"holdout [{t0}, {t0 + h}) runs past the last event ({ev.end}): its labels would be censored")
+    for _, ah in aux:
+        if t0 + parse_duration(ah) > ev.end + timedelta(days=1):
+            raise EventsError(f"the auxiliary window {ah} runs past the last event ({ev.end})")
+    examples = cutoff_examples(ev, t0, h, target, action, aux)
+    train, valid, test = split_users(examples, valid_frac, test_frac, seed)
+    for name, part in (("train", train), ("valid", valid), ("test", test)):
+        _require_both_classes(name, part, target)
+    info = {
+        "protocol": "holdout",
+        "target": target,
+        "action": action,
+        "horizon_s": h.total_seconds(),
+        "test_cutoff": str(t0),
+        "train_cutoffs": [str(t0)],
         "n_train": len(train),
         "n_valid": len(valid),
         "n_test": len(test),
@@ -367,3 +441,10 @@ def split_users(
     valid_u = users.filter((b >= test_frac) & (b < test_frac + valid_frac))
     in_test, in_valid = pl.col("user_id").is_in(test_u.implode()), pl.col("user_id").is_in(valid_u.implode())
     return examples.filter(~in_test & ~in_valid), examples.filter(in_valid), examples.filter(in_test)
+
+
+def user_halves(examples: ExampleSet, seed: int = 0) -> tuple[ExampleSet, ExampleSet]:
+    """Two user-disjoint halves by a stable hash (a user's examples stay together)."""
+    users = examples.examples["user_id"].unique().sort()
+    first = pl.col("user_id").is_in(users.filter(_user_bucket(users, seed) < 0.5).implode())
+    return examples.filter(first), examples.filter(~first)

@@ -14,8 +14,9 @@ any of them into probabilities:
 * :class:`ZeroShotScorer` -- no training at all: the language model's own probability of a
   purchase within its next ``n`` actions.
 
-:class:`PropensityModel` is the estimator for production use: fit on rolling windows that end
-at the data's last event, calibrate on held-out users, score everyone "as of now", save/load.
+The estimator for production use (:class:`~behaviorlm.propensity.estimator.PropensityModel`),
+the BTYD anchors (:mod:`~behaviorlm.propensity.btyd`) and the fusion of features with the
+transformer (:mod:`~behaviorlm.propensity.fusion`) build on these.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import json
 import logging
 import os
 import time
-from datetime import timedelta
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,20 +39,26 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 from tqdm.auto import tqdm
 
-from behaviorlm.data.events import Events, EventsError, as_events
+from behaviorlm.data.events import Events, EventsError
 from behaviorlm.data.io import write_text_atomic
-from behaviorlm.errors import ConfigurationError, ModelFormatError
+from behaviorlm.errors import ConfigurationError
 from behaviorlm.nn.model import BehaviorTransformer
-from behaviorlm.propensity.calibration import Calibrator
-from behaviorlm.propensity.features import feature_matrix, heuristic_score, rich_features, seed_features
-from behaviorlm.propensity.labels import ExampleSet, Target, parse_duration, scoring_examples, training_windows
+from behaviorlm.propensity.features import (
+    FeatureScaler,
+    feature_matrix,
+    heuristic_score,
+    rfm_features,
+    rich_features,
+    seed_features,
+)
+from behaviorlm.propensity.labels import ExampleSet
 from behaviorlm.sequence.tokenizer import MASK, N_SPECIAL, PAD, ActionTokenizer, EncodedSequences
 
 if TYPE_CHECKING:
     from behaviorlm.recommender import BehaviorLM
 
 log = logging.getLogger(__name__)
-METHODS = ("heuristic", "lightgbm_seed", "lightgbm", "transformer", "zero_shot")
+FEATURE_SETS = ("rich", "seed", "rfm")
 
 
 # --------------------------------------------------------------------------- encoding
@@ -124,10 +131,12 @@ class LightGBMScorer:
         min_child_samples: int = 20,
         seed: int = 0,
         drop: tuple[str, ...] = (),
+        action: str = "purchase",
     ):
-        if features not in ("rich", "seed"):
-            raise ConfigurationError(f"features must be 'rich' or 'seed', got {features!r}")
+        if features not in FEATURE_SETS:
+            raise ConfigurationError(f"features must be one of {FEATURE_SETS}, got {features!r}")
         self.features, self.items, self.seed, self.drop = features, items, seed, tuple(drop)
+        self.action = action
         self.name = f"LightGBM ({features} features)"
         self.params = {
             "objective": "binary",
@@ -146,8 +155,14 @@ class LightGBMScorer:
         }
         self.n_estimators = n_estimators
 
+    def frame(self, ex: ExampleSet) -> pl.DataFrame:
+        """The feature table (``example_id`` first) this scorer reads."""
+        if self.features == "rich":
+            return rich_features(ex, self.items)
+        return rfm_features(ex, self.action) if self.features == "rfm" else seed_features(ex)
+
     def _x(self, ex: ExampleSet) -> np.ndarray:
-        frame = rich_features(ex, self.items) if self.features == "rich" else seed_features(ex)
+        frame = self.frame(ex)
         x, cols = feature_matrix(frame.drop(self.drop, strict=False))
         if hasattr(self, "feature_names_") and cols != self.feature_names_:
             missing = sorted(set(self.feature_names_) - set(cols))
@@ -179,56 +194,95 @@ class LightGBMScorer:
     def save(self, directory: Path) -> None:
         self.booster_.save_model(str(directory / "lightgbm.txt"), num_iteration=self.best_iteration_)
         meta = {"features": self.features, "feature_names": self.feature_names_, "best_iteration": self.best_iteration_}
-        meta["drop"] = list(self.drop)
+        meta |= {"drop": list(self.drop), "action": self.action}
         (directory / "lightgbm.json").write_text(json.dumps(meta))
 
     @classmethod
     def load(cls, directory: Path, items: pl.DataFrame | None = None) -> LightGBMScorer:
         meta = json.loads((directory / "lightgbm.json").read_text())
-        s = cls(meta["features"], items, drop=tuple(meta.get("drop", ())))
+        s = cls(meta["features"], items, drop=tuple(meta.get("drop", ())), action=meta.get("action", "purchase"))
         s.booster_ = lgb.Booster(model_file=str(directory / "lightgbm.txt"))
         s.feature_names_, s.best_iteration_ = meta["feature_names"], meta["best_iteration"]
         return s
 
 
 class PropensityHead(nn.Module):
-    """The pretrained transformer plus a linear read-out of the query position."""
+    """The pretrained transformer plus a read-out of the query position.
 
-    def __init__(self, backbone: BehaviorTransformer):
+    ``n_features`` > 0 makes it a *joint fusion* model (nuFormer-style): the hand-made features
+    pass through a small MLP and are read out beside the hidden state, so the whole network is
+    fine-tuned with them. ``n_outputs`` > 1 adds auxiliary targets (multi-task fine-tuning:
+    output 0 is the main target, the rest are trained but not served).
+    """
+
+    def __init__(self, backbone: BehaviorTransformer, n_features: int = 0, n_outputs: int = 1):
         super().__init__()
-        self.backbone = backbone
-        self.head = nn.Linear(backbone.config.dim, 1)
+        dim = backbone.config.dim
+        self.backbone, self.n_features, self.n_outputs = backbone, n_features, n_outputs
+        self.features = nn.Sequential(nn.Linear(n_features, dim), nn.GELU(), nn.LayerNorm(dim)) if n_features else None
+        self.head = nn.Linear(2 * dim if n_features else dim, n_outputs)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, items, actions, gaps, last) -> torch.Tensor:
-        return self.head(self.backbone(items, actions, gaps, last=last)).squeeze(-1)
+    def _read(self, h: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
+        if self.features is not None:
+            assert x is not None, "a joint fusion head needs its features"
+            h = torch.cat([h, self.features(x)], -1)
+        return self.head(h)
 
-    def forward_with_lm(self, items, actions, gaps, last) -> tuple[torch.Tensor, torch.Tensor]:
-        """Classification logits plus the next-action LM loss over the same sequences.
+    def forward_all(self, items, actions, gaps, last, x: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, n_outputs) logits."""
+        return self._read(self.backbone(items, actions, gaps, last=last), x)
+
+    def forward(self, items, actions, gaps, last, x: torch.Tensor | None = None) -> torch.Tensor:
+        """(B,) logits of the main target."""
+        return self.forward_all(items, actions, gaps, last, x)[:, 0]
+
+    def forward_with_lm(self, items, actions, gaps, last, x=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """All logits plus the next-action LM loss over the same sequences.
 
         Keeping the pretraining objective alive while fine-tuning regularises the body on
         small labelled sets (the query position and padding are not LM targets).
         """
         h = self.backbone(items, actions, gaps)
-        logits = self.head(h[torch.arange(len(h)), last]).squeeze(-1)
+        logits = self._read(h[torch.arange(len(h)), last], x)
         target = actions[:, 1:].masked_fill(actions[:, 1:] == MASK, PAD)
         a_logits = self.backbone.action_logits(h[:, :-1])
         lm = F.cross_entropy(a_logits.reshape(-1, a_logits.shape[-1]), target.reshape(-1), ignore_index=PAD)
         return logits, lm
 
 
+@dataclass
+class _Encoded:
+    """One example set as the fine-tuning loop reads it: token sequences, scaled features
+    (joint fusion) and the label matrix (main target first, then the auxiliary ones)."""
+
+    seqs: EncodedSequences
+    x: torch.Tensor | None
+    y: torch.Tensor
+
+    def batch(
+        self, rows: np.ndarray
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor | None]:
+        return _padded(self.seqs, rows), None if self.x is None else self.x[torch.from_numpy(rows)]
+
+
 class TransformerScorer:
     """Fine-tune the pretrained transformer end to end with a binary classification head.
 
     Lower learning rate on the pretrained body than on the new head; early stopping on
-    validation ROC-AUC with the best epoch's weights restored. On Taobao (2.6k examples) a body
-    rate of 3e-4 peaks after one epoch and then overfits; 3e-5 climbs steadily to the same or
-    better validation AUC. ``lm_weight`` > 0 keeps the next-action LM loss as a regulariser
-    (measured in benchmarks/RESULTS.md section 5: it did not help on Taobao).
-    """
+    validation ROC-AUC (of the main target) with the best epoch's weights restored. On Taobao
+    (2.6k examples) a body rate of 3e-4 peaks after one epoch and then overfits; 3e-5 climbs
+    steadily to the same or better validation AUC. ``lm_weight`` > 0 keeps the next-action LM
+    loss as a regulariser (measured in benchmarks/RESULTS.md section 5: it did not help on Taobao).
 
-    name = "transformer (fine-tuned)"
+    Two extensions, each measured in section 19:
+
+    * ``features="rich"`` -- joint fusion: the rich features enter the head (:class:`PropensityHead`).
+    * ``aux_targets`` -- multi-task: extra label columns of the examples (``aux_*``, made by the
+      split functions' ``aux`` argument) trained beside the main one with weight ``aux_weight``;
+      with ``lm_weight`` > 0 the next action is a third task.
+    """
 
     def __init__(
         self,
@@ -243,35 +297,51 @@ class TransformerScorer:
         seed: int = 0,
         progress: bool = False,
         max_time_s: float | None = None,
+        features: str | None = None,
+        items: pl.DataFrame | None = None,
+        aux_targets: tuple[str, ...] | None = (),
+        aux_weight: float = 0.5,
     ):
         backbone.engine  # noqa: B018 - fails clearly if the backbone is not fitted
-        self.lm_weight = lm_weight
+        if features not in (None, "rich"):
+            raise ConfigurationError(f"joint fusion features must be None or 'rich', got {features!r}")
+        self.lm_weight, self.features, self.items = lm_weight, features, items
+        self.aux_targets_given, self.aux_weight = aux_targets, aux_weight
+        self.aux_targets: tuple[str, ...] = tuple(aux_targets or ())
         self.backbone, self.tokenizer_ = backbone, backbone.tokenizer_
         self.epochs, self.batch_size, self.lr, self.head_lr = epochs, batch_size, lr, head_lr
         self.weight_decay, self.patience, self.seed = weight_decay, patience, seed
         self.progress, self.max_time_s = progress, max_time_s
+        self.name = _transformer_name(features, self.aux_targets, lm_weight)
 
     def _optimizer(self, net: PropensityHead) -> torch.optim.Optimizer:
+        body = list(net.backbone.parameters())
+        fresh = [p for n, p in net.named_parameters() if not n.startswith("backbone.")]
         return torch.optim.AdamW(
-            [
-                {"params": net.backbone.parameters(), "lr": self.lr},
-                {"params": net.head.parameters(), "lr": self.head_lr},
-            ],
-            weight_decay=self.weight_decay,
+            [{"params": body, "lr": self.lr}, {"params": fresh, "lr": self.head_lr}], weight_decay=self.weight_decay
         )
 
     def fit(self, train: ExampleSet, valid: ExampleSet) -> TransformerScorer:
         torch.manual_seed(self.seed)
         rng = np.random.default_rng(self.seed)
-        self.net_ = PropensityHead(copy.deepcopy(self.backbone.model_))
-        enc, y = self._encode(train), torch.tensor(train.labels, dtype=torch.float32)
-        venc, vy = self._encode(valid), valid.labels
+        if self.aux_targets_given is None:  # every auxiliary label the examples carry
+            self.aux_targets = tuple(c for c in train.examples.columns if c.startswith("aux_"))
+            if not self.aux_targets:
+                raise ConfigurationError("multi-task fine-tuning needs auxiliary labels: build the split with aux=...")
+            self.name = _transformer_name(self.features, self.aux_targets, self.lm_weight)
+        missing = [c for c in self.aux_targets if c not in train.examples.columns]
+        if missing:
+            raise ConfigurationError(f"auxiliary targets {missing} are not columns of the examples")
+        self.scaler_ = FeatureScaler().fit(rich_features(train, self.items)) if self.features else None
+        n_features = len(self.scaler_.names_) if self.scaler_ is not None else 0
+        self.net_ = PropensityHead(copy.deepcopy(self.backbone.model_), n_features, 1 + len(self.aux_targets))
+        data, vdata, vy = self._encode(train, labels=True), self._encode(valid), valid.labels
         best: tuple[float, dict[str, Any] | None] = (-1.0, None)
         opt, bad, t0 = self._optimizer(self.net_), 0, time.perf_counter()
         self.history_: list[dict[str, float]] = []
         for epoch in tqdm(range(self.epochs), desc="fine-tune", disable=not self.progress):
-            loss = self._epoch(enc, y, opt, rng)
-            auc = roc_auc_score(vy, self._logits(venc)) if 0 < vy.sum() < len(vy) else float("nan")
+            loss = self._epoch(data, opt, rng)
+            auc = roc_auc_score(vy, self._logits(vdata)) if 0 < vy.sum() < len(vy) else float("nan")
             self.history_.append({"epoch": epoch, "loss": loss, "val_auc": float(auc)})
             log.info("fine-tune epoch %d loss=%.4f val_auc=%.4f", epoch, loss, auc)
             if auc > best[0]:
@@ -286,16 +356,23 @@ class TransformerScorer:
         self.best_val_auc_ = best[0]
         return self
 
-    def _epoch(self, enc: EncodedSequences, y: torch.Tensor, opt, rng) -> float:
+    def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss = F.binary_cross_entropy_with_logits(logits[:, 0], y[:, 0])
+        if logits.shape[1] > 1:
+            loss = loss + self.aux_weight * F.binary_cross_entropy_with_logits(logits[:, 1:], y[:, 1:])
+        return loss
+
+    def _epoch(self, data: _Encoded, opt, rng) -> float:
         self.net_.train()
-        order, total = rng.permutation(len(enc)), 0.0
+        order, total = rng.permutation(len(data.seqs)), 0.0
         for s in range(0, len(order), self.batch_size):
             rows = order[s : s + self.batch_size]
+            seqs, x = data.batch(rows)
             if self.lm_weight > 0:
-                logits, lm = self.net_.forward_with_lm(*_padded(enc, rows))
-                loss = F.binary_cross_entropy_with_logits(logits, y[rows]) + self.lm_weight * lm
+                logits, lm = self.net_.forward_with_lm(*seqs, x)
+                loss = self._loss(logits, data.y[rows]) + self.lm_weight * lm
             else:
-                loss = F.binary_cross_entropy_with_logits(self.net_(*_padded(enc, rows)), y[rows])
+                loss = self._loss(self.net_.forward_all(*seqs, x), data.y[rows])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.net_.parameters(), 1.0)
@@ -304,40 +381,83 @@ class TransformerScorer:
         return total / max(1, len(order))
 
     @torch.inference_mode()
-    def _batched(self, enc: EncodedSequences, fn, batch_size: int = 256) -> torch.Tensor:
-        """``fn(items, actions, gaps, last)`` over all sequences in batches, in eval mode."""
+    def _batched(self, data: _Encoded, fn, batch_size: int = 256) -> torch.Tensor:
+        """``fn(items, actions, gaps, last, x)`` over all sequences in batches, in eval mode."""
         self.net_.eval()
-        rows = np.arange(len(enc))
-        return torch.cat([fn(*_padded(enc, rows[s : s + batch_size])) for s in range(0, len(rows), batch_size)])
+        rows = np.arange(len(data.seqs))
+        parts = []
+        for s in range(0, len(rows), batch_size):
+            seqs, x = data.batch(rows[s : s + batch_size])
+            parts.append(fn(*seqs, x))
+        return torch.cat(parts)
 
-    def _logits(self, enc: EncodedSequences) -> np.ndarray:
-        return self._batched(enc, self.net_).numpy().astype(np.float64) if len(enc) else np.zeros(0)
+    def _logits(self, data: _Encoded) -> np.ndarray:
+        return self._batched(data, self.net_).numpy().astype(np.float64) if len(data.seqs) else np.zeros(0)
 
-    def _encode(self, ex: ExampleSet) -> EncodedSequences:
-        return encode_examples(self.tokenizer_, ex, self.net_.backbone.config.max_len)
+    def _encode(self, ex: ExampleSet, labels: bool = False) -> _Encoded:
+        seqs = encode_examples(self.tokenizer_, ex, self.net_.backbone.config.max_len)
+        x = None
+        if self.scaler_ is not None:
+            x = torch.from_numpy(self.scaler_.transform(rich_features(ex, self.items)))
+        y = torch.zeros(len(ex), 1 + len(self.aux_targets))
+        if labels:
+            cols = [ex.examples["label"], *(ex.examples[c] for c in self.aux_targets)]
+            y = torch.tensor(np.stack([c.to_numpy() for c in cols], 1), dtype=torch.float32)
+        return _Encoded(seqs, x, y)
 
     def decision_function(self, ex: ExampleSet) -> np.ndarray:
         return self._logits(self._encode(ex))
 
     def embeddings(self, ex: ExampleSet) -> np.ndarray:
         """Hidden state at the query position: the fine-tuned user representation."""
-        enc = self._encode(ex)
-        if not len(enc):
+        data = self._encode(ex)
+        if not len(data.seqs):
             return np.zeros((0, self.net_.backbone.config.dim))
-        return self._batched(enc, self.net_.backbone).numpy()
+        return self._batched(data, lambda i, a, g, last, x: self.net_.backbone(i, a, g, last=last)).numpy()
 
     def save(self, directory: Path) -> None:
         self.net_.backbone.save(directory / "backbone")
         self.tokenizer_.save(directory / "backbone" / "tokenizer.json")
-        torch.save(self.net_.head.state_dict(), directory / "head.pt")
+        torch.save(
+            {k: v for k, v in self.net_.state_dict().items() if not k.startswith("backbone.")}, directory / "head.pt"
+        )
+        meta = {
+            "n_features": self.net_.n_features,
+            "n_outputs": self.net_.n_outputs,
+            "features": self.features,
+            "aux_targets": list(self.aux_targets),
+            "scaler": self.scaler_.to_dict() if self.scaler_ is not None else None,
+            "name": self.name,
+        }
+        write_text_atomic(json.dumps(meta), directory / "head.json")
 
     @classmethod
-    def load(cls, directory: Path) -> TransformerScorer:
+    def load(cls, directory: Path, items: pl.DataFrame | None = None) -> TransformerScorer:
         s = cls.__new__(cls)
+        meta_path = directory / "head.json"
+        meta: dict[str, Any] = (
+            json.loads(meta_path.read_text()) if meta_path.exists() else {"n_features": 0, "n_outputs": 1}
+        )
         s.tokenizer_ = ActionTokenizer.load(directory / "backbone" / "tokenizer.json")
-        s.net_ = PropensityHead(BehaviorTransformer.load(directory / "backbone"))
-        s.net_.head.load_state_dict(torch.load(directory / "head.pt", weights_only=True))
+        s.features, s.items = meta.get("features"), items
+        s.aux_targets = tuple(meta.get("aux_targets", ()))
+        s.scaler_ = FeatureScaler.from_dict(meta["scaler"]) if meta.get("scaler") else None
+        s.name = meta.get("name", cls.__name__)
+        s.net_ = PropensityHead(BehaviorTransformer.load(directory / "backbone"), meta["n_features"], meta["n_outputs"])
+        state = torch.load(directory / "head.pt", weights_only=True)
+        if "weight" in state:  # saved before joint fusion: the linear head alone
+            state = {f"head.{k}": v for k, v in state.items()}
+        s.net_.load_state_dict(state, strict=False)
         return s
+
+
+def _transformer_name(features: str | None, aux: tuple[str, ...], lm_weight: float) -> str:
+    if features:
+        return f"joint fusion: transformer fine-tuned with {features} features"
+    if aux:
+        tasks = ", ".join(aux) + (" + next action" if lm_weight > 0 else "")
+        return f"transformer, multi-task ({tasks})"
+    return "transformer (fine-tuned)"
 
 
 class ZeroShotScorer:
@@ -395,134 +515,3 @@ class ZeroShotScorer:
             items[rows, last + 1], actions[rows, last + 1], gaps[rows, last + 1] = i, a, gaps[rows, last]
             last = last + 1
         return log_none.exp()
-
-
-def make_scorer(method: str, backbone: BehaviorLM | None = None, items: pl.DataFrame | None = None, **kw: Any):
-    """Build a scorer by name (see ``METHODS``)."""
-    if method == "heuristic":
-        return HeuristicScorer()
-    if method in ("lightgbm", "lightgbm_seed"):
-        return LightGBMScorer("seed" if method == "lightgbm_seed" else "rich", items, **kw)
-    if method in ("transformer", "zero_shot"):
-        if backbone is None:
-            raise ConfigurationError(
-                f"propensity method {method!r} needs a pretrained model",
-                hint="pass backbone=BehaviorLM.load(dir)",
-                cli_hint="pass --model DIR",
-            )
-        return TransformerScorer(backbone, **kw) if method == "transformer" else ZeroShotScorer(backbone, **kw)
-    raise ConfigurationError(f"unknown propensity method {method!r}; choose from {METHODS}")
-
-
-# --------------------------------------------------------------------------- estimator
-
-
-class PropensityModel:
-    """Calibrated P(target within ``horizon`` | events so far), fit on rolling windows.
-
-    ``fit`` builds training examples at cutoffs ``end - horizon - j * stride`` (so every label
-    window is complete), holds out ``valid_frac`` of users for early stopping and calibration,
-    fits the scorer, then the calibrator. ``predict`` scores every user with events before
-    ``at`` (default: just after the last event) and returns ``user_id, propensity``.
-    """
-
-    def __init__(
-        self,
-        method: str = "transformer",
-        target: Target = "conversion",
-        action: str = "purchase",
-        horizon: str = "1d",
-        n_windows: int = 3,
-        stride: str | None = None,
-        valid_frac: float = 0.2,
-        calibration: str = "auto",
-        seed: int = 0,
-        scorer_params: dict[str, Any] | None = None,
-    ):
-        if method not in METHODS:
-            raise ConfigurationError(f"unknown propensity method {method!r}; choose from {METHODS}")
-        parse_duration(horizon)
-        self.params = {k: v for k, v in locals().items() if k != "self"}
-
-    def fit(self, events: Events | Any, backbone: BehaviorLM | None = None, items: Any = None) -> PropensityModel:
-        ev, p = as_events(events), self.params
-        self.items_ = items if items is None or isinstance(items, pl.DataFrame) else pl.DataFrame(items)
-        end = ev.end + timedelta(microseconds=1)
-        train, valid, cutoffs = training_windows(
-            ev, end, p["horizon"], p["target"], p["action"], p["n_windows"], p["stride"], p["valid_frac"], p["seed"]
-        )
-        extra = dict(p["scorer_params"] or {})
-        if p["method"] in ("lightgbm", "lightgbm_seed", "transformer"):
-            extra.setdefault("seed", p["seed"])
-        self.scorer_ = make_scorer(p["method"], backbone, self.items_, **extra).fit(train, valid)
-        raw_valid = self.scorer_.decision_function(valid)
-        self.calibrator_ = Calibrator(p["calibration"], p["seed"]).fit(raw_valid, valid.labels)
-        self.train_info_ = {
-            "cutoffs": [str(c) for c in cutoffs],
-            "n_train": len(train),
-            "n_valid": len(valid),
-            "train_positive_rate": train.positive_rate,
-            "calibration": self.calibrator_.method_,
-            # optimistic: the same users chose the early-stopping epoch and fit the calibrator
-            "valid_roc_auc": float(roc_auc_score(valid.labels, raw_valid)),
-        }
-        return self
-
-    def predict_proba(self, examples: ExampleSet) -> np.ndarray:
-        return self.calibrator_.predict(self.scorer_.decision_function(examples))
-
-    def predict(self, events: Events | Any, at: Any = None, column: str = "propensity") -> pl.DataFrame:
-        ex = scoring_examples(events, at)
-        return ex.examples.select("user_id", "as_of").with_columns(pl.Series(column, self.predict_proba(ex)))
-
-    def save(self, directory: str | Path) -> Path:
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        if not hasattr(self.scorer_, "save"):
-            raise ConfigurationError(f"method {self.params['method']!r} has no learned state worth saving")
-        self.scorer_.save(d)
-        meta = {"params": self.params, "calibrator": self.calibrator_.to_dict(), "train_info": self.train_info_}
-        write_text_atomic(
-            json.dumps(meta, indent=2, default=str), d / "propensity.json"
-        )  # written last: marks complete
-        return d
-
-    @classmethod
-    def load(cls, directory: str | Path, items: pl.DataFrame | None = None) -> PropensityModel:
-        d = Path(directory)
-        if not (d / "propensity.json").exists():
-            raise ModelFormatError(f"{d} is not a saved propensity model (no propensity.json)")
-        meta = json.loads((d / "propensity.json").read_text())
-        m = cls(**meta["params"])
-        m.items_ = items
-        method = meta["params"]["method"]
-        m.scorer_ = TransformerScorer.load(d) if method == "transformer" else LightGBMScorer.load(d, items)
-        m.calibrator_, m.train_info_ = Calibrator.from_dict(meta["calibrator"]), meta["train_info"]
-        return m
-
-
-def user_propensities(
-    events: Events | Any,
-    backbone: BehaviorLM | None = None,
-    items: Any = None,
-    method: str = "transformer",
-    horizon: str = "1d",
-    n_windows: int = 3,
-    at: Any = None,
-    seed: int = 0,
-) -> tuple[pl.DataFrame, dict[str, PropensityModel]]:
-    """``user_id, as_of, propensity, churn_propensity`` for every user, and the two fitted models."""
-    targets: tuple[tuple[Target, str], ...] = (("conversion", "propensity"), ("churn", "churn_propensity"))
-    tables: list[pl.DataFrame] = []
-    models: dict[str, PropensityModel] = {}
-    for target, column in targets:
-        pm = PropensityModel(method, target, horizon=horizon, n_windows=n_windows, seed=seed).fit(
-            events, backbone, items
-        )
-        scores = pm.predict(events, at=at, column=column)
-        tables.append(scores if not tables else scores.drop("as_of"))
-        models[column] = pm
-    table = tables[0]
-    for other in tables[1:]:
-        table = table.join(other, on="user_id")
-    return table, models

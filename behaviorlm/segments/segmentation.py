@@ -135,8 +135,8 @@ def segment_profiles(
     per_user = df.group_by("user_id").agg(
         pl.len().alias("n_events"), ((end - pl.col("timestamp").max()).dt.total_seconds() / 86400).alias("recency_days")
     )
-    conv_src = outcome if outcome is not None else df
-    converted = as_events(conv_src).df.filter(pl.col("event_type") == action)["user_id"].unique()
+    conv = as_events(outcome).df if outcome is not None else df  # df: validated events already
+    converted = conv.filter(pl.col("event_type") == action)["user_id"].unique()
     u = users.join(per_user, on="user_id", how="left").with_columns(
         pl.col("user_id").is_in(converted.implode()).cast(pl.Float64).alias("converted")
     )
@@ -239,6 +239,7 @@ def run_segmentation(
     seed: int = 0,
     models: Mapping[str, Any] | None = None,
     record: Mapping[str, Any] | None = None,
+    action: str = "purchase",
 ) -> SegmentOutputs:
     """Tiers + clusters + profiles, and with ``out_dir`` a complete segments folder, in one call.
 
@@ -254,8 +255,8 @@ def run_segmentation(
     by_cluster = users.with_columns(pl.col("cluster").cast(pl.String))
     profiles = pl.concat(
         [
-            segment_profiles(users, ev, "tier", items, mix),
-            segment_profiles(by_cluster, ev, "cluster", items, mix),
+            segment_profiles(users, ev, "tier", items, mix, action=action),
+            segment_profiles(by_cluster, ev, "cluster", items, mix, action=action),
         ],
         how="diagonal_relaxed",
     )

@@ -33,7 +33,7 @@ from behaviorlm.errors import ModelFormatError
 from behaviorlm.segments.tiers import SegmentAssigner
 
 if TYPE_CHECKING:
-    from behaviorlm.propensity.scorers import PropensityModel
+    from behaviorlm.propensity.estimator import PropensityModel
 
 SUCCESS = "_SUCCESS"
 USERS = "users.parquet"
@@ -162,7 +162,7 @@ class SegmentsFolder:
 
     @classmethod
     def load(cls, folder: str | Path, items: pl.DataFrame | None = None) -> SegmentsFolder:
-        from behaviorlm.propensity.scorers import PropensityModel  # lightgbm and torch: only when serving
+        from behaviorlm.propensity.estimator import PropensityModel  # lightgbm and torch: only when serving
 
         d = resolve(folder)
         models = {

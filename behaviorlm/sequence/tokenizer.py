@@ -19,6 +19,20 @@ Special item tokens are ``[PAD]=0, [BOS]=1, [UNK]=2, [MASK]=3``; items follow fr
 order of first appearance in training (stable across reruns of the same data). Action ids use
 the same four specials. Time-gap ids: 0 = pad, 1 = no previous event (BOS and first event),
 2.. = ``floor(log2(1 + seconds))`` buckets, capped.
+
+Side features, both optional and both vocabularies saved with the tokenizer:
+
+* **per-event values** (``value_buckets > 0``): each of the events' ``amount`` and ``quantity``
+  is cut into quantile buckets learned in training (id 0 = unknown, so BOS, the propensity query
+  and events without a value share it). They travel *packed into the time-gap id* --
+  ``gap + n_gaps * (b_amount + n_amount * b_quantity)`` -- so every batch, engine and exported
+  graph carries them without a fourth tensor; the model unpacks the id and sums one embedding
+  per part (:meth:`BehaviorTransformer.context_vectors`).
+* **item side features** (``side_columns``, e.g. category and brand from the item table): a
+  vocabulary per column (id 0 = none, for the special tokens; 1 = ``[UNK]``, an item without a
+  known value) and the id of each item's value; the model adds that value's embedding to the
+  item's, in the input and in the tied output matrix, so an item seen once borrows strength
+  from its category.
 """
 
 from __future__ import annotations
@@ -41,6 +55,8 @@ PAD, BOS, UNK, MASK = range(4)
 N_SPECIAL = len(SPECIAL_TOKENS)
 GAP_NONE = 1  # "no previous event": the BOS position and each user's first event
 FORMAT_VERSION = 1
+VALUE_COLUMNS = ("amount", "quantity")  # the per-event numbers a tokenizer can bucket
+SIDE_NONE, SIDE_UNK = 0, 1  # side-feature ids of the special tokens and of unknown values
 
 
 @dataclass
@@ -107,24 +123,76 @@ class ActionTokenizer:
     n_time_buckets: number of log2 time-gap buckets (24 covers gaps up to ~194 days).
     """
 
-    def __init__(self, max_len: int = 200, min_item_count: int = 1, n_time_buckets: int = 24):
+    def __init__(
+        self,
+        max_len: int = 200,
+        min_item_count: int = 1,
+        n_time_buckets: int = 24,
+        value_buckets: int = 0,
+        side_columns: tuple[str, ...] = (),
+    ):
         if max_len < 2:
             raise ConfigurationError(f"max_len must be >= 2, got {max_len}")
         if min_item_count < 1:
             raise ConfigurationError(f"min_item_count must be >= 1, got {min_item_count}")
+        if value_buckets < 0 or value_buckets == 1:
+            raise ConfigurationError(f"value_buckets must be 0 (off) or >= 2, got {value_buckets}")
         self.max_len = max_len
         self.min_item_count = min_item_count
         self.n_time_buckets = n_time_buckets
+        self.value_buckets = value_buckets
+        self.side_columns = tuple(side_columns)
+        self.value_edges_: dict[str, list[float]] = {}
+        self.side_vocab_: dict[str, list[Any]] = {}
+        self.item_sides_ = np.zeros((0, 0), np.int64)
 
     # ------------------------------------------------------------------ fit
-    def fit(self, events: Events) -> ActionTokenizer:
+    def fit(self, events: Events, items: pl.DataFrame | None = None) -> ActionTokenizer:
+        """Vocabularies of ``events``; with ``items`` (``item_id`` + the ``side_columns``) also the
+        item side-feature vocabularies. A side column the item table lacks is an error."""
         df = require_events(events).df
         counts = _item_counts(df).filter(pl.col("n") >= self.min_item_count)
         if counts.height == 0:
             raise EventsError(f"no item occurs at least min_item_count={self.min_item_count} times")
         item_dtype = "int" if df["item_id"].dtype.is_integer() else "str"
         actions = sorted(df["event_type"].unique().to_list())
-        return self._set_vocabulary(item_dtype, counts["item_id"].to_list(), counts["n"].to_list(), actions)
+        self._set_vocabulary(item_dtype, counts["item_id"].to_list(), counts["n"].to_list(), actions)
+        self.value_edges_ = _value_edges(df, self.value_buckets) if self.value_buckets else {}
+        if self.side_columns:
+            self._fit_sides(items)
+        return self
+
+    def _fit_sides(self, items: pl.DataFrame | None) -> None:
+        """Each side column's values, most frequent among the vocabulary's items first."""
+        missing = [c for c in self.side_columns if items is None or c not in items.columns]
+        if missing:
+            have = [] if items is None else items.columns
+            raise EventsError(f"side features {missing} need an item table with those columns (it has {have})")
+        assert items is not None
+        table = self._item_table(items)
+        self.side_vocab_ = {}
+        for col in self.side_columns:
+            values = table[col].drop_nulls().value_counts(sort=True, name="n").sort("n", col, descending=[True, False])
+            self.side_vocab_[col] = values[col].to_list()
+        self.item_sides_ = self._side_ids(table)
+
+    def _item_table(self, items: pl.DataFrame) -> pl.DataFrame:
+        """The side columns of each vocabulary item, in vocabulary order (null where unknown)."""
+        ids = pl.DataFrame({"item_id": pl.Series(self.items_, dtype=self.item_polars_dtype)})
+        meta = items.select(pl.col("item_id").cast(self.item_polars_dtype, strict=False), *self.side_columns)
+        meta = meta.with_columns(pl.col(c).cast(pl.String) for c in self.side_columns).unique("item_id", keep="first")
+        return ids.join(meta, on="item_id", how="left", maintain_order="left")
+
+    def _side_ids(self, table: pl.DataFrame) -> np.ndarray:
+        """(n_items incl. specials, n_sides) ids: specials SIDE_NONE, unknown values SIDE_UNK."""
+        out = np.full((N_SPECIAL + table.height, len(self.side_columns)), SIDE_NONE, np.int64)
+        for k, col in enumerate(self.side_columns):
+            vocab = self.side_vocab_[col]
+            ids = table[col].replace_strict(
+                vocab, np.arange(2, len(vocab) + 2), default=SIDE_UNK, return_dtype=pl.Int64
+            )
+            out[N_SPECIAL:, k] = ids.to_numpy()
+        return out
 
     @classmethod
     def from_vocabulary(
@@ -160,8 +228,15 @@ class ActionTokenizer:
                 counts[item] = int(n)
         items = self.items_ + added
         actions = self.actions_ + sorted(set(df["event_type"].unique().to_list()) - set(self.actions_))
-        tok = ActionTokenizer(self.max_len, self.min_item_count, self.n_time_buckets)
-        return tok._set_vocabulary(self.item_dtype_, items, [counts[i] for i in items], actions)
+        tok = ActionTokenizer(
+            self.max_len, self.min_item_count, self.n_time_buckets, self.value_buckets, self.side_columns
+        )
+        tok._set_vocabulary(self.item_dtype_, items, [counts[i] for i in items], actions)
+        tok.value_edges_, tok.side_vocab_ = self.value_edges_, self.side_vocab_
+        if self.side_columns:  # new items: side features unknown (no item table here)
+            pad = np.full((len(added), len(self.side_columns)), SIDE_UNK, np.int64)
+            tok.item_sides_ = np.concatenate([self.item_sides_, pad])
+        return tok
 
     @property
     def item_polars_dtype(self) -> pl.DataType:
@@ -204,6 +279,29 @@ class ActionTokenizer:
     @property
     def n_gaps(self) -> int:
         return 2 + self.n_time_buckets
+
+    @property
+    def value_sizes(self) -> tuple[int, ...]:
+        """Embedding sizes of the packed per-event value parts (unknown included), in
+        :data:`VALUE_COLUMNS` order; empty without value features."""
+        return tuple(len(self.value_edges_[c]) + 2 for c in VALUE_COLUMNS if c in self.value_edges_)
+
+    @property
+    def side_sizes(self) -> tuple[int, ...]:
+        """Vocabulary size of each item side column (none and unknown included)."""
+        return tuple(len(self.side_vocab_[c]) + 2 for c in self.side_columns)
+
+    def value_ids(self, df: pl.DataFrame) -> np.ndarray:
+        """The packed value part of each event's context id: ``0`` without value features."""
+        packed, scale = np.zeros(df.height, np.int64), 1
+        for col in (c for c in VALUE_COLUMNS if c in self.value_edges_):
+            edges = np.asarray(self.value_edges_[col], np.float64)
+            if col in df.columns:
+                v = df[col].cast(pl.Float64).to_numpy()
+                ids = np.where(np.isnan(v), 0, 1 + np.searchsorted(edges, np.nan_to_num(v), side="right"))
+                packed += scale * ids
+            scale *= len(edges) + 2
+        return packed
 
     # ------------------------------------------------------------------ encode
     def item_index(self, item_ids: pl.Series | list[Any]) -> np.ndarray:
@@ -276,6 +374,8 @@ class ActionTokenizer:
         items = self.item_index(df["item_id"])
         actions = self.action_index(df["event_type"], strict=strict_actions)
         gaps = self.gap_bucket(gaps_s)
+        if self.value_edges_:  # the values ride in the gap id (module docstring)
+            gaps = gaps + self.n_gaps * self.value_ids(df)
         users = df["user_id"]
         starts = (
             np.flatnonzero(np.r_[True, (users[1:] != users[:-1]).to_numpy()]) if len(users) else np.zeros(0, np.int64)
@@ -330,6 +430,11 @@ class ActionTokenizer:
             "items": list(self.items_),
             "item_counts": list(self.item_counts_),
             "actions": list(self.actions_),
+            "value_buckets": self.value_buckets,
+            "value_edges": self.value_edges_,
+            "side_columns": list(self.side_columns),
+            "side_vocab": self.side_vocab_,
+            "item_sides": self.item_sides_[N_SPECIAL:].tolist() if self.side_columns else [],
         }
 
     @classmethod
@@ -338,9 +443,21 @@ class ActionTokenizer:
             raise ModelFormatError(
                 f"tokenizer format version {d.get('format_version')!r}; this behaviorlm reads {FORMAT_VERSION}"
             )
-        tok = cls(max_len=d["max_len"], min_item_count=d["min_item_count"], n_time_buckets=d["n_time_buckets"])
+        tok = cls(
+            max_len=d["max_len"],
+            min_item_count=d["min_item_count"],
+            n_time_buckets=d["n_time_buckets"],
+            value_buckets=d.get("value_buckets", 0),
+            side_columns=tuple(d.get("side_columns", ())),
+        )
         cast = int if d["item_dtype"] == "int" else str
-        return tok._set_vocabulary(d["item_dtype"], [cast(x) for x in d["items"]], d["item_counts"], d["actions"])
+        tok._set_vocabulary(d["item_dtype"], [cast(x) for x in d["items"]], d["item_counts"], d["actions"])
+        tok.value_edges_ = {k: [float(x) for x in v] for k, v in d.get("value_edges", {}).items()}
+        tok.side_vocab_ = {k: list(v) for k, v in d.get("side_vocab", {}).items()}
+        if tok.side_columns:
+            sides = np.asarray(d["item_sides"], np.int64).reshape(-1, len(tok.side_columns))
+            tok.item_sides_ = np.concatenate([np.full((N_SPECIAL, len(tok.side_columns)), SIDE_NONE), sides])
+        return tok
 
     def save(self, path: str | Path) -> None:
         write_text_atomic(json.dumps(self.to_dict(), ensure_ascii=False), path)
@@ -364,6 +481,20 @@ def _as_plain_int(x: Any) -> int | None:
     except ValueError:
         return None
     return value if str(value) == text else None
+
+
+def _value_edges(df: pl.DataFrame, n_buckets: int) -> dict[str, list[float]]:
+    """Quantile bucket edges of each value column with known values (duplicates merged: a
+    quantity that is mostly 1 gets few buckets)."""
+    out = {}
+    for col in VALUE_COLUMNS:
+        if col not in df.columns:
+            continue
+        v = df[col].drop_nulls().cast(pl.Float64).to_numpy()
+        if len(v):
+            qs = np.quantile(v, np.linspace(0, 1, n_buckets + 1)[1:-1])
+            out[col] = sorted({float(q) for q in qs})
+    return out
 
 
 def _item_counts(df: pl.DataFrame) -> pl.DataFrame:

@@ -93,7 +93,7 @@ class EventIn(BaseModel):
     """One raw event of the requesting user."""
 
     model_config = STRICT
-    item_id: Id
+    item_id: Id | None = Field(None, description="required unless the model was trained on an event-only log")
     event_type: Annotated[str, Field(min_length=1, max_length=64)]
     timestamp: Annotated[str, Field(min_length=1, max_length=64)] | Annotated[float, Field(allow_inf_nan=False)] = (
         Field(
@@ -603,7 +603,7 @@ def _request_events(serving: Serving, req: UserInput) -> Events:
     frame = pl.DataFrame(
         {
             "user_id": [uid] * len(req.events),
-            "item_id": [str(e.item_id) for e in req.events],
+            "item_id": [None if e.item_id is None else str(e.item_id) for e in req.events],
             "event_type": [e.event_type for e in req.events],
             "timestamp": request_times([e.timestamp for e in req.events], schema.time_unit, schema.plausible_times),
         }

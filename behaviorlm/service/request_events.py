@@ -65,8 +65,8 @@ class RequestEncoder:
     def encode(self, user_id: Any, events: list[tuple[Any, str, str | float]]) -> EncodedRequest | None:
         """The encoded events, or ``None`` where only the full validation can answer."""
         raw_items, names, stamps = zip(*events, strict=True)
-        items = self._items(raw_items)
         actions = self._actions(names)
+        items = actions if self.schema.event_only else self._items(raw_items)  # event-only: the name is the token
         micros = self._micros(stamps)
         if items is None or actions is None or micros is None:
             return None
@@ -83,10 +83,12 @@ class RequestEncoder:
 
     def _items(self, raw: tuple[Any, ...]) -> tuple[Any, ...] | list[Any] | None:
         """Ids as the file path cleans them: text stripped; blank or (with numeric ids) non-integer -> full path."""
-        if not any(isinstance(x, str) for x in raw):
+        if not any(isinstance(x, str) or x is None for x in raw):
             return raw
         out = []
         for x in raw:
+            if x is None:  # a missing id: the full path names it
+                return None
             if isinstance(x, str):
                 x = x.strip()
                 if not x:
@@ -110,7 +112,7 @@ class RequestEncoder:
     def _action(self, name: str) -> str | None | object:
         key = name.strip().lower()
         mapped = self.aliases_.get(key, key)
-        if self.schema.unknown_actions == "keep" or mapped in self.known_:
+        if self.schema.unknown_actions == "keep" or self.schema.event_only or mapped in self.known_:
             return mapped
         return _REFUSED if self.schema.unknown_actions == "raise" else None
 
