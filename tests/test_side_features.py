@@ -112,3 +112,17 @@ def test_side_features_need_the_columns(data):
         ActionTokenizer(side_columns=("colour",)).fit(ev, items)
     with pytest.raises(EventsError, match="need an item table"):
         BehaviorLM("quick", side_features=("category",), epochs=1, progress=False).fit(ev)
+
+
+def test_the_onnx_graph_carries_side_features(data, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from behaviorlm.inference.onnx_engine import compare
+
+    ev, items = data
+    kw = {"epochs": 1, "dim": 16, "n_layers": 1, "n_heads": 1, "max_len": 16, "progress": False}
+    m = BehaviorLM("quick", value_buckets=4, side_features=("category",), **kw).fit(ev, items=items)
+    m.save(tmp_path / "m")
+    torch_engine = m.engine
+    m.use_engine("onnx", tmp_path / "m")
+    diff = compare(torch_engine, m.engine, torch_engine.encode(ev), slice(0, 20))
+    assert max(diff.values()) < 1e-4, diff

@@ -121,7 +121,7 @@ def select_method(
             scorer = build(method).fit(train, half_a)
             raw = scorer.decision_function(half_b)
         except (ConfigurationError, EventsError) as e:
-            skipped[method] = e.message if hasattr(e, "message") else str(e)
+            skipped[method] = e.message
             continue
         labels = half_b.labels
         scores[method] = float(roc_auc_score(labels, raw)) if 0 < labels.sum() < len(labels) else float("nan")
@@ -143,8 +143,10 @@ class PropensityModel:
 
     ``fit`` builds training examples at cutoffs ``end - horizon - j * stride`` (so every label
     window is complete), holds out ``valid_frac`` of users for early stopping and calibration,
-    fits the scorer, then the calibrator. ``predict`` scores every user with events before
-    ``at`` (default: just after the last event) and returns ``user_id, propensity``.
+    fits the scorer (``method="auto"``: the best candidate by :func:`select_method`, named in
+    ``method_`` and explained in ``selection_``), then the calibrator. ``predict`` scores every
+    user with events before ``at`` (default: just after the last event) and returns
+    ``user_id, as_of, propensity``.
     """
 
     def __init__(

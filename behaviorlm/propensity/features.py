@@ -15,6 +15,8 @@ Every builder takes an :class:`~behaviorlm.propensity.labels.ExampleSet` and ret
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import polars as pl
 
@@ -210,8 +212,10 @@ class FeatureScaler:
     def fit(self, frame: pl.DataFrame) -> FeatureScaler:
         x, self.names_ = feature_matrix(frame)
         z = _signed_log(x)
-        self.mean_ = np.nan_to_num(np.nanmean(z, 0)) if len(z) else np.zeros(z.shape[1])
-        self.scale_ = np.nan_to_num(np.nanstd(z, 0), nan=1.0) if len(z) else np.ones(z.shape[1])
+        with warnings.catch_warnings():  # a feature missing everywhere (no views in a purchase log) is fine
+            warnings.simplefilter("ignore", RuntimeWarning)
+            self.mean_ = np.nan_to_num(np.nanmean(z, 0)) if len(z) else np.zeros(z.shape[1])
+            self.scale_ = np.nan_to_num(np.nanstd(z, 0), nan=1.0) if len(z) else np.ones(z.shape[1])
         self.scale_[self.scale_ < 1e-9] = 1.0
         return self
 

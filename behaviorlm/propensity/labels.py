@@ -166,6 +166,15 @@ class PropensitySplit:
     test: ExampleSet
     info: dict[str, Any]
 
+    @classmethod
+    def of(cls, train: ExampleSet, valid: ExampleSet, test: ExampleSet, info: dict[str, Any]) -> PropensitySplit:
+        """The split with its sizes and positive rates added to ``info`` (cutoffs as text)."""
+        parts = {"train": train, "valid": valid, "test": test}
+        info = info | {"train_cutoffs": [str(c) for c in info["train_cutoffs"]]}
+        info |= {f"n_{name}": len(part) for name, part in parts.items()}
+        info["positive_rate"] = {name: part.positive_rate for name, part in parts.items()}
+        return cls(train, valid, test, info)
+
 
 def _user_bucket(users: pl.Series, seed: int) -> pl.Series:
     """A stable pseudo-random number in [0, 1) per user id, independent of row order."""
@@ -255,19 +264,8 @@ def propensity_split(
     train, valid, cutoffs = training_windows(ev, t_test, h, target, action, n_windows, stride, valid_frac, seed, aux)
     test = cutoff_examples(ev, t_test, h, target, action, aux)
     _require_both_classes("test", test, target)
-    info = {
-        "protocol": "rolling-origin",
-        "target": target,
-        "action": action,
-        "horizon_s": h.total_seconds(),
-        "test_cutoff": str(t_test),
-        "train_cutoffs": [str(c) for c in cutoffs],
-        "n_train": len(train),
-        "n_valid": len(valid),
-        "n_test": len(test),
-        "positive_rate": {"train": train.positive_rate, "valid": valid.positive_rate, "test": test.positive_rate},
-    }
-    return PropensitySplit(train, valid, test, info)
+    info = {"protocol": "rolling-origin", "target": target, "action": action, "horizon_s": h.total_seconds()}
+    return PropensitySplit.of(train, valid, test, info | {"test_cutoff": str(t_test), "train_cutoffs": cutoffs})
 
 
 def holdout_split(
@@ -305,19 +303,8 @@ def holdout_split(
     train, valid, test = split_users(examples, valid_frac, test_frac, seed)
     for name, part in (("train", train), ("valid", valid), ("test", test)):
         _require_both_classes(name, part, target)
-    info = {
-        "protocol": "holdout",
-        "target": target,
-        "action": action,
-        "horizon_s": h.total_seconds(),
-        "test_cutoff": str(t0),
-        "train_cutoffs": [str(t0)],
-        "n_train": len(train),
-        "n_valid": len(valid),
-        "n_test": len(test),
-        "positive_rate": {"train": train.positive_rate, "valid": valid.positive_rate, "test": test.positive_rate},
-    }
-    return PropensitySplit(train, valid, test, info)
+    info = {"protocol": "holdout", "target": target, "action": action, "horizon_s": h.total_seconds()}
+    return PropensitySplit.of(train, valid, test, info | {"test_cutoff": str(t0), "train_cutoffs": [t0]})
 
 
 def scoring_examples(events: Events | Any, at: Any = None) -> ExampleSet:
