@@ -69,7 +69,7 @@ cdnow: install
 BENCH_TARGETS := bench-pretrain-ml1m bench-pretrain-taobao bench-tokenizer bench-scoring \
 	bench-propensity bench-segments bench-explain bench-pipeline bench-api bench-notebooks bench-bad-input \
 	bench-scale bench-scale-large bench-scale-train bench-scale-train-large bench-incremental \
-	bench-retrieval bench-engines bench-api-production
+	bench-retrieval bench-engines bench-api-production bench-propensity-cdnow bench-side-features
 ML1M_MODEL := data/models/ml-1m-loo-d01
 
 bench: $(BENCH_TARGETS)
@@ -95,9 +95,37 @@ bench-scoring: data
 	test -d $(ML1M_MODEL) || $(MAKE) bench-pretrain-ml1m
 	$(BIN)/python benchmarks/scoring.py --model $(ML1M_MODEL) --dataset ml-1m
 
-# section 4 + 19 [~60 min]: propensity on CDNOW (BTYD, LightGBM, transformer, fusion), Taobao / Instacart / REES46
-bench-propensity: install cdnow
-	$(BIN)/python benchmarks/propensity.py --dataset cdnow --dataset taobao --dataset instacart --dataset rees46
+# section 4 [~25 min]: propensity, transformer vs LightGBM, Taobao / Instacart / REES46 (the 0.4 methods)
+bench-propensity: install
+	$(BIN)/python benchmarks/propensity.py --dataset taobao --dataset instacart --dataset rees46 \
+	  --methods heuristic lightgbm_seed lightgbm transformer zero_shot
+
+# section 19 [~2.5 h on 2 cores]: CDNOW, both protocols, every method, with and without amount tokens
+# (paired A/B on the same test users), and the clickstreams in the same table
+bench-propensity-cdnow: install cdnow
+	$(BIN)/python benchmarks/propensity.py --dataset cdnow --value-buckets 8 --pretrain-epochs 8 --ft-epochs 6 --tag vb8
+	$(BIN)/python benchmarks/propensity.py --dataset cdnow --value-buckets 0 --pretrain-epochs 8 --ft-epochs 6 \
+	  --methods transformer fusion joint --skip-rolling --tag vb0
+	$(BIN)/python benchmarks/propensity_ab.py --a vb8 --b vb0 --task cdnow_holdout_conversion_39w \
+	  --task cdnow_holdout_conversion_13w --task cdnow_holdout_churn_39w
+	$(BIN)/python benchmarks/propensity.py --dataset taobao --dataset rees46 --dataset instacart --skip-early \
+	  --ft-epochs 10 --pretrain-epochs 15 --tag v06
+	for vb in 0 8; do $(BIN)/python benchmarks/propensity.py --dataset rees46 --skip-temporal --ft-epochs 10 \
+	  --pretrain-epochs 15 --value-buckets $$vb --methods lightgbm transformer fusion joint --tag early-vb$$vb; done
+	$(BIN)/python benchmarks/propensity_ab.py --a early-vb8 --b early-vb0 --task rees46_early
+
+# section 19 [~60 min]: next-item NDCG@10 with item side features (Taobao: category; REES46: category + brand),
+# and the control with the same categories shuffled across items (must not help)
+SIDES := --recipe clickstream-small --no-exclude-seen --max-minutes 90
+bench-side-features: install
+	$(BIN)/python benchmarks/pretrain.py --dataset taobao $(SIDES) --tag nosides --save data/models/taobao-loo-nosides
+	$(BIN)/python benchmarks/pretrain.py --dataset taobao $(SIDES) --side-features category --tag category \
+	  --save data/models/taobao-loo-category
+	$(BIN)/python benchmarks/pretrain.py --dataset taobao $(SIDES) --side-features category --shuffle-sides \
+	  --tag category-shuffled --save data/models/taobao-loo-category-shuffled
+	$(BIN)/python benchmarks/pretrain.py --dataset rees46 $(SIDES) --tag nosides --save data/models/rees46-loo-nosides
+	$(BIN)/python benchmarks/pretrain.py --dataset rees46 $(SIDES) --side-features category,brand \
+	  --tag category-brand --save data/models/rees46-loo-sides
 
 # section 5 [~4 min]: do tiers mean what they say the next day
 bench-segments: install

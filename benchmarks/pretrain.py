@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import polars as pl
 import torch
 from provenance import write_json
 
@@ -53,6 +55,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-minutes", type=float, default=30.0)
     ap.add_argument("--no-exclude-seen", action="store_true", help="rank already-seen items too (repeat-heavy data)")
     ap.add_argument("--side-features", default="", help="item columns added to the item token, e.g. 'category'")
+    ap.add_argument(
+        "--shuffle-sides", action="store_true", help="control: permute the side-feature values across items (seeded)"
+    )
     ap.add_argument("--tag", default="", help="suffix of the output JSON (to keep A/B runs apart)")
     ap.add_argument("--save", type=Path, default=None, help="model dir (default data/models/<dataset>-<split>)")
     args = ap.parse_args(argv)
@@ -83,7 +88,11 @@ def main(argv: list[str] | None = None) -> dict:
         side_features=tuple(c for c in args.side_features.split(",") if c),
     )
     provenance = {"source": args.dataset, "holdout": args.split}
-    model.fit(split.train, split.valid, exclude_seen, items=data.items, training_data=provenance)
+    items = data.items
+    if args.shuffle_sides and items is not None:  # same values, unrelated to the items: must not help
+        rng = np.random.default_rng(0)
+        items = items.with_columns(pl.col(c).gather(rng.permutation(items.height)) for c in model.side_features or ())
+    model.fit(split.train, split.valid, exclude_seen, items=items, training_data=provenance)
     report = evaluate(model, split, k=10, exclude_seen=exclude_seen)
     save_dir = args.save or data_dir() / "models" / f"{args.dataset}-{args.split}"
     model.save(save_dir)

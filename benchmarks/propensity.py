@@ -259,6 +259,10 @@ def early(ds, setup: Setup, args) -> dict:
             )
             for f in ex.info["fractions"]
         }
+    suffix = f"_{args.tag}" if args.tag else ""
+    flat = {f"{m}_{int(f * 100)}": p for (m, f), (_, p) in preds.items()}
+    flat |= {f"y_{int(f * 100)}": y for (_, f), (y, _) in preds.items()}
+    np.savez_compressed(OUT / f"propensity_{ds.name}_early{suffix}_test_predictions.npz", **flat)
     fig = OUT / f"propensity_{ds.name}_early.png"
     plots.early_prediction_curve(res["curves"], fig, f"{ds.name}: early purchase prediction ({setup.early_unit}s)")
     res["figure"] = str(fig)
@@ -358,6 +362,8 @@ def run_cdnow(args) -> dict:
         ds.events.derive(ds.events.df.filter(pl.col("timestamp") < cutoff), "calibration period"), args
     )
     for name, target, horizon in CDNOW_TASKS:
+        if args.skip_churn and target == "churn":
+            continue
         split = holdout_split(ds.events, CDNOW_CUTOFF, horizon, target=target, seed=args.seed, aux=CDNOW_AUX[horizon])
         tag = f"cdnow_holdout_{target}_{horizon}"
         result["holdout"][name] = r = evaluate_split(tag, None, split, target, horizon, lm, args, methods)
@@ -395,6 +401,7 @@ def main() -> None:
     ap.add_argument("--skip-temporal", action="store_true")
     ap.add_argument("--skip-early", action="store_true")
     ap.add_argument("--skip-rolling", action="store_true", help="cdnow: the calibration/holdout protocol only")
+    ap.add_argument("--skip-churn", action="store_true", help="cdnow: churn mirrors the 39-week repeat target")
     ap.add_argument(
         "--negatives", default="matched", help="early prediction: 'matched' (length-matched) or 'full' (leaks length)"
     )

@@ -31,13 +31,14 @@ def main() -> None:
     for task in args.task:
         a = np.load(OUT / f"propensity_{task}_{args.a}_test_predictions.npz")
         b = np.load(OUT / f"propensity_{task}_{args.b}_test_predictions.npz")
-        if not np.array_equal(a["y"], b["y"]):
-            raise SystemExit(f"{task}: the two runs have different test examples; a paired comparison needs the same")
         print(f"\n## {task}: {args.a} minus {args.b}, paired bootstrap ({args.n_boot} resamples)")
         print("| method | ROC-AUC difference | 95% CI | verdict |\n|---|---|---|---|")
         result[task] = {}
-        for m in sorted(set(a.files) & set(b.files) - {"y"}):
-            d = paired_auc_difference(a["y"], a[m], b[m], n_boot=args.n_boot)
+        for m in sorted(k for k in set(a.files) & set(b.files) if not k.startswith("y")):
+            y_key = "y" if "y" in a.files else f"y_{m.rsplit('_', 1)[1]}"  # early prediction: one y per prefix
+            if not np.array_equal(a[y_key], b[y_key]):
+                raise SystemExit(f"{task}: the runs have different test examples; a paired comparison needs the same")
+            d = paired_auc_difference(a[y_key], a[m], b[m], n_boot=args.n_boot)
             verdict = "significant" if d["significant"] else "inside the noise"
             print(f"| {m} | {d['difference']:+.4f} | [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}] | {verdict} |")
             result[task][m] = d

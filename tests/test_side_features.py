@@ -126,3 +126,16 @@ def test_the_onnx_graph_carries_side_features(data, tmp_path):
     m.use_engine("onnx", tmp_path / "m")
     diff = compare(torch_engine, m.engine, torch_engine.encode(ev), slice(0, 20))
     assert max(diff.values()) < 1e-4, diff
+
+
+def test_amounts_reach_the_propensity_inputs(data):
+    from behaviorlm.propensity.labels import cutoff_examples
+    from behaviorlm.propensity.scorers import encode_examples
+
+    ev, _ = data
+    tok = ActionTokenizer(value_buckets=4).fit(ev)
+    ex = cutoff_examples(ev, ev.end, "1d")
+    enc = encode_examples(tok, ex, max_len=64, query=False)
+    assert (enc.gaps >= tok.n_gaps).any()  # value buckets packed above the gap ids
+    bare = cutoff_examples(validate_events(ev.df.drop("amount", "quantity")), ev.end, "1d")
+    assert not np.array_equal(encode_examples(tok, bare, max_len=64, query=False).gaps, enc.gaps)

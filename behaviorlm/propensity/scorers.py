@@ -52,7 +52,7 @@ from behaviorlm.propensity.features import (
     seed_features,
 )
 from behaviorlm.propensity.labels import ExampleSet
-from behaviorlm.sequence.tokenizer import MASK, N_SPECIAL, PAD, ActionTokenizer, EncodedSequences
+from behaviorlm.sequence.tokenizer import MASK, N_SPECIAL, PAD, VALUE_COLUMNS, ActionTokenizer, EncodedSequences
 
 if TYPE_CHECKING:
     from behaviorlm.recommender import BehaviorLM
@@ -69,7 +69,8 @@ def encode_examples(tok: ActionTokenizer, ex: ExampleSet, max_len: int, query: b
 
     With ``query`` a final ``[MASK]`` position carries the gap from the last event to ``as_of``.
     """
-    df = ex.inputs.select(pl.col("example_id").alias("user_id"), "item_id", "event_type", "timestamp")
+    values = [c for c in VALUE_COLUMNS if c in ex.inputs.columns]  # amounts ride in the gap ids (tokenizer)
+    df = ex.inputs.select(pl.col("example_id").alias("user_id"), "item_id", "event_type", "timestamp", *values)
     enc = tok.encode(Events.trusted(df, "example inputs"), truncate=False)
     if enc.user_ids != ex.examples["example_id"].to_list():
         raise EventsError("every example needs at least one input event, in example order")
