@@ -115,3 +115,23 @@ def test_amount_and_quantity_reach_the_features():
     assert {"amount_sum", "amount_mean", "quantity_sum"} <= set(rich.columns)
     assert {"rfm_recency_d", "rfm_frequency", "rfm_monetary", "rfm_tenure_d"} <= set(rfm.columns)
     assert rfm["rfm_monetary"].drop_nulls().min() >= 5.0  # mean dollars per purchase day
+
+
+@pytest.mark.parametrize("method", ["joint", "multitask"])
+def test_joint_fusion_and_multi_task_train_save_and_reload(method, tmp_path):
+    from behaviorlm.propensity import make_scorer
+    from behaviorlm.propensity.scorers import TransformerScorer
+    from behaviorlm.recommender import BehaviorLM
+
+    ev = validate_events(purchase_log(200), MAPPING)
+    split = holdout_split(ev, CUTOFF, "13w", aux=(("conversion", "26w"),))
+    small = {"epochs": 1, "dim": 16, "n_layers": 1, "n_heads": 1, "max_len": 16, "progress": False}
+    lm = BehaviorLM("quick", value_buckets=4, **small).fit(ev.derive(ev.df.filter(pl.col("timestamp") < CUTOFF), "cal"))
+    scorer = make_scorer(method, lm, epochs=2).fit(split.train, split.valid)
+    if method == "joint":
+        assert scorer.net_.n_features > 0 and scorer.net_.n_outputs == 1
+    else:
+        assert scorer.aux_targets == ("aux_conversion_26w",) and scorer.net_.n_outputs == 2
+    scores = scorer.decision_function(split.test)
+    scorer.save(tmp_path)
+    np.testing.assert_allclose(TransformerScorer.load(tmp_path).decision_function(split.test), scores, rtol=1e-5)

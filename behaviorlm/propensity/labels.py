@@ -140,6 +140,11 @@ def cutoff_examples(
     return ExampleSet(ex, inputs, info)
 
 
+def _reach(horizon: timedelta, aux: tuple[tuple[Target, str], ...]) -> timedelta:
+    """The longest label window of a target and its auxiliary ones (all must end before the next cutoff)."""
+    return max([horizon, *(parse_duration(ah) for _, ah in aux)])
+
+
 def aux_column(target: str, horizon: str) -> str:
     """The examples' column of an auxiliary label, e.g. ``aux_churn_39w``."""
     return f"aux_{target}_{horizon}"
@@ -210,7 +215,7 @@ def training_windows(
     h = parse_duration(horizon)
     step = parse_duration(stride) if stride is not None else h
     end = to_utc(labels_end, "labels end")
-    reach = max([h, *(parse_duration(ah) for _, ah in aux)])  # auxiliary labels must end by labels_end too
+    reach = _reach(h, aux)  # auxiliary labels must end by labels_end too
     cutoffs = [end - reach - j * step for j in range(n_windows)]
     cutoffs = sorted(c for c in cutoffs if (ev.df["timestamp"] < c).any())
     if not cutoffs:
@@ -258,7 +263,7 @@ def propensity_split(
         raise EventsError(
             f"test window [{t_test}, {t_test + h}) runs past the last event ({end}): its labels would be censored"
         )
-    longest = max([h, *(parse_duration(ah) for _, ah in aux)])
+    longest = _reach(h, aux)
     if aux and t_test + longest > end + timedelta(microseconds=1):
         raise EventsError(f"an auxiliary window of {longest} from the test cutoff runs past the last event ({end})")
     train, valid, cutoffs = training_windows(ev, t_test, h, target, action, n_windows, stride, valid_frac, seed, aux)
@@ -296,9 +301,9 @@ def holdout_split(
     t0, h = to_utc(cutoff, "cutoff"), parse_duration(horizon)
     if t0 + h > ev.end + timedelta(days=1):
         raise EventsError(f"holdout [{t0}, {t0 + h}) runs past the last event ({ev.end}): its labels would be censored")
-    for _, ah in aux:
-        if t0 + parse_duration(ah) > ev.end + timedelta(days=1):
-            raise EventsError(f"the auxiliary window {ah} runs past the last event ({ev.end})")
+    longest = _reach(h, aux)
+    if aux and t0 + longest > ev.end + timedelta(days=1):
+        raise EventsError(f"an auxiliary window of {longest} from the cutoff runs past the last event ({ev.end})")
     examples = cutoff_examples(ev, t0, h, target, action, aux)
     train, valid, test = split_users(examples, valid_frac, test_frac, seed)
     for name, part in (("train", train), ("valid", valid), ("test", test)):

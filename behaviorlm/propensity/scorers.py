@@ -333,10 +333,11 @@ class TransformerScorer:
         missing = [c for c in self.aux_targets if c not in train.examples.columns]
         if missing:
             raise ConfigurationError(f"auxiliary targets {missing} are not columns of the examples")
-        self.scaler_ = FeatureScaler().fit(rich_features(train, self.items)) if self.features else None
+        train_frame = rich_features(train, self.items) if self.features else None
+        self.scaler_ = FeatureScaler().fit(train_frame) if train_frame is not None else None
         n_features = len(self.scaler_.names_) if self.scaler_ is not None else 0
         self.net_ = PropensityHead(copy.deepcopy(self.backbone.model_), n_features, 1 + len(self.aux_targets))
-        data, vdata, vy = self._encode(train, labels=True), self._encode(valid), valid.labels
+        data, vdata, vy = self._encode(train, labels=True, frame=train_frame), self._encode(valid), valid.labels
         best: tuple[float, dict[str, Any] | None] = (-1.0, None)
         opt, bad, t0 = self._optimizer(self.net_), 0, time.perf_counter()
         self.history_: list[dict[str, float]] = []
@@ -395,11 +396,12 @@ class TransformerScorer:
     def _logits(self, data: _Encoded) -> np.ndarray:
         return self._batched(data, self.net_).numpy().astype(np.float64) if len(data.seqs) else np.zeros(0)
 
-    def _encode(self, ex: ExampleSet, labels: bool = False) -> _Encoded:
+    def _encode(self, ex: ExampleSet, labels: bool = False, frame: pl.DataFrame | None = None) -> _Encoded:
+        """``frame``: the rich features of ``ex`` when the caller has them already (fit)."""
         seqs = encode_examples(self.tokenizer_, ex, self.net_.backbone.config.max_len)
         x = None
         if self.scaler_ is not None:
-            x = torch.from_numpy(self.scaler_.transform(rich_features(ex, self.items)))
+            x = torch.from_numpy(self.scaler_.transform(frame if frame is not None else rich_features(ex, self.items)))
         y = torch.zeros(len(ex), 1 + len(self.aux_targets))
         if labels:
             cols = [ex.examples["label"], *(ex.examples[c] for c in self.aux_targets)]
