@@ -25,6 +25,7 @@ BASE_PARAMS: Mapping[str, Any] = MappingProxyType(
         "n_heads": 2,
         "ffn_mult": 1,
         "dropout": 0.1,
+        "copy_head": False,  # repeat-aware output: catalog softmax mixed with a copy over the context
         "min_item_count": 1,
         "n_time_buckets": 24,
         "value_buckets": 0,  # per-event amount/quantity buckets (0: off); see the tokenizer
@@ -107,6 +108,22 @@ _RECIPES: tuple[Recipe, ...] = (
         "significantly worse; lr 5e-3 chosen over 2e-3 (12 epochs: 0.0118 vs 0.0077 with min_item_count 2)",
     ),
     Recipe(
+        "clickstream-small",
+        2,
+        "clickstream-small@1 with the repeat-aware output (copy_head): the next-item distribution mixes "
+        "the catalog softmax with a copy over the user's own context, so items the user touched are "
+        "ranked from their place in the history. Beats recent / repeat / session-kNN on the clickstreams.",
+        {**_CLICKSTREAM_SMALL, "copy_head": True},
+        "benchmarks/RESULTS.md section 20 (make bench-clickstream)",
+    ),
+    Recipe(
+        "clickstream-quick",
+        2,
+        "clickstream-small@2 on the demo budget of clickstream-quick@1 (make demo, under 5 minutes on 2 cores).",
+        {**_CLICKSTREAM_SMALL, "copy_head": True, "epochs": 15, "lr": 5e-3, "validate_every": 5},
+        "benchmarks/RESULTS.md section 20: make demo",
+    ),
+    Recipe(
         "quick",
         1,
         "A minutes-long model for demos, notebooks and tests: fewer epochs, small batches.",
@@ -114,7 +131,12 @@ _RECIPES: tuple[Recipe, ...] = (
         "README quick start: MovieLens-100K NDCG@10 0.085 vs popularity 0.043 in about 2 minutes",
     ),
 )
-RECIPES: Mapping[str, Recipe] = MappingProxyType({r.name: r for r in _RECIPES})
+#: every version of every recipe, by ``name@version`` (a saved model names the one it came from)
+ALL_RECIPES: Mapping[str, Recipe] = MappingProxyType({r.ref: r for r in _RECIPES})
+#: the latest version of each recipe, by name
+RECIPES: Mapping[str, Recipe] = MappingProxyType(
+    {r.name: r for r in sorted(_RECIPES, key=lambda r: (r.name, r.version))}
+)
 DEFAULT_RECIPE = "ml-1m"
 
 
@@ -129,5 +151,9 @@ def get_recipe(ref: str | Recipe) -> Recipe:
             f"unknown recipe {ref!r}; choose one of {sorted(RECIPES)}", cli_hint=f"--recipe one of {sorted(RECIPES)}"
         )
     if version and version != str(recipe.version):
-        raise ConfigurationError(f"recipe {name!r} has version {recipe.version}, not {version!r}")
+        older = ALL_RECIPES.get(f"{name}@{version}")
+        if older is None:
+            known = sorted(r.ref for r in _RECIPES if r.name == name)
+            raise ConfigurationError(f"recipe {name!r} has no version {version!r}; known: {known}")
+        return older
     return recipe

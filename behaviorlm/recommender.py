@@ -35,6 +35,7 @@ from behaviorlm.inference.retrieval import IndexParams, open_index, wants_ann
 from behaviorlm.model_dir import ModelFiles, read_model_dir, write_model_dir
 from behaviorlm.nn import distributed
 from behaviorlm.nn.checkpoint import Checkpointing
+from behaviorlm.nn.copy_head import calibrate_gate
 from behaviorlm.nn.model import BehaviorTransformer, ModelConfig
 from behaviorlm.nn.training import TrainConfig, TrainHistory, train
 from behaviorlm.recipes import BASE_PARAMS, DEFAULT_RECIPE, get_recipe
@@ -44,7 +45,7 @@ from behaviorlm.sequence.tokenizer import ActionTokenizer, EncodedSequences
 
 log = logging.getLogger(__name__)
 
-_ARCH_PARAMS = ("dim", "n_layers", "n_heads", "ffn_mult", "dropout")
+_ARCH_PARAMS = ("dim", "n_layers", "n_heads", "ffn_mult", "dropout", "copy_head")
 _TOKENIZER_PARAMS = ("max_len", "min_item_count", "n_time_buckets", "value_buckets")
 _TRAIN_PARAMS = tuple(TrainConfig.__dataclass_fields__)
 
@@ -64,6 +65,11 @@ class BehaviorLM:
         Width, depth, attention heads and feed-forward expansion of the transformer.
     dropout:
         Dropout on embeddings, attention outputs and feed-forward outputs.
+    copy_head:
+        Repeat-aware output (:mod:`behaviorlm.nn.copy_head`): the next-item distribution mixes
+        the catalog softmax with a copy over the items of the user's own context, with a
+        learned gate, so an item the user touched is ranked from its place in their history
+        even when its embedding is barely trained. The clickstream recipes turn it on.
     min_item_count:
         Items seen fewer times in training become ``[UNK]`` (inputs only; never targets).
     n_time_buckets:
@@ -114,6 +120,7 @@ class BehaviorLM:
         n_heads: int | None = None,
         ffn_mult: int | None = None,
         dropout: float | None = None,
+        copy_head: bool | None = None,
         min_item_count: int | None = None,
         n_time_buckets: int | None = None,
         value_buckets: int | None = None,
@@ -326,6 +333,9 @@ class BehaviorLM:
 
         distributed.init_from_env()
         self.history_: TrainHistory = train(self.model_, data, tcfg, validate, self._log_epoch, checkpoint=checkpoint)
+        if validate is not None and self.model_.copy_head is not None and distributed.current().is_main:
+            shift = calibrate_gate(self.model_.copy_head, lambda: validate(self.model_))
+            log.info("copy gate shift %.1f chosen on validation", shift)
 
     def _finish(self, n_events: int) -> None:
         self.fitted_at_ = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

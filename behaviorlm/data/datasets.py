@@ -77,6 +77,9 @@ SHARED: dict[str, _SharedSpec] = {
         {"title_col": "product_name", "category_col": "aisle", "brand_col": "department", "price_col": None},
     ),
     "otto": _SharedSpec("otto_test_sessions"),
+    # buyers' complete histories (repeats of one (user, item, action) collapsed by the source)
+    "retailrocket": _SharedSpec("retailrocket_sslrec_2k"),
+    "taobao31k": _SharedSpec("taobao_sslrec_31k"),
     "tmall": _SharedSpec(
         "tmall_ijcai15_userlog_head",
         inline_item_cols={"category": "category_id", "brand": "brand_id"},

@@ -11,12 +11,24 @@ Protocol rules this module enforces (and the tests check):
   scorer gets rank = catalog size, never rank 1.
 * A target the scorer cannot rank (item unseen in training, or excluded because already seen
   when ``exclude_seen=True``) counts as a miss; nothing is silently dropped from the average.
-* Baselines (most-popular, last-item co-occurrence) are scored on the same users, catalog and
+* Baselines (popularity, co-occurrence, recent, repeat, session-kNN, item-kNN) are scored on the same users, catalog and
   masks, and every metric carries a percentile-bootstrap 95% CI over users.
 """
 
-from behaviorlm.evaluation.baselines import CooccurrenceBaseline, PopularityBaseline, Scorer, catalog_index
+from behaviorlm.evaluation.baselines import (
+    BASELINES,
+    SEEN_ONLY,
+    CooccurrenceBaseline,
+    ItemKNNBaseline,
+    PopularityBaseline,
+    RecentBaseline,
+    RepeatBaseline,
+    Scorer,
+    SessionKNNBaseline,
+    catalog_index,
+)
 from behaviorlm.evaluation.metrics import (
+    ContextCatalog,
     UserRanks,
     bootstrap_ci,
     paired_difference,
@@ -29,7 +41,14 @@ from behaviorlm.evaluation.report import EvaluationReport, comparison_lines, eva
 from behaviorlm.evaluation.splits import Holdout, Split, leave_one_out, temporal_split
 
 __all__ = [
+    "BASELINES",
+    "SEEN_ONLY",
+    "ContextCatalog",
     "CooccurrenceBaseline",
+    "ItemKNNBaseline",
+    "RecentBaseline",
+    "RepeatBaseline",
+    "SessionKNNBaseline",
     "EvaluationReport",
     "Holdout",
     "PopularityBaseline",

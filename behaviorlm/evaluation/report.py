@@ -10,8 +10,9 @@ import polars as pl
 
 from behaviorlm.data.events import Events, read_table
 from behaviorlm.errors import ConfigurationError, InputDataError
-from behaviorlm.evaluation.baselines import CooccurrenceBaseline, PopularityBaseline, Scorer, catalog_index
+from behaviorlm.evaluation.baselines import BASELINES, FACTORIES, SEEN_ONLY, Scorer, catalog_index
 from behaviorlm.evaluation.metrics import (
+    ContextCatalog,
     UserRanks,
     paired_difference,
     per_user_metrics,
@@ -51,20 +52,37 @@ class EvaluationReport:
         return [("behaviorlm", self.model), *self.baselines.items()]
 
     def table(self) -> str:
+        """One row per scorer: the metrics with their CIs, then NDCG@k with context items and
+        on repeat / new-item targets where computed; ``n/a`` for a rule the protocol excludes."""
         k = self.protocol["k"]
         names = [f"ndcg@{k}", f"hr@{k}", "mrr", f"coverage@{k}", "next_action_accuracy"]
         names = [n for n in names if any(n in m for _, m in self.rows())]
-        head = f"{'model':<14}" + "".join(f"{n:>26}" for n in names)
+        extra = [e for e in ("with_context_items", "repeat", "new") if any(_extra(m, e, k) for _, m in self.rows())]
+        titles = {"with_context_items": f"ndcg@{k}+context", "repeat": "ndcg repeat", "new": "ndcg new"}
+        head = f"{'model':<14}" + "".join(f"{n:>26}" for n in names) + "".join(f"{titles[e]:>17}" for e in extra)
         lines = [head, "-" * len(head)]
         for label, m in self.rows():
+            if "not_applicable" in m:
+                lines.append(f"{label:<14}{'n/a (seen items excluded)':>26}")
+                continue
             cells = []
             for n in names:
                 v = m.get(n)
                 ci = m.get("ci95", {}).get(n)
                 cell = "" if v is None else f"{v:.4f}" + (f" [{ci[0]:.3f},{ci[1]:.3f}]" if ci else "")
                 cells.append(f"{cell:>26}")
+            cells += [f"{_extra(m, e, k) or '':>17}" for e in extra]
             lines.append(f"{label:<14}" + "".join(cells))
         return "\n".join(lines)
+
+
+def _extra(m: dict[str, Any], kind: str, k: int) -> str:
+    """A cell of the context / by-target columns ('' when the row has none)."""
+    if kind == "with_context_items":
+        v = m.get(kind, {}).get(f"ndcg@{k}")
+        return "" if v is None else f"{v:.4f}"
+    sub = m.get("by_target", {}).get(kind)
+    return "" if not sub or not sub["users"] else f"{sub[f'ndcg@{k}']:.4f} ({sub['users']})"
 
 
 def comparison_lines(report: EvaluationReport) -> list[str]:
@@ -72,9 +90,16 @@ def comparison_lines(report: EvaluationReport) -> list[str]:
     k = report.protocol["k"]
     lines = []
     for name, p in report.paired.items():
-        verdict = "significant" if p["significant"] else "inside the noise"
-        lines.append(f"ndcg@{k} vs {name}: {p['diff']:+.4f} [{p['ci95'][0]:+.4f}, {p['ci95'][1]:+.4f}] ({verdict})")
+        line = f"ndcg@{k} vs {name}: {_diff(p)}"
+        if "with_context_items" in p:
+            line += f"; with context items {_diff(p['with_context_items'])}"
+        lines.append(line)
     return lines
+
+
+def _diff(p: dict[str, Any]) -> str:
+    verdict = "significant" if p["significant"] else "inside the noise"
+    return f"{p['diff']:+.4f} [{p['ci95'][0]:+.4f}, {p['ci95'][1]:+.4f}] ({verdict})"
 
 
 def evaluate(
@@ -84,31 +109,41 @@ def evaluate(
     exclude_seen: bool = True,
     holdout: str = "test",
     n_boot: int = 1000,
-    baselines: tuple[str, ...] = ("popularity", "cooccurrence"),
+    baselines: tuple[str, ...] = BASELINES,
 ) -> EvaluationReport:
-    """Evaluate ``model`` and the baselines on ``split.test`` (or ``split.valid``)."""
+    """Evaluate ``model`` and the baselines on ``split.test`` (or ``split.valid``).
+
+    Ranks are over the training catalog; where seen items are kept they are also computed
+    over the training catalog plus each user's own context items (``with_context_items``),
+    since a rule or model that proposes a new item the user just touched deserves the credit.
+    ``recent`` and ``repeat`` only propose seen items: with ``exclude_seen`` they are listed as
+    not applicable. Every scorer's NDCG is also split by repeat and new-item targets.
+    """
     if k < 1:
         raise ConfigurationError(f"k must be >= 1, got {k}", cli_hint=f"--k must be >= 1, got {k}")
+    unknown = sorted(set(baselines) - set(FACTORIES))
+    if unknown:
+        raise ConfigurationError(f"unknown baseline(s) {unknown}; choose from {list(FACTORIES)}")
     ho = split.test if holdout == "test" else split.valid
     if ho.n_users == 0:
         raise InputDataError(f"{split.name} {holdout} holdout has no users to evaluate")
     catalog = split.train.df["item_id"].unique(maintain_order=True)
+    ranked: pl.Series | ContextCatalog = catalog if exclude_seen else ContextCatalog.of(catalog, ho.inputs)
     seen = seen_lists(ho.inputs, catalog) if exclude_seen else {}
-    ur = rank_targets(model, ho, catalog, k, exclude_seen, seen)
+    ur = rank_targets(model, ho, ranked, k, exclude_seen, seen)
     _add_action_accuracy(model, split.train, ho, ur)
-    results = {"behaviorlm": summarise(ur, k, len(catalog), n_boot)}
-    model_metrics = per_user_metrics(ur.ranks, k)
-    base_results, paired = {}, {}
-    factories: dict[str, type[Any]] = {"popularity": PopularityBaseline, "cooccurrence": CooccurrenceBaseline}
+    model_metrics = summarise(ur, k, len(catalog), n_boot)
+    base_results: dict[str, dict[str, Any]] = {}
+    paired: dict[str, Any] = {}
     for name in baselines:
-        base = factories[name]().fit(split.train, catalog)
-        bur = rank_targets(base, ho, catalog, k, exclude_seen, seen)
+        if exclude_seen and name in SEEN_ONLY:
+            base_results[name] = {"not_applicable": "proposes only seen items, which this protocol excludes"}
+            continue
+        bur = rank_targets(FACTORIES[name]().fit(split.train, catalog), ho, ranked, k, exclude_seen, seen)
         if ur.action_correct is not None:
             bur.action_correct = _majority_action_correct(split.train, ho, bur.users)
         base_results[name] = summarise(bur, k, len(catalog), n_boot)
-        paired[name] = paired_difference(
-            model_metrics[f"ndcg@{k}"], per_user_metrics(bur.ranks, k)[f"ndcg@{k}"], n_boot
-        )
+        paired[name] = _paired(ur, bur, k, n_boot)
     protocol = {
         **split.info,
         "holdout": holdout,
@@ -118,8 +153,38 @@ def evaluate(
         "users": ho.n_users,
         "ranking": "full catalog, ties counted against the model",
         "unrankable_targets": int((catalog_index(catalog, ho.targets["item_id"]) < 0).sum()),
+        "repeat_targets": int(ur.repeat.sum()) if ur.repeat is not None else None,
     }
-    return EvaluationReport(protocol, results["behaviorlm"], base_results, paired)
+    if isinstance(ranked, ContextCatalog):
+        protocol["context_items"] = len(ranked.catalog) - ranked.n_train
+        protocol["unrankable_targets_with_context"] = int(
+            sum(_outside_context(ranked, u, t) for u, t in zip(ur.users, _target_index(ranked, ho, ur.users)))
+        )
+    return EvaluationReport(protocol, model_metrics, base_results, paired)
+
+
+def _paired(ur: UserRanks, bur: UserRanks, k: int, n_boot: int) -> dict[str, Any]:
+    """The model minus a baseline, per user, NDCG@k: over the training catalog, and with
+    context items where those were ranked."""
+    key = f"ndcg@{k}"
+    out = paired_difference(per_user_metrics(ur.ranks, k)[key], per_user_metrics(bur.ranks, k)[key], n_boot)
+    if ur.ranks_context is not None and bur.ranks_context is not None:
+        out["with_context_items"] = paired_difference(
+            per_user_metrics(ur.ranks_context, k)[key], per_user_metrics(bur.ranks_context, k)[key], n_boot
+        )
+    return out
+
+
+def _target_index(ctx: ContextCatalog, ho: Holdout, users: list[Any]) -> list[int]:
+    idx = dict(zip(ho.targets["user_id"].to_list(), catalog_index(ctx.catalog, ho.targets["item_id"]), strict=True))
+    return [int(idx[u]) for u in users]
+
+
+def _outside_context(ctx: ContextCatalog, user: Any, t: int) -> bool:
+    """A target no scorer can rank even with context items: unknown, or a new item not in the user's inputs."""
+    if t < 0:
+        return True
+    return t >= ctx.n_train and not bool((ctx.own.get(user, np.zeros(0, np.int64)) == t).any())
 
 
 def _add_action_accuracy(model: Any, train: Events, ho: Holdout, ur: UserRanks) -> None:

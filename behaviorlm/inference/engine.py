@@ -69,6 +69,12 @@ class InferenceEngine:
         return self.network.config.dim
 
     @property
+    def state_width(self) -> int:
+        """Width of the per-user inference state the heads return (the hidden state, plus the
+        copy part of a repeat-aware model): what a cache of states must hold."""
+        return self.network.state_width
+
+    @property
     def retrieval_name(self) -> str:
         """How top-k lists are found: ``exact`` (the full catalog) or the ANN index's name."""
         return "exact" if self.index is None else self.index.name
@@ -120,7 +126,8 @@ class InferenceEngine:
     def heads_from_tensors(
         self, items: torch.Tensor, actions: torch.Tensor, gaps: torch.Tensor, last: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hidden state at each row's position ``last``, and next-action log-probs (specials -inf)."""
+        """Inference state at each row's position ``last`` (the hidden state, plus the copy part of
+        a repeat-aware model: :mod:`behaviorlm.nn.copy_head`), and next-action log-probs (specials -inf)."""
         h = self.network(items, actions, gaps, last=last)
         a_logits = self.network.action_logits(h)
         a_logits[:, :N_SPECIAL] = float("-inf")
@@ -148,7 +155,7 @@ class InferenceEngine:
     @torch.inference_mode()
     def item_logp_given(self, h: torch.Tensor, next_actions: torch.Tensor) -> torch.Tensor:
         """``log P(item | next action)`` with one next action per row (specials -inf)."""
-        return torch.log_softmax(self.network.item_logits(h, next_actions), -1)
+        return self.network.item_logp(h, next_actions)
 
     def iter_scores(
         self, enc: EncodedSequences, action: str | None = None, batch_size: int = 128
@@ -180,7 +187,7 @@ class InferenceEngine:
         """L2-normalised hidden state after each user's latest event, (users, dim)."""
         if not len(enc):
             return np.zeros((0, self.dim), np.float32)
-        parts = [self.heads(enc, rows)[0] for rows in self._batches(enc, batch_size)]
+        parts = [self.network.hidden(self.heads(enc, rows)[0]) for rows in self._batches(enc, batch_size)]
         return torch.nn.functional.normalize(torch.cat(parts), dim=1).numpy()
 
     def action_proba(self, enc: EncodedSequences, batch_size: int = 128) -> np.ndarray:

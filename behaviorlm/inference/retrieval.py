@@ -45,6 +45,7 @@ import torch
 from behaviorlm.data.io import atomic_dir
 from behaviorlm.errors import ConfigurationError, ModelFormatError
 from behaviorlm.extras import missing_extra
+from behaviorlm.nn.copy_head import gate_logps, mix
 from behaviorlm.sequence.tokenizer import N_SPECIAL
 
 log = logging.getLogger(__name__)
@@ -403,19 +404,19 @@ def two_stage_top_k(
     index: ItemIndex = engine.index
     k = min(k, engine.n_items - N_SPECIAL)  # what the exact path returns at most
     acts = engine.real_actions if action_id is None else torch.tensor([action_id])
-    q = h[:, None, :] + engine.network.next_action_emb.weight[acts][None]  # (B, A, d)
+    q = engine.network.hidden(h)[:, None, :] + engine.network.next_action_emb.weight[acts][None]  # (B, A, d)
     if allowed is not None:  # allow-lists are scored exactly: cheaper than a search
-        return _score_candidates(engine, q, a_logp, acts, _allowed_candidates(allowed, len(h)), rows, k, seen)
+        return _score_candidates(engine, h, q, a_logp, acts, _allowed_candidates(allowed, len(h)), rows, k, seen)
     fetch = max(index.params.min_fetch, k)
-    val, idx = _score_candidates(engine, q, a_logp, acts, _search(index, q, fetch), rows, k, seen)
+    val, idx = _score_candidates(engine, h, q, a_logp, acts, _search(index, q, fetch, h, engine), rows, k, seen)
     n_seen = np.bincount(_seen_rows(seen, rows), minlength=len(h))
     short = (torch.isfinite(val).sum(1) < k).nonzero().flatten()
     while len(short) and fetch < k + n_seen[short.numpy()].max():  # filters removed too many: search deeper
         fetch *= 4
         sub_seen = _rows_of(seen, rows, short.numpy())
-        found = _search(index, q[short], fetch)
+        found = _search(index, q[short], fetch, h[short], engine)
         val[short], idx[short] = _score_candidates(
-            engine, q[short], a_logp[short], acts, found, slice(0, len(short)), k, sub_seen
+            engine, h[short], q[short], a_logp[short], acts, found, slice(0, len(short)), k, sub_seen
         )
         short = short[torch.isfinite(val[short]).sum(1) < k]
     if len(short):  # still short with every seen item fetched past: the exact path
@@ -424,14 +425,20 @@ def two_stage_top_k(
     return val, idx
 
 
-def _search(index: ItemIndex, q: torch.Tensor, fetch: int) -> torch.Tensor:
-    """The union of each row's candidates over its next-action queries, (B, <= A * fetch)."""
-    found = index.candidates(q.reshape(-1, q.shape[-1]).numpy(), fetch)
-    return _unique_rows(torch.from_numpy(found).reshape(len(q), -1))
+def _search(index: ItemIndex, q: torch.Tensor, fetch: int, state: torch.Tensor, engine: Any) -> torch.Tensor:
+    """The union of each row's candidates over its next-action queries, (B, <= A * fetch), plus
+    -- for a repeat-aware model -- every item of the row's context, which the copy part can
+    rank high whatever its embedding: at most ``max_len`` more, scored exactly like the rest."""
+    found = torch.from_numpy(index.candidates(q.reshape(-1, q.shape[-1]).numpy(), fetch)).reshape(len(q), -1)
+    layout = engine.network.state_layout
+    if layout is not None:
+        found = torch.cat([found, layout.context_items(state)], 1)
+    return _unique_rows(found)
 
 
 def _score_candidates(
     engine: Any,
+    state: torch.Tensor,
     q: torch.Tensor,
     a_logp: torch.Tensor,
     acts: torch.Tensor,
@@ -446,6 +453,7 @@ def _score_candidates(
     scores = torch.einsum("bad,bcd->bac", q, emb[cand])  # the model's own logits
     scores.masked_fill_(~valid[:, None, :], NEG_INF)
     logp = scores - _log_normaliser(q, scores, cand, valid, engine.index.tail_, emb, engine.n_items)[..., None]
+    logp = _with_copy(engine.network, state, q, logp, cand)
     logp = torch.logsumexp(a_logp[:, acts][..., None] + logp, dim=1) if len(acts) > 1 else logp[:, 0]
     keys = _seen_keys(seen, rows, engine.n_items)
     if len(keys):
@@ -453,6 +461,16 @@ def _score_candidates(
         logp.masked_fill_(torch.isin(row_of * engine.n_items + cand, keys), NEG_INF)
     val, pos = torch.topk(logp, min(k, logp.shape[1]), dim=1)
     return _pad(val, cand.gather(1, pos), k)
+
+
+def _with_copy(network: Any, state: torch.Tensor, q: torch.Tensor, gen: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+    """The candidates' catalog log-probs (B, A, C) mixed with their exact copy log-probs, for a
+    repeat-aware model (:mod:`behaviorlm.nn.copy_head`); unchanged otherwise."""
+    layout = network.state_layout
+    if layout is None:
+        return gen
+    log_g, log_1mg = gate_logps(network.copy_head.gate_logits(q), layout.has_copy(state)[:, None])
+    return mix(gen, layout.copy_logp_columns(state, cand)[:, None, :], log_g, log_1mg)
 
 
 def _seen_in(seen: tuple[np.ndarray, np.ndarray], rows: slice) -> tuple[np.ndarray, np.ndarray]:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from behaviorlm.errors import ConfigurationError
+from behaviorlm.nn.copy_head import MAX_COPY_ITEMS, CopyHead, CopyState, gate_logps, mix
 from behaviorlm.sequence.tokenizer import N_SPECIAL, PAD
 
 
@@ -45,6 +46,8 @@ class ModelConfig:
     attn_dropout: float = 0.0
     value_sizes: tuple[int, ...] = ()  # per-event value buckets packed into the gap id (tokenizer)
     side_sizes: tuple[int, ...] = ()  # item side-feature vocabularies (category, brand, ...)
+    # repeat-aware output: mix the catalog softmax with a copy over the context (nn.copy_head)
+    copy_head: bool = False
 
     def __post_init__(self) -> None:
         self.value_sizes, self.side_sizes = tuple(self.value_sizes), tuple(self.side_sizes)  # from JSON lists
@@ -55,6 +58,8 @@ class ModelConfig:
                 raise ConfigurationError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigurationError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.copy_head and self.n_items >= MAX_COPY_ITEMS:
+            raise ConfigurationError(f"copy_head supports catalogs below {MAX_COPY_ITEMS:,} items, got {self.n_items:,}")
 
 
 def at_positions(x: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
@@ -143,6 +148,8 @@ class BehaviorTransformer(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.dim)
         self.action_head = nn.Linear(cfg.dim, cfg.n_actions)
         self.next_action_emb = nn.Embedding(cfg.n_actions, cfg.dim)
+        self.copy_head = CopyHead(cfg.dim, cfg.n_actions) if cfg.copy_head else None
+        self.state_layout = CopyState(cfg.dim, cfg.max_len) if cfg.copy_head else None
         self.apply(self._init_weights)
 
     @staticmethod
@@ -161,10 +168,24 @@ class BehaviorTransformer(nn.Module):
     ) -> torch.Tensor:
         """(B, L) token ids -> (B, L, dim) hidden states; row t depends only on tokens <= t.
 
-        With ``last`` (one position per row) only those positions' states are returned, (B, dim),
-        and the final block computes queries, attention and MLP for them alone -- what scoring
-        needs, at a fraction of the cost.
+        With ``last`` (one position per row) only those positions' states are returned, and the
+        final block computes queries, attention and MLP for them alone -- what scoring needs, at
+        a fraction of the cost. The result is the *inference state*: the hidden state (B, dim),
+        followed, for a repeat-aware model, by the copy part (:class:`CopyState`), so that
+        :meth:`item_logp` needs nothing else.
         """
+        if last is None:
+            return self.hidden_states(items, actions, gaps)
+        h = self.hidden_states(items, actions, gaps, last)
+        if self.copy_head is None or self.state_layout is None:
+            return h
+        log_alpha = self.copy_head.position_logits_at(h, self.event_vectors(items, actions), items, actions, last)
+        return self.state_layout.pack(h, log_alpha, items)
+
+    def hidden_states(
+        self, items: torch.Tensor, actions: torch.Tensor, gaps: torch.Tensor, last: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The transformer proper: (B, L, dim), or (B, dim) at the positions ``last``."""
         n = items.shape[1]
         if n > self.config.max_len:
             raise ValueError(f"sequence length {n} exceeds max_len {self.config.max_len}")
@@ -179,6 +200,35 @@ class BehaviorTransformer(nn.Module):
             x = block(x)
         last_block: Block = self.blocks[-1]  # type: ignore[assignment]  # ModuleList indexes as Module
         return self.ln_f(last_block.forward_at(x, last))
+
+    def event_vectors(self, items: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """What each context event was (item + action), the copy head's keys."""
+        return self.item_vectors(items) + self.action_emb(actions)
+
+    def copy_log_alpha(self, h: torch.Tensor, items: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """Copy log-weights of every position over the earlier context positions, (B, L, L)."""
+        assert self.copy_head is not None
+        return self.copy_head.position_logits(h, self.event_vectors(items, actions), items, actions)
+
+    def hidden(self, state: torch.Tensor) -> torch.Tensor:
+        """The hidden state part of an inference state (the user embedding)."""
+        return state if self.state_layout is None else self.state_layout.hidden(state)
+
+    @property
+    def state_width(self) -> int:
+        """Width of the inference state :meth:`forward` returns with ``last``."""
+        return self.config.dim if self.state_layout is None else self.state_layout.width
+
+    def item_logp(self, state: torch.Tensor, next_action: torch.Tensor) -> torch.Tensor:
+        """``log P(item | next action)`` over the vocabulary (specials -inf): the catalog
+        softmax, mixed with the copy distribution for a repeat-aware model."""
+        h = self.hidden(state)
+        gen = torch.log_softmax(self.item_logits(h, next_action), -1)
+        if self.copy_head is None or self.state_layout is None:
+            return gen
+        lay = self.state_layout
+        log_g, log_1mg = gate_logps(self.copy_head.gate_logits(self.item_query(h, next_action)), lay.has_copy(state))
+        return mix(gen, lay.copy_logp_catalog(state, self.config.n_items), log_g, log_1mg)
 
     def item_vectors(self, items: torch.Tensor) -> torch.Tensor:
         """Item embeddings plus their side features' (the one item representation: inputs, the
@@ -227,7 +277,8 @@ class BehaviorTransformer(nn.Module):
             self._matrix_cache = None
 
     def action_logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.action_head(h)
+        """Next-action logits from hidden states or inference states."""
+        return self.action_head(self.hidden(h))
 
     def item_query(self, h: torch.Tensor, next_action: torch.Tensor) -> torch.Tensor:
         return h + self.next_action_emb(next_action)
@@ -249,7 +300,7 @@ class BehaviorTransformer(nn.Module):
             mine = self.state_dict()
             for name, target in bigger.state_dict().items():
                 old = mine[name]
-                target[: old.shape[0]].copy_(old)  # vocabulary-sized tensors grow along dim 0 only
+                (target[: old.shape[0]] if old.dim() else target).copy_(old)  # vocabulary-sized tensors grow along dim 0
         return bigger.train(self.training)
 
     def num_parameters(self) -> int:

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from behaviorlm.errors import ConfigurationError, InputDataError
 from behaviorlm.nn import checkpoint, distributed
 from behaviorlm.nn.checkpoint import Checkpointing
+from behaviorlm.nn.copy_head import gate_logps
 from behaviorlm.nn.model import BehaviorTransformer
 from behaviorlm.sequence.corpus import Corpus
 from behaviorlm.sequence.tokenizer import N_SPECIAL, PAD, UNK, EncodedSequences
@@ -168,7 +169,9 @@ class SequenceLoss(nn.Module):
         tgt_i, tgt_a = batch["target_items"], batch["target_actions"]
         mask = tgt_i != PAD
         n_item = int(mask.sum())
-        if cfg.loss == "full":
+        if model.copy_head is not None:
+            item_sum = -_mixture_target_logp(model, h, batch, mask, cfg, self.gen).sum()
+        elif cfg.loss == "full":
             q = model.item_query(h[mask], tgt_a[mask])
             item_sum = FusedLinearCrossEntropy.apply(q, model.item_matrix(), tgt_i[mask], 2048) * max(n_item, 1)
         else:
@@ -233,16 +236,90 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         return grad_h * scale, grad_e * scale, None, None
 
 
-def _sampled_softmax_loss(model, h, next_action, target, n_neg, gen) -> torch.Tensor:
-    """Summed CE over [positive, shared uniform negatives]; negatives equal to the positive are masked."""
+class FusedTargetLogProb(torch.autograd.Function):
+    """Per-row ``log softmax(h @ E.T)[target]`` in row chunks, for losses that weight rows
+    unequally (the copy mixture). Like :class:`FusedLinearCrossEntropy` nothing of size
+    tokens x catalog is kept: the forward keeps each row's log-normaliser and the backward
+    recomputes its chunk's logits (twice the matmuls, flat memory). Specials excluded."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, emb: torch.Tensor, target: torch.Tensor, chunk: int) -> torch.Tensor:
+        out, lse = h.new_empty(len(target)), h.new_empty(len(target))
+        for s in range(0, len(target), chunk):
+            logits = _chunk_logits(h[s : s + chunk], emb)
+            lse[s : s + chunk] = torch.logsumexp(logits, 1)
+            out[s : s + chunk] = logits.gather(1, target[s : s + chunk, None]).squeeze(1) - lse[s : s + chunk]
+        ctx.save_for_backward(h, emb, target, lse)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        h, emb, target, lse = ctx.saved_tensors
+        grad_h, grad_e = torch.empty_like(h), torch.zeros_like(emb)
+        for s in range(0, len(target), ctx.chunk):
+            hc, tc = h[s : s + ctx.chunk], target[s : s + ctx.chunk]
+            p = (_chunk_logits(hc, emb) - lse[s : s + ctx.chunk, None]).exp_().neg_()
+            p[torch.arange(len(tc)), tc] += 1.0  # d log p_target / d logits = onehot - p
+            p.mul_(grad_out[s : s + ctx.chunk, None])
+            grad_h[s : s + ctx.chunk] = p @ emb
+            grad_e.addmm_(p.T, hc)
+        return grad_h, grad_e, None, None
+
+
+def _chunk_logits(hc: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    logits = hc @ emb.T
+    logits[:, :N_SPECIAL] = float("-inf")
+    return logits
+
+
+def _mixture_target_logp(
+    model: BehaviorTransformer,
+    h: torch.Tensor,
+    batch: dict[str, torch.Tensor],
+    mask: torch.Tensor,
+    cfg: TrainConfig,
+    gen: torch.Generator | None,
+) -> torch.Tensor:
+    """``log(g P_copy + (1-g) P_gen)`` of every item target (the ``mask``ed positions), for a
+    repeat-aware model (:mod:`behaviorlm.nn.copy_head`). The catalog part is the full softmax,
+    or the sampled one with its log-normaliser corrected for the sampling rate (logQ), so that
+    the gate weighs two comparable probabilities rather than an inflated sampled one."""
+    assert model.copy_head is not None
+    tgt_i, tgt_a = batch["target_items"], batch["target_actions"]
+    q = model.item_query(h[mask], tgt_a[mask])
+    if cfg.loss == "full":
+        gen_lp = FusedTargetLogProb.apply(q, model.item_matrix(), tgt_i[mask], 2048)
+    else:
+        gen_lp = -_sampled_softmax_ce(model, q, tgt_i[mask], cfg.n_negatives, gen, corrected=True)
+    items = batch["items"]
+    log_alpha = model.copy_log_alpha(h, items, batch["actions"])  # (B, T, L)
+    same = items[:, None, :] == tgt_i[:, :, None]
+    # probabilities, not a logsumexp over -inf rows (NaN gradients); log(0) clamps to a tiny floor
+    copy_p = (log_alpha.exp() * same).sum(-1)[mask]
+    has_copy = torch.isfinite(log_alpha).any(-1)[mask]
+    log_g, log_1mg = gate_logps(model.copy_head.gate_logits(q), has_copy)
+    return torch.logaddexp(log_g + copy_p.clamp_min(1e-30).log(), log_1mg + gen_lp)
+
+
+def _sampled_softmax_ce(model, q, target, n_neg, gen, corrected: bool = False) -> torch.Tensor:
+    """Per-row CE over [positive, shared uniform negatives]; negatives equal to the positive
+    are masked. ``corrected`` scales the negatives to the catalog (+ log((V-1)/n)), making
+    ``-CE`` an estimate of the full-softmax log-probability rather than an inflated one."""
     n_items = model.config.n_items
     neg = torch.randint(N_SPECIAL, n_items, (n_neg,), generator=gen)
-    q = model.item_query(h, next_action)
     pos_logit = (q * model.item_vectors(target)).sum(-1, keepdim=True)
     neg_logit = q @ model.item_vectors(neg).T
+    if corrected:
+        neg_logit = neg_logit + math.log(max(n_items - N_SPECIAL - 1, 1) / n_neg)
     neg_logit = neg_logit.masked_fill(neg[None, :] == target[:, None], float("-inf"))
     logits = torch.cat([pos_logit, neg_logit], dim=1)
-    return F.cross_entropy(logits, torch.zeros(len(target), dtype=torch.long), reduction="sum")
+    return F.cross_entropy(logits, torch.zeros(len(target), dtype=torch.long), reduction="none")
+
+
+def _sampled_softmax_loss(model, h, next_action, target, n_neg, gen) -> torch.Tensor:
+    """Summed CE over [positive, shared uniform negatives] (the plain model's sampled loss)."""
+    return _sampled_softmax_ce(model, model.item_query(h, next_action), target, n_neg, gen).sum()
 
 
 def _optimizer(model: BehaviorTransformer, cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -42,7 +42,7 @@ def sequence_features(engine: InferenceEngine, ex: ExampleSet) -> pl.DataFrame:
     with torch.inference_mode():
         for s in range(0, len(enc), BATCH):
             h_t, a_logp_t = engine.heads(enc, np.arange(s, min(s + BATCH, len(enc))))
-            hs.append(h_t.float().numpy())
+            hs.append(engine.network.hidden(h_t).float().numpy())
             logps.append(a_logp_t.float().numpy())
     dim = engine.dim
     h = np.concatenate(hs) if hs else np.zeros((0, dim), np.float32)

@@ -69,7 +69,7 @@ class OnlineRecommender:
         self.seen_ = [cols[cuts[i] : cuts[i + 1]] for i in range(len(enc))]
         # A known user's history is fixed, so is their last hidden state: computed on first
         # request, then only the output layer runs (exact, not an approximation).
-        self.hidden_ = torch.zeros(len(enc), engine.dim)
+        self.hidden_ = torch.zeros(len(enc), engine.state_width)
         self.action_logp_ = torch.zeros(len(enc), self.tok.n_actions)
         self.cached_ = np.zeros(len(enc), dtype=bool)
 
