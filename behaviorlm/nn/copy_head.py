@@ -50,6 +50,19 @@ def recency_bucket(distance: torch.Tensor) -> torch.Tensor:
     return torch.where(d < 8, d.long(), far).clamp(max=N_RECENCY - 1)
 
 
+def recency_prior(half_life: float = 8.0) -> torch.Tensor:
+    """Initial recency bias: a copy weight halving every ``half_life`` events, what a
+    "recently viewed" rule assumes; training moves it (at :data:`COPY_LR_MULT` x the rate)."""
+    b = torch.arange(N_RECENCY, dtype=torch.float32)
+    distance = torch.where(b < 8, b, 8 * torch.pow(2.0, (b - 8) / 2))
+    return -distance * math.log(2.0) / half_life
+
+
+#: learning-rate multiplier of the copy head's few scalars (recency and action biases, gate): at
+#: the base rate Adam moves each by at most ``lr`` per step, too slow for a few hundred steps
+COPY_LR_MULT = 10.0
+
+
 def copyable(items: torch.Tensor) -> torch.Tensor:
     """Positions whose item can be copied: real vocabulary items (not PAD, BOS, UNK, MASK)."""
     return items >= N_SPECIAL
@@ -62,8 +75,9 @@ class CopyHead(nn.Module):
         super().__init__()
         self.query = nn.Linear(dim, dim)
         self.key = nn.Linear(dim, dim)
-        self.recency_bias = nn.Embedding(N_RECENCY, 1)
-        self.action_bias = nn.Embedding(n_actions, 1)
+        # vectors, not embeddings: no weight decay pulls them to 0, and they start from a prior
+        self.recency_bias = nn.Parameter(recency_prior())
+        self.action_bias = nn.Parameter(torch.zeros(n_actions))
         self.gate = nn.Linear(dim, 1)
         self.scale = 1.0 / math.sqrt(dim)
         # added to the gate logit; 0 in training, fitted on validation afterwards (calibrate_gate)
@@ -96,8 +110,8 @@ class CopyHead(nn.Module):
         scores = torch.einsum("btd,bld->btl", self.query(h), self.key(context)) * self.scale
         j = torch.arange(items.shape[1], device=items.device)
         dist = (t_pos[..., :, None] - j).expand(scores.shape)  # (B, T, L)
-        scores = scores + self.recency_bias(recency_bucket(dist)).squeeze(-1)
-        scores = scores + self.action_bias(actions).squeeze(-1)[:, None, :]
+        scores = scores + self.recency_bias[recency_bucket(dist)]
+        scores = scores + self.action_bias[actions][:, None, :]
         ok = (dist >= 0) & copyable(items)[:, None, :]
         scores = scores.masked_fill(~ok, float("-inf"))
         # rows without a copyable position: a softmax of all -inf is NaN; keep them -inf instead

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from behaviorlm.errors import ConfigurationError, InputDataError
 from behaviorlm.nn import checkpoint, distributed
 from behaviorlm.nn.checkpoint import Checkpointing
-from behaviorlm.nn.copy_head import gate_logps
+from behaviorlm.nn.copy_head import COPY_LR_MULT, gate_logps
 from behaviorlm.nn.model import BehaviorTransformer
 from behaviorlm.sequence.corpus import Corpus
 from behaviorlm.sequence.tokenizer import N_SPECIAL, PAD, UNK, EncodedSequences
@@ -326,10 +326,16 @@ def _optimizer(model: BehaviorTransformer, cfg: TrainConfig) -> torch.optim.Opti
     """AdamW; weight decay on matrices only (not on biases, LayerNorms or embeddings)."""
     decay: list[torch.nn.Parameter] = []
     no_decay: list[torch.nn.Parameter] = []
+    fast: list[torch.nn.Parameter] = []  # the copy head's scalars (nn.copy_head.COPY_LR_MULT)
     for name, p in model.named_parameters():
-        (decay if p.dim() >= 2 and "emb" not in name else no_decay).append(p)
+        if name.startswith(("copy_head.recency_bias", "copy_head.action_bias", "copy_head.gate")):
+            fast.append(p)
+        else:
+            (decay if p.dim() >= 2 and "emb" not in name else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98))
+    if fast:
+        groups.append({"params": fast, "weight_decay": 0.0, "lr": cfg.lr * COPY_LR_MULT})
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98))  # a group's own "lr" wins
 
 
 def lr_lambda(total_steps: int, cfg: TrainConfig) -> Callable[[int], float]:
