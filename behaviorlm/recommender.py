@@ -22,6 +22,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import polars as pl
 import torch
 
@@ -30,7 +31,8 @@ from behaviorlm.data.schema import InputSchema
 from behaviorlm.errors import ConfigurationError, InputDataError, NotFittedError
 from behaviorlm.evaluation.metrics import per_user_metrics, rank_targets, seen_lists
 from behaviorlm.evaluation.splits import Holdout
-from behaviorlm.inference.engine import FRAME_SCHEMA, NO_SEEN, InferenceEngine
+from behaviorlm.evaluation.baselines import catalog_index
+from behaviorlm.inference.engine import FRAME_SCHEMA, NO_SEEN, InferenceEngine, first_positions
 from behaviorlm.inference.retrieval import IndexParams, open_index, wants_ann
 from behaviorlm.model_dir import ModelFiles, read_model_dir, write_model_dir
 from behaviorlm.nn import distributed
@@ -448,7 +450,8 @@ class BehaviorLM:
         enc, seen, cold = self._encode_users(users, events)
         allowed = engine.allowed_mask(allowed_items)
         seen_rc = engine.seen_pairs(seen, enc.user_ids) if exclude_seen else NO_SEEN
-        frames = [engine.recommend(enc, k, seen_rc, allowed, action, batch_size)]
+        # seen items kept: a repeat-aware model may return a new item the user just touched
+        frames = [engine.recommend(enc, k, seen_rc, allowed, action, batch_size, new_items=not exclude_seen)]
         if cold:
             log.info("recommend: %d user(s) without events get popular items (cold start)", len(cold))
             frames.append(engine.popular(cold, k, allowed))
@@ -496,11 +499,12 @@ class BehaviorLM:
         if missing:
             raise InputDataError(f"{len(missing)} evaluated user(s) have no input events, e.g. {missing[0]!r}")
         cols = torch.from_numpy(self.tokenizer_.item_index(catalog))
+        new_cols = catalog_index(catalog, enc.new_ids) if enc.new_ids is not None else None
         for i in range(0, len(users), chunk):
             part = users[i : i + chunk]
             sub = enc.subset([pos[u] for u in part])
-            logps = [lp for _, lp, _ in engine.iter_scores(sub, None, chunk)]
-            yield part, torch.cat(logps)[:, cols]
+            for rows, lp, _ in engine.iter_scores(sub, None, chunk, new_items=True):
+                yield part, _with_new_columns(lp[:, cols], lp, sub, rows, new_cols, engine.n_items)
 
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | Path) -> Path:
@@ -586,6 +590,28 @@ def _without(users: list[Any], dtype: pl.DataType, found: set[Any]) -> list[Any]
     """The caller's ids (as given) of the users who have no events: the cold-start ones."""
     cast = _ids_as(users, dtype).to_list()
     return sorted({u for u, c in zip(users, cast, strict=True) if c not in found}, key=str)
+
+
+def _with_new_columns(
+    out: torch.Tensor,
+    logp: torch.Tensor,
+    enc: EncodedSequences,
+    rows: slice,
+    new_cols: np.ndarray | None,
+    n_items: int,
+) -> torch.Tensor:
+    """Scores over a catalog, with each row's new context items (outside the vocabulary, at
+    ``n_items + first position`` of ``logp``) copied into their catalog columns where the
+    catalog has them -- so evaluation can credit a model that returns an item just touched."""
+    codes = enc.padded_new_codes(rows)
+    if new_cols is None or codes is None or logp.shape[1] == n_items:
+        return out
+    first = first_positions(codes)
+    r, j = np.nonzero(first == np.arange(codes.shape[1])[None, :])  # each new item's first position
+    col = new_cols[codes[r, j]]
+    keep = col >= 0
+    out[torch.from_numpy(r[keep]), torch.from_numpy(col[keep])] = logp[r[keep], n_items + j[keep]]
+    return out
 
 
 def _tensor_digest(model: torch.nn.Module) -> str:

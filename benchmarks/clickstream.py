@@ -105,9 +105,10 @@ def summary_lines(results: list[dict[str, Any]]) -> list[str]:
     for r in results:
         for ranking, b in r["best_baseline"].items():
             verdict = "significant" if b.get("significant") else "noise"
+            base = f"{b['baseline']} {b['baseline_ndcg']:.4f}"
             lines.append(
                 f"{r['dataset']:<13}{r['metrics']['protocol']['users']:>7}  {ranking:<19}"
-                f"{b['baseline'] + f' {b["baseline_ndcg"]:.4f}':<22}{b['model_ndcg']:>8.4f}{b['relative']:>+8.1%}  "
+                f"{base:<22}{b['model_ndcg']:>8.4f}{b['relative']:>+8.1%}  "
                 f"{b['diff']:+.4f} [{b['ci95'][0]:+.4f}, {b['ci95'][1]:+.4f}] {verdict}"
             )
     return lines

@@ -160,3 +160,73 @@ def _same_lists(got: pl.DataFrame, want: pl.DataFrame, items_only: bool = False)
     assert g.select(cols).equals(w.select(cols))
     if not items_only:
         np.testing.assert_allclose(g["score"].to_numpy(), w["score"].to_numpy(), rtol=1e-4, atol=1e-7)
+
+
+def _with_new_item(model: BehaviorLM, user, item: str = "fresh-1") -> pl.DataFrame:
+    """The user's remembered history, then one event on an item the model has never seen."""
+    hist = model.histories_.filter(pl.col("user_id") == user).select("user_id", "item_id", "event_type", "timestamp")
+    fresh = hist.tail(1).with_columns(item_id=pl.lit(item), timestamp=pl.col("timestamp") + pl.duration(seconds=30))
+    return pl.concat([hist, fresh])
+
+
+def test_a_new_item_just_touched_is_returned_without_a_retrain(model, tmp_path):
+    user = model.histories_["user_id"][0]
+    events = _with_new_item(model, user)
+    model.model_.copy_head.gate_shift.fill_(30.0)  # copy-dominated: the newest item must lead
+    try:
+        kept = model.recommend(events=events, k=5, exclude_seen=False)
+        excluded = model.recommend(events=events, k=5, exclude_seen=True)
+        out = tmp_path / "scores.parquet"
+        enc_events = model.validate_input(events)
+        score_events(model.engine, enc_events, out, ScoringOptions(k=5, exclude_seen=False), progress=False)
+        batch = pl.read_parquet(out)
+        ann = model.use_retrieval("ann", IndexParams(min_fetch=8, ef_search=16, tail_sample=16))
+        via_ann = ann.recommend(events=events, k=5, exclude_seen=False)
+        allowed = model.recommend(events=events, k=5, exclude_seen=False, allowed_items=["item1", "item2"])
+    finally:
+        model.use_retrieval("exact")
+        model.model_.copy_head.gate_shift.fill_(0.7)
+    assert "fresh-1" in kept["item_id"].to_list()
+    assert "fresh-1" not in excluded["item_id"].to_list()
+    assert batch.sort("rank")["item_id"].to_list() == kept["item_id"].to_list()
+    assert via_ann["item_id"].to_list() == kept["item_id"].to_list()
+    assert set(allowed["item_id"].to_list()) <= {"item1", "item2"}  # an allow-list names catalog items
+
+
+def test_the_extended_mixture_is_a_distribution_and_evaluation_credits_new_items(model):
+    from behaviorlm.evaluation.metrics import ContextCatalog, rank_targets
+    from behaviorlm.evaluation.splits import Holdout
+
+    user = model.histories_["user_id"][0]
+    events = model.validate_input(_with_new_item(model, user))
+    enc = model.engine.encode(events)
+    h, a_logp = model.engine.heads(enc, slice(0, 1))
+    p = model.engine.item_logp(h, a_logp, new_items=True).exp()
+    assert p.shape[1] == model.model_.extended_width
+    torch.testing.assert_close(p.sum(1), torch.ones(1), atol=1e-5, rtol=0)
+    catalog = pl.Series("item_id", model.tokenizer_.items_)
+    targets = pl.DataFrame({"user_id": [user], "item_id": ["fresh-1"], "event_type": ["view"]})
+    ho = Holdout(events, targets.with_columns(timestamp=events.df["timestamp"].max()))
+    ur = rank_targets(model, ho, ContextCatalog.of(catalog, events), k=10, exclude_seen=False)
+    assert np.isinf(ur.ranks[0]) and np.isfinite(ur.ranks_context[0])
+
+
+def test_the_service_returns_a_new_item_from_raw_events(model):
+    from behaviorlm.service.online import OnlineRecommender
+    from behaviorlm.service.request_events import RequestEncoder
+
+    user = model.histories_["user_id"][0]
+    events = _with_new_item(model, user)
+    online = OnlineRecommender.from_model(model)
+    model.model_.copy_head.gate_shift.fill_(30.0)
+    try:
+        want = model.recommend(events=events, k=5, exclude_seen=False)["item_id"].to_list()
+        full = online.query_for_events(user, model.validate_input(events), k=5, exclude_seen=False)
+        triples = [(i, a, t.isoformat()) for i, a, t in events.select("item_id", "event_type", "timestamp").rows()]
+        lean = online.query_for_request(user, RequestEncoder(model.tokenizer_, model.input_schema_).encode(user, triples), k=5, exclude_seen=False)
+        excluded = online.query_for_events(user, model.validate_input(events), k=5, exclude_seen=True)
+        got = online.recommend([full, lean, excluded])
+    finally:
+        model.model_.copy_head.gate_shift.fill_(0.7)
+    assert "fresh-1" in want and got[0].item_ids == want and got[1].item_ids == want
+    assert "fresh-1" not in got[2].item_ids

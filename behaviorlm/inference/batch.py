@@ -150,8 +150,10 @@ def _score_chunk(engine: InferenceEngine, chunk: pl.DataFrame, options: ScoringO
     enc = enc.subset(np.argsort(enc.lengths(), kind="stable"))  # similar lengths share a batch
     seen = engine.seen_pairs(chunk, enc.user_ids) if options.exclude_seen else NO_SEEN
     allowed = engine.allowed_mask(options.allowed_items)
-    val, idx = engine.top_k_all(enc, options.k, seen, allowed, options.action, options.batch_size)
-    return _stamped(engine, engine.frame(enc.user_ids, val, idx, chunk["user_id"].dtype, chunk["item_id"].dtype), stamp)
+    new_items = not options.exclude_seen  # a repeat-aware model may return a new item just touched
+    val, idx = engine.top_k_all(enc, options.k, seen, allowed, options.action, options.batch_size, new_items)
+    frame = engine.frame(enc.user_ids, val, idx, chunk["user_id"].dtype, chunk["item_id"].dtype, enc.new_ids)
+    return _stamped(engine, frame, stamp)
 
 
 def _stamped(engine: InferenceEngine, frame: pl.DataFrame, stamp: datetime) -> pa.Table:

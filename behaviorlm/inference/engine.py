@@ -134,37 +134,49 @@ class InferenceEngine:
         return h, torch.log_softmax(a_logits, -1)
 
     def heads(self, enc: EncodedSequences, rows: slice | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`heads_from_tensors` at each user's last token, for some rows of ``enc``."""
-        return self.heads_from_tensors(*(torch.from_numpy(a) for a in enc.padded(rows)))
+        """:meth:`heads_from_tensors` at each user's last token, for some rows of ``enc``; for a
+        repeat-aware model the context's new items (outside the vocabulary) are named by their
+        first position, so the copy part can rank them (:meth:`item_logp` with ``new_items``)."""
+        state, a_logp = self.heads_from_tensors(*(torch.from_numpy(a) for a in enc.padded(rows)))
+        layout, codes = self.network.state_layout, enc.padded_new_codes(rows)
+        if layout is None or codes is None or not (codes >= 0).any():
+            return state, a_logp
+        first = np.full((len(codes), self.max_len), -1, np.int64)
+        first[:, : codes.shape[1]] = first_positions(codes)
+        return layout.with_new_items(state, torch.from_numpy(first), self.n_items), a_logp
 
     @torch.inference_mode()
-    def item_logp(self, h: torch.Tensor, a_logp: torch.Tensor, action_id: int | None = None) -> torch.Tensor:
-        """``log P(item | next action)`` with ``action_id``, else ``log sum_a P(a) P(item | a)``."""
+    def item_logp(
+        self, h: torch.Tensor, a_logp: torch.Tensor, action_id: int | None = None, new_items: bool = False
+    ) -> torch.Tensor:
+        """``log P(item | next action)`` with ``action_id``, else ``log sum_a P(a) P(item | a)``;
+        ``new_items``: plus the row's new context items after the vocabulary (:meth:`decode_new`)."""
         if action_id is not None:
-            return self.item_logp_given(h, torch.full((len(h),), action_id))
+            return self.item_logp_given(h, torch.full((len(h),), action_id), new_items)
         if len(self._real_actions) == 1:
-            return self.item_logp_given(h, self._real_actions.expand(len(h)))
+            return self.item_logp_given(h, self._real_actions.expand(len(h)), new_items)
         # accumulated pairwise: 3x faster on CPU than logsumexp over a stacked (actions, B, items) tensor
         total: torch.Tensor | None = None
         for a in self._real_actions:
-            part = self.item_logp_given(h, a.expand(len(h))).add_(a_logp[:, a, None])
+            part = self.item_logp_given(h, a.expand(len(h)), new_items).add_(a_logp[:, a, None])
             total = part if total is None else torch.logaddexp(total, part)
         assert total is not None
         return total
 
     @torch.inference_mode()
-    def item_logp_given(self, h: torch.Tensor, next_actions: torch.Tensor) -> torch.Tensor:
+    def item_logp_given(self, h: torch.Tensor, next_actions: torch.Tensor, new_items: bool = False) -> torch.Tensor:
         """``log P(item | next action)`` with one next action per row (specials -inf)."""
-        return self.network.item_logp(h, next_actions)
+        return self.network.item_logp(h, next_actions, new_items)
 
     def iter_scores(
-        self, enc: EncodedSequences, action: str | None = None, batch_size: int = 128
+        self, enc: EncodedSequences, action: str | None = None, batch_size: int = 128, new_items: bool = False
     ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
-        """Yield (row slice, item log-probs (B, n_items), action log-probs (B, n_actions))."""
+        """Yield (row slice, item log-probs (B, n_items, or the extended width with
+        ``new_items``), action log-probs (B, n_actions))."""
         a_id = self.action_id(action)
         for rows in self._batches(enc, batch_size):
             h, a_logp = self.heads(enc, rows)
-            yield rows, self.item_logp(h, a_logp, a_id), a_logp
+            yield rows, self.item_logp(h, a_logp, a_id, new_items), a_logp
 
     @staticmethod
     def _batches(enc: EncodedSequences, batch_size: int) -> Iterator[slice]:
@@ -235,7 +247,8 @@ class InferenceEngine:
         specials, items outside ``allowed`` (one mask, or one per row) and each row's ``seen`` items;
         masked entries come back as -inf."""
         logp[:, :N_SPECIAL] = float("-inf")
-        if allowed is not None:
+        if allowed is not None:  # an allow-list names catalog items: new items are outside it
+            allowed = torch.nn.functional.pad(allowed, (0, logp.shape[1] - allowed.shape[-1]), value=False)
             logp.masked_fill_(~allowed if allowed.dim() == 2 else ~allowed[None, :], float("-inf"))
         seen_rows, seen_cols = seen
         a, b = np.searchsorted(seen_rows, [rows.start, rows.stop])
@@ -252,13 +265,16 @@ class InferenceEngine:
         seen: SeenPairs = NO_SEEN,
         allowed: torch.Tensor | None = None,
         action_id: int | None = None,
+        new_items: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-``k`` (log-probs, vocabulary indices) for a batch of heads covering ``rows``:
         over the full catalog, or -- with an index -- over its candidates, re-scored exactly
-        (:mod:`behaviorlm.inference.retrieval`). Masked or missing slots are -inf."""
+        (:mod:`behaviorlm.inference.retrieval`). Masked or missing slots are -inf. With
+        ``new_items`` a repeat-aware model may also return the row's new context items, as
+        ``n_items + first position`` (:meth:`top_k_all` names them)."""
         if self.index is None:
-            return self.top_k(self.item_logp(h, a_logp, action_id), rows, k, seen, allowed)
-        return two_stage_top_k(self, h, a_logp, rows, k, seen, allowed, action_id)
+            return self.top_k(self.item_logp(h, a_logp, action_id, new_items), rows, k, seen, allowed)
+        return two_stage_top_k(self, h, a_logp, rows, k, seen, allowed, action_id, new_items)
 
     def top_k_all(
         self,
@@ -268,18 +284,32 @@ class InferenceEngine:
         allowed: torch.Tensor | None = None,
         action: str | None = None,
         batch_size: int = 128,
+        new_items: bool = False,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Top-``k`` log-probs and vocabulary indices for every user of ``enc``, (users, k) each."""
+        """Top-``k`` log-probs and indices for every user of ``enc``, (users, k) each: vocabulary
+        indices, and -- with ``new_items`` -- ``n_items + code`` for a new item of ``enc.new_ids``."""
         vals, idxs = [], []
         a_id = self.action_id(action)
         for rows in self._batches(enc, batch_size):
             h, a_logp = self.heads(enc, rows)
-            val, idx = self.rank(h, a_logp, rows, k, seen, allowed, a_id)
+            val, idx = self.rank(h, a_logp, rows, k, seen, allowed, a_id, new_items)
             vals.append(val.numpy())
-            idxs.append(idx.numpy())
+            idxs.append(self._codes_of_new(enc, rows, idx.numpy()))
         if not vals:
             return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.int64)
         return np.concatenate(vals), np.concatenate(idxs)
+
+    def _codes_of_new(self, enc: EncodedSequences, rows: slice, idx: np.ndarray) -> np.ndarray:
+        """Rename ``n_items + first position`` entries of a batch's top-k ``n_items + code``."""
+        new = idx >= self.n_items
+        if not new.any():
+            return idx
+        codes = enc.padded_new_codes(rows)
+        assert codes is not None  # positions were named only where codes exist
+        r, c = np.nonzero(new)
+        out = idx.copy()
+        out[r, c] = self.n_items + codes[r, idx[r, c] - self.n_items]
+        return out
 
     def popularity_logp(self) -> torch.Tensor:
         """Log training share of every vocabulary entry (specials -inf): the cold-start scores."""
@@ -295,8 +325,10 @@ class InferenceEngine:
         idx: np.ndarray,
         user_dtype: pl.DataType | None = None,
         item_dtype: pl.DataType | None = None,
+        new_ids: pl.Series | None = None,
     ) -> pl.DataFrame:
-        """``user_id, item_id, score (probability), rank`` with original ids from a top-k.
+        """``user_id, item_id, score (probability), rank`` with original ids from a top-k
+        (``new_ids`` names the new items of :meth:`top_k_all` with ``new_items``).
 
         Masked (-inf) slots are dropped, so a user who has seen almost everything gets fewer
         than k rows.
@@ -306,7 +338,7 @@ class InferenceEngine:
         kk = logp.shape[1]
         keep = np.isfinite(logp).ravel()
         users = np.repeat(np.arange(len(user_ids)), kk)[keep]
-        items = self.tokenizer.decode_items(idx.ravel()[keep]).tolist()
+        items = self.decode(idx.ravel()[keep], new_ids)
         return pl.DataFrame(
             {
                 "user_id": pl.Series([user_ids[i] for i in users], dtype=user_dtype),
@@ -316,6 +348,18 @@ class InferenceEngine:
             }
         )
 
+    def decode(self, idx: np.ndarray, new_ids: pl.Series | None = None) -> list[Any]:
+        """Original item ids of top-k indices: the vocabulary's, and ``new_ids[i - n_items]``."""
+        new = idx >= self.n_items
+        if not new.any():
+            return self.tokenizer.decode_items(idx).tolist()
+        if new_ids is None:
+            raise ValueError("new-item indices need the encoding's new_ids to be named")
+        out = np.empty(len(idx), dtype=object)
+        out[~new] = self.tokenizer.decode_items(idx[~new])
+        out[new] = new_ids.gather(idx[new] - self.n_items).to_list()
+        return out.tolist()
+
     def recommend(
         self,
         enc: EncodedSequences,
@@ -324,10 +368,11 @@ class InferenceEngine:
         allowed: torch.Tensor | None = None,
         action: str | None = None,
         batch_size: int = 128,
+        new_items: bool = False,
     ) -> pl.DataFrame:
-        """Top-``k`` frame for every user of ``enc``."""
-        val, idx = self.top_k_all(enc, k, seen, allowed, action, batch_size)
-        return self.frame(enc.user_ids, val, idx)
+        """Top-``k`` frame for every user of ``enc`` (``new_items``: see :meth:`rank`)."""
+        val, idx = self.top_k_all(enc, k, seen, allowed, action, batch_size, new_items)
+        return self.frame(enc.user_ids, val, idx, new_ids=enc.new_ids)
 
     def popular(self, user_ids: Sequence[Any], k: int, allowed: torch.Tensor | None = None) -> pl.DataFrame:
         """Cold start: the most popular training items for each user, scored by their training share."""
@@ -335,6 +380,19 @@ class InferenceEngine:
             return pl.DataFrame(schema=FRAME_SCHEMA)
         val, idx = self.top_k(self.popularity_logp()[None, :].clone(), slice(0, 1), k, NO_SEEN, allowed)
         return self.frame(list(user_ids), val.expand(len(user_ids), -1).numpy(), idx.expand(len(user_ids), -1).numpy())
+
+
+def first_positions(codes: np.ndarray) -> np.ndarray:
+    """For (B, W) new-item codes (-1: none), each position's first position in its row holding
+    the same code (-1 where none): the name a new item goes by within its row."""
+    b, w = codes.shape
+    flat = np.flatnonzero(codes.ravel() >= 0)
+    out = np.full(b * w, -1, np.int64)
+    if len(flat):
+        key = (flat // w) * (int(codes.max()) + 1) + codes.ravel()[flat]
+        _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+        out[flat] = flat[first][inverse] % w
+    return out.reshape(b, w)
 
 
 def _as_dtype(ids: pl.Series, dtype: pl.DataType | None) -> pl.Series:

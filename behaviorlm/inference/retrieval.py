@@ -393,6 +393,7 @@ def two_stage_top_k(
     seen: tuple[np.ndarray, np.ndarray],
     allowed: torch.Tensor | None,
     action_id: int | None,
+    new_items: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:meth:`InferenceEngine.rank` through ``engine.index``: candidates, exact re-score, top-k.
 
@@ -408,31 +409,37 @@ def two_stage_top_k(
     if allowed is not None:  # allow-lists are scored exactly: cheaper than a search
         return _score_candidates(engine, h, q, a_logp, acts, _allowed_candidates(allowed, len(h)), rows, k, seen)
     fetch = max(index.params.min_fetch, k)
-    val, idx = _score_candidates(engine, h, q, a_logp, acts, _search(index, q, fetch, h, engine), rows, k, seen)
+    val, idx = _score_candidates(
+        engine, h, q, a_logp, acts, _search(index, q, fetch, h, engine, new_items), rows, k, seen
+    )
     n_seen = np.bincount(_seen_rows(seen, rows), minlength=len(h))
     short = (torch.isfinite(val).sum(1) < k).nonzero().flatten()
     while len(short) and fetch < k + n_seen[short.numpy()].max():  # filters removed too many: search deeper
         fetch *= 4
         sub_seen = _rows_of(seen, rows, short.numpy())
-        found = _search(index, q[short], fetch, h[short], engine)
+        found = _search(index, q[short], fetch, h[short], engine, new_items)
         val[short], idx[short] = _score_candidates(
             engine, h[short], q[short], a_logp[short], acts, found, slice(0, len(short)), k, sub_seen
         )
         short = short[torch.isfinite(val[short]).sum(1) < k]
     if len(short):  # still short with every seen item fetched past: the exact path
-        exact = engine.item_logp(h[short], a_logp[short], action_id)
+        exact = engine.item_logp(h[short], a_logp[short], action_id, new_items)
         val[short], idx[short] = engine.top_k(exact, slice(0, len(short)), k, _rows_of(seen, rows, short.numpy()))
     return val, idx
 
 
-def _search(index: ItemIndex, q: torch.Tensor, fetch: int, state: torch.Tensor, engine: Any) -> torch.Tensor:
+def _search(
+    index: ItemIndex, q: torch.Tensor, fetch: int, state: torch.Tensor, engine: Any, new_items: bool = False
+) -> torch.Tensor:
     """The union of each row's candidates over its next-action queries, (B, <= A * fetch), plus
     -- for a repeat-aware model -- every item of the row's context, which the copy part can
-    rank high whatever its embedding: at most ``max_len`` more, scored exactly like the rest."""
+    rank high whatever its embedding: at most ``max_len`` more, scored exactly like the rest
+    (its new items, ``n_items + position``, only with ``new_items``)."""
     found = torch.from_numpy(index.candidates(q.reshape(-1, q.shape[-1]).numpy(), fetch)).reshape(len(q), -1)
     layout = engine.network.state_layout
     if layout is not None:
-        found = torch.cat([found, layout.context_items(state)], 1)
+        context = layout.context_items(state)
+        found = torch.cat([found, context if new_items else context.masked_fill(context >= engine.n_items, 0)], 1)
     return _unique_rows(found)
 
 
@@ -447,18 +454,20 @@ def _score_candidates(
     k: int,
     seen: tuple[np.ndarray, np.ndarray],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact log-probs of the candidates (PAD entries invalid), seen items masked, top-``k``."""
-    valid = cand >= N_SPECIAL
+    """Exact log-probs of the candidates (PAD entries invalid), seen items masked, top-``k``.
+    New context items (``>= n_items``) have no embedding: only the copy part scores them."""
+    valid = (cand >= N_SPECIAL) & (cand < engine.n_items)
     emb = engine.network.item_matrix()
-    scores = torch.einsum("bad,bcd->bac", q, emb[cand])  # the model's own logits
+    scores = torch.einsum("bad,bcd->bac", q, emb[cand.masked_fill(~valid, 0)])  # the model's own logits
     scores.masked_fill_(~valid[:, None, :], NEG_INF)
     logp = scores - _log_normaliser(q, scores, cand, valid, engine.index.tail_, emb, engine.n_items)[..., None]
     logp = _with_copy(engine.network, state, q, logp, cand)
     logp = torch.logsumexp(a_logp[:, acts][..., None] + logp, dim=1) if len(acts) > 1 else logp[:, 0]
-    keys = _seen_keys(seen, rows, engine.n_items)
+    stride = engine.network.extended_width  # new items (>= n_items) must not alias the next row's
+    keys = _seen_keys(seen, rows, stride)
     if len(keys):
         row_of = torch.arange(len(q))[:, None] + rows.start
-        logp.masked_fill_(torch.isin(row_of * engine.n_items + cand, keys), NEG_INF)
+        logp.masked_fill_(torch.isin(row_of * stride + cand, keys), NEG_INF)
     val, pos = torch.topk(logp, min(k, logp.shape[1]), dim=1)
     return _pad(val, cand.gather(1, pos), k)
 
@@ -483,10 +492,10 @@ def _seen_rows(seen: tuple[np.ndarray, np.ndarray], rows: slice) -> np.ndarray:
     return _seen_in(seen, rows)[0]
 
 
-def _seen_keys(seen: tuple[np.ndarray, np.ndarray], rows: slice, n_items: int) -> torch.Tensor:
-    """``row * n_items + item`` of the seen pairs within ``rows`` (global row numbers)."""
+def _seen_keys(seen: tuple[np.ndarray, np.ndarray], rows: slice, stride: int) -> torch.Tensor:
+    """``row * stride + item`` of the seen pairs within ``rows`` (global row numbers)."""
     local, cols = _seen_in(seen, rows)
-    return torch.from_numpy((local + rows.start) * n_items + cols)
+    return torch.from_numpy((local + rows.start) * stride + cols)
 
 
 def _rows_of(seen: tuple[np.ndarray, np.ndarray], rows: slice, picked: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

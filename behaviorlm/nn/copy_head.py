@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from behaviorlm.sequence.tokenizer import N_SPECIAL
+from behaviorlm.sequence.tokenizer import N_SPECIAL, UNK
 
 #: recency buckets of the distance ``t - j`` in events: exact up to 7, then half-octaves
 N_RECENCY = 16
@@ -64,8 +64,10 @@ COPY_LR_MULT = 10.0
 
 
 def copyable(items: torch.Tensor) -> torch.Tensor:
-    """Positions whose item can be copied: real vocabulary items (not PAD, BOS, UNK, MASK)."""
-    return items >= N_SPECIAL
+    """Positions whose item can be copied: real vocabulary items, and ``[UNK]`` -- an item the
+    vocabulary lacks (new since training, or rare), which the engine re-identifies by its
+    original id so that the copy part can return it (:meth:`CopyState.with_new_items`)."""
+    return (items >= N_SPECIAL) | (items == UNK)
 
 
 class CopyHead(nn.Module):
@@ -195,17 +197,39 @@ class CopyState:
     def has_copy(self, state: torch.Tensor) -> torch.Tensor:
         return torch.isfinite(self.log_alpha(state)).any(-1)
 
-    def copy_logp_catalog(self, state: torch.Tensor, n_items: int) -> torch.Tensor:
-        """``log P_copy`` over the whole vocabulary, (B, n_items): repeated items add up."""
+    def copy_logp_catalog(self, state: torch.Tensor, width: int) -> torch.Tensor:
+        """``log P_copy`` over the vocabulary -- and, with ``width = n_items + max_len``, the
+        row's new items at ``n_items + first position`` -- (B, width): repeated items add up.
+        Mass of a new item not re-identified stays on ``[UNK]``, a special column."""
         alpha = self.log_alpha(state).exp()
-        p = torch.zeros(len(state), n_items, dtype=state.dtype, device=state.device)
-        return p.scatter_add_(1, self.items(state), alpha).log()
+        ids = self.items(state)
+        alpha = alpha.masked_fill(ids >= width, 0.0)  # new items when only the vocabulary is asked for
+        p = torch.zeros(len(state), width, dtype=state.dtype, device=state.device)
+        return p.scatter_add_(1, ids.masked_fill(ids >= width, 0), alpha).log()
+
+    def with_new_items(self, state: torch.Tensor, first_pos: torch.Tensor, n_items: int) -> torch.Tensor:
+        """The state with each ``[UNK]`` slot whose original item is known (``first_pos`` >= 0:
+        the row's first position holding that item) renamed ``n_items + first_pos``."""
+        ids = self.items(state)
+        new = (ids == UNK) & (first_pos >= 0)
+        ids = torch.where(new, n_items + first_pos, ids)
+        out = state.clone()
+        out[..., self.dim + self.max_len :] = ids.to(state.dtype)
+        return out
 
     def copy_logp_columns(self, state: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """``log P_copy`` of given vocabulary ids per row, (B, C) for ``cols`` (B, C)."""
         alpha = self.log_alpha(state).exp()  # (B, L)
         same = cols[:, :, None] == self.items(state)[:, None, :]  # (B, C, L)
         return (same.to(alpha.dtype) * alpha[:, None, :]).sum(-1).log()
+
+    def without_new_items(self, state: torch.Tensor, n_items: int) -> torch.Tensor:
+        """The state with its new items' names dropped (back to ``[UNK]``): for a ranking that
+        excludes seen items, which they all are."""
+        ids = self.items(state)
+        out = state.clone()
+        out[..., self.dim + self.max_len :] = ids.masked_fill(ids >= n_items, UNK).to(state.dtype)
+        return out
 
     def context_items(self, state: torch.Tensor) -> torch.Tensor:
         """The copyable vocabulary ids of each row (PAD where a slot holds none), (B, L)."""

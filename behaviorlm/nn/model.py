@@ -219,16 +219,25 @@ class BehaviorTransformer(nn.Module):
         """Width of the inference state :meth:`forward` returns with ``last``."""
         return self.config.dim if self.state_layout is None else self.state_layout.width
 
-    def item_logp(self, state: torch.Tensor, next_action: torch.Tensor) -> torch.Tensor:
+    def item_logp(self, state: torch.Tensor, next_action: torch.Tensor, new_items: bool = False) -> torch.Tensor:
         """``log P(item | next action)`` over the vocabulary (specials -inf): the catalog
-        softmax, mixed with the copy distribution for a repeat-aware model."""
+        softmax, mixed with the copy distribution for a repeat-aware model. ``new_items`` adds
+        ``max_len`` columns after the vocabulary for the row's new items (:meth:`extended_width`)."""
         h = self.hidden(state)
         gen = torch.log_softmax(self.item_logits(h, next_action), -1)
         if self.copy_head is None or self.state_layout is None:
             return gen
         lay = self.state_layout
+        width = self.extended_width if new_items else self.config.n_items
+        gen = torch.nn.functional.pad(gen, (0, width - gen.shape[-1]), value=float("-inf"))
         log_g, log_1mg = gate_logps(self.copy_head.gate_logits(self.item_query(h, next_action)), lay.has_copy(state))
-        return mix(gen, lay.copy_logp_catalog(state, self.config.n_items), log_g, log_1mg)
+        return mix(gen, lay.copy_logp_catalog(state, width), log_g, log_1mg)
+
+    @property
+    def extended_width(self) -> int:
+        """Columns of a ranking with new items: the vocabulary, then one per context position
+        (a repeat-aware model; the vocabulary alone otherwise)."""
+        return self.config.n_items + (self.config.max_len if self.copy_head is not None else 0)
 
     def item_vectors(self, items: torch.Tensor) -> torch.Tensor:
         """Item embeddings plus their side features' (the one item representation: inputs, the

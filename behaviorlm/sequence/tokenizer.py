@@ -72,6 +72,10 @@ class EncodedSequences:
     items: np.ndarray
     actions: np.ndarray
     gaps: np.ndarray
+    #: per position, the code of an item outside the vocabulary (an index into ``new_ids``), else -1:
+    #: what lets a repeat-aware model return a new item the user just touched (encoded from events only)
+    new_codes: np.ndarray | None = None
+    new_ids: pl.Series | None = None  # code -> original item id
 
     @classmethod
     def empty(cls) -> EncodedSequences:
@@ -110,7 +114,18 @@ class EncodedSequences:
             items=self.items[idx],
             actions=self.actions[idx],
             gaps=self.gaps[idx],
+            new_codes=None if self.new_codes is None else self.new_codes[idx],
+            new_ids=self.new_ids,
         )
+
+    def padded_new_codes(self, rows: slice | np.ndarray) -> np.ndarray | None:
+        """:attr:`new_codes` in the layout of :meth:`padded` (-1 on padding), or None."""
+        if self.new_codes is None:
+            return None
+        part = self.lengths()[rows]
+        idx = self.offsets[:-1][rows][:, None] + np.arange(int(part.max()))[None, :]
+        valid = np.arange(int(part.max()))[None, :] < part[:, None]
+        return np.where(valid, self.new_codes[np.where(valid, idx, 0)], -1)
 
 
 class ActionTokenizer:
@@ -353,12 +368,20 @@ class ActionTokenizer:
         self._check_fitted()
         return np.fromiter(map(self._action_index.get, actions, repeat(UNK)), np.int64, len(actions))
 
-    def encode_one(self, user_id: Any, items: np.ndarray, actions: np.ndarray, seconds: np.ndarray) -> EncodedSequences:
+    def encode_one(
+        self,
+        user_id: Any,
+        items: np.ndarray,
+        actions: np.ndarray,
+        seconds: np.ndarray,
+        new_codes: np.ndarray | None = None,
+    ) -> EncodedSequences:
         """One user's time-sorted events (vocabulary ids and seconds since the previous event,
-        NaN for the first) -> the sequence :meth:`encode` builds for them, truncated."""
+        NaN for the first; optionally their new-item codes) -> the sequence :meth:`encode`
+        builds for them, truncated."""
         self._check_fitted()
         counts = np.array([len(items)], np.int64)
-        return self._assemble([user_id], counts, items, actions, self.gap_bucket(seconds), truncate=True)
+        return self._assemble([user_id], counts, items, actions, self.gap_bucket(seconds), True, new_codes)
 
     def encode(self, events: Events, truncate: bool = True, strict_actions: bool = False) -> EncodedSequences:
         """Encode every user's events (sorted by time) into BOS-prefixed token sequences.
@@ -372,6 +395,7 @@ class ActionTokenizer:
             "g"
         ].to_numpy()
         items = self.item_index(df["item_id"])
+        codes, new_ids = _new_item_codes(df["item_id"], items == UNK)
         actions = self.action_index(df["event_type"], strict=strict_actions)
         gaps = self.gap_bucket(gaps_s)
         if self.value_edges_:  # the values ride in the gap id (module docstring)
@@ -382,9 +406,11 @@ class ActionTokenizer:
         )
         user_ids = users.gather(starts).to_list()
         counts = np.diff(np.r_[starts, len(users)])
-        return self._assemble(user_ids, counts, items, actions, gaps, truncate)
+        enc = self._assemble(user_ids, counts, items, actions, gaps, truncate, codes)
+        enc.new_ids = new_ids
+        return enc
 
-    def _assemble(self, user_ids, counts, items, actions, gaps, truncate) -> EncodedSequences:
+    def _assemble(self, user_ids, counts, items, actions, gaps, truncate, codes=None) -> EncodedSequences:
         """Insert BOS before each user's first event and (optionally) keep the newest tokens."""
         n_users = len(counts)
         lens = counts + 1
@@ -397,10 +423,17 @@ class ActionTokenizer:
         out_gaps = np.full(total, GAP_NONE, np.int64)
         out_items[~is_bos], out_actions[~is_bos], out_gaps[~is_bos] = items, actions, gaps
         offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
-        enc = EncodedSequences(list(user_ids), offsets, out_items, out_actions, out_gaps)
+        out_codes = None
+        if codes is not None:
+            out_codes = np.full(total, -1, np.int64)
+            out_codes[~is_bos] = codes
+        enc = EncodedSequences(list(user_ids), offsets, out_items, out_actions, out_gaps, out_codes)
         if truncate and (lens > self.max_len).any():
             keep, new_offsets = concat_ranges(np.maximum(offsets[:-1], offsets[1:] - self.max_len), offsets[1:])
-            enc = EncodedSequences(list(user_ids), new_offsets, out_items[keep], out_actions[keep], out_gaps[keep])
+            kept_codes = None if out_codes is None else out_codes[keep]
+            enc = EncodedSequences(
+                list(user_ids), new_offsets, out_items[keep], out_actions[keep], out_gaps[keep], kept_codes
+            )
         return enc
 
     # ------------------------------------------------------------------ decode
@@ -481,6 +514,19 @@ def _as_plain_int(x: Any) -> int | None:
     except ValueError:
         return None
     return value if str(value) == text else None
+
+
+def _new_item_codes(item_ids: pl.Series, unknown: np.ndarray) -> tuple[np.ndarray, pl.Series]:
+    """Per event, a code for an item outside the vocabulary (-1 otherwise), and the code table:
+    the distinct such ids in order of first appearance."""
+    new_ids = item_ids.filter(pl.Series(unknown)).unique(maintain_order=True)
+    codes = np.full(len(item_ids), -1, np.int64)
+    if len(new_ids):
+        lookup = item_ids.filter(pl.Series(unknown)).replace_strict(
+            new_ids, np.arange(len(new_ids)), return_dtype=pl.Int64
+        )
+        codes[unknown] = lookup.to_numpy()
+    return codes, new_ids
 
 
 def _value_edges(df: pl.DataFrame, n_buckets: int) -> dict[str, list[float]]:

@@ -43,6 +43,8 @@ class Query:
     exclude_seen: bool = True
     allowed: np.ndarray | None = None  # vocabulary indices, or None for the whole catalog
     known_row: int = -1  # row of a user seen at fit time (their hidden state can be cached)
+    new_codes: np.ndarray | None = None  # per position: code of an item outside the vocabulary, else -1
+    new_ids: Any = None  # code -> original id (a sequence), for the items a repeat-aware model may return
 
     def has_known_items(self) -> bool:
         return bool((self.items >= N_SPECIAL).any())
@@ -89,7 +91,11 @@ class OnlineRecommender:
         """The stored history of a user seen at fit time; ``KeyError`` for anyone else."""
         row = self.rows_[self._key(user_id)]
         items, actions, gaps = self.enc_.sequence(row)
-        return Query(self.enc_.user_ids[row], items, actions, gaps, self.seen_[row], known_row=row, **opts)
+        codes = _codes(self.enc_, row)
+        return Query(
+            self.enc_.user_ids[row], items, actions, gaps, self.seen_[row], known_row=row, **opts,
+            new_codes=codes, new_ids=self.enc_.new_ids,
+        )
 
     def query_for_events(self, user_id: Any, events: Events, **opts: Any) -> Query:
         """Raw recent events of one user (validated :class:`Events`), encoded on the fly."""
@@ -98,11 +104,15 @@ class OnlineRecommender:
             raise EventsError(f"events must belong to exactly one user, got {len(enc)}")
         items, actions, gaps = enc.sequence(0)
         seen = self.tok.item_index(events.df["item_id"].unique())
-        return Query(user_id, items, actions, gaps, seen[seen >= N_SPECIAL], **opts)
+        return Query(
+            user_id, items, actions, gaps, seen[seen >= N_SPECIAL], **opts, new_codes=_codes(enc, 0), new_ids=enc.new_ids
+        )
 
     def query_for_request(self, user_id: Any, enc: EncodedRequest, **opts: Any) -> Query:
         """Raw recent events already read by the lean path (:mod:`behaviorlm.service.request_events`)."""
-        return Query(user_id, enc.items, enc.actions, enc.gaps, enc.seen, **opts)
+        return Query(
+            user_id, enc.items, enc.actions, enc.gaps, enc.seen, **opts, new_codes=enc.new_codes, new_ids=enc.new_ids
+        )
 
     def allowed_index(self, item_ids: Sequence[Any]) -> np.ndarray:
         idx = self.tok.item_index(list(item_ids))
@@ -114,8 +124,20 @@ class OnlineRecommender:
         h, a_logp = self._heads(queries)
         seen = _seen_pairs(queries)
         k = max(q.k for q in queries)
-        val, idx = self.engine.rank(h, a_logp, slice(0, len(queries)), k, seen, self._allowed(queries))
+        new_items = self._new_items(queries, h)
+        val, idx = self.engine.rank(h, a_logp, slice(0, len(queries)), k, seen, self._allowed(queries), None, new_items)
         return [self._ranked(q, val[r, : q.k], idx[r, : q.k]) for r, q in enumerate(queries)]
+
+    def _new_items(self, queries: list[Query], h: torch.Tensor) -> bool:
+        """Whether new context items may be returned (a repeat-aware model, seen items kept);
+        rows that exclude seen items lose their new items' names in ``h``, in place."""
+        layout = self.engine.network.state_layout
+        if layout is None:
+            return False
+        excluded = torch.tensor([q.exclude_seen for q in queries])
+        if excluded.any():
+            h[excluded] = layout.without_new_items(h[excluded], self.tok.n_items)
+        return not bool(excluded.all())
 
     def _allowed(self, queries: list[Query]) -> torch.Tensor | None:
         """One allow-list row per query (the whole catalog where a query has none)."""
@@ -130,7 +152,14 @@ class OnlineRecommender:
 
     def _ranked(self, q: Query, val: torch.Tensor, idx: torch.Tensor) -> Ranked:
         ok = torch.isfinite(val)
-        return Ranked(q.user_id, self.tok.decode_items(idx[ok].numpy()).tolist(), val[ok].exp().tolist())
+        kept = idx[ok].numpy()
+        new = kept >= self.tok.n_items  # n_items + the position of a new item in the query's sequence
+        if new.any():
+            assert q.new_codes is not None and q.new_ids is not None
+            kept = kept.copy()
+            kept[new] = self.tok.n_items + q.new_codes[kept[new] - self.tok.n_items]
+        ids = self.engine.decode(kept, None if q.new_ids is None else pl.Series(q.new_ids))
+        return Ranked(q.user_id, ids, val[ok].exp().tolist())
 
     def _heads(self, queries: list[Query]) -> tuple[torch.Tensor, torch.Tensor]:
         """Last hidden state and next-action log-probs per query; cached rows skip the transformer."""
@@ -174,7 +203,18 @@ def _stack(queries: list[Query]) -> EncodedSequences:
     lens = np.array([len(q.items) for q in queries], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lens)])
     cat = lambda name: np.concatenate([getattr(q, name) for q in queries])  # noqa: E731
-    return EncodedSequences([q.user_id for q in queries], offsets, cat("items"), cat("actions"), cat("gaps"))
+    # codes name new items within each row only (first positions): no need to make them unique
+    codes = np.concatenate([q.new_codes if q.new_codes is not None else np.full(len(q.items), -1) for q in queries])
+    enc = EncodedSequences([q.user_id for q in queries], offsets, cat("items"), cat("actions"), cat("gaps"))
+    enc.new_codes = codes.astype(np.int64)
+    return enc
+
+
+def _codes(enc: EncodedSequences, row: int) -> np.ndarray | None:
+    """One sequence's new-item codes (see :attr:`EncodedSequences.new_codes`), or None."""
+    if enc.new_codes is None:
+        return None
+    return enc.new_codes[enc.offsets[row] : enc.offsets[row + 1]]
 
 
 class MicroBatcher:

@@ -38,7 +38,7 @@ from behaviorlm.data.timestamps import (
     unit_of_magnitude,
     unix_micros,
 )
-from behaviorlm.sequence.tokenizer import N_SPECIAL, ActionTokenizer
+from behaviorlm.sequence.tokenizer import N_SPECIAL, UNK, ActionTokenizer
 
 # ISO-8601 shapes on which datetime.fromisoformat and the file path's polars formats agree
 # (checked value by value); anything else takes the full path.
@@ -53,6 +53,8 @@ class EncodedRequest:
     actions: np.ndarray
     gaps: np.ndarray
     seen: np.ndarray  # vocabulary indices of the known items among the events, unique
+    new_codes: np.ndarray | None = None  # per position: code of an item outside the vocabulary, else -1
+    new_ids: list[Any] | None = None  # code -> original id
 
 
 class RequestEncoder:
@@ -75,11 +77,13 @@ class RequestEncoder:
             return None
         order = keep[np.argsort(micros[keep], kind="stable")]  # ties keep the request's order
         seconds = np.r_[np.nan, np.diff(micros[order]) / 1e6]
-        item_idx = self.tok.lookup_items([items[i] for i in order])
+        ordered = [items[i] for i in order]
+        item_idx = self.tok.lookup_items(ordered)
         action_idx = self.tok.lookup_actions([actions[i] for i in order])  # type: ignore[misc,unused-ignore]
-        enc = self.tok.encode_one(user_id, item_idx, action_idx, seconds)
+        codes, new_ids = _new_codes(ordered, item_idx)
+        enc = self.tok.encode_one(user_id, item_idx, action_idx, seconds, codes)
         seen = np.unique(item_idx)
-        return EncodedRequest(enc.items, enc.actions, enc.gaps, seen[seen >= N_SPECIAL])
+        return EncodedRequest(enc.items, enc.actions, enc.gaps, seen[seen >= N_SPECIAL], enc.new_codes, new_ids)
 
     def _items(self, raw: tuple[Any, ...]) -> tuple[Any, ...] | list[Any] | None:
         """Ids as the file path cleans them: text stripped; blank or (with numeric ids) non-integer -> full path."""
@@ -143,6 +147,13 @@ class RequestEncoder:
 
 
 _REFUSED = object()  # an action name the schema's "raise" policy refuses
+
+
+def _new_codes(items: list[Any], item_idx: np.ndarray) -> tuple[np.ndarray, list[Any]]:
+    """Codes of the items outside the vocabulary (-1 for the rest) and the code -> id table."""
+    table: dict[Any, int] = {}
+    codes = [table.setdefault(i, len(table)) if x == UNK else -1 for i, x in zip(items, item_idx.tolist(), strict=True)]
+    return np.asarray(codes, np.int64), list(table)
 
 
 def _iso_micros(text: str) -> int | None:
