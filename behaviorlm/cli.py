@@ -391,6 +391,14 @@ def train(
     side_features: Annotated[
         str | None, Opt(help="item columns added to the item token, e.g. 'category,brand' (needs --items)")
     ] = None,
+    copy_head: Annotated[
+        bool | None,
+        Opt(
+            "--copy-head/--no-copy-head",
+            help="repeat-aware output: mix the catalog softmax with a copy of the user's own items "
+            "(default: the recipe's; on in clickstream-small@2 and clickstream-quick@2)",
+        ),
+    ] = None,
     checkpoint_dir: Annotated[Path | None, Opt(help="save resumable state here; a rerun resumes from it")] = None,
     checkpoint_every: Annotated[int, Opt(help="steps between checkpoints")] = 1000,
     nproc: Annotated[int, Opt(help="data-parallel processes on this machine (PyTorch DDP, gloo)")] = 1,
@@ -419,7 +427,7 @@ def train(
         epochs=epochs, max_len=max_len, dim=dim, n_layers=layers, n_heads=heads, ffn_mult=ffn_mult,
         batch_size=batch_size, lr=lr, dropout=dropout, patience=patience, seed=seed, max_steps=max_steps,
         min_item_count=min_item_count, value_buckets=value_buckets,
-        side_features=sides,
+        side_features=sides, copy_head=copy_head,
     )  # fmt: skip
     ckpt = _checkpointing(checkpoint_dir, checkpoint_every)
     model = _fit_for_cli(data, prepared, init_from, holdout, recipe, overrides, ckpt, exclude_seen)

@@ -29,15 +29,15 @@ import torch
 from behaviorlm.data.events import Events, as_events, validate_items
 from behaviorlm.data.schema import InputSchema
 from behaviorlm.errors import ConfigurationError, InputDataError, NotFittedError
+from behaviorlm.evaluation.baselines import catalog_index
 from behaviorlm.evaluation.metrics import per_user_metrics, rank_targets, seen_lists
 from behaviorlm.evaluation.splits import Holdout
-from behaviorlm.evaluation.baselines import catalog_index
 from behaviorlm.inference.engine import FRAME_SCHEMA, NO_SEEN, InferenceEngine, first_positions
 from behaviorlm.inference.retrieval import IndexParams, open_index, wants_ann
 from behaviorlm.model_dir import ModelFiles, read_model_dir, write_model_dir
 from behaviorlm.nn import distributed
 from behaviorlm.nn.checkpoint import Checkpointing
-from behaviorlm.nn.copy_head import calibrate_gate
+from behaviorlm.nn.copy_head import GATE_SHIFTS_COARSE, calibrate_gate
 from behaviorlm.nn.model import BehaviorTransformer, ModelConfig
 from behaviorlm.nn.training import TrainConfig, TrainHistory, train
 from behaviorlm.recipes import BASE_PARAMS, DEFAULT_RECIPE, get_recipe
@@ -329,15 +329,20 @@ class BehaviorLM:
             metric = f"ndcg@{k_val}"
             seen = seen_lists(validation.inputs, catalog) if exclude_seen else {}
 
-            def validate(_model: BehaviorTransformer) -> float:
+            def score() -> float:
                 ranks = rank_targets(self, validation, catalog, k_val, exclude_seen, seen).ranks
                 return float(per_user_metrics(ranks, k_val)[metric].mean())
+
+            def validate(model: BehaviorTransformer) -> float:
+                if model.copy_head is None:
+                    return score()
+                return calibrate_gate(model.copy_head, score, GATE_SHIFTS_COARSE)[1]  # kept with the epoch
 
         distributed.init_from_env()
         self.history_: TrainHistory = train(self.model_, data, tcfg, validate, self._log_epoch, checkpoint=checkpoint)
         if validate is not None and self.model_.copy_head is not None and distributed.current().is_main:
-            shift = calibrate_gate(self.model_.copy_head, lambda: validate(self.model_))
-            log.info("copy gate shift %.1f chosen on validation", shift)
+            shift, value = calibrate_gate(self.model_.copy_head, score)
+            log.info("copy gate shift %.1f chosen on validation (%s %.4f)", shift, metric, value)
 
     def _finish(self, n_events: int) -> None:
         self.fitted_at_ = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -58,7 +58,9 @@ def catalog(train):
 
 
 def test_recent_is_the_users_distinct_items_newest_first_then_popularity(train, catalog):
-    inputs = _events([("q", "c", "view", T), ("q", "a", "view", T + 1), ("q", "c", "view", T + 2), ("q", "b", "view", T + 3)])
+    inputs = _events(
+        [("q", "c", "view", T), ("q", "a", "view", T + 1), ("q", "c", "view", T + 2), ("q", "b", "view", T + 3)]
+    )
     ranking = _ranking(RecentBaseline().fit(train, catalog), inputs, "q", catalog, 6)
     assert ranking == ["b", "c", "a", "f", "d", "e"]  # then f (3 events) before d and e (1 each, order kept)
 

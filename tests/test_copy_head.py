@@ -223,7 +223,9 @@ def test_the_service_returns_a_new_item_from_raw_events(model):
         want = model.recommend(events=events, k=5, exclude_seen=False)["item_id"].to_list()
         full = online.query_for_events(user, model.validate_input(events), k=5, exclude_seen=False)
         triples = [(i, a, t.isoformat()) for i, a, t in events.select("item_id", "event_type", "timestamp").rows()]
-        lean = online.query_for_request(user, RequestEncoder(model.tokenizer_, model.input_schema_).encode(user, triples), k=5, exclude_seen=False)
+        lean = online.query_for_request(
+            user, RequestEncoder(model.tokenizer_, model.input_schema_).encode(user, triples), k=5, exclude_seen=False
+        )
         excluded = online.query_for_events(user, model.validate_input(events), k=5, exclude_seen=True)
         got = online.recommend([full, lean, excluded])
     finally:

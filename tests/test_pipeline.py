@@ -122,3 +122,20 @@ def test_taobao_pipeline_then_champion_batch_scoring(workspace):
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps and pl.read_parquet(seg_dir / "users.parquet").equals(
         users
     )
+
+
+def test_two_demo_runs_print_the_same_figures(workspace, capsys):
+    """Fixed seeds and thread settings: the same command twice gives the same metrics and segments."""
+    figures = []
+    for run in ("a", "b"):
+        out = workspace / run
+        argv = ["--events", str(workspace / "events.csv"), "--date", "2023-11-19", "--out", str(out), "--epochs", "2"]
+        argv += ["--max-len", "32", "--n-windows", "2", "--explain-users", "3", "--experiment", f"det-{run}"]
+        assert demo.main(argv) == 0
+        metrics = json.loads((out / "metrics.json").read_text())
+        users = pl.read_parquet(out / "segments" / "date=2023-11-19" / "users.parquet")
+        figures.append(
+            (metrics["ndcg@10"], metrics["baselines"], users.select("user_id", "tier", "cluster").sort("user_id"))
+        )
+    assert figures[0][0] == figures[1][0] and figures[0][1] == figures[1][1]
+    assert figures[0][2].equals(figures[1][2])

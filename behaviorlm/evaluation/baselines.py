@@ -12,8 +12,9 @@ The rules a practitioner would try before any model, each fitted on training eve
   simple rules of session-based recommendation (Ludewig & Jannach, UMUAI 2018).
 
 Every scorer ranks the items its rule scores first (popularity only breaking exact ties), then
-the rest by popularity, so a user whose history gives the rule nothing still gets a sensible list. ``recent`` and ``repeat`` can
-only propose items the user already touched: where seen items are excluded they do not apply
+the rest by popularity, so a user whose history gives the rule nothing still gets a sensible
+list. ``recent`` and ``repeat`` can only propose items the user already touched: where seen
+items are excluded they do not apply
 (:data:`SEEN_ONLY`), and evaluation lists them as such instead of scoring them.
 """
 
@@ -203,7 +204,8 @@ class RepeatBaseline:
         past = h.filter(pl.col("age") > 0).with_columns(pl.col("age") - 1).join(target, on="user_id")
         near = past.filter(pl.col("age") < self.window)
         w = near.group_by("event_type").agg(((pl.col("c") == pl.col("t")) & (pl.col("c") >= 0)).mean().alias("w"))
-        floor = max(float(w["w"].max() or 0.0) * 1e-3, 1e-6)  # an action never repeated still counts a little
+        top = float(w["w"].fill_null(0.0).max() or 0.0)  # type: ignore[arg-type]  # a float column's max
+        floor = max(top * 1e-3, 1e-6)  # an action never repeated still counts a little
         self.weights_ = {a: max(float(x), floor) for a, x in zip(w["event_type"], w["w"], strict=True)}
         self.default_weight_ = floor
         scored = {hl: self._internal_ndcg(past, hl) for hl in self.half_lives}
@@ -269,7 +271,9 @@ class SessionKNNBaseline:
 
     def score(self, inputs, users, catalog, chunk: int = 256):
         n_fit = self.sessions_.shape[1]  # items after the training catalog have no sessions
-        h = _history(inputs, catalog).filter((pl.col("c") >= 0) & (pl.col("c") < n_fit) & (pl.col("age") < self.query_len))
+        h = _history(inputs, catalog).filter(
+            (pl.col("c") >= 0) & (pl.col("c") < n_fit) & (pl.col("age") < self.query_len)
+        )
         q = h.group_by("user_id", "c").agg((1.0 - pl.col("age").min() / self.query_len).alias("w"))
         dtype = inputs.df["user_id"].dtype
         for part in _user_chunks(users, chunk):

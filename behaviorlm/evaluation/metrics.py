@@ -70,7 +70,7 @@ def rank_targets(
     :class:`ContextCatalog` the ranks with context items are computed from the same scores.
     """
     ctx = catalog if isinstance(catalog, ContextCatalog) else None
-    full = ctx.catalog if ctx else catalog
+    full: pl.Series = catalog.catalog if isinstance(catalog, ContextCatalog) else catalog
     n_train = ctx.n_train if ctx else len(full)
     targets = holdout.targets
     users = targets["user_id"].to_list()
@@ -83,7 +83,9 @@ def rank_targets(
     for part, scores in scorer.score(holdout.inputs, users, full):
         scores = scores.float().clone()
         t_idx = torch.tensor([tgt[u] for u in part], dtype=torch.long)
-        target_seen = _mask_seen(scores, part, t_idx, seen) if exclude_seen else torch.zeros(len(part), dtype=torch.bool)
+        target_seen = (
+            _mask_seen(scores, part, t_idx, seen) if exclude_seen else torch.zeros(len(part), dtype=torch.bool)
+        )
         if ctx is not None:
             _mask_others_context(scores, part, ctx)
             ranks_ctx.append(_ranks(scores, t_idx, target_seen))

@@ -158,7 +158,10 @@ def evaluate(
     if isinstance(ranked, ContextCatalog):
         protocol["context_items"] = len(ranked.catalog) - ranked.n_train
         protocol["unrankable_targets_with_context"] = int(
-            sum(_outside_context(ranked, u, t) for u, t in zip(ur.users, _target_index(ranked, ho, ur.users)))
+            sum(
+                _outside_context(ranked, u, t)
+                for u, t in zip(ur.users, _target_index(ranked, ho, ur.users), strict=True)
+            )
         )
     return EvaluationReport(protocol, model_metrics, base_results, paired)
 

@@ -347,8 +347,8 @@ def _score_tokens(
     lo, hi, rows = lo[order], hi[order], rows[order]
     start = np.maximum(lo, hi - engine.max_len)
     flat, offsets = concat_ranges(start, hi)
-    tokens = (np.asarray(getattr(enc, f)[flat], np.int64) for f in ("items", "actions", "gaps"))
-    recent = EncodedSequences(list(range(len(rows))), offsets, *tokens)  # ids attached to the frame below
+    items, actions, gaps = (np.asarray(getattr(enc, f)[flat], np.int64) for f in ("items", "actions", "gaps"))
+    recent = EncodedSequences(list(range(len(rows))), offsets, items, actions, gaps)  # ids attached to the frame below
     seen = NO_SEEN
     if options.exclude_seen:
         every, every_off = concat_ranges(lo, hi)

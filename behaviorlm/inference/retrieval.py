@@ -472,7 +472,9 @@ def _score_candidates(
     return _pad(val, cand.gather(1, pos), k)
 
 
-def _with_copy(network: Any, state: torch.Tensor, q: torch.Tensor, gen: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+def _with_copy(
+    network: Any, state: torch.Tensor, q: torch.Tensor, gen: torch.Tensor, cand: torch.Tensor
+) -> torch.Tensor:
     """The candidates' catalog log-probs (B, A, C) mixed with their exact copy log-probs, for a
     repeat-aware model (:mod:`behaviorlm.nn.copy_head`); unchanged otherwise."""
     layout = network.state_layout

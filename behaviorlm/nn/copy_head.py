@@ -83,6 +83,7 @@ class CopyHead(nn.Module):
         self.gate = nn.Linear(dim, 1)
         self.scale = 1.0 / math.sqrt(dim)
         # added to the gate logit; 0 in training, fitted on validation afterwards (calibrate_gate)
+        self.gate_shift: torch.Tensor
         self.register_buffer("gate_shift", torch.zeros(()))
 
     def position_logits(
@@ -120,17 +121,24 @@ class CopyHead(nn.Module):
         any_ok = ok.any(-1, keepdim=True)
         return torch.where(any_ok, torch.log_softmax(scores.masked_fill(~any_ok, 0.0), -1), scores)
 
-    def gate_logits(self, query: torch.Tensor) -> torch.Tensor:
-        """Logit of the copy gate for next-action queries ``h + e_a`` (..., d) -> (...)."""
-        return self.gate(query).squeeze(-1) + self.gate_shift
+    def gate_logits(self, query: torch.Tensor, shifted: bool = True) -> torch.Tensor:
+        """Logit of the copy gate for next-action queries ``h + e_a`` (..., d) -> (...); the
+        training loss asks for it without the validation-fitted shift (``shifted=False``)."""
+        logit = self.gate(query).squeeze(-1)
+        return logit + self.gate_shift if shifted else logit
 
 
 #: gate shifts tried on validation, in logits: 0 keeps the trained gate, larger ones trust the copy more
 GATE_SHIFTS = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0)
+#: the coarser grid tried at every validation during training (so early stopping compares epochs
+#: at their best gate, not at a gate the memorising catalog softmax has pulled away)
+GATE_SHIFTS_COARSE = (0.0, 2.0, 8.0)
 
 
-def calibrate_gate(head: CopyHead, score: Callable[[], float], shifts: tuple[float, ...] = GATE_SHIFTS) -> float:
-    """Fit :attr:`CopyHead.gate_shift` on held-out users; returns the shift kept.
+def calibrate_gate(
+    head: CopyHead, score: Callable[[], float], shifts: tuple[float, ...] = GATE_SHIFTS
+) -> tuple[float, float]:
+    """Fit :attr:`CopyHead.gate_shift` on held-out users; returns (shift kept, its score).
 
     Why: the gate is trained on the training sequences, where the catalog softmax has
     memorised what came next; on a sparse catalog (Taobao: 55k items, 814 users) it is far
@@ -140,12 +148,13 @@ def calibrate_gate(head: CopyHead, score: Callable[[], float], shifts: tuple[flo
     test users; ties keep the smaller shift.
     """
     results = {}
+    buffer = head.gate_shift
     for shift in shifts:
-        head.gate_shift.fill_(shift)
+        buffer.fill_(shift)
         results[shift] = score()
     best = max(results, key=lambda s: (results[s], -s))
-    head.gate_shift.fill_(best)
-    return best
+    buffer.fill_(best)
+    return best, results[best]
 
 
 def gate_logps(gate_logit: torch.Tensor, has_copy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -59,7 +59,9 @@ class ModelConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigurationError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.copy_head and self.n_items >= MAX_COPY_ITEMS:
-            raise ConfigurationError(f"copy_head supports catalogs below {MAX_COPY_ITEMS:,} items, got {self.n_items:,}")
+            raise ConfigurationError(
+                f"copy_head supports catalogs below {MAX_COPY_ITEMS:,} items, got {self.n_items:,}"
+            )
 
 
 def at_positions(x: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
@@ -309,7 +311,9 @@ class BehaviorTransformer(nn.Module):
             mine = self.state_dict()
             for name, target in bigger.state_dict().items():
                 old = mine[name]
-                (target[: old.shape[0]] if old.dim() else target).copy_(old)  # vocabulary-sized tensors grow along dim 0
+                (target[: old.shape[0]] if old.dim() else target).copy_(
+                    old
+                )  # vocabulary-sized tensors grow along dim 0
         return bigger.train(self.training)
 
     def num_parameters(self) -> int:

@@ -298,7 +298,7 @@ def _mixture_target_logp(
     # probabilities, not a logsumexp over -inf rows (NaN gradients); log(0) clamps to a tiny floor
     copy_p = (log_alpha.exp() * same).sum(-1)[mask]
     has_copy = torch.isfinite(log_alpha).any(-1)[mask]
-    log_g, log_1mg = gate_logps(model.copy_head.gate_logits(q), has_copy)
+    log_g, log_1mg = gate_logps(model.copy_head.gate_logits(q, shifted=False), has_copy)
     return torch.logaddexp(log_g + copy_p.clamp_min(1e-30).log(), log_1mg + gen_lp)
 
 

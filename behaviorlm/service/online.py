@@ -93,8 +93,15 @@ class OnlineRecommender:
         items, actions, gaps = self.enc_.sequence(row)
         codes = _codes(self.enc_, row)
         return Query(
-            self.enc_.user_ids[row], items, actions, gaps, self.seen_[row], known_row=row, **opts,
-            new_codes=codes, new_ids=self.enc_.new_ids,
+            self.enc_.user_ids[row],
+            items,
+            actions,
+            gaps,
+            self.seen_[row],
+            known_row=row,
+            **opts,
+            new_codes=codes,
+            new_ids=self.enc_.new_ids,
         )
 
     def query_for_events(self, user_id: Any, events: Events, **opts: Any) -> Query:
@@ -105,7 +112,14 @@ class OnlineRecommender:
         items, actions, gaps = enc.sequence(0)
         seen = self.tok.item_index(events.df["item_id"].unique())
         return Query(
-            user_id, items, actions, gaps, seen[seen >= N_SPECIAL], **opts, new_codes=_codes(enc, 0), new_ids=enc.new_ids
+            user_id,
+            items,
+            actions,
+            gaps,
+            seen[seen >= N_SPECIAL],
+            **opts,
+            new_codes=_codes(enc, 0),
+            new_ids=enc.new_ids,
         )
 
     def query_for_request(self, user_id: Any, enc: EncodedRequest, **opts: Any) -> Query:
