@@ -11,8 +11,11 @@ itself::
     items.parquet       item metadata, when the model was fitted with it
 
 It is written atomically (a temporary folder renamed into place), so a reader never sees a
-half-written model. Format 1 (behaviorlm 0.1: no format version, no input schema) is migrated
-on load; a newer format is refused with both versions named.
+half-written model. Older formats are migrated on load -- 1 (behaviorlm 0.1: no format
+version, no input schema) and 2 (before the repeat-aware output: its ``config.json`` has no
+``copy_head``, which reads as off) --; a newer format is refused with both versions named.
+Format 3 (0.7) may hold a copy head (``copy_head`` in the config, its weights and the
+validation-fitted ``copy_head.gate_shift`` in the state dict).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from behaviorlm.errors import ModelFormatError
 from behaviorlm.nn.model import BehaviorTransformer
 from behaviorlm.sequence.tokenizer import ActionTokenizer
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 MANIFEST = "estimator.json"
 WEIGHTS = "weights.pt"
 
@@ -99,6 +102,9 @@ def _migrate(manifest: dict[str, Any], version: int) -> dict[str, Any]:
     """Bring an older manifest up to :data:`FORMAT_VERSION`, one version step at a time."""
     if version == 1:  # behaviorlm 0.1 trained on canonical columns and had no schema record
         manifest = {**manifest, "input_schema": InputSchema().to_dict(), "recipe": None, "format_version": 2}
+        version = 2
+    if version == 2:  # no copy head: the network config's default (copy_head=False) reads it as is
+        manifest = {**manifest, "format_version": 3}
     return manifest
 
 

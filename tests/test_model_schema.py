@@ -183,7 +183,7 @@ def test_newer_formats_are_refused_naming_both_versions(small_model, tmp_path):
     small_model.save(tmp_path / "m")
     manifest = json.loads((tmp_path / "m" / MANIFEST).read_text())
     (tmp_path / "m" / MANIFEST).write_text(json.dumps(manifest | {"format_version": 99, "behaviorlm_version": "9.0"}))
-    with pytest.raises(ModelFormatError, match=r"format version 99 \(written by behaviorlm 9.0\).*1 to 2"):
+    with pytest.raises(ModelFormatError, match=r"format version 99 \(written by behaviorlm 9.0\).*1 to 3"):
         BehaviorLM.load(tmp_path / "m")
 
 
@@ -218,11 +218,17 @@ def test_recipes_are_named_versioned_and_overridable():
     assert {"ml-1m", "clickstream-small", "quick"} <= set(RECIPES)
     m = BehaviorLM("clickstream-small", epochs=3)
     assert m.params["epochs"] == 3 and m.params["n_negatives"] == 4096 and m.params["loss"] == "auto"
-    assert "recipe='clickstream-small@1'" in repr(m) and "epochs=3" in repr(m)
+    assert "recipe='clickstream-small@2'" in repr(m) and "epochs=3" in repr(m)
     with pytest.raises(ConfigurationError, match="unknown recipe"):
         BehaviorLM("nope")
-    with pytest.raises(ConfigurationError, match="has version 1"):
+    with pytest.raises(ConfigurationError, match="has no version '2'; known: \\['ml-1m@1'\\]"):
         get_recipe("ml-1m@2")
+    # a new version leaves the old one loadable by name (a saved model names its version)
+    assert get_recipe("clickstream-small@1").params["copy_head"] is False
+    assert (
+        get_recipe("clickstream-small").ref == "clickstream-small@2"
+        and get_recipe("clickstream-small").params["copy_head"]
+    )
 
 
 def test_scikit_learn_protocol():
@@ -234,3 +240,16 @@ def test_scikit_learn_protocol():
         m.set_params(wings=2)
     with pytest.raises(ConfigurationError, match="divisible"):
         BehaviorLM(dim=10, n_heads=3)
+
+
+def test_format_2_directories_load_without_a_copy_head(small_model, tmp_path):
+    """Folders written before the repeat-aware output (format 2, no copy_head in config.json)."""
+    small_model.save(tmp_path / "m")
+    manifest = json.loads((tmp_path / "m" / MANIFEST).read_text())
+    (tmp_path / "m" / MANIFEST).write_text(json.dumps(manifest | {"format_version": 2}))
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config.pop("copy_head")
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    back = BehaviorLM.load(tmp_path / "m")
+    assert back.model_.copy_head is None and not back.model_.config.copy_head
+    assert back.recommend([0], k=3)["item_id"].to_list() == small_model.recommend([0], k=3)["item_id"].to_list()
