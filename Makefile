@@ -69,7 +69,8 @@ cdnow: install
 BENCH_TARGETS := bench-pretrain-ml1m bench-pretrain-taobao bench-tokenizer bench-scoring \
 	bench-propensity bench-segments bench-explain bench-pipeline bench-api bench-notebooks bench-bad-input \
 	bench-scale bench-scale-large bench-scale-train bench-scale-train-large bench-incremental \
-	bench-retrieval bench-engines bench-api-production bench-propensity-cdnow bench-side-features
+	bench-retrieval bench-engines bench-api-production bench-propensity-cdnow bench-side-features \
+	bench-clickstream bench-clickstream-ml1m bench-clickstream-cost
 ML1M_MODEL := data/models/ml-1m-loo-d01
 
 bench: $(BENCH_TARGETS)
@@ -252,3 +253,18 @@ docs-build: install
 
 clean:
 	rm -rf $(VENV) build .pytest_cache
+
+# section 20 [~50 min]: the repeat-aware model against recent / repeat / session-kNN / item-kNN /
+# co-occurrence / popularity on five clickstreams (Taobao, REES46, Tmall, RetailRocket, Taobao-31k)
+bench-clickstream: install
+	$(BIN)/python benchmarks/clickstream.py
+
+# section 20 [~30 min]: the mechanism where it cannot help (ML-1M, seen items excluded), beside section 1
+bench-clickstream-ml1m: data
+	$(BIN)/python benchmarks/pretrain.py --dataset ml-1m --epochs 30 --dropout 0.1 --copy-head on --tag copy \
+	  --save data/models/ml-1m-loo-copy
+
+# section 20 [~15 min]: its cost, interleaved A/B against the plain model on Taobao (training,
+# batch scoring, the API with known users and 50 raw events)
+bench-clickstream-cost: install system-deps
+	$(BIN)/python benchmarks/clickstream_cost.py --api

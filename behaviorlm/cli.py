@@ -499,7 +499,9 @@ def evaluate(
     exclude_seen: Annotated[bool | None, Opt(help="default: as in training")] = None,
     metrics_out: Annotated[Path, Opt("--metrics-out", help="where to write metrics.json")] = Path("metrics.json"),
 ) -> None:
-    """Full-catalog evaluation against popularity and co-occurrence baselines."""
+    """Full-catalog evaluation beside the practitioners' baselines (popularity, co-occurrence,
+    recent, repeat, session-kNN, item-kNN), with paired bootstrap intervals; where seen items are
+    kept, also with each user's context items and split by repeat / new-item targets."""
     from behaviorlm.data.io import write_text_atomic
     from behaviorlm.evaluation import comparison_lines
     from behaviorlm.evaluation import evaluate as run_evaluation

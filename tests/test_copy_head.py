@@ -232,3 +232,24 @@ def test_the_service_returns_a_new_item_from_raw_events(model):
         model.model_.copy_head.gate_shift.fill_(0.7)
     assert "fresh-1" in want and got[0].item_ids == want and got[1].item_ids == want
     assert "fresh-1" not in got[2].item_ids
+
+
+def test_the_daily_increment_keeps_the_copy_head(events):
+    m = BehaviorLM(max_len=12, dim=16, n_layers=1, n_heads=2, epochs=1, copy_head=True, seed=0, progress=False)
+    m.fit(events)
+    m.model_.copy_head.gate_shift.fill_(1.5)
+    before = {k: v.clone() for k, v in m.model_.copy_head.state_dict().items()}
+    day = (
+        m.histories_.group_by("user_id")
+        .tail(2)
+        .with_columns(
+            item_id=pl.lit("brand-new"),
+            event_type=pl.lit("add_to_favorites"),
+            timestamp=pl.col("timestamp") + pl.duration(days=1),
+        )
+    )
+    m.fit_partial(day, epochs=1, lr=1e-9)
+    after = m.model_.copy_head.state_dict()
+    assert float(after["gate_shift"]) == 1.5 and after["action_bias"].shape[0] == before["action_bias"].shape[0] + 1
+    torch.testing.assert_close(after["recency_bias"], before["recency_bias"], atol=1e-4, rtol=0)
+    assert "brand-new" in m.tokenizer_.items_  # the vocabulary grew; the copy head's shapes followed it
