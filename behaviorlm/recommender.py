@@ -29,7 +29,7 @@ import torch
 from behaviorlm.data.events import Events, as_events, validate_items
 from behaviorlm.data.schema import InputSchema
 from behaviorlm.errors import ConfigurationError, InputDataError, NotFittedError
-from behaviorlm.evaluation.baselines import catalog_index
+from behaviorlm.evaluation.baselines import RepeatBaseline, catalog_index
 from behaviorlm.evaluation.metrics import per_user_metrics, rank_targets, seen_lists
 from behaviorlm.evaluation.splits import Holdout
 from behaviorlm.inference.engine import FRAME_SCHEMA, NO_SEEN, InferenceEngine, first_positions
@@ -43,7 +43,7 @@ from behaviorlm.nn.training import TrainConfig, TrainHistory, train
 from behaviorlm.recipes import BASE_PARAMS, DEFAULT_RECIPE, get_recipe
 from behaviorlm.sequence.corpus import Corpus
 from behaviorlm.sequence.shards import PreparedShards
-from behaviorlm.sequence.tokenizer import ActionTokenizer, EncodedSequences
+from behaviorlm.sequence.tokenizer import N_SPECIAL, ActionTokenizer, EncodedSequences
 
 log = logging.getLogger(__name__)
 
@@ -235,6 +235,8 @@ class BehaviorLM:
         torch.manual_seed(p["seed"])
         self.model_ = BehaviorTransformer(self._network_config())
         self.model_.set_item_sides(torch.from_numpy(self.tokenizer_.item_sides_))
+        if self.model_.copy_head is not None and not isinstance(events, PreparedShards):
+            self._warm_start_copy(ev)
         self.exclude_seen_, self.training_data_ = exclude_seen, training_data
         self._train(data, validation, exclude_seen, k_val, TrainConfig(**{k: p[k] for k in _TRAIN_PARAMS}), checkpoint)
         self.prepared_from_ = str(events.folder) if isinstance(events, PreparedShards) else None
@@ -245,6 +247,22 @@ class BehaviorLM:
             self._remember_users(ev)
         self._finish(n_events)
         return self
+
+    def _warm_start_copy(self, ev: Events) -> None:
+        """Start the copy head at the "buy again" rule fitted on the training events (its
+        half-life and action weights; :class:`~behaviorlm.evaluation.baselines.RepeatBaseline`),
+        so the repeat-aware model begins where the strongest simple baseline is. Shards skip it
+        (the default prior stays): the rule would need the events in memory."""
+        assert self.model_.copy_head is not None
+        rule = RepeatBaseline().fit(ev, ev.df["item_id"].unique(maintain_order=True))
+        weights = torch.zeros(self.tokenizer_.n_actions)
+        names = list(rule.weights_)
+        weights[torch.from_numpy(self.tokenizer_.action_index(names, strict=False))] = torch.tensor(
+            [rule.weights_[a] for a in names]
+        )
+        weights[N_SPECIAL:] = weights[N_SPECIAL:].clamp_min(rule.default_weight_)
+        self.model_.copy_head.warm_start(rule.half_life_, weights)
+        log.info("copy head starts at the repeat rule: half-life %g events, weights %s", rule.half_life_, rule.weights_)
 
     def fit_partial(
         self,

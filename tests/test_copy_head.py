@@ -253,3 +253,19 @@ def test_the_daily_increment_keeps_the_copy_head(events):
     assert float(after["gate_shift"]) == 1.5 and after["action_bias"].shape[0] == before["action_bias"].shape[0] + 1
     torch.testing.assert_close(after["recency_bias"], before["recency_bias"], atol=1e-4, rtol=0)
     assert "brand-new" in m.tokenizer_.items_  # the vocabulary grew; the copy head's shapes followed it
+
+
+def test_warm_start_makes_the_copy_part_the_buy_again_rule():
+    """With the attention term off, the copy weights are ``w[action] * 0.5 ** (age / half_life)``."""
+    from behaviorlm.nn.copy_head import CopyHead
+
+    head = CopyHead(8, 6)
+    torch.nn.init.zeros_(head.query.weight)  # the attention term at zero: only the biases speak
+    torch.nn.init.zeros_(head.query.bias)
+    weights = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.1, 0.4])
+    head.warm_start(2.0, weights)
+    items = torch.tensor([[1, 7, 8, 7, 9]])  # BOS, then events aged 3, 2, 1, 0
+    actions = torch.tensor([[1, 4, 5, 4, 4]])
+    alpha = head.position_logits_at(torch.randn(1, 8), torch.randn(1, 5, 8), items, actions, torch.tensor([4])).exp()
+    rule = torch.tensor([0.0, 0.1 * 0.5**1.5, 0.4 * 0.5**1.0, 0.1 * 0.5**0.5, 0.1])
+    torch.testing.assert_close(alpha[0], rule / rule.sum(), atol=1e-5, rtol=1e-4)

@@ -86,6 +86,15 @@ class CopyHead(nn.Module):
         self.gate_shift: torch.Tensor
         self.register_buffer("gate_shift", torch.zeros(()))
 
+    @torch.no_grad()
+    def warm_start(self, half_life: float, action_weights: torch.Tensor) -> None:
+        """Start the copy distribution at the "buy again" rule ``sum_e w[action_e] *
+        0.5 ** (age_e / half_life)`` (``action_weights`` indexed by action id): with the
+        attention term near zero at initialisation, the copy part then *is* that rule fitted
+        on the training events, and training starts from the baseline instead of a guess."""
+        self.recency_bias.copy_(recency_prior(half_life))
+        self.action_bias.copy_(action_weights.to(self.action_bias.dtype).clamp_min(1e-6).log())
+
     def position_logits(
         self, h: torch.Tensor, context: torch.Tensor, items: torch.Tensor, actions: torch.Tensor
     ) -> torch.Tensor:
