@@ -269,3 +269,17 @@ def test_warm_start_makes_the_copy_part_the_buy_again_rule():
     alpha = head.position_logits_at(torch.randn(1, 8), torch.randn(1, 5, 8), items, actions, torch.tensor([4])).exp()
     rule = torch.tensor([0.0, 0.1 * 0.5**1.5, 0.4 * 0.5**1.0, 0.1 * 0.5**0.5, 0.1])
     torch.testing.assert_close(alpha[0], rule / rule.sum(), atol=1e-5, rtol=1e-4)
+
+
+def test_the_fast_mixture_equals_the_plain_one():
+    from behaviorlm.nn.copy_head import gate_logps, mix
+
+    net = _net()
+    items, actions, gaps = _batch(net, 10)
+    state = net(items, actions, gaps, last=torch.tensor([9, 5, 2]))
+    lay, a = net.state_layout, torch.full((3,), N_SPECIAL + 1)
+    h = net.hidden(state)
+    gen = torch.log_softmax(net.item_logits(h, a), -1)
+    log_g, log_1mg = gate_logps(net.copy_head.gate_logits(net.item_query(h, a)), lay.has_copy(state))
+    plain = mix(gen, lay.copy_logp_catalog(state, net.config.n_items), log_g, log_1mg)
+    torch.testing.assert_close(net.item_logp(state, a), plain)

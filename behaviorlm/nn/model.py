@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from behaviorlm.errors import ConfigurationError
-from behaviorlm.nn.copy_head import MAX_COPY_ITEMS, CopyHead, CopyState, gate_logps, mix
+from behaviorlm.nn.copy_head import MAX_COPY_ITEMS, CopyHead, CopyState, gate_logps
 from behaviorlm.sequence.tokenizer import N_SPECIAL, PAD
 
 
@@ -226,14 +226,15 @@ class BehaviorTransformer(nn.Module):
         softmax, mixed with the copy distribution for a repeat-aware model. ``new_items`` adds
         ``max_len`` columns after the vocabulary for the row's new items (:meth:`extended_width`)."""
         h = self.hidden(state)
-        gen = torch.log_softmax(self.item_logits(h, next_action), -1)
+        logits = self.item_logits(h, next_action)
         if self.copy_head is None or self.state_layout is None:
-            return gen
+            return torch.log_softmax(logits, -1)
         lay = self.state_layout
         width = self.extended_width if new_items else self.config.n_items
-        gen = torch.nn.functional.pad(gen, (0, width - gen.shape[-1]), value=float("-inf"))
+        if width > logits.shape[-1]:  # the new items' columns: nothing but their copy mass
+            logits = torch.nn.functional.pad(logits, (0, width - logits.shape[-1]), value=float("-inf"))
         log_g, log_1mg = gate_logps(self.copy_head.gate_logits(self.item_query(h, next_action)), lay.has_copy(state))
-        return mix(gen, lay.copy_logp_catalog(state, width), log_g, log_1mg)
+        return lay.mix_into(torch.log_softmax(logits, -1), log_g, log_1mg, state)
 
     @property
     def extended_width(self) -> int:
