@@ -233,7 +233,7 @@ class PropensityHead(nn.Module):
 
     def forward_all(self, items, actions, gaps, last, x: torch.Tensor | None = None) -> torch.Tensor:
         """(B, n_outputs) logits."""
-        return self._read(self.backbone(items, actions, gaps, last=last), x)
+        return self._read(self.backbone.hidden_states(items, actions, gaps, last), x)
 
     def forward(self, items, actions, gaps, last, x: torch.Tensor | None = None) -> torch.Tensor:
         """(B,) logits of the main target."""
@@ -416,7 +416,7 @@ class TransformerScorer:
         data = self._encode(ex)
         if not len(data.seqs):
             return np.zeros((0, self.net_.backbone.config.dim))
-        return self._batched(data, lambda i, a, g, last, x: self.net_.backbone(i, a, g, last=last)).numpy()
+        return self._batched(data, lambda i, a, g, last, x: self.net_.backbone.hidden_states(i, a, g, last)).numpy()
 
     def save(self, directory: Path) -> None:
         self.net_.backbone.save(directory / "backbone")
