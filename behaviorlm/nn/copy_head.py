@@ -225,24 +225,20 @@ class CopyState:
         p = torch.zeros(len(state), width, dtype=state.dtype, device=state.device)
         return p.scatter_add_(1, ids.masked_fill(ids >= width, 0), alpha).log()
 
-    def mix_into(
-        self, gen_logp: torch.Tensor, log_g: torch.Tensor, log_1mg: torch.Tensor, state: torch.Tensor
-    ) -> torch.Tensor:
-        """:func:`mix` of ``gen_logp`` (B, width; modified in place) with the copy distribution,
-        touching the full width once: every column gets ``log(1-g) + gen``, then only the
-        row's (at most ``max_len``) context columns are recomputed with their copy mass --
-        repeats of an item summed over positions by an (L x L) comparison, not a width-sized
-        scatter. Equal to ``mix(gen, copy_logp_catalog(...))`` (tested); ids past the width
-        (new items when only the vocabulary is asked for) are dropped."""
-        width = gen_logp.shape[-1]
+    def add_copy(self, shifted: torch.Tensor, log_g: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """``shifted = log(1-g) + log P_gen`` (B, width; modified in place) -> the mixture's log
+        probability: only the row's (at most ``max_len``) context columns change, to
+        ``log(g P_copy + (1-g) P_gen)`` -- repeats of an item summed over positions by an
+        (L x L) comparison, not a width-sized scatter -- so the full width is touched once.
+        Equal to ``mix(gen, copy_logp_catalog(...))`` (tested); ids past the width (new items
+        when only the vocabulary is asked for) are dropped."""
+        width = shifted.shape[-1]
         ids = self.items(state)
         alpha = self.log_alpha(state).exp().masked_fill(ids >= width, 0.0)
         ids = ids.masked_fill(ids >= width, 0)  # PAD: -inf whatever is written there
         copy_p = ((ids[:, :, None] == ids[:, None, :]) * alpha[:, None, :]).sum(-1)  # (B, L): per distinct id
-        at = gen_logp.gather(1, ids)
-        out = gen_logp.add_(log_1mg[:, None])
-        value = torch.logaddexp(log_g[:, None] + copy_p.log(), log_1mg[:, None] + at)
-        return out.scatter_(1, ids, value.masked_fill(ids == 0, float("-inf")))
+        value = torch.logaddexp(log_g[:, None] + copy_p.log(), shifted.gather(1, ids))
+        return shifted.scatter_(1, ids, value.masked_fill(ids == 0, float("-inf")))
 
     def with_new_items(self, state: torch.Tensor, first_pos: torch.Tensor, n_items: int) -> torch.Tensor:
         """The state with each ``[UNK]`` slot whose original item is known (``first_pos`` >= 0:

@@ -145,6 +145,7 @@ class BehaviorTransformer(nn.Module):
         # each item's side-feature ids (n_items, n_sides): vocabulary, saved in the state dict
         self.register_buffer("item_sides", torch.zeros(cfg.n_items, len(cfg.side_sizes), dtype=torch.long))
         self._matrix_cache: torch.Tensor | None = None
+        self._padded_cache: torch.Tensor | None = None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.dim)
@@ -226,15 +227,15 @@ class BehaviorTransformer(nn.Module):
         softmax, mixed with the copy distribution for a repeat-aware model. ``new_items`` adds
         ``max_len`` columns after the vocabulary for the row's new items (:meth:`extended_width`)."""
         h = self.hidden(state)
-        logits = self.item_logits(h, next_action)
         if self.copy_head is None or self.state_layout is None:
-            return torch.log_softmax(logits, -1)
+            return torch.log_softmax(self.item_logits(h, next_action), -1)
         lay = self.state_layout
         width = self.extended_width if new_items else self.config.n_items
-        if width > logits.shape[-1]:  # the new items' columns: nothing but their copy mass
-            logits = torch.nn.functional.pad(logits, (0, width - logits.shape[-1]), value=float("-inf"))
+        logits = self.item_logits(h, next_action, width)
         log_g, log_1mg = gate_logps(self.copy_head.gate_logits(self.item_query(h, next_action)), lay.has_copy(state))
-        return lay.mix_into(torch.log_softmax(logits, -1), log_g, log_1mg, state)
+        # log(1-g) + log_softmax in one pass over the catalog, in place; then the context columns
+        shifted = logits.sub_((torch.logsumexp(logits, -1) - log_1mg)[:, None])
+        return lay.add_copy(shifted, log_g, state)
 
     @property
     def extended_width(self) -> int:
@@ -264,11 +265,11 @@ class BehaviorTransformer(nn.Module):
         return self._matrix_cache
 
     def train(self, mode: bool = True) -> BehaviorTransformer:
-        self._matrix_cache = None
+        self._matrix_cache = self._padded_cache = None
         return super().train(mode)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        self._matrix_cache = None
+        self._matrix_cache = self._padded_cache = None
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def context_vectors(self, gaps: torch.Tensor) -> torch.Tensor:
@@ -286,20 +287,37 @@ class BehaviorTransformer(nn.Module):
         """Install the tokenizer's item side-feature ids (after fit, or after the vocabulary grew)."""
         if ids is not None and len(self.side_embs):
             self.item_sides.copy_(torch.as_tensor(ids, dtype=torch.long))
-            self._matrix_cache = None
+            self._matrix_cache = self._padded_cache = None
 
     def action_logits(self, h: torch.Tensor) -> torch.Tensor:
         """Next-action logits from hidden states or inference states."""
         return self.action_head(self.hidden(h))
 
     def item_query(self, h: torch.Tensor, next_action: torch.Tensor) -> torch.Tensor:
-        return h + self.next_action_emb(next_action)
+        """The item head's query ``h + e_a`` (from hidden or inference states)."""
+        return self.hidden(h) + self.next_action_emb(next_action)
 
-    def item_logits(self, h: torch.Tensor, next_action: torch.Tensor) -> torch.Tensor:
-        """Full-catalog logits over the item vocabulary (special tokens set to -inf)."""
-        logits = self.item_query(h, next_action) @ self.item_matrix().T
+    def item_logits(self, h: torch.Tensor, next_action: torch.Tensor, width: int | None = None) -> torch.Tensor:
+        """Full-catalog logits over the item vocabulary (special tokens set to -inf); with a
+        ``width`` past the vocabulary, -inf columns follow (the new items' places), computed in
+        the same matmul against a zero-padded matrix rather than by copying the result."""
+        matrix = self.item_matrix()
+        if width is not None and width > matrix.shape[0]:
+            matrix = self._padded_matrix(width)
+        logits = self.item_query(h, next_action) @ matrix.T
         logits[..., :N_SPECIAL] = float("-inf")
+        logits[..., self.config.n_items :] = float("-inf")
         return logits
+
+    def _padded_matrix(self, width: int) -> torch.Tensor:
+        """:meth:`item_matrix` with zero rows up to ``width`` (cached like it in eval mode)."""
+        if self._padded_cache is not None and self._padded_cache.shape[0] == width:
+            return self._padded_cache
+        m = self.item_matrix()
+        padded = torch.cat([m, m.new_zeros(width - m.shape[0], m.shape[1])])
+        if not (self.training or torch.is_grad_enabled()):
+            self._padded_cache = padded
+        return padded
 
     def grown(self, n_items: int, n_actions: int) -> BehaviorTransformer:
         """A copy with room for a larger vocabulary: every existing weight is kept exactly, and
