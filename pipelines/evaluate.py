@@ -27,7 +27,8 @@ def run_step(args, ev, items, source, out: Path) -> dict[str, Any]:
     for prefix, figures in report.rows():  # the model and every baseline side by side in the run
         mlflow.log_metrics({f"{prefix}.{k.replace('@', '_at_')}": v for k, v in figures.items() if _is_number(v)})
     mlflow.log_artifact(str(out / "metrics.json"))
-    return {"ndcg@10": metrics["ndcg@10"], **{f"{b}_ndcg@10": m["ndcg@10"] for b, m in report.baselines.items()}}
+    scored = {b: m for b, m in report.baselines.items() if "ndcg@10" in m}  # not the not-applicable ones
+    return {"ndcg@10": metrics["ndcg@10"], **{f"{b}_ndcg@10": m["ndcg@10"] for b, m in scored.items()}}
 
 
 def _is_number(v: Any) -> bool:
