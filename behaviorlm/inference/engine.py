@@ -294,17 +294,18 @@ class InferenceEngine:
             h, a_logp = self.heads(enc, rows)
             val, idx = self.rank(h, a_logp, rows, k, seen, allowed, a_id, new_items)
             vals.append(val.numpy())
-            idxs.append(self._codes_of_new(enc, rows, idx.numpy()))
+            idxs.append(self.codes_of_new(idx.numpy(), enc.padded_new_codes(rows)))
         if not vals:
             return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.int64)
         return np.concatenate(vals), np.concatenate(idxs)
 
-    def _codes_of_new(self, enc: EncodedSequences, rows: slice, idx: np.ndarray) -> np.ndarray:
-        """Rename ``n_items + first position`` entries of a batch's top-k ``n_items + code``."""
+    def codes_of_new(self, idx: np.ndarray, codes: np.ndarray | None) -> np.ndarray:
+        """Top-k indices (rows x k) with each ``n_items + first position`` renamed ``n_items +
+        code``, from the rows' new-item codes by position (rows x positions): the names
+        :meth:`decode` reads."""
         new = idx >= self.n_items
         if not new.any():
             return idx
-        codes = enc.padded_new_codes(rows)
         assert codes is not None  # positions were named only where codes exist
         r, c = np.nonzero(new)
         out = idx.copy()

@@ -166,12 +166,8 @@ class OnlineRecommender:
 
     def _ranked(self, q: Query, val: torch.Tensor, idx: torch.Tensor) -> Ranked:
         ok = torch.isfinite(val)
-        kept = idx[ok].numpy()
-        new = kept >= self.tok.n_items  # n_items + the position of a new item in the query's sequence
-        if new.any():
-            assert q.new_codes is not None and q.new_ids is not None
-            kept = kept.copy()
-            kept[new] = self.tok.n_items + q.new_codes[kept[new] - self.tok.n_items]
+        codes = None if q.new_codes is None else q.new_codes[None, :]
+        kept = self.engine.codes_of_new(idx[ok].numpy()[None, :], codes)[0]
         ids = self.engine.decode(kept, None if q.new_ids is None else pl.Series(q.new_ids))
         return Ranked(q.user_id, ids, val[ok].exp().tolist())
 
