@@ -5,7 +5,7 @@ itself::
 
     estimator.json      manifest: format_version, behaviorlm_version, recipe, params,
                         input_schema (columns, action map, unknown-action policy, time unit),
-                        training history, model_version (weights digest), provenance
+                        training history, model_version (:func:`model_version`), provenance
     config.json         network shape            weights.pt   state dict (loaded weights_only)
     tokenizer.json      vocabularies             histories.parquet / seen.parquet   known users
     items.parquet       item metadata, when the model was fitted with it
@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+import torch
 
 from behaviorlm import __version__
 from behaviorlm.data.io import atomic_dir
@@ -73,7 +74,7 @@ def write_model_dir(directory: str | Path, files: ModelFiles) -> dict[str, Any]:
             **files.manifest,
             "format_version": FORMAT_VERSION,
             "behaviorlm_version": __version__,
-            "model_version": weights_digest(tmp),
+            "model_version": model_version(files.network),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
     return manifest
@@ -122,6 +123,15 @@ def read_model_dir(directory: str | Path) -> ModelFiles:
     )
 
 
-def weights_digest(directory: str | Path) -> str:
-    """The model version: a short digest of the saved weights (same weights, same version)."""
-    return hashlib.sha256((Path(directory) / WEIGHTS).read_bytes()).hexdigest()[:12]
+def model_version(network: torch.nn.Module) -> str:
+    """The model version: a short digest of the weights' names, types, shapes and values.
+
+    The one definition, used by ``fit`` (before any save) and by :func:`write_model_dir`, so
+    that scores, segments and ``parent_version`` written before a save name the version the
+    saved model carries. It digests tensors, not the weights file, whose bytes could change
+    with the serialiser while the weights do not."""
+    h = hashlib.sha256()
+    for name, t in network.state_dict().items():
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:12]

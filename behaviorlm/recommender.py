@@ -15,7 +15,6 @@ cold-start answer: the most popular training items.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from dataclasses import asdict
@@ -34,7 +33,7 @@ from behaviorlm.evaluation.metrics import per_user_metrics, rank_targets, seen_l
 from behaviorlm.evaluation.splits import Holdout
 from behaviorlm.inference.engine import FRAME_SCHEMA, NO_SEEN, InferenceEngine, first_positions
 from behaviorlm.inference.retrieval import IndexParams, open_index, wants_ann
-from behaviorlm.model_dir import ModelFiles, read_model_dir, write_model_dir
+from behaviorlm.model_dir import ModelFiles, model_version, read_model_dir, write_model_dir
 from behaviorlm.nn import distributed
 from behaviorlm.nn.checkpoint import Checkpointing
 from behaviorlm.nn.copy_head import GATE_SHIFTS_COARSE, calibrate_gate
@@ -365,7 +364,7 @@ class BehaviorLM:
     def _finish(self, n_events: int) -> None:
         self.fitted_at_ = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self.n_train_events_ = n_events
-        self.model_version_ = _tensor_digest(self.model_)
+        self.model_version_ = model_version(self.model_)
         self.engine_.version = self.model_version_
 
     @staticmethod
@@ -548,7 +547,8 @@ class BehaviorLM:
         files = ModelFiles(self.model_, self.tokenizer_, self.histories_, self.seen_, self.items_, manifest)
         written = write_model_dir(directory, files)
         self.model_version_ = written["model_version"]
-        self.engine_ = InferenceEngine(self.model_, self.tokenizer_, self.model_version_)
+        if self.engine_.version != self.model_version_:  # loaded from a format that named versions otherwise
+            self.engine_ = self.engine_.renamed(self.model_version_)  # the same runtime (torch or ONNX)
         self.use_retrieval(self.retrieval_, self.retrieval_params_, directory=directory)  # an index: beside the model
         return Path(directory)
 
@@ -635,11 +635,3 @@ def _with_new_columns(
     keep = col >= 0
     out[torch.from_numpy(r[keep]), torch.from_numpy(col[keep])] = logp[r[keep], n_items + j[keep]]
     return out
-
-
-def _tensor_digest(model: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for k, v in model.state_dict().items():
-        h.update(k.encode())
-        h.update(v.detach().cpu().numpy().tobytes())
-    return h.hexdigest()[:12]

@@ -132,3 +132,19 @@ class _Constant:
         import torch
 
         yield users, torch.zeros(len(users), len(catalog))
+
+
+def test_baselines_and_the_tokenizer_read_item_ids_alike():
+    """One id mapping: "007" is not item 7 for the model, so it is not for a baseline either."""
+    from behaviorlm.evaluation import catalog_index
+    from behaviorlm.sequence.tokenizer import ActionTokenizer
+
+    ev = _events([(1, 7, "view", T), (1, 8, "view", T + 1), (2, 7, "view", T + 2)])
+    tok = ActionTokenizer(min_item_count=1).fit(ev)
+    asked = pl.Series(["007", "7", "8", "x", "7.0"])
+    catalog = pl.Series("item_id", tok.items_, dtype=pl.Int64)
+    model_known = tok.item_index(asked) >= 4  # N_SPECIAL
+    baseline_known = catalog_index(catalog, asked) >= 0
+    assert model_known.tolist() == [False, True, True, False, False]
+    assert baseline_known.tolist() == model_known.tolist()
+    assert catalog_index(pl.Series("item_id", [7, 8], dtype=pl.Int32), pl.Series(["007", "8"])).tolist() == [-1, 1]

@@ -253,3 +253,16 @@ def test_format_2_directories_load_without_a_copy_head(small_model, tmp_path):
     back = BehaviorLM.load(tmp_path / "m")
     assert back.model_.copy_head is None and not back.model_.config.copy_head
     assert back.recommend([0], k=3)["item_id"].to_list() == small_model.recommend([0], k=3)["item_id"].to_list()
+
+
+def test_one_model_version_before_and_after_saving(small_model, tmp_path):
+    """Scores written before saving name the version the saved (and reloaded) model carries."""
+    from behaviorlm.inference.batch import score_events
+
+    before = small_model.model_version
+    stamped = score_events(small_model.engine, small_model.history_events(), tmp_path / "s.parquet", progress=False)
+    small_model.save(tmp_path / "m")
+    assert small_model.model_version == before
+    assert json.loads((tmp_path / "m" / MANIFEST).read_text())["model_version"] == before
+    assert BehaviorLM.load(tmp_path / "m").model_version == before
+    assert pl.read_parquet(stamped.out)["model_version"].unique().to_list() == [before]

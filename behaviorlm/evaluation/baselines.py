@@ -29,6 +29,7 @@ import scipy.sparse as sp
 import torch
 
 from behaviorlm.data.events import Events
+from behaviorlm.data.ids import index_of
 
 # --------------------------------------------------------------------------- scorers
 
@@ -44,11 +45,9 @@ class Scorer(Protocol):
 
 
 def catalog_index(catalog: pl.Series, ids: pl.Series) -> np.ndarray:
-    """Map item ids to positions in the catalog; -1 where absent."""
-    ids = ids.cast(catalog.dtype, strict=False)
-    return ids.replace_strict(catalog, np.arange(len(catalog)), default=-1, return_dtype=pl.Int64).to_numpy(
-        writable=True
-    )
+    """Map item ids to positions in the catalog; -1 where absent (the tokenizer's id rules:
+    :mod:`behaviorlm.data.ids`, so a baseline and the model read an id alike)."""
+    return index_of(ids, catalog)
 
 
 def widen(scores: torch.Tensor, n: int) -> torch.Tensor:

@@ -55,6 +55,12 @@ class InferenceEngine:
         """This engine ranking through ``index`` (two-stage retrieval), or exactly with ``None``."""
         return InferenceEngine(self.network, self.tokenizer, self.version, index)
 
+    def renamed(self, version: str) -> InferenceEngine:
+        """This engine -- the same runtime, session and index -- under another version name."""
+        other = copy.copy(self)
+        other.version = version
+        return other
+
     # ------------------------------------------------------------------ sizes
     @property
     def n_items(self) -> int:

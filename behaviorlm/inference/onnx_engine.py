@@ -142,6 +142,17 @@ class OnnxEngine(InferenceEngine):
         """The same session (no second session, no re-export) over another index."""
         return OnnxEngine(super().with_index(index), None, self.label, self.session)
 
+    def quantized(self, mode: str | None) -> InferenceEngine:
+        """Itself: onnxruntime has its own int8 graph (``onnx-int8``); torch's dynamic
+        quantisation would silently put the transformer back on torch, so it is refused."""
+        if mode in (None, "none"):
+            return self
+        raise ConfigurationError(
+            f"quantize={mode!r} is torch's dynamic quantisation; this engine runs on onnxruntime ({self.label}): "
+            "use the onnx-int8 engine instead",
+            cli_hint="--quantize is torch's int8; with onnxruntime use --engine onnx-int8",
+        )
+
     def heads_from_tensors(
         self, items: torch.Tensor, actions: torch.Tensor, gaps: torch.Tensor, last: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -47,6 +47,7 @@ import numpy as np
 import polars as pl
 
 from behaviorlm.data.events import Events, EventsError, require_events
+from behaviorlm.data.ids import index_of
 from behaviorlm.data.io import write_text_atomic
 from behaviorlm.errors import ConfigurationError, ModelFormatError, NotFittedError
 
@@ -320,18 +321,10 @@ class ActionTokenizer:
 
     # ------------------------------------------------------------------ encode
     def item_index(self, item_ids: pl.Series | list[Any]) -> np.ndarray:
-        """Original item ids -> vocabulary indices; unknown (or uncastable) ids -> UNK."""
+        """Original item ids -> vocabulary indices; unknown (or uncastable) ids -> UNK
+        (the id rules of :mod:`behaviorlm.data.ids`, which the evaluation shares)."""
         self._check_fitted()
-        if not isinstance(item_ids, pl.Series):  # lists may mix "10" and 10 (JSON, CLI args)
-            item_ids = pl.Series("item_id", [None if x is None else str(x) for x in item_ids], dtype=pl.String)
-        target = self.item_polars_dtype
-        s = item_ids.cast(target, strict=False)
-        if target == pl.Int64 and item_ids.dtype == pl.String:  # "00123" is not item 123: text ids match
-            s = s.set(s.cast(pl.String) != item_ids.str.strip_chars(), None)  # only as integers written plainly
-        keys = pl.Series(self.items_, dtype=target)
-        return s.replace_strict(keys, np.arange(N_SPECIAL, self.n_items), default=UNK, return_dtype=pl.Int64).to_numpy(
-            writable=True
-        )
+        return index_of(item_ids, pl.Series(self.items_, dtype=self.item_polars_dtype), default=UNK, offset=N_SPECIAL)
 
     def action_index(self, actions: pl.Series | list[str], strict: bool = True) -> np.ndarray:
         """Action names -> ids; with ``strict`` an action unseen in training is an error."""
