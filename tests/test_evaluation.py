@@ -156,11 +156,14 @@ def test_bootstrap_ci_contains_mean_and_shrinks():
 
 def test_evaluate_report_keys(events):
     sp = leave_one_out(events)
-    report = evaluate(PopularityBaselineAsModel(sp), sp, k=5, n_boot=50)
+    report = evaluate(PopularityBaselineAsModel(sp), sp, k=5, n_boot=50, exclude_seen=False)
     d = report.to_dict()
-    for key in ("ndcg@5", "hr@5", "mrr", "coverage@5"):
-        assert key in d and key in d["baselines"]["popularity"]
-    assert d["protocol"]["exclude_seen"] is True and "ties" in d["protocol"]["ranking"]
+    for key in ("ndcg@5", "hr@5", "mrr", "coverage@5"):  # popularity scored as a model is the popularity row
+        assert d[key] == d["baselines"]["popularity"][key], key
+        assert d["ci95"].get(key) == d["baselines"]["popularity"]["ci95"].get(key), key
+    paired = d["paired_vs_baselines"]["popularity"]
+    assert 0 < d["mrr"] < 1 and (paired["diff"], paired["ci95"], paired["significant"]) == (0.0, [0.0, 0.0], False)
+    assert d["protocol"]["exclude_seen"] is False and "ties" in d["protocol"]["ranking"]
     assert "popularity" in report.table()
     with pytest.raises(ValueError, match="k must be"):
         evaluate(PopularityBaselineAsModel(sp), sp, k=0)
@@ -192,3 +195,27 @@ def test_list_ranks_of_top_k_lists():
     ranks = list_ranks(np.array([[5, 6, 7], [1, 2, 3], [9, 9, 4]]), np.array([6, 8, 4]))
     assert ranks.tolist() == [2.0, float("inf"), 3.0]
     assert per_user_metrics(ranks, 3)["ndcg@3"].tolist() == [1 / np.log2(3), 0.0, 0.5]
+
+
+class ReversedPopularity(PopularityBaselineAsModel):
+    """Popularity, returning the users in the reverse of the order asked (any scorer may reorder)."""
+
+    def score(self, inputs, users, catalog):
+        for part, scores in self.pop.score(inputs, users, catalog):
+            yield part[::-1], scores.flip(0)
+
+
+def test_paired_differences_pair_the_same_users(events):
+    """Per-user results are paired by user, not by position: the same scores in another order
+    differ by exactly zero for every user; a scorer that drops a user is an error."""
+    sp = leave_one_out(events)
+    p = evaluate(ReversedPopularity(sp), sp, k=5, n_boot=50, baselines=("popularity",)).paired["popularity"]
+    assert p["diff"] == 0.0 and p["ci95"] == [0.0, 0.0], p
+
+    class Dropping(PopularityBaselineAsModel):
+        def score(self, inputs, users, catalog):
+            for part, scores in self.pop.score(inputs, users, catalog):
+                yield part[1:], scores[1:]
+
+    with pytest.raises(ValueError, match="ranked different users"):
+        evaluate(Dropping(sp), sp, k=5, n_boot=50, baselines=("popularity",))

@@ -170,12 +170,27 @@ def _paired(ur: UserRanks, bur: UserRanks, k: int, n_boot: int) -> dict[str, Any
     """The model minus a baseline, per user, NDCG@k: over the training catalog, and with
     context items where those were ranked."""
     key = f"ndcg@{k}"
-    out = paired_difference(per_user_metrics(ur.ranks, k)[key], per_user_metrics(bur.ranks, k)[key], n_boot)
+    order = _alignment(ur.users, bur.users)
+    out = paired_difference(per_user_metrics(ur.ranks, k)[key], per_user_metrics(bur.ranks[order], k)[key], n_boot)
     if ur.ranks_context is not None and bur.ranks_context is not None:
         out["with_context_items"] = paired_difference(
-            per_user_metrics(ur.ranks_context, k)[key], per_user_metrics(bur.ranks_context, k)[key], n_boot
+            per_user_metrics(ur.ranks_context, k)[key], per_user_metrics(bur.ranks_context[order], k)[key], n_boot
         )
     return out
+
+
+def _alignment(users: list[Any], other: list[Any]) -> np.ndarray:
+    """Positions in ``other`` of each of ``users``: a paired difference compares a user with the
+    same user, whatever order each scorer returned them in. Different users are a bug in a
+    scorer, never something to pair by position."""
+    where = {u: i for i, u in enumerate(other)}
+    if len(where) != len(other) or len(other) != len(users) or any(u not in where for u in users):
+        missing = [u for u in users if u not in where][:3]
+        raise ValueError(
+            f"cannot pair per-user results: the scorers ranked different users "
+            f"({len(users)} vs {len(other)} rows, {len(set(other))} distinct; e.g. missing {missing})"
+        )
+    return np.array([where[u] for u in users], dtype=np.int64)
 
 
 def _target_index(ctx: ContextCatalog, ho: Holdout, users: list[Any]) -> list[int]:

@@ -92,7 +92,7 @@ class IndexParams:
 
 class _Backend(Protocol):
     def add(self, vectors: np.ndarray) -> None: ...
-    def search(self, queries: np.ndarray, k: int) -> np.ndarray: ...
+    def search(self, queries: np.ndarray, k: int, ef: int) -> np.ndarray: ...
     def save(self, path: Path) -> None: ...
     def memory_bytes(self) -> int: ...
 
@@ -112,8 +112,8 @@ class _Hnswlib:
     def add(self, vectors: np.ndarray) -> None:
         self.index.add_items(vectors, np.arange(len(vectors)), num_threads=-1)
 
-    def search(self, queries: np.ndarray, k: int) -> np.ndarray:
-        self.index.set_ef(max(self.p.ef_search, k))
+    def search(self, queries: np.ndarray, k: int, ef: int) -> np.ndarray:
+        self.index.set_ef(max(ef, k))
         labels, _ = self.index.knn_query(queries, k=k, num_threads=1)
         return labels.astype(np.int64)
 
@@ -140,8 +140,8 @@ class _Faiss:
     def add(self, vectors: np.ndarray) -> None:
         self.index.add(np.ascontiguousarray(vectors, np.float32))
 
-    def search(self, queries: np.ndarray, k: int) -> np.ndarray:
-        self.index.hnsw.efSearch = max(self.p.ef_search, k)  # type: ignore[attr-defined]
+    def search(self, queries: np.ndarray, k: int, ef: int) -> np.ndarray:
+        self.index.hnsw.efSearch = max(ef, k)  # type: ignore[attr-defined]
         _, labels = self.index.search(np.ascontiguousarray(queries, np.float32), k)
         return labels.astype(np.int64)
 
@@ -171,8 +171,8 @@ class _Usearch:
     def add(self, vectors: np.ndarray) -> None:
         self.index.add(np.arange(len(vectors)), np.ascontiguousarray(vectors, np.float32))
 
-    def search(self, queries: np.ndarray, k: int) -> np.ndarray:
-        self.index.expansion_search = max(self.p.ef_search, k)  # type: ignore[misc]  # settable at run time
+    def search(self, queries: np.ndarray, k: int, ef: int) -> np.ndarray:
+        self.index.expansion_search = max(ef, k)  # type: ignore[misc]  # settable at run time
         found = self.index.search(np.ascontiguousarray(queries, np.float32), k, threads=1)
         keys = np.asarray(found.keys, np.int64).reshape(len(queries), k)
         counts = np.asarray(found.counts).reshape(-1, 1)  # type: ignore[union-attr]  # batch queries: BatchMatches
@@ -302,9 +302,11 @@ class ItemIndex:
     # ------------------------------------------------------------------ search and re-score
     def candidates(self, queries: np.ndarray, fetch: int) -> np.ndarray:
         """Vocabulary indices of the ``fetch`` nearest items of each query, (Q, fetch); a slot
-        the search could not fill is below ``N_SPECIAL`` (treated as no candidate)."""
+        the search could not fill is below ``N_SPECIAL`` (treated as no candidate). The search
+        depth is ``params.ef_search`` as it is now -- the tuned one, once :meth:`tune` ran --,
+        never the depth the backend was built with."""
         n_real = self.fingerprint["n_items"] - N_SPECIAL
-        return self.backend.search(queries, min(fetch, n_real)) + N_SPECIAL
+        return self.backend.search(queries, min(fetch, n_real), self.params.ef_search) + N_SPECIAL
 
 
 def open_index(
