@@ -605,8 +605,17 @@ def score(
     action: Annotated[str | None, Opt(help="rank by P(item | next action = ACTION)")] = None,
     allowed_items: Annotated[Path | None, Opt(help="only these items: .txt (one per line) or a table")] = None,
     threads: Annotated[int | None, Opt(help="torch threads (default: $OMP_NUM_THREADS, else all cores)")] = None,
+    as_of: Annotated[
+        str | None,
+        Opt(
+            "--as-of",
+            help="the scored_at time of every row, e.g. 2017-12-03 (default: now; with --prepared, that of the "
+            "unfinished run in --out this command resumes)",
+        ),
+    ] = None,
 ) -> None:
     """Top-K for every user in the events, streamed to Parquet in bounded memory."""
+    from behaviorlm.data.timestamps import to_utc
     from behaviorlm.inference.batch import ScoringOptions, score_events, set_threads
 
     set_threads(threads)
@@ -618,23 +627,19 @@ def score(
         k, exclude_seen, action, _allowed_items(allowed_items, schema.columns.item or "item_id"), batch_size
     )
     progress = sys.stderr.isatty()
+    stamp = None if as_of is None else to_utc(as_of, "--as-of")
     if prepared is not None:
-        from datetime import datetime
-
-        from behaviorlm.data.timestamps import UTC
         from behaviorlm.inference.batch import score_prepared
         from behaviorlm.sequence.shards import PreparedShards
 
         if data.events is not None or data.dataset is not None:
             raise ConfigurationError("--prepared replaces --events/--dataset")
         shards = PreparedShards.open(prepared)
-        res = score_prepared(
-            model.engine, shards, out_path, datetime.now(UTC), options, quantize=quantize, progress=progress
-        )
+        res = score_prepared(model.engine, shards, out_path, stamp, options, quantize=quantize, progress=progress)
     else:
         _parquet_out(out_path)
         ev = data.load(model.input_schema_).events
-        res = score_events(model.engine, ev, out_path, options, quantize=quantize, progress=progress)
+        res = score_events(model.engine, ev, out_path, options, quantize=quantize, progress=progress, scored_at=stamp)
     out.print(
         f"scored {res.n_users:,} users -> {res.n_rows:,} rows in {res.seconds:.1f} s "
         f"({res.users_per_s:,.0f} users/s, peak RSS {res.peak_rss_mb:,.0f} MB, model {res.model_version}); "

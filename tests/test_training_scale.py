@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -239,3 +240,37 @@ def test_scale_bad_input_gets_clear_errors(tmp_path):
         app, ["train", "--events", str(csv), "--out", "x", "--checkpoint-dir", "c", "--checkpoint-every", "0"]
     )
     assert every.exit_code == 2 and "--checkpoint-every must be >= 1" in every.output
+
+
+def test_rerunning_score_prepared_resumes_the_unfinished_run(tmp_path):
+    """`score --prepared` as its help says: the same command again keeps the finished parts
+    (the time stamp comes from the run's plan, not the clock) and --as-of sets it explicitly."""
+    import time
+
+    from typer.testing import CliRunner
+
+    from behaviorlm.cli import app
+
+    raw = make_funnel_events(n_users=40)
+    prepared = prepare(_write_files(raw, tmp_path / "in"), tmp_path / "prep", config=PrepareConfig(rows_per_shard=200))
+    BehaviorLM("quick", epochs=1, **TINY).fit(prepared).save(tmp_path / "m")
+    out = tmp_path / "scores"
+    cmd = ["score", "--model", str(tmp_path / "m"), "--prepared", str(tmp_path / "prep"), "--out", str(out)]
+    first = CliRunner().invoke(app, cmd)
+    assert first.exit_code == 0, first.output
+    parts = sorted(out.glob("part-*.parquet"))
+    assert len(parts) >= 2
+    parts[-1].unlink()  # a run killed before its last part
+    (out / "_SUCCESS").unlink()
+    kept = {p: p.stat().st_mtime_ns for p in parts[:-1]}
+    time.sleep(1.1)  # a later second: a clock-stamped plan would differ
+    again = CliRunner().invoke(app, cmd)
+    assert again.exit_code == 0, again.output
+    assert {p: p.stat().st_mtime_ns for p in parts[:-1]} == kept and parts[-1].is_file()
+    stamps = pl.read_parquet(out / "part-*.parquet")["scored_at"].unique()
+    assert len(stamps) == 1
+    fixed = CliRunner().invoke(app, [*cmd, "--as-of", "2017-12-03"])
+    assert fixed.exit_code == 0, fixed.output
+    assert pl.read_parquet(out / "part-*.parquet")["scored_at"].unique().to_list() == [
+        datetime(2017, 12, 3, tzinfo=timezone.utc)
+    ]

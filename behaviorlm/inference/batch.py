@@ -243,6 +243,21 @@ def score_partition(
     return summary
 
 
+def _stamp(out_dir: Path, plan: dict, scored_at: datetime | None) -> datetime:
+    """``scored_at`` (to the second, UTC); when not given, the stamp of the plan already in
+    ``out_dir`` if everything else in it is ``plan`` (the same job, resumed), else now."""
+    if scored_at is not None:
+        return scored_at.astimezone(UTC).replace(microsecond=0)
+    path = out_dir / PLAN_FILE
+    if path.is_file():
+        earlier = json.loads(path.read_text())
+        if "scored_at" in earlier and {k: v for k, v in earlier.items() if k != "scored_at"} == json.loads(
+            json.dumps(plan)
+        ):
+            return datetime.fromisoformat(earlier["scored_at"])
+    return datetime.now(UTC).replace(microsecond=0)
+
+
 def _start_plan(out_dir: Path, plan: dict) -> None:
     """Keep the parts of an earlier run with the same plan (resume); discard them otherwise."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -259,7 +274,7 @@ def score_prepared(
     engine: InferenceEngine,
     prepared: PreparedShards,
     out_dir: str | Path,
-    scored_at: datetime,
+    scored_at: datetime | None = None,
     options: ScoringOptions = ScoringOptions(),
     chunk_users: int = 8192,
     quantize: str | None = None,
@@ -271,12 +286,14 @@ def score_prepared(
     No events are parsed or tokenised: each user's newest ``max_len`` tokens are the input and
     every item token of the user's whole sequence is "seen". Parts (one per shard chunk) are
     written atomically under a plan, so a killed run resumes like :func:`score_partition`.
+    ``scored_at`` (the time stamped on every row) defaults to the one of an unfinished run of
+    the same plan in ``out_dir`` -- so rerunning the same command resumes it --, else now.
     Memory is one chunk's tokens and ``batch_size`` x catalog scores. ``max_users`` stops early
     (throughput benchmarks on a sample).
     """
     _check_vocabulary(engine, prepared)
     engine = engine.quantized(quantize)
-    out_dir, stamp = Path(out_dir), scored_at.astimezone(UTC).replace(microsecond=0)
+    out_dir = Path(out_dir)
     plan = {
         "model_version": engine.version,
         "prepared": str(prepared.folder),
@@ -284,8 +301,9 @@ def score_prepared(
         **options.plan(),
         "chunk_users": chunk_users,
         "max_users": max_users,
-        "scored_at": stamp.isoformat(),
     }
+    stamp = _stamp(out_dir, plan, scored_at)
+    plan["scored_at"] = stamp.isoformat()
     _start_plan(out_dir, plan)
     item_dtype = prepared.tokenizer.item_polars_dtype
     total = min(prepared.n_users, max_users or prepared.n_users)
