@@ -26,7 +26,7 @@ import polars as pl
 import typer
 from rich.console import Console
 
-from behaviorlm.data.events import Events, events_digest, validate_items
+from behaviorlm.data.events import validate_items
 from behaviorlm.data.loading import LoadedEvents, load_events
 from behaviorlm.data.schema import InputSchema
 from behaviorlm.errors import BehaviorLMError, ConfigurationError
@@ -279,16 +279,6 @@ def events_input(with_items: bool = False):
     return decorate
 
 
-def _split(ev: Events, name: str):
-    from behaviorlm.evaluation import leave_one_out, temporal_split
-
-    if name == "loo":
-        return leave_one_out(ev)
-    if name == "temporal":
-        return temporal_split(ev)
-    raise ConfigurationError(f"--split must be 'loo' or 'temporal', got {name!r}")
-
-
 def _parquet_out(path: Path) -> Path:
     if path.suffix != ".parquet":
         raise ConfigurationError(f"--out must end in .parquet, got {path}")
@@ -419,9 +409,6 @@ def train(
         raise typer.Exit(distributed.launch(nproc, "behaviorlm", sys.argv[1:]))
     _setup_logging(verbose)
     rank = distributed.init_from_env()
-    holdout = holdout or ("none" if prepared or init_from else "loo")
-    if holdout not in ("loo", "temporal", "none"):
-        raise ConfigurationError(f"--holdout must be loo, temporal or none, got {holdout!r}")
     sides = None if side_features is None else tuple(c.strip() for c in side_features.split(",") if c.strip())
     overrides = dict(
         epochs=epochs, max_len=max_len, dim=dim, n_layers=layers, n_heads=heads, ffn_mult=ffn_mult,
@@ -448,44 +435,25 @@ def _checkpointing(folder: Path | None, every: int):
     return Checkpointing(folder, every) if folder is not None else None
 
 
-def _fit_for_cli(data: EventsInput, prepared, init_from, holdout: str, recipe: str, overrides: dict, ckpt, excl: bool):
-    """The model `behaviorlm train` fits: from a prepared folder, from a previous model, or anew."""
-    from behaviorlm.recommender import BehaviorLM
+def _fit_for_cli(data: EventsInput, prepared, init_from, holdout, recipe: str, overrides: dict, ckpt, excl: bool):
+    """The model `behaviorlm train` fits (:func:`behaviorlm.fitting.fit_from_source`)."""
+    from behaviorlm.fitting import fit_from_source
 
-    if prepared is not None and (data.events is not None or data.dataset is not None or init_from is not None):
-        raise ConfigurationError("--prepared replaces --events/--dataset and cannot be combined with --init-from")
-    if prepared is not None and holdout != "none":
-        raise ConfigurationError(
-            "--prepared trains on every prepared event: hold out by preparing the training events only (--holdout none)"
-        )
-    progress = sys.stderr.isatty()
-    if init_from is not None:
-        model = _load_model(init_from)
-        train_ev, valid = _held_out(data.load(model.input_schema_).events, holdout)
-        epochs, lr = overrides.get("epochs"), overrides.get("lr")
-        return model.fit_partial(train_ev, valid, epochs=epochs, lr=lr, checkpoint=ckpt)
-    if prepared is not None:
-        from behaviorlm.sequence.shards import PreparedShards
-
-        shards = PreparedShards.open(prepared)
-        overrides = {**overrides, "min_item_count": overrides["min_item_count"] or shards.tokenizer.min_item_count}
-        model = BehaviorLM(recipe, progress=progress, **overrides)
-        provenance = {"source": str(prepared), "holdout": "none", "events_digest": None}
-        return model.fit(shards, exclude_seen=excl, training_data=provenance, checkpoint=ckpt)
-    loaded = data.load()
-    ev = loaded.events
-    model = BehaviorLM(recipe, progress=progress, **overrides)
-    provenance = {"source": loaded.source, "holdout": holdout, "events_digest": events_digest(ev)}
-    train_ev, valid = _held_out(ev, holdout)
-    return model.fit(train_ev, valid, excl, items=loaded.items, training_data=provenance, checkpoint=ckpt)
-
-
-def _held_out(ev: Events, holdout: str):
-    """The training events and the validation holdout of ``--holdout`` (none: all events, no validation)."""
-    if holdout == "none":
-        return ev, None
-    split = _split(ev, holdout)
-    return split.train, split.valid
+    parent = _load_model(init_from) if init_from is not None else None
+    given = data.events is not None or data.dataset is not None
+    load = given or prepared is None  # without a source and a folder, the loader says what to give
+    source = data.load(parent.input_schema_ if parent is not None else None) if load else None
+    return fit_from_source(
+        source,
+        prepared=prepared,
+        init_from=parent,
+        holdout=holdout,
+        recipe=recipe,
+        exclude_seen=excl,
+        checkpoint=ckpt,
+        progress=sys.stderr.isatty(),
+        **overrides,
+    )
 
 
 @app.command()
@@ -505,16 +473,18 @@ def evaluate(
     from behaviorlm.data.io import write_text_atomic
     from behaviorlm.evaluation import comparison_lines
     from behaviorlm.evaluation import evaluate as run_evaluation
+    from behaviorlm.evaluation.splits import make_split
 
     _setup_logging(False)
     if k < 1:
         raise ConfigurationError(f"--k must be >= 1, got {k}")
     model = _load_model(model_dir)
     ev = data.load(model.input_schema_).events
-    _check_no_leak(model, ev, split)
-    sp = _split(ev, split)
+    sp = make_split(ev, split)
     excl = model.exclude_seen_ if exclude_seen is None else exclude_seen
-    report = run_evaluation(model, sp, k=k, exclude_seen=excl)
+    report = run_evaluation(model, sp, k=k, exclude_seen=excl, events=ev)  # refuses a leaky model
+    for warning in report.protocol["leak_check"] if isinstance(report.protocol["leak_check"], list) else []:
+        err.print(f"warning: {warning}", highlight=False)
     out.print(
         f"{sp.name} split, {report.protocol['users']:,} users, full catalog of "
         f"{report.protocol['catalog_size']:,} items, exclude_seen={excl}",
@@ -525,29 +495,6 @@ def evaluate(
         typer.echo(line)
     write_text_atomic(json.dumps(report.to_dict(), indent=2), metrics_out)
     out.print(f"wrote {metrics_out}", highlight=False)
-
-
-def _check_no_leak(model: Any, ev: Events, split: str) -> None:
-    """Refuse to evaluate a model on targets it was trained on."""
-    info = model.training_data_
-    if info is None:
-        err.print("warning: model has no training-data record; cannot verify the split is leak-free")
-        return
-    if info["holdout"] == "none":
-        raise ConfigurationError(
-            "this model was trained on all events (--holdout none): evaluating it would leak "
-            "test targets into training. Retrain with --holdout loo or temporal."
-        )
-    if info["holdout"] != split:
-        raise ConfigurationError(
-            f"model was trained with --holdout {info['holdout']} but --split {split} was asked: "
-            "its test targets may have been training data"
-        )
-    if info.get("events_digest") not in (None, events_digest(ev)):
-        err.print(
-            "warning: these events differ from the ones the model was trained on; "
-            "held-out targets may have been seen in training"
-        )
 
 
 @app.command()

@@ -29,6 +29,7 @@ from behaviorlm.data.events import Events, as_events, validate_items
 from behaviorlm.data.schema import InputSchema
 from behaviorlm.errors import ConfigurationError, InputDataError, NotFittedError
 from behaviorlm.evaluation.baselines import RepeatBaseline, catalog_index
+from behaviorlm.evaluation.leakage import stage_record, with_increment
 from behaviorlm.evaluation.metrics import per_user_metrics, rank_targets, seen_lists
 from behaviorlm.evaluation.splits import Holdout
 from behaviorlm.inference.engine import FRAME_SCHEMA, NO_SEEN, InferenceEngine, first_positions
@@ -236,7 +237,8 @@ class BehaviorLM:
         self.model_.set_item_sides(torch.from_numpy(self.tokenizer_.item_sides_))
         if self.model_.copy_head is not None and not isinstance(events, PreparedShards):
             self._warm_start_copy(ev)
-        self.exclude_seen_, self.training_data_ = exclude_seen, training_data
+        self.exclude_seen_ = exclude_seen
+        self.training_data_ = stage_record(training_data, None if isinstance(events, PreparedShards) else ev)
         self._train(data, validation, exclude_seen, k_val, TrainConfig(**{k: p[k] for k in _TRAIN_PARAMS}), checkpoint)
         self.prepared_from_ = str(events.folder) if isinstance(events, PreparedShards) else None
         self.parent_version_: str | None = None
@@ -272,6 +274,7 @@ class BehaviorLM:
         epochs: int | None = None,
         lr: float | None = None,
         checkpoint: Checkpointing | None = None,
+        training_data: dict[str, Any] | None = None,
     ) -> BehaviorLM:
         """Continue training on new events (the daily increment) instead of retraining.
 
@@ -279,11 +282,17 @@ class BehaviorLM:
         rows, every existing weight is kept (:meth:`BehaviorTransformer.grown`). Each user in
         ``events`` is trained on their remembered recent history followed by the new events, so
         the new events are predicted in context; users' histories and seen items are then
-        updated. ``epochs`` and ``lr`` default to the model's parameters. Evaluation stays
-        leak-free when ``events`` and ``validation`` come from a split made before the call.
+        updated. Events the model already holds (the same user, item, action, time and values
+        as a remembered event -- a day that overlaps the last one) are dropped first, so none is
+        trained on or counted twice. ``epochs`` and ``lr`` default to the model's parameters.
+
+        ``training_data`` (source, holdout, digest) is appended to the model's training record
+        as this continuation (holdout ``unknown`` if not given), so the record says what the
+        model saw; evaluation refuses targets the model has now trained on
+        (:func:`behaviorlm.evaluation.leakage.check_no_leak`).
         """
         engine = self.engine
-        new = self.validate_input(events)
+        new = self._not_yet_held(self.validate_input(events))
         if self.histories_.height == 0:
             log.info("fit_partial: the model keeps no histories; training on the new events alone")
         combined = self._with_history(new)
@@ -295,9 +304,34 @@ class BehaviorLM:
         seqs = self.tokenizer_.encode(combined, truncate=False)
         self._train(seqs, validation, self.exclude_seen_, k_val, tcfg, checkpoint)
         self.parent_version_ = engine.version
+        self.training_data_ = with_increment(self.training_data_, stage_record(training_data, new))
         self._remember_users(combined, keep_others=True)
         self._finish(self.n_train_events_ + len(new))
         return self
+
+    def _not_yet_held(self, new: Events) -> Events:
+        """``new`` without the events the model already holds: a multiset difference with the
+        remembered histories on every column they share (two identical events in ``new`` and
+        one remembered leaves one). Events older than a user's remembered window cannot be
+        matched and are kept."""
+        if self.histories_.height == 0:
+            return new
+        cols = [c for c in self.histories_.columns if c in new.df.columns]
+        copy = pl.int_range(pl.len()).over(cols).alias("__copy")  # the n-th of identical events
+        held = self.histories_.select(cols).with_columns(copy)
+        numbered = new.df.with_row_index("__row").with_columns(copy)
+        fresh = numbered.join(held, on=[*cols, "__copy"], how="anti", nulls_equal=True).sort("__row")
+        n_held = len(new) - fresh.height
+        if n_held == 0:
+            return new
+        if fresh.height == 0:
+            raise InputDataError(
+                f"all {len(new):,} new events are already held by the model (the same user, item, action and "
+                "time as remembered events): nothing to continue on",
+                cli_hint="--events holds no event after the ones --init-from's model was trained on",
+            )
+        log.info("fit_partial: %d of %d events the model already holds are not trained on again", n_held, len(new))
+        return new.derive(fresh.drop("__row", "__copy"), f"without {n_held} events the model already holds")
 
     def _with_history(self, new: Events) -> Events:
         """The new events of each of their users, after that user's remembered history."""

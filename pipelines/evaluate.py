@@ -21,7 +21,7 @@ def run_step(args, ev, items, source, out: Path) -> dict[str, Any]:
 
     model = BehaviorLM.load(out / "model")
     log_input(ev, source, "evaluation")
-    report = evaluate(model, leave_one_out(ev), k=10, exclude_seen=model.exclude_seen_)
+    report = evaluate(model, leave_one_out(ev), k=10, exclude_seen=model.exclude_seen_, events=ev)  # refuses leaks
     metrics = report.to_dict()
     write_text_atomic(json.dumps(metrics, indent=2), out / "metrics.json")
     for prefix, figures in report.rows():  # the model and every baseline side by side in the run

@@ -20,8 +20,9 @@ from pipelines.common import log_input
 def run_step(args, ev, items, source, out: Path) -> dict[str, Any]:
     import mlflow
 
+    from behaviorlm.data.loading import LoadedEvents
     from behaviorlm.evaluation import leave_one_out
-    from behaviorlm.recommender import BehaviorLM
+    from behaviorlm.fitting import fit_from_source
     from behaviorlm.tracking import MODEL_NAME, log_model, promote
 
     split = leave_one_out(ev)
@@ -32,16 +33,13 @@ def run_step(args, ev, items, source, out: Path) -> dict[str, Any]:
         "patience": args.patience,
     }
     if args.init_from:
-        model = _increment(args, split)
+        model = _increment(args, split, source)
     else:
-        model = BehaviorLM(args.recipe, progress=False, **overrides)
-        mlflow.log_params({"recipe": repr(model), **model.params})
         log_input(split.train, source, "training")
         mlflow.log_param("exclude_seen", not args.keep_seen)
-        provenance = {"source": source, "holdout": "loo"}
-        model.fit(
-            split.train, validation=split.valid, items=items, exclude_seen=not args.keep_seen, training_data=provenance
-        )
+        loaded = LoadedEvents(ev, source, items)
+        model = fit_from_source(loaded, holdout="loo", recipe=args.recipe, exclude_seen=not args.keep_seen, **overrides)
+        mlflow.log_params({"recipe": repr(model), **model.params})
     model.save(out / "model")
     score = float(model.history_.best_score or 0.0)
     mlflow.log_metric("val_ndcg_10", score)
@@ -51,8 +49,9 @@ def run_step(args, ev, items, source, out: Path) -> dict[str, Any]:
     return {"val_ndcg_10": score, "version": decision.version, "alias": decision.alias}
 
 
-def _increment(args, split) -> Any:
-    """The previous model continued on the day's training events (leave-one-out targets stay held out)."""
+def _increment(args, split, source: str) -> Any:
+    """The previous model continued on the day's training events (leave-one-out targets stay
+    held out; events the model already holds are not trained on again)."""
     import mlflow
     import polars as pl
 
@@ -69,4 +68,5 @@ def _increment(args, split) -> Any:
     mlflow.log_params({"init_from": origin["model_uri"], "parent_version": model.model_version, "new_events": len(day)})
     if len(day) == 0:
         raise ConfigurationError(f"--init-from: no training events on {args.date}; nothing to continue on")
-    return model.fit_partial(day, split.valid, epochs=args.epochs)
+    record = {"source": f"{source}, {args.date}", "holdout": "loo", "events_digest": None}
+    return model.fit_partial(day, split.valid, epochs=args.epochs, training_data=record)

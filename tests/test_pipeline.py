@@ -53,17 +53,28 @@ def test_all_steps_as_nested_runs_then_one_step_again(workspace):
 
 
 def test_the_daily_increment_continues_the_champion(workspace):
-    base = ["--date", "2023-11-19", "--events", str(workspace / "events.csv"), "--out", str(workspace / "o")]
-    base += ["--epochs", "1", "--max-len", "32", "--experiment", "inc"]
-    first = steps.run(steps.parse(["train", *base]))
+    """Yesterday's champion continues on today's events; a day the champion already holds is
+    refused (nothing is trained on twice)."""
+    from behaviorlm.errors import InputDataError
+
+    events = pl.read_csv(workspace / "events.csv")
+    today = 1_700_352_000  # 2023-11-19 00:00 UTC
+    events.filter(pl.col("timestamp") < today).write_csv(workspace / "before.csv")
+    base = ["--out", str(workspace / "o"), "--epochs", "1", "--max-len", "32", "--experiment", "inc"]
+    first = steps.run(steps.parse(["train", "--date", "2023-11-18", "--events", str(workspace / "before.csv"), *base]))
     parent = json.loads((workspace / "o" / "model" / "estimator.json").read_text())["model_version"]
-    second = steps.run(steps.parse(["train", *base, "--init-from", "models:/behaviorlm@champion"]))
+    day = ["--date", "2023-11-19", "--events", str(workspace / "events.csv"), *base]
+    second = steps.run(steps.parse(["train", *day, "--init-from", "models:/behaviorlm@champion"]))
     child = json.loads((workspace / "o" / "model" / "estimator.json").read_text())
     assert child["parent_version"] == parent and child["model_version"] != parent
     assert int(second["train"]["version"]) == int(first["train"]["version"]) + 1
     runs = mlflow.search_runs(experiment_names=["inc"], output_format="list")
     inc = next(r for r in runs if r.data.params.get("init_from") == "models:/behaviorlm@champion")
     assert inc.data.params["parent_version"] == parent and int(inc.data.params["new_events"]) > 0
+    increment = child["training_data"]["increments"][0]
+    assert increment["holdout"] == "loo" and increment["n_events"] == int(inc.data.params["new_events"])
+    with pytest.raises(InputDataError, match="already held by the model"):  # the same day again
+        steps.run(steps.parse(["train", *day, "--init-from", str(workspace / "o" / "model")]))
 
 
 def test_demo_runs_the_main_job_and_summarises_it_honestly(workspace, capsys):

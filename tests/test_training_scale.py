@@ -274,3 +274,51 @@ def test_rerunning_score_prepared_resumes_the_unfinished_run(tmp_path):
     assert pl.read_parquet(out / "part-*.parquet")["scored_at"].unique().to_list() == [
         datetime(2017, 12, 3, tzinfo=timezone.utc)
     ]
+
+
+def test_an_overlapping_day_is_trained_on_and_counted_once():
+    """The daily increment given a day that overlaps the model's events: what it already holds is
+    dropped (each event once in the vocabulary counts and the event total); a day it holds whole
+    is refused by name."""
+    from behaviorlm.errors import InputDataError
+
+    raw = make_funnel_events(n_users=50)
+    cutoff = raw["timestamp"].sort()[int(raw.height * 0.8)]
+    old_part, new_part = raw.filter(pl.col("timestamp") < cutoff), raw.filter(pl.col("timestamp") >= cutoff)
+    overlap = raw.filter(pl.col("timestamp") >= old_part["timestamp"].sort()[int(old_part.height * 0.95)])
+    model = BehaviorLM("quick", epochs=1, **TINY).fit(old_part)
+    model.fit_partial(overlap, epochs=1)
+    counts = dict(zip(model.tokenizer_.items_, model.tokenizer_.item_counts_, strict=True))
+    for item in raw["item_id"].unique().to_list()[:20]:
+        assert counts[item] == raw.filter(pl.col("item_id") == item).height, item
+    assert model.n_train_events_ == raw.height
+    assert model.training_data_["increments"][0]["n_events"] == new_part.height
+    with pytest.raises(InputDataError, match="already held by the model"):
+        model.fit_partial(new_part.tail(5), epochs=1)
+
+
+def test_a_continuation_on_test_targets_cannot_be_evaluated_as_if_held_out(tmp_path):
+    """--init-from defaults to --holdout none: the continued model has trained on the test
+    targets, its record says so, and evaluate refuses it (library and CLI)."""
+    from typer.testing import CliRunner
+
+    from behaviorlm.cli import app
+    from behaviorlm.evaluation import evaluate, leave_one_out
+    from behaviorlm.evaluation.leakage import LeakError
+
+    raw = make_funnel_events(n_users=40)
+    raw.write_csv(tmp_path / "events.csv")
+    train = ["train", "--events", str(tmp_path / "events.csv"), "--recipe", "quick", "--epochs", "1"]
+    train += ["--dim", "16", "--layers", "1", "--heads", "1", "--max-len", "12"]
+    assert CliRunner().invoke(app, [*train, "--out", str(tmp_path / "m")]).exit_code == 0
+    evaluate_cmd = ["evaluate", "--events", str(tmp_path / "events.csv"), "--metrics-out", str(tmp_path / "x.json")]
+    assert CliRunner().invoke(app, [*evaluate_cmd, "--model", str(tmp_path / "m")]).exit_code == 0  # held out
+    more = ["train", "--init-from", str(tmp_path / "m"), "--events", str(tmp_path / "events.csv"), "--epochs", "1"]
+    res = CliRunner().invoke(app, [*more, "--out", str(tmp_path / "m2")])
+    assert res.exit_code == 0, res.output
+    child = BehaviorLM.load(tmp_path / "m2")
+    assert [s["holdout"] for s in [child.training_data_, *child.training_data_["increments"]]] == ["loo", "none"]
+    res = CliRunner().invoke(app, [*evaluate_cmd, "--model", str(tmp_path / "m2")])
+    assert res.exit_code == 2 and "would leak test targets" in " ".join(res.output.split()), res.output
+    with pytest.raises(LeakError, match="test targets were training events"):
+        evaluate(child, leave_one_out(child.validate_input(raw)), n_boot=10)

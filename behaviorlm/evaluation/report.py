@@ -11,6 +11,7 @@ import polars as pl
 from behaviorlm.data.events import Events, read_table
 from behaviorlm.errors import ConfigurationError, InputDataError
 from behaviorlm.evaluation.baselines import BASELINES, FACTORIES, SEEN_ONLY, Scorer, catalog_index
+from behaviorlm.evaluation.leakage import check_no_leak
 from behaviorlm.evaluation.metrics import (
     ContextCatalog,
     UserRanks,
@@ -110,8 +111,14 @@ def evaluate(
     holdout: str = "test",
     n_boot: int = 1000,
     baselines: tuple[str, ...] = BASELINES,
+    events: Events | None = None,
 ) -> EvaluationReport:
     """Evaluate ``model`` and the baselines on ``split.test`` (or ``split.valid``).
+
+    A fitted model is first checked for leaks (:func:`~behaviorlm.evaluation.leakage.check_no_leak`):
+    one that trained on the holdout's targets is refused with :class:`LeakError`; ``events``
+    (what the split was made from) lets the check also say when they differ from the model's.
+    The check's outcome is in ``protocol["leak_check"]``.
 
     Ranks are over the training catalog; where seen items are kept they are also computed
     over the training catalog plus each user's own context items (``with_context_items``),
@@ -127,6 +134,7 @@ def evaluate(
     ho = split.test if holdout == "test" else split.valid
     if ho.n_users == 0:
         raise InputDataError(f"{split.name} {holdout} holdout has no users to evaluate")
+    leak_check = check_no_leak(model, events, split.name, ho) if hasattr(model, "training_data_") else None
     catalog = split.train.df["item_id"].unique(maintain_order=True)
     ranked: pl.Series | ContextCatalog = catalog if exclude_seen else ContextCatalog.of(catalog, ho.inputs)
     seen = seen_lists(ho.inputs, catalog) if exclude_seen else {}
@@ -154,6 +162,7 @@ def evaluate(
         "ranking": "full catalog, ties counted against the model",
         "unrankable_targets": int((catalog_index(catalog, ho.targets["item_id"]) < 0).sum()),
         "repeat_targets": int(ur.repeat.sum()) if ur.repeat is not None else None,
+        "leak_check": "not a fitted model" if leak_check is None else (leak_check or "passed"),
     }
     if isinstance(ranked, ContextCatalog):
         protocol["context_items"] = len(ranked.catalog) - ranked.n_train

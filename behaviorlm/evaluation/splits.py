@@ -104,3 +104,19 @@ def _next_event_targets(df: pl.DataFrame, start: Any, end: Any) -> tuple[pl.Data
     targets = targets.filter(pl.col("user_id").is_in(before["user_id"].unique().implode()))
     inputs = before.filter(pl.col("user_id").is_in(targets["user_id"].implode()))
     return inputs, targets.select(df.columns)
+
+
+SPLITS = ("loo", "temporal")
+
+
+def make_split(events: Events | Any, name: str) -> Split:
+    """The split called ``name`` (``loo`` or ``temporal``) with its default settings: what
+    ``--holdout`` and ``--split`` mean in the CLI and the pipelines."""
+    if name == "loo":
+        return leave_one_out(events)
+    if name == "temporal":
+        return temporal_split(events)
+    raise ConfigurationError(
+        f"split must be one of {list(SPLITS)}, got {name!r}",
+        cli_hint=f"--split must be 'loo' or 'temporal', got {name!r}",
+    )

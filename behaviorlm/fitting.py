@@ -1,0 +1,103 @@
+"""Fit a model from where its events are: a loaded source, a prepared folder, or a previous model.
+
+The one place that decides what a training run holds out and what it records about it, so
+``behaviorlm train``, the pipelines and Python users get the same runs and the same training
+record (:mod:`behaviorlm.evaluation.leakage`), which evaluation later reads to refuse leaks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from behaviorlm.data.events import Events, events_digest
+from behaviorlm.data.loading import LoadedEvents
+from behaviorlm.errors import ConfigurationError
+from behaviorlm.evaluation.splits import SPLITS, Holdout, make_split
+from behaviorlm.nn.checkpoint import Checkpointing
+from behaviorlm.recipes import DEFAULT_RECIPE
+from behaviorlm.recommender import BehaviorLM
+
+HOLDOUTS = (*SPLITS, "none")
+
+
+def default_holdout(prepared: bool, continuing: bool) -> str:
+    """``loo`` for a new model from events; ``none`` (train on all) from a prepared folder or
+    when continuing a model, whose new events usually hold no targets of their own."""
+    return "none" if prepared or continuing else "loo"
+
+
+def held_out(events: Events, holdout: str) -> tuple[Events, Holdout | None]:
+    """The training events and the validation holdout of ``holdout`` (none: all events, no validation)."""
+    if holdout not in HOLDOUTS:
+        raise ConfigurationError(
+            f"holdout must be one of {list(HOLDOUTS)}, got {holdout!r}",
+            cli_hint=f"--holdout must be loo, temporal or none, got {holdout!r}",
+        )
+    if holdout == "none":
+        return events, None
+    split = make_split(events, holdout)
+    return split.train, split.valid
+
+
+def fit_from_source(
+    source: LoadedEvents | None = None,
+    *,
+    prepared: str | Path | None = None,
+    init_from: BehaviorLM | None = None,
+    holdout: str | None = None,
+    recipe: str = DEFAULT_RECIPE,
+    exclude_seen: bool = True,
+    checkpoint: Checkpointing | None = None,
+    progress: bool = False,
+    **overrides: Any,
+) -> BehaviorLM:
+    """A model fitted from ``source`` (loaded events), from a ``prepared`` folder (memory-mapped,
+    every event trained on), or ``init_from`` continued on ``source`` (the daily increment).
+
+    ``holdout`` (loo | temporal | none; default :func:`default_holdout`) is split off before
+    training and recorded with the source and its digest; ``overrides`` (None values ignored)
+    change the recipe's parameters, except for a continuation, which keeps its model's and takes
+    ``epochs`` and ``lr`` only."""
+    holdout = holdout or default_holdout(prepared is not None, init_from is not None)
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if prepared is not None:
+        if source is not None or init_from is not None:
+            raise ConfigurationError(
+                "a prepared folder replaces the events and cannot continue a model",
+                cli_hint="--prepared replaces --events/--dataset and cannot be combined with --init-from",
+            )
+        return _fit_prepared(Path(prepared), holdout, recipe, exclude_seen, checkpoint, progress, overrides)
+    if source is None:
+        raise ConfigurationError("no events to fit on", cli_hint="give --events PATH or --dataset NAME")
+    provenance = {"source": source.source, "holdout": holdout, "events_digest": events_digest(source.events)}
+    train_ev, valid = held_out(source.events, holdout)
+    if init_from is not None:
+        kept = {k: overrides[k] for k in ("epochs", "lr") if k in overrides}
+        return init_from.fit_partial(train_ev, valid, checkpoint=checkpoint, training_data=provenance, **kept)
+    model = BehaviorLM(recipe, progress=progress, **overrides)
+    return model.fit(train_ev, valid, exclude_seen, items=source.items, training_data=provenance, checkpoint=checkpoint)
+
+
+def _fit_prepared(
+    folder: Path,
+    holdout: str,
+    recipe: str,
+    exclude_seen: bool,
+    checkpoint: Checkpointing | None,
+    progress: bool,
+    overrides: dict[str, Any],
+) -> BehaviorLM:
+    from behaviorlm.sequence.shards import PreparedShards
+
+    if holdout != "none":
+        raise ConfigurationError(
+            "a prepared folder is trained on every event: hold out by preparing the training events only",
+            cli_hint="--prepared trains on every prepared event: hold out by preparing the training events only "
+            "(--holdout none)",
+        )
+    shards = PreparedShards.open(folder)
+    overrides = {"min_item_count": shards.tokenizer.min_item_count, **overrides}
+    model = BehaviorLM(recipe, progress=progress, **overrides)
+    provenance = {"source": str(folder), "holdout": "none", "events_digest": None}
+    return model.fit(shards, exclude_seen=exclude_seen, training_data=provenance, checkpoint=checkpoint)
