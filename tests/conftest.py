@@ -107,3 +107,15 @@ def contexts(catalog):
     )
     profiles = pl.DataFrame({"user_id": [1, 2], "propensity": [0.71234, 0.1], "tier": ["High", "Low"]})
     return build_contexts(recs, events, catalog, profiles, model_version="m1")
+
+
+def cli_failed(res, code: int = 2) -> str:
+    """The flattened output of a ``CliRunner`` run that failed on purpose, after checking it did:
+    exit ``code`` through ``SystemExit`` and an ``error:`` line. (CliRunner never prints a
+    traceback -- an escaped exception becomes exit 1 with ``res.exception`` set to it -- so
+    looking for "Traceback" in its output proves nothing.)"""
+    assert isinstance(res.exception, SystemExit), f"escaped {res.exception!r}: {res.output}"
+    assert res.exit_code == code, (res.exit_code, res.output)
+    text = " ".join(res.output.split())
+    assert "error:" in text, text
+    return text

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from behaviorlm.cli import app
 from behaviorlm.segments import store
 from behaviorlm.segments.store import SegmentsFolder
-from tests.conftest import make_funnel_events
+from tests.conftest import cli_failed, make_funnel_events
 
 runner = CliRunner()
 SMALL = ["--epochs", "2", "--dim", "16", "--layers", "1", "--heads", "1", "--max-len", "32", "--batch-size", "32"]
@@ -65,9 +65,7 @@ def test_propensity_bad_input(workspace, extra, message):
     model = [] if "--no-model" in extra else ["--model", str(root / "model")]
     extra = [e for e in extra if e not in ("--no-model", "--out-csv")]
     args = ["propensity", *src, *model, "--out", out, "--method", "lightgbm", *extra]
-    res = runner.invoke(app, args)
-    assert res.exit_code == 2, res.output
-    assert message in " ".join(res.output.split()) and "Traceback" not in res.output
+    assert message in cli_failed(runner.invoke(app, args))
 
 
 def test_segment_bad_input(workspace, tmp_path):

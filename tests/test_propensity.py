@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 import pytest
+import torch
 from sklearn.metrics import roc_auc_score
 
 from behaviorlm.data.events import EventsError, validate_events
@@ -48,13 +49,25 @@ def backbone(funnel_events, split):
 # --------------------------------------------------------------------------- features
 
 
-def test_seed_features_and_heuristic_formula(split):
-    f = seed_features(split.test)
-    assert f["example_id"].to_list() == split.test.examples["example_id"].to_list()
-    row = f.row(0, named=True)
-    inputs = split.test.inputs.filter(pl.col("example_id") == row["example_id"])
-    assert row["sequence_length"] == inputs.height
-    assert row["cart_additions"] == (inputs["event_type"] == "add_to_cart").sum()
+def test_seed_features_of_a_hand_counted_log():
+    """Counted by hand, not re-derived from the implementation: user 1 has 3 views, 2 carts and a
+    purchase; user 2 one view; rows follow the examples' order."""
+    rows = [(1, "view")] * 3 + [(1, "add_to_cart")] * 2 + [(1, "purchase"), (2, "view")]
+    log = pl.DataFrame(
+        {
+            "user_id": [u for u, _ in rows],
+            "item_id": [f"i{j % 2}" for j in range(len(rows))],
+            "event_type": [a for _, a in rows],
+            "timestamp": list(range(T0, T0 + len(rows))),
+        }
+    )
+    ex = cutoff_examples(validate_events(log), "2024-01-01", "1d")
+    f = seed_features(ex)
+    assert f["example_id"].to_list() == ex.examples["example_id"].to_list()
+    got = {u: f.row(i, named=True) for i, u in enumerate(ex.examples["user_id"].to_list())}
+    want = {1: (6, 2, 3, 3), 2: (1, 0, 1, 1)}  # length, carts, views, distinct actions
+    cols = ("sequence_length", "cart_additions", "product_views", "unique_actions")
+    assert {u: tuple(r[c] for c in cols) for u, r in got.items()} == want
 
 
 def test_heuristic_matches_the_seeds_worked_examples():
@@ -139,7 +152,7 @@ def test_lightgbm_learns_the_funnel(split):
     assert roc_auc_score(split.test.labels, s.decision_function(split.test)) > 0.75
     assert s.feature_importance()["feature"][0] in {c for c in rich_features(split.test).columns}
     h = HeuristicScorer().fit(split.train, split.valid).decision_function(split.test)
-    assert ((h >= 0) & (h <= 1)).all()
+    assert roc_auc_score(split.test.labels, h) > 0.65  # the funnel's intent is visible to the rule too
 
 
 def test_encode_examples_appends_query_gap(backbone, split):
@@ -155,14 +168,19 @@ def test_encode_examples_appends_query_gap(backbone, split):
 
 
 def test_transformer_fine_tunes_and_is_deterministic(backbone, split):
+    before = {k: v.clone() for k, v in backbone.model_.state_dict().items()}
     a = TransformerScorer(backbone, epochs=6, lr=1e-3, patience=6).fit(split.train, split.valid)
     b = TransformerScorer(backbone, epochs=6, lr=1e-3, patience=6).fit(split.train, split.valid)
     pa = a.decision_function(split.test)
     np.testing.assert_array_equal(pa, b.decision_function(split.test))
     assert roc_auc_score(split.test.labels, pa) > 0.7
     assert a.embeddings(split.test).shape == (len(split.test), 16)
-    # the pretrained model itself is untouched by fine-tuning
-    assert not any(p is q for p, q in zip(a.net_.backbone.parameters(), backbone.model_.parameters(), strict=True))
+    # the pretrained model itself is untouched by fine-tuning (values, not just object identity),
+    # while the fine-tuned copy moved
+    after = backbone.model_.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    tuned = a.net_.backbone.state_dict()
+    assert any(not torch.equal(before[k], tuned[k]) for k in before if k in tuned)
 
 
 def test_zero_shot_matches_next_action_probability(backbone, split):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import httpx
 import pytest
@@ -48,8 +47,9 @@ def test_alias_move_swaps_without_failed_requests(registry):
     app = create_app("models:/behaviorlm@champion", api_key="", reload_interval=0.2)
     users = ev.df["user_id"].unique().to_list()
     seen_versions: set[str] = set()
-    failures: list[str] = []
+    failures: list[str] = []  # collected here: an assert inside a worker thread is only a warning
     stop = threading.Event()
+    answered = {v: threading.Event() for v in ("old", "new")}
 
     def hammer(w: int) -> None:
         with httpx.Client(base_url=base, timeout=30) as c:
@@ -66,25 +66,27 @@ def test_alias_move_swaps_without_failed_requests(registry):
                 r = c.post("/v1/recommend", json=body)
                 if r.status_code != 200:
                     failures.append(f"{r.status_code} {r.text[:200]}")
+                elif r.headers["x-model-version"] != r.json()["model_version"]:
+                    failures.append(f"header {r.headers['x-model-version']} != body {r.json()['model_version']}")
                 else:
-                    assert r.headers["x-model-version"] == r.json()["model_version"]
-                    seen_versions.add(r.json()["model_version"])
+                    version = r.json()["model_version"]
+                    seen_versions.add(version)
+                    answered["old" if version == old_version else "new"].set()
                 i += 8
 
     with UvicornThread(app) as base:
         first = httpx.get(base + "/ready").json()
         assert first["registry_version"] == versions[0] and first["reload"]["follows"].endswith("@champion")
         old = app.state.service.current
+        old_version = first["model_version"]
         threads = [threading.Thread(target=hammer, args=(w,)) for w in range(8)]
         for t in threads:
             t.start()
-        time.sleep(1.0)
+        # gates, not sleeps: move the alias once the old version answered under load, stop once the
+        # new one has (the timeouts only keep a hung service from hanging the suite)
+        assert answered["old"].wait(timeout=60), f"no answer from the old version: {failures[:3]}"
         client.set_registered_model_alias("behaviorlm", "champion", versions[1])
-        deadline = time.monotonic() + 60
-        while httpx.get(base + "/ready").json()["registry_version"] != versions[1]:
-            assert time.monotonic() < deadline, "the service never picked up the new version"
-            time.sleep(0.1)
-        time.sleep(1.0)
+        assert answered["new"].wait(timeout=60), f"the service never answered from the new version: {failures[:3]}"
         stop.set()
         for t in threads:
             t.join()

@@ -16,9 +16,10 @@ from fastapi import HTTPException
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from behaviorlm.data.events import validate_events, validate_schema
+from behaviorlm.data.events import validate_events
 from behaviorlm.errors import BehaviorLMError
 from behaviorlm.recommender import BehaviorLM
+from behaviorlm.service.api import validate_request_events
 from behaviorlm.service.online import OnlineRecommender
 from behaviorlm.service.request_events import RequestEncoder
 from tests.conftest import make_events
@@ -35,19 +36,8 @@ def model(request):
 
 
 def _full(model, online, events, schema):
-    """What the service did before the lean path: a one-user frame through validate_schema."""
-    from behaviorlm.service.api import request_times
-
-    frame = pl.DataFrame(
-        {
-            "user_id": ["u"] * len(events),
-            "item_id": [str(e[0]) for e in events],
-            "event_type": [e[1] for e in events],
-            "timestamp": request_times([e[2] for e in events], schema.time_unit, schema.plausible_times),
-        }
-    )
-    ev = validate_schema(frame, schema, duplicates="keep")
-    return online.query_for_events("u", ev)
+    """The service's full path on the same payload (validate_request_events, as the API calls it)."""
+    return online.query_for_events("u", validate_request_events(schema, "u", events))
 
 
 item = st.one_of(

@@ -48,6 +48,7 @@ import polars as pl
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from behaviorlm.data.events import Events, validate_schema
+from behaviorlm.data.schema import InputSchema
 from behaviorlm.data.timestamps import (
     EARLIEST,
     PY_MAX_MICROS,
@@ -595,17 +596,24 @@ def _unknown(user_id: Any) -> HTTPException:
 
 
 def _request_events(serving: Serving, req: UserInput) -> Events:
-    """The request's events as a validated one-user log (errors name the row and column), with
-    action names read through the model's own action map and unknown-action policy."""
+    """The request's events as a validated one-user log (see :func:`validate_request_events`)."""
     assert req.events is not None
-    schema = serving.model.input_schema_.canonical()
     uid = "request" if req.user_id is None else str(req.user_id)
+    rows = [(e.item_id, e.event_type, e.timestamp) for e in req.events]
+    return validate_request_events(serving.model.input_schema_.canonical(), uid, rows)
+
+
+def validate_request_events(schema: InputSchema, user_id: str, rows: list[tuple[Any, str, Any]]) -> Events:
+    """The full path for a request's ``(item_id, event_type, timestamp)`` rows: a one-user log
+    validated as files are (errors name the row and column), with action names read through
+    the model's own action map and unknown-action policy. The lean path
+    (:class:`~behaviorlm.service.request_events.RequestEncoder`) must agree with it."""
     frame = pl.DataFrame(
         {
-            "user_id": [uid] * len(req.events),
-            "item_id": [None if e.item_id is None else str(e.item_id) for e in req.events],
-            "event_type": [e.event_type for e in req.events],
-            "timestamp": request_times([e.timestamp for e in req.events], schema.time_unit, schema.plausible_times),
+            "user_id": [user_id] * len(rows),
+            "item_id": [None if r[0] is None else str(r[0]) for r in rows],
+            "event_type": [r[1] for r in rows],
+            "timestamp": request_times([r[2] for r in rows], schema.time_unit, schema.plausible_times),
         }
     )
     return validate_schema(frame, schema, duplicates="keep")
