@@ -50,7 +50,15 @@ def test_two_workers_pool_metrics_and_stop_gracefully(model_dir, tmp_path):
             except httpx.TransportError:
                 pass
             time.sleep(0.3)
-        time.sleep(2)  # the second worker finishes loading too
+        # a gate, not a sleep: both workers loaded once 10 fresh connections in a row (the kernel
+        # spreads them over the workers) find the model ready; a worker still loading answers 503
+        ready_in_a_row = 0
+        while ready_in_a_row < 10:
+            assert time.monotonic() < deadline, "the second worker never became ready"
+            ok = httpx.get(url + "/ready", timeout=2).status_code == 200
+            ready_in_a_row = ready_in_a_row + 1 if ok else 0
+            if not ok:
+                time.sleep(0.2)
         with httpx.Client(base_url=url, timeout=10) as c:
             codes = [c.post("/v1/recommend", json={"user_id": u % 20, "k": 3}).status_code for u in range(40)]
             metrics = c.get("/metrics").text
