@@ -29,8 +29,9 @@ from rich.console import Console
 from behaviorlm.data.events import validate_items
 from behaviorlm.data.loading import LoadedEvents, load_events
 from behaviorlm.data.schema import InputSchema
-from behaviorlm.errors import BehaviorLMError, ConfigurationError
+from behaviorlm.errors import ConfigurationError
 from behaviorlm.recipes import RECIPES
+from behaviorlm.shell import OPTION_HELP, exit_status
 
 if TYPE_CHECKING:
     from behaviorlm.propensity.labels import Target
@@ -67,12 +68,8 @@ def _main(
 
 
 _DATA = "Input data"
-EventsOpt = Annotated[
-    Path | None, typer.Option("--events", help="events file (.csv[.gz], .tsv, .parquet)", rich_help_panel=_DATA)
-]
-DatasetOpt = Annotated[
-    str | None, typer.Option("--dataset", help="bundled dataset name instead of --events", rich_help_panel=_DATA)
-]
+EventsOpt = Annotated[Path | None, typer.Option("--events", help=OPTION_HELP["events"], rich_help_panel=_DATA)]
+DatasetOpt = Annotated[str | None, typer.Option("--dataset", help=OPTION_HELP["dataset"], rich_help_panel=_DATA)]
 _FROM_MODEL = "default: as the model was trained"
 UserCol = Annotated[
     str | None, typer.Option("--user-col", help=f"default user_id; {_FROM_MODEL}", rich_help_panel=_DATA)
@@ -150,13 +147,17 @@ def cli_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except BehaviorLMError as exc:
-            err.print(f"[bold red]error:[/] {exc.cli_message()}", highlight=False, soft_wrap=True, markup=True)
-            raise typer.Exit(2) from None
+        result = []
+        status = exit_status(lambda: result.append(fn(*args, **kwargs)), _say_error)
+        if status:
+            raise typer.Exit(status)
+        return result[0]
 
     return wrapper
+
+
+def _say_error(message: str) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True, markup=True)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -505,7 +506,7 @@ def recommend(
     data: EventsInput,
     user: Annotated[list[str] | None, Opt("--user", help="user id (repeatable)")] = None,
     k: int = 10,
-    action: Annotated[str | None, Opt(help="rank by P(item | next action = ACTION)")] = None,
+    action: Annotated[str | None, Opt(help=OPTION_HELP["action"])] = None,
     exclude_seen: bool = True,
 ) -> None:
     """Print top-K recommendations for known users or for users in an events file."""
@@ -545,13 +546,13 @@ def score(
     ] = None,
     k: int = 10,
     batch_size: int = 128,
-    quantize: Annotated[str | None, Opt(help="int8: torch dynamic quantisation of Linear layers")] = None,
+    quantize: Annotated[str | None, Opt(help=OPTION_HELP["quantize"])] = None,
     engine: Annotated[str, Opt(help=ENGINE_HELP)] = "torch",
     retrieval: Annotated[str, Opt(help=RETRIEVAL_HELP)] = "auto",
     exclude_seen: bool = True,
-    action: Annotated[str | None, Opt(help="rank by P(item | next action = ACTION)")] = None,
+    action: Annotated[str | None, Opt(help=OPTION_HELP["action"])] = None,
     allowed_items: Annotated[Path | None, Opt(help="only these items: .txt (one per line) or a table")] = None,
-    threads: Annotated[int | None, Opt(help="torch threads (default: $OMP_NUM_THREADS, else all cores)")] = None,
+    threads: Annotated[int | None, Opt(help=OPTION_HELP["threads"])] = None,
     as_of: Annotated[
         str | None,
         Opt(

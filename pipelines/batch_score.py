@@ -20,22 +20,21 @@ import argparse
 import sys
 from pathlib import Path
 
-import polars as pl
-
 from behaviorlm.data.events import EventsError
 from behaviorlm.inference.batch import ScoringOptions, score_partition, set_threads
 from behaviorlm.segments.store import day_folder
+from behaviorlm.shell import OPTION_HELP
 from behaviorlm.tracking import CHAMPION_URI, load_model_ref
-from pipelines.common import cli_main, day_end, load_events
+from pipelines.common import add_source_args, cli_main, day_end, events_until, load_events
 from pipelines.segment import add_segment_args, config_from, segment_day
 
 
 def run(args: argparse.Namespace) -> Path:
-    end = day_end(args.date)
+    day_end(args.date)  # a bad --date is refused before the model loads
     set_threads(args.threads)
     model, provenance = load_model_ref(args.model)
     ev, items, _ = load_events(args, model.input_schema_)  # read as the model was trained
-    upto = ev.derive(ev.df.filter(pl.col("timestamp") < end), f"events before {end:%Y-%m-%d}")
+    upto, end = events_until(ev, args.date)
     if len(upto) == 0:
         raise EventsError(f"no events before the end of {args.date}: nothing to score")
     out_dir = Path(args.out) / "scores" / f"date={args.date}"
@@ -62,17 +61,14 @@ def run(args: argparse.Namespace) -> Path:
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--date", required=True, help="YYYY-MM-DD: score users active up to the end of this day (UTC)")
+    add_source_args(ap, "YYYY-MM-DD: score users active up to the end of this day (UTC)")
     ap.add_argument("--model", default=CHAMPION_URI, help="registry URI or local model directory")
-    ap.add_argument("--events", help="events file in canonical columns (user_id,item_id,event_type,timestamp)")
-    ap.add_argument("--dataset", help="bundled dataset name instead of --events")
-    ap.add_argument("--out", default="data/outputs")
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--chunk-users", type=int, default=2048)
     ap.add_argument("--pause-s", type=float, default=0.0, help="sleep between chunks (shared machines)")
-    ap.add_argument("--action", default=None, help="rank by P(item | next action = ACTION)")
-    ap.add_argument("--quantize", default=None, choices=["int8"], help="dynamic int8 quantisation")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: $OMP_NUM_THREADS, else all)")
+    ap.add_argument("--action", default=None, help=OPTION_HELP["action"])
+    ap.add_argument("--quantize", default=None, choices=["int8"], help=OPTION_HELP["quantize"])
+    ap.add_argument("--threads", type=int, default=None, help=OPTION_HELP["threads"])
     ap.add_argument("--no-segments", action="store_true", help="only the recommendations, no propensities/segments")
     add_segment_args(ap)
     return ap.parse_args(argv)

@@ -15,7 +15,8 @@ from behaviorlm.data.events import Events
 from behaviorlm.data.loading import load_events as load_source
 from behaviorlm.data.schema import InputSchema
 from behaviorlm.data.timestamps import UTC
-from behaviorlm.errors import BehaviorLMError, ConfigurationError
+from behaviorlm.errors import ConfigurationError
+from behaviorlm.shell import OPTION_HELP, exit_status
 
 
 def code_version() -> str:
@@ -47,12 +48,28 @@ def day_end(date: str) -> datetime:
         raise ConfigurationError(f"--date must be YYYY-MM-DD, got {date!r}") from None
 
 
+def events_until(ev: Events, date: str) -> tuple[Events, datetime]:
+    """The events before the end of ``date`` (UTC) -- all a step run as of that day may see --
+    and that end: the one "as of the date" filter of every step and the scheduled job."""
+    end = day_end(date)
+    return ev.derive(ev.df.filter(pl.col("timestamp") < end), f"events before the end of {date}"), end
+
+
+def events_on(ev: Events, date: str) -> Events:
+    """The events of ``date`` itself (UTC): the daily increment's new events."""
+    end = day_end(date)
+    on = (pl.col("timestamp") >= end - timedelta(days=1)) & (pl.col("timestamp") < end)
+    return ev.derive(ev.df.filter(on), f"events of {date}")
+
+
 def cli_main(run: Callable[[argparse.Namespace], object], parse: Callable, argv: list[str] | None) -> int:
-    """Run a job; the library's deliberate errors print one line and exit 2, as the CLI does.
-    Anything else is a bug and keeps its traceback."""
-    try:
-        run(parse(argv))
-    except BehaviorLMError as e:
-        print(f"error: {e.cli_message()}", file=sys.stderr)
-        return 2
-    return 0
+    """Run a job under the CLI's error rule (:func:`behaviorlm.shell.exit_status`)."""
+    return exit_status(lambda: run(parse(argv)), lambda message: print(f"error: {message}", file=sys.stderr))
+
+
+def add_source_args(ap: argparse.ArgumentParser, date_help: str) -> None:
+    """``--date``, ``--events``, ``--dataset`` and ``--out``: declared once for every entry point."""
+    ap.add_argument("--date", required=True, help=date_help)
+    ap.add_argument("--events", help=OPTION_HELP["events"])
+    ap.add_argument("--dataset", help=OPTION_HELP["dataset"])
+    ap.add_argument("--out", default="data/outputs", help="the outputs folder (model, scores, segments, ...)")

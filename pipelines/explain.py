@@ -10,7 +10,7 @@ from typing import Any
 
 import polars as pl
 
-from pipelines.common import day_end
+from pipelines.common import events_until
 
 
 def run_step(args, ev, items, source, out: Path) -> dict[str, Any]:
@@ -27,8 +27,8 @@ def run_step(args, ev, items, source, out: Path) -> dict[str, Any]:
     recs = scores.filter(pl.col("user_id").is_in(users.implode()) & (pl.col("rank") <= 5))
     seg_users = store.read_users(store.day_folder(out / "segments", args.date))
     profiles = seg_users.select("user_id", "propensity", "tier", "cluster") if seg_users is not None else None
-    keep = pl.col("user_id").is_in(users.implode()) & (pl.col("timestamp") < day_end(args.date))
-    mine = ev.derive(ev.df.filter(keep), "the explained users' events up to the date")
+    upto, _ = events_until(ev, args.date)
+    mine = upto.derive(upto.df.filter(pl.col("user_id").is_in(users.implode())), "the explained users' events")
     contexts = build_contexts(
         recs, mine, items if items is not None else model.items_, profiles, model_version=model.model_version
     )

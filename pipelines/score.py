@@ -8,9 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import polars as pl
-
-from pipelines.common import day_end, log_input
+from pipelines.common import events_until, log_input
 
 
 def run_step(args, ev, items, source, out: Path) -> dict[str, Any]:
@@ -19,8 +17,7 @@ def run_step(args, ev, items, source, out: Path) -> dict[str, Any]:
     from behaviorlm.inference.batch import ScoringOptions, score_partition
     from behaviorlm.recommender import BehaviorLM
 
-    end = day_end(args.date)
-    upto = ev.derive(ev.df.filter(pl.col("timestamp") < end), "events up to the date")
+    upto, end = events_until(ev, args.date)
     log_input(upto, source, "scoring")
     model = BehaviorLM.load(out / "model")
     options = ScoringOptions(k=10, exclude_seen=model.exclude_seen_)

@@ -11,9 +11,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import polars as pl
-
-from pipelines.common import day_end
+from pipelines.common import events_until
 
 
 @dataclass
@@ -82,8 +80,7 @@ def run_step(args, ev, items, source, out: Path) -> dict[str, Any]:
 
     from behaviorlm.recommender import BehaviorLM
 
-    end = day_end(args.date)
-    upto = ev.derive(ev.df.filter(pl.col("timestamp") < end), "events up to the date")
+    upto, end = events_until(ev, args.date)
     model = BehaviorLM.load(out / "model")
     origin = {"model_uri": str(out / "model"), "run_id": mlflow.active_run().info.run_id}
     day = segment_day(model, upto, items, out / "segments" / f"date={args.date}", end, config_from(args), origin)

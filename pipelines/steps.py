@@ -20,7 +20,7 @@ from typing import Any
 
 from behaviorlm import __version__
 from pipelines import evaluate, explain, score, segment, train
-from pipelines.common import cli_main, code_version, load_events
+from pipelines.common import add_source_args, cli_main, code_version, load_events
 
 STEPS = ("train", "evaluate", "score", "segment", "explain")
 
@@ -64,10 +64,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("step", choices=[*STEPS, "all"])
-    ap.add_argument("--date", required=True, help="YYYY-MM-DD: score and segment as of the end of this day")
-    ap.add_argument("--events")
-    ap.add_argument("--dataset")
-    ap.add_argument("--out", default="data/outputs")
+    add_source_args(ap, "YYYY-MM-DD: score and segment as of the end of this day")
     ap.add_argument("--experiment", default="behaviorlm")
     ap.add_argument("--recipe", default="clickstream-small", help="training recipe (behaviorlm.recipes)")
     ap.add_argument("--epochs", type=int, default=None, help="default: the recipe's")

@@ -9,7 +9,6 @@ the same, so a worse increment is not promoted.
 
 from __future__ import annotations
 
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -53,20 +52,16 @@ def _increment(args, split, source: str) -> Any:
     """The previous model continued on the day's training events (leave-one-out targets stay
     held out; events the model already holds are not trained on again)."""
     import mlflow
-    import polars as pl
 
     from behaviorlm.tracking import load_model_ref
-    from pipelines.common import day_end
+    from pipelines.common import events_on
 
     model, origin = load_model_ref(args.init_from)
-    end = day_end(args.date)
-    start = end - timedelta(days=1)
-    day = split.train.derive(
-        split.train.df.filter((pl.col("timestamp") >= start) & (pl.col("timestamp") < end)),
-        f"training events of {args.date}",
-    )
-    mlflow.log_params({"init_from": origin["model_uri"], "parent_version": model.model_version, "new_events": len(day)})
+    day = events_on(split.train, args.date)
+    mlflow.log_params({"init_from": origin["model_uri"], "parent_version": model.model_version, "day_events": len(day)})
     if len(day) == 0:
         raise ConfigurationError(f"--init-from: no training events on {args.date}; nothing to continue on")
     record = {"source": f"{source}, {args.date}", "holdout": "loo", "events_digest": None}
-    return model.fit_partial(day, split.valid, epochs=args.epochs, training_data=record)
+    model.fit_partial(day, split.valid, epochs=args.epochs, training_data=record)
+    mlflow.log_param("new_events", model.training_data_["increments"][-1]["n_events"])  # those not already held
+    return model

@@ -19,7 +19,7 @@ PACKAGES = ("behaviorlm", "pipelines", "dashboards")
 ALLOWED = {
     "data": set(),
     "sequence": {"data"},
-    "nn": {"sequence"},
+    "nn": {"data", "sequence"},  # data: its atomic-write helper (checkpoints)
     "inference": {"data", "sequence", "nn"},
     "evaluation": {"data"},
     "plots": {"data"},

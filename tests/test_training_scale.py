@@ -322,3 +322,23 @@ def test_a_continuation_on_test_targets_cannot_be_evaluated_as_if_held_out(tmp_p
     assert res.exit_code == 2 and "would leak test targets" in " ".join(res.output.split()), res.output
     with pytest.raises(LeakError, match="test targets were training events"):
         evaluate(child, leave_one_out(child.validate_input(raw)), n_boot=10)
+
+
+def test_a_checkpoint_write_that_fails_leaves_the_previous_one_and_no_temp_file(tmp_path, monkeypatch):
+    from behaviorlm.nn import checkpoint
+
+    ckpt = Checkpointing(tmp_path / "ckpt")
+    ckpt.folder.mkdir()
+    ckpt.path.write_bytes(b"previous")
+
+    def full_disk(obj, f):
+        Path(f).write_bytes(b"half")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    model = BehaviorTransformer(ModelConfig(n_items=10, n_actions=5, n_gaps=4, dim=8, n_layers=1, n_heads=1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    with pytest.raises(OSError, match="No space"):
+        checkpoint.save(ckpt, checkpoint.TrainState(), model, opt, sched, torch.Generator(), {})
+    assert ckpt.path.read_bytes() == b"previous" and sorted(p.name for p in ckpt.folder.iterdir()) == ["checkpoint.pt"]

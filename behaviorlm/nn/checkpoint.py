@@ -14,13 +14,13 @@ or another configuration is refused with a message rather than silently continui
 from __future__ import annotations
 
 import copy
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from behaviorlm.data.io import atomic_path
 from behaviorlm.errors import ConfigurationError
 
 FILENAME = "checkpoint.pt"
@@ -82,9 +82,8 @@ def save(
         "fingerprint": fingerprint,
     }
     ckpt.folder.mkdir(parents=True, exist_ok=True)
-    tmp = ckpt.path.with_name(f".{FILENAME}.{os.getpid()}.tmp")
-    torch.save(body, tmp)
-    os.replace(tmp, ckpt.path)
+    with atomic_path(ckpt.path) as tmp:  # the io helper: its temp file is removed on failure too
+        torch.save(body, tmp)
     return ckpt.path
 
 
