@@ -19,7 +19,7 @@ PACKAGES = ("behaviorlm", "pipelines", "dashboards")
 ALLOWED = {
     "data": set(),
     "sequence": {"data"},
-    "nn": {"data", "sequence"},  # data: its atomic-write helper (checkpoints)
+    "nn": {"data", "sequence", "recipes"},  # data: the atomic-write helper; recipes: the default parameters
     "inference": {"data", "sequence", "nn"},
     "evaluation": {"data"},
     "plots": {"data"},

@@ -264,3 +264,19 @@ def test_one_model_version_before_and_after_saving(small_model, tmp_path):
     assert json.loads((tmp_path / "m" / MANIFEST).read_text())["model_version"] == before
     assert BehaviorLM.load(tmp_path / "m").model_version == before
     assert pl.read_parquet(stamped.out)["model_version"].unique().to_list() == [before]
+
+
+def test_the_recipe_is_the_one_source_of_defaults():
+    """TrainConfig and ModelConfig default to the recipes' base parameters (they disagreed once:
+    ffn 1 vs 4, dropout 0.1 vs 0.2, epochs 30 vs 50, lr 2e-3 vs 1e-3)."""
+    from dataclasses import fields
+
+    from behaviorlm.nn.model import ModelConfig
+    from behaviorlm.nn.training import TrainConfig
+    from behaviorlm.recipes import BASE_PARAMS
+
+    model, train = ModelConfig(10, 5, 5), TrainConfig()
+    for cfg in (model, train):
+        shared = [f.name for f in fields(cfg) if f.name in BASE_PARAMS]
+        assert len(shared) >= 6
+        assert {n: getattr(cfg, n) for n in shared} == {n: BASE_PARAMS[n] for n in shared}

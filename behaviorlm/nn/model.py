@@ -28,6 +28,7 @@ from torch import nn
 
 from behaviorlm.errors import ConfigurationError
 from behaviorlm.nn.copy_head import MAX_COPY_ITEMS, CopyHead, CopyState, gate_logps
+from behaviorlm.recipes import BASE_PARAMS
 from behaviorlm.sequence.tokenizer import N_SPECIAL, PAD
 
 
@@ -36,18 +37,19 @@ class ModelConfig:
     n_items: int  # item vocabulary size, specials included
     n_actions: int  # action vocabulary size, specials included
     n_gaps: int  # time-gap buckets, pad and "none" included
-    max_len: int = 200
-    dim: int = 64
-    n_layers: int = 2
-    n_heads: int = 2
-    ffn_mult: int = 4
-    dropout: float = 0.2
+    # the defaults are the recipes' base parameters: one source (behaviorlm.recipes)
+    max_len: int = BASE_PARAMS["max_len"]
+    dim: int = BASE_PARAMS["dim"]
+    n_layers: int = BASE_PARAMS["n_layers"]
+    n_heads: int = BASE_PARAMS["n_heads"]
+    ffn_mult: int = BASE_PARAMS["ffn_mult"]
+    dropout: float = BASE_PARAMS["dropout"]
     # Dropout on attention weights forces SDPA's unfused math path on CPU; off by default.
     attn_dropout: float = 0.0
     value_sizes: tuple[int, ...] = ()  # per-event value buckets packed into the gap id (tokenizer)
     side_sizes: tuple[int, ...] = ()  # item side-feature vocabularies (category, brand, ...)
     # repeat-aware output: mix the catalog softmax with a copy over the context (nn.copy_head)
-    copy_head: bool = False
+    copy_head: bool = BASE_PARAMS["copy_head"]
 
     def __post_init__(self) -> None:
         self.value_sizes, self.side_sizes = tuple(self.value_sizes), tuple(self.side_sizes)  # from JSON lists

@@ -40,28 +40,30 @@ from behaviorlm.nn import checkpoint, distributed
 from behaviorlm.nn.checkpoint import Checkpointing
 from behaviorlm.nn.copy_head import COPY_LR_MULT, gate_logps
 from behaviorlm.nn.model import BehaviorTransformer
+from behaviorlm.recipes import BASE_PARAMS
 from behaviorlm.sequence.corpus import Corpus
 from behaviorlm.sequence.tokenizer import N_SPECIAL, PAD, UNK, EncodedSequences
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 50
-    batch_size: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 0.1
-    warmup_frac: float = 0.05
-    min_lr_frac: float = 0.1
-    grad_clip: float = 1.0
-    loss: str = "full"  # "full" | "sampled" | "auto" (full up to AUTO_FULL_MAX_ITEMS items, else sampled)
-    n_negatives: int = 1024
-    action_loss_weight: float = 0.5
-    patience: int = 5  # epochs without validation improvement before stopping
-    validate_every: int = 1
-    seed: int = 42
-    progress: bool = True
-    max_time_s: float | None = None  # stop (keeping the best) once training exceeds this
-    max_steps: int | None = None  # stop after this many optimizer steps (fixed-work benchmarks, resumable)
+    # the defaults are the recipes' base parameters: one source (behaviorlm.recipes)
+    epochs: int = BASE_PARAMS["epochs"]
+    batch_size: int = BASE_PARAMS["batch_size"]
+    lr: float = BASE_PARAMS["lr"]
+    weight_decay: float = BASE_PARAMS["weight_decay"]
+    warmup_frac: float = BASE_PARAMS["warmup_frac"]
+    min_lr_frac: float = BASE_PARAMS["min_lr_frac"]
+    grad_clip: float = BASE_PARAMS["grad_clip"]
+    loss: str = BASE_PARAMS["loss"]  # "full" | "sampled" | "auto" (full up to AUTO_FULL_MAX_ITEMS items, else sampled)
+    n_negatives: int = BASE_PARAMS["n_negatives"]
+    action_loss_weight: float = BASE_PARAMS["action_loss_weight"]
+    patience: int = BASE_PARAMS["patience"]  # epochs without validation improvement before stopping
+    validate_every: int = BASE_PARAMS["validate_every"]
+    seed: int = BASE_PARAMS["seed"]
+    progress: bool = BASE_PARAMS["progress"]
+    max_time_s: float | None = BASE_PARAMS["max_time_s"]  # stop (keeping the best) once training exceeds this
+    max_steps: int | None = BASE_PARAMS["max_steps"]  # stop after this many optimizer steps (benchmarks, resumable)
 
     def __post_init__(self) -> None:
         if self.loss not in ("full", "sampled", "auto"):
