@@ -138,3 +138,19 @@ def test_items_validation():
         validate_items(pl.DataFrame({"item_id": ["a", "a"]}))
     ok = validate_items(pl.DataFrame({"item_id": ["a"], "title": ["A"], "price": ["2"]}))
     assert ok.columns == ["item_id", "title", "price"] and ok["price"][0] == 2.0
+
+
+def test_one_time_rule_for_columns_and_single_values():
+    """to_utc reads a number as parse_timestamps reads a column (unit from the magnitude), and
+    the plausibility window is the same one every reader applies."""
+    from datetime import datetime, timezone
+
+    from behaviorlm.data.timestamps import implausible, parse_timestamps, plausible_window, to_utc
+
+    day = datetime(2017, 12, 3, tzinfo=timezone.utc)
+    assert to_utc(1_512_259_200) == to_utc(1_512_259_200_000) == to_utc(1_512_259_200_000_000) == day
+    assert to_utc(1_512_259_200_000, time_unit="ms") == parse_timestamps(pl.Series([1_512_259_200_000]))[0] == day
+    first, last = plausible_window()
+    column = pl.Series([first, day, last]).dt.replace_time_zone("UTC")
+    assert implausible(column).to_list() == [False, False, False]
+    assert implausible(pl.Series([datetime(1989, 12, 31, tzinfo=timezone.utc)])).to_list() == [True]

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import polars as pl
 
 from behaviorlm.data.schema import ActionPolicy, ColumnMapping, InputSchema
-from behaviorlm.data.timestamps import EARLIEST, last_time, latest_plausible, parse_timestamps
+from behaviorlm.data.timestamps import implausible, last_time, parse_timestamps, plausible_window
 from behaviorlm.errors import InputDataError
 
 log = logging.getLogger(__name__)
@@ -307,11 +307,9 @@ def validate_events(
         df, bad, f"column {m.timestamp!r}: null or unparseable timestamp", invalid, report, "unparseable timestamp"
     )
     if plausible_times:
-        ts, latest = df["timestamp"], latest_plausible()
-        bad = (ts < EARLIEST) | (ts > latest)
-        message = (
-            f"column {m.timestamp!r}: implausible timestamp (before {EARLIEST:%Y-%m-%d} or after {latest:%Y-%m-%d})"
-        )
+        first, last = plausible_window()
+        bad = implausible(df["timestamp"])
+        message = f"column {m.timestamp!r}: implausible timestamp (before {first:%Y-%m-%d} or after {last:%Y-%m-%d})"
         df = _fail_or_drop(df, bad, message, invalid, report, "implausible timestamp")
     df = df.drop("timestamp_raw")
     df = _values(df, m, invalid, report)

@@ -11,6 +11,7 @@ import time
 from datetime import date, datetime, timedelta, timezone
 from typing import Any, cast
 
+import numpy as np
 import polars as pl
 
 from behaviorlm.errors import InputDataError
@@ -59,6 +60,25 @@ def check_time_unit(time_unit: str) -> str:
 
 def latest_plausible() -> datetime:
     return datetime.fromtimestamp(time.time(), UTC) + timedelta(days=1)
+
+
+def plausible_window() -> tuple[datetime, datetime]:
+    """The first and the last plausible event time (1990, and tomorrow as of now): the one
+    rule files, request events and the lean request path apply."""
+    return EARLIEST, latest_plausible()
+
+
+def implausible(times: pl.Series) -> pl.Series:
+    """Per value of a ``Datetime`` column: outside :func:`plausible_window`."""
+    first, last = plausible_window()
+    return (times < first) | (times > last)
+
+
+def plausible_micros(micros: Any) -> bool:
+    """Whether every value of ``micros`` (unix microseconds; a number or a numpy array) is plausible."""
+    first, last = plausible_window()
+    values = np.asarray(micros)
+    return bool(values.size == 0 or (values.min() >= unix_micros(first) and values.max() <= unix_micros(last)))
 
 
 def last_time(column: pl.Series) -> datetime:
@@ -138,18 +158,23 @@ def parse_timestamps(col: pl.Series, time_unit: str = AUTO) -> pl.Series:
     raise InputDataError(f"column {col.name!r}: cannot interpret dtype {dtype} as timestamps")
 
 
-def to_utc(value: Any, what: str = "time") -> datetime:
+def to_utc(value: Any, what: str = "time", time_unit: str = AUTO) -> datetime:
     """One time value -> an aware UTC ``datetime``.
 
     Accepts an aware or naive ``datetime`` (naive = UTC), a ``date``, an ISO-8601 string such as
-    ``'2017-12-03'`` or ``'2017-12-03T12:00:00Z'``, or a number of unix seconds.
+    ``'2017-12-03'`` or ``'2017-12-03T12:00:00Z'``, or a number of unix time in ``time_unit`` --
+    by default detected from its magnitude, as :func:`parse_timestamps` reads a file's column,
+    so ``1512259200`` and ``1512259200000`` are the same time.
     """
     if isinstance(value, datetime):
         return (value if value.tzinfo else value.replace(tzinfo=UTC)).astimezone(UTC)
     if isinstance(value, date):
         return datetime(value.year, value.month, value.day, tzinfo=UTC)
     if isinstance(value, int | float) and not isinstance(value, bool):
-        return datetime.fromtimestamp(value, UTC)
+        parsed = parse_timestamps(pl.Series(what, [float(value)]), time_unit)[0]
+        if parsed is None:
+            raise InputDataError(f"{what} {value!r} is not a unix time")
+        return parsed
     if isinstance(value, str):
         parsed = pl.Series([value.strip()]).str.to_datetime(strict=False, time_unit="us", time_zone="UTC")
         if parsed.is_not_null().all():

@@ -50,12 +50,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from behaviorlm.data.events import Events, validate_schema
 from behaviorlm.data.schema import InputSchema
 from behaviorlm.data.timestamps import (
-    EARLIEST,
     PY_MAX_MICROS,
     PY_MIN_MICROS,
     UTC,
-    latest_plausible,
     parse_timestamps,
+    plausible_window,
 )
 from behaviorlm.errors import BehaviorLMError, InputDataError
 from behaviorlm.extras import missing_extra
@@ -633,7 +632,7 @@ def request_times(values: list[str | float], time_unit: str, plausible_only: boo
         raise HTTPException(422, f"field 'events.{first}.timestamp': {e.message}") from None
     strs = iter(parse_timestamps(pl.Series("timestamp", texts, dtype=pl.String))) if texts else None
     merged = [next(strs) if isinstance(v, str) else next(nums) for v in values]  # type: ignore[arg-type]
-    earliest, latest = EARLIEST, latest_plausible()
+    earliest, latest = plausible_window()
     for i, t in enumerate(merged):
         if t is None and not isinstance(values[i], str):
             raise HTTPException(

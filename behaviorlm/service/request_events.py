@@ -29,12 +29,11 @@ import numpy as np
 from behaviorlm.data.events import action_aliases
 from behaviorlm.data.schema import InputSchema
 from behaviorlm.data.timestamps import (
-    EARLIEST,
     PY_MAX_MICROS,
     PY_MIN_MICROS,
     TIME_UNITS,
     UTC,
-    latest_plausible,
+    plausible_micros,
     unit_of_magnitude,
     unix_micros,
 )
@@ -140,9 +139,8 @@ class RequestEncoder:
             if t is None:
                 return None
             micros[i] = t
-        if self.schema.plausible_times:
-            if micros.min() < unix_micros(EARLIEST) or micros.max() > unix_micros(latest_plausible()):
-                return None
+        if self.schema.plausible_times and not plausible_micros(micros):
+            return None
         return micros
 
 
