@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
@@ -120,28 +120,36 @@ def score_events(
         raise ConfigurationError("chunk_users must be >= 1")
     engine = engine.quantized(quantize)
     df = require_events(events).df
-    bounds = _user_bounds(df)
-    n_users = len(bounds) - 1
+    n_users = len(_user_bounds(df)) - 1
     stamp = (scored_at or datetime.now(UTC)).replace(microsecond=0)
     t0, n_rows = time.perf_counter(), 0
     bar = tqdm(total=n_users, unit="user", desc="scoring", disable=not progress)
     try:
         with atomic_path(out) as tmp:
             writer: pq.ParquetWriter | None = None
-            for c in range(0, n_users, chunk_users):
-                lo, hi = int(bounds[c]), int(bounds[min(c + chunk_users, n_users)])
-                table = _score_chunk(engine, df.slice(lo, hi - lo), options, stamp)
+            for _, chunk, users in _user_chunks(df, chunk_users):
+                table = _score_chunk(engine, chunk, options, stamp)
                 if writer is None:
                     writer = pq.ParquetWriter(tmp, table.schema)
                 writer.write_table(table)
                 n_rows += table.num_rows
-                bar.update(min(chunk_users, n_users - c))
+                bar.update(users)
             if writer is None:  # no users: still write a valid, empty file
                 writer = pq.ParquetWriter(tmp, _schema(df["user_id"].dtype, df["item_id"].dtype))
             writer.close()
     finally:
         bar.close()
     return ScoreSummary.since(t0, Path(out), n_users, n_rows, engine, stamp, quantize)
+
+
+def _user_chunks(df: pl.DataFrame, chunk_users: int) -> Iterator[tuple[int, pl.DataFrame, int]]:
+    """(chunk number, its events, its user count) over ``df``'s users (contiguous, sorted) in a
+    fixed order, ``chunk_users`` at a time: the one chunking of every event-scoring loop."""
+    bounds = _user_bounds(df)
+    n_users = len(bounds) - 1
+    for i, c in enumerate(range(0, n_users, chunk_users)):
+        lo, hi = int(bounds[c]), int(bounds[min(c + chunk_users, n_users)])
+        yield i, df.slice(lo, hi - lo), min(chunk_users, n_users - c)
 
 
 @torch.inference_mode()
@@ -226,21 +234,37 @@ def score_partition(
         "scored_at": stamp.isoformat(),
     }
     _start_plan(out_dir, plan)
-    bounds = _user_bounds(df)
-    n_users = len(bounds) - 1
-    t0, n_rows, n_new = time.perf_counter(), 0, 0
-    for i, c in enumerate(tqdm(range(0, n_users, chunk_users), desc="scoring chunks", disable=not progress)):
-        lo, hi = int(bounds[c]), int(bounds[min(c + chunk_users, n_users)])
-        rows, written = _resumable_part(
-            out_dir / f"part-{i:05d}.parquet", partial(_score_chunk, engine, df.slice(lo, hi - lo), options, stamp)
-        )
-        n_rows, n_new = n_rows + rows, n_new + written
-        if written and pause_s:
-            time.sleep(pause_s)
-    summary = ScoreSummary.since(t0, out_dir, n_users, n_rows, engine, stamp, quantize)
-    done = {"n_users": n_users, "n_rows": n_rows, "parts": -(-n_users // chunk_users), "parts_written_now": n_new}
+    n_users = len(_user_bounds(df)) - 1
+    parts = (
+        (f"part-{i:05d}.parquet", users, partial(_score_chunk, engine, chunk, options, stamp))
+        for i, chunk, users in _user_chunks(df, chunk_users)
+    )
+    t0 = time.perf_counter()
+    done = _write_parts(out_dir, parts, n_users, progress, pause_s)
+    summary = ScoreSummary.since(t0, out_dir, done["n_users"], done["n_rows"], engine, stamp, quantize)
     write_text_atomic(json.dumps(plan | done, indent=2), out_dir / SUCCESS_FILE)
     return summary
+
+
+def _write_parts(
+    out_dir: Path,
+    parts: Iterable[tuple[str, int, Callable[[], pa.Table]]],
+    total_users: int,
+    progress: bool,
+    pause_s: float = 0.0,
+) -> dict[str, int]:
+    """Write each ``(file name, users, make)`` part that is not there yet (atomically, resuming a
+    killed run), with one progress bar over users; what was written, for ``_SUCCESS``. The one
+    loop of folder scoring, from events or from shards."""
+    n_users = n_rows = n_parts = n_new = 0
+    with tqdm(total=total_users, unit="user", desc="scoring", disable=not progress) as bar:
+        for name, users, make in parts:
+            rows, written = _resumable_part(out_dir / name, make)
+            n_users, n_rows, n_parts, n_new = n_users + users, n_rows + rows, n_parts + 1, n_new + written
+            bar.update(users)
+            if written and pause_s:
+                time.sleep(pause_s)
+    return {"n_users": n_users, "n_rows": n_rows, "parts": n_parts, "parts_written_now": n_new}
 
 
 def _stamp(out_dir: Path, plan: dict, scored_at: datetime | None) -> datetime:
@@ -307,16 +331,18 @@ def score_prepared(
     _start_plan(out_dir, plan)
     item_dtype = prepared.tokenizer.item_polars_dtype
     total = min(prepared.n_users, max_users or prepared.n_users)
-    t0, n_users, n_rows = time.perf_counter(), 0, 0
-    bar = tqdm(total=total, unit="user", desc="scoring", disable=not progress)
-    for name, enc, user_ids, rows in _shard_chunks(prepared, chunk_users, total):
-        part = out_dir / f"part-{name}-{rows[0] // chunk_users:05d}.parquet"
-        done, _ = _resumable_part(part, partial(_score_tokens, engine, enc, rows, user_ids, item_dtype, options, stamp))
-        n_rows, n_users = n_rows + done, n_users + len(rows)
-        bar.update(len(rows))
-    bar.close()
-    summary = ScoreSummary.since(t0, out_dir, n_users, n_rows, engine, stamp, quantize)
-    write_text_atomic(json.dumps(plan | {"n_users": n_users, "n_rows": n_rows}, indent=2), out_dir / SUCCESS_FILE)
+    parts = (
+        (
+            f"part-{name}-{rows[0] // chunk_users:05d}.parquet",
+            len(rows),
+            partial(_score_tokens, engine, enc, rows, user_ids, item_dtype, options, stamp),
+        )
+        for name, enc, user_ids, rows in _shard_chunks(prepared, chunk_users, total)
+    )
+    t0 = time.perf_counter()
+    done = _write_parts(out_dir, parts, total, progress)
+    summary = ScoreSummary.since(t0, out_dir, done["n_users"], done["n_rows"], engine, stamp, quantize)
+    write_text_atomic(json.dumps(plan | done, indent=2), out_dir / SUCCESS_FILE)
     return summary
 
 
