@@ -672,7 +672,7 @@ def propensity(
     """Calibrated P(ACTION within HORIZON) (and optionally P(churn)) for every user, as of the data's end."""
     from behaviorlm.data.io import write_parquet_atomic
     from behaviorlm.inference.batch import set_threads
-    from behaviorlm.propensity import PropensityModel
+    from behaviorlm.propensity import user_propensities
     from behaviorlm.segments import store
 
     _setup_logging(verbose)
@@ -683,37 +683,36 @@ def propensity(
     ev, item_table = loaded.events, loaded.items
     if backbone is not None and item_table is None:
         item_table = backbone.items_
-    targets: list[tuple[Target, str, str]] = [("conversion", horizon, "propensity")]
+    targets: list[tuple[Target, str]] = [("conversion", horizon)]
     if churn_horizon:
-        targets.append(("churn", churn_horizon, "churn_propensity"))
-    table: pl.DataFrame | None = None
-    models = {}
-    for target, h, column in targets:
-        pm = PropensityModel(method, target, action, h, n_windows, stride, calibration=calibration, seed=seed)
-        pm.fit(ev, backbone, item_table)
-        info = pm.train_info_
-        if pm.selection_ is not None:
-            sel = pm.selection_
-            skipped = "; ".join(f"{m} skipped: {why}" for m, why in sel["skipped"].items())
-            out.print(f"{column}: auto chose {sel['chosen']}: {sel['why']}" + (f" ({skipped})" if skipped else ""))
-        out.print(
-            f"{column}: {pm.method_}, {info['n_train']:,} train / {info['n_valid']:,} validation examples, "
-            f"validation ROC-AUC {info['valid_roc_auc']:.3f} (optimistic), calibration {info['calibration']}",
-            highlight=False,
-        )
-        scores = pm.predict(ev, column=column)
-        table = scores if table is None else table.join(scores.drop("as_of"), on="user_id", how="left")
-        models[column] = pm
-    assert table is not None  # targets always holds conversion
+        targets.append(("churn", churn_horizon))
+    table, models = user_propensities(
+        ev, backbone, item_table, method, n_windows=n_windows, seed=seed,
+        targets=tuple(targets), action=action, stride=stride, calibration=calibration,
+    )  # fmt: skip
+    for column, pm in models.items():
+        _say_fit(column, pm)
     write_parquet_atomic(table, out_path)
     if save_dir is not None:
-        store.begin(save_dir)
-        store.save_propensity_models(save_dir, models)
         methods = {c: pm.method_ for c, pm in models.items()}
-        store.finish(save_dir, {"kind": "propensity", "source": loaded.source, "method": methods, "date": "latest"})
+        store.save_propensity_folder(save_dir, models, {"source": loaded.source, "method": methods, "date": "latest"})
         out.print(f"saved the propensity model(s) to {save_dir} (serve them with --segments {save_dir})")
     mean = cast(float, table["propensity"].mean())
     out.print(f"scored {table.height:,} users; mean propensity {mean:.3f}; wrote {out_path}")
+
+
+def _say_fit(column: str, pm: Any) -> None:
+    """What was chosen and how it validated, for one fitted propensity model."""
+    info = pm.train_info_
+    if pm.selection_ is not None:
+        sel = pm.selection_
+        skipped = "; ".join(f"{m} skipped: {why}" for m, why in sel["skipped"].items())
+        out.print(f"{column}: auto chose {sel['chosen']}: {sel['why']}" + (f" ({skipped})" if skipped else ""))
+    out.print(
+        f"{column}: {pm.method_}, {info['n_train']:,} train / {info['n_valid']:,} validation examples, "
+        f"validation ROC-AUC {info['valid_roc_auc']:.3f} (optimistic), calibration {info['calibration']}",
+        highlight=False,
+    )
 
 
 @app.command()

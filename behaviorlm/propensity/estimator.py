@@ -255,6 +255,10 @@ def _load_scorer(method: str, directory: Path, items: pl.DataFrame | None) -> An
     return LightGBMScorer.load(directory, items)
 
 
+#: The output column of each target.
+COLUMNS: dict[str, str] = {"conversion": "propensity", "churn": "churn_propensity"}
+
+
 def user_propensities(
     events: Events | Any,
     backbone: BehaviorLM | None = None,
@@ -264,19 +268,28 @@ def user_propensities(
     n_windows: int = 3,
     at: Any = None,
     seed: int = 0,
+    *,
+    targets: tuple[tuple[Target, str], ...] | None = None,
+    action: str = "purchase",
+    stride: str | None = None,
+    calibration: str = "auto",
 ) -> tuple[pl.DataFrame, dict[str, PropensityModel]]:
-    """``user_id, as_of, propensity, churn_propensity`` for every user, and the two fitted models."""
-    targets: tuple[tuple[Target, str], ...] = (("conversion", "propensity"), ("churn", "churn_propensity"))
-    tables: list[pl.DataFrame] = []
+    """``user_id, as_of`` and one calibrated column per target for every user, and the fitted
+    models by column: the one propensity job of the CLI, the pipelines and Python users.
+
+    ``targets`` are ``(target, horizon)`` pairs, by default conversion and churn over
+    ``horizon``; their columns are :data:`COLUMNS` (``propensity``, ``churn_propensity``)."""
+    targets = targets if targets is not None else (("conversion", horizon), ("churn", horizon))
+    ev = as_events(events)
+    table: pl.DataFrame | None = None
     models: dict[str, PropensityModel] = {}
-    for target, column in targets:
-        pm = PropensityModel(method, target, horizon=horizon, n_windows=n_windows, seed=seed).fit(
-            events, backbone, items
-        )
-        scores = pm.predict(events, at=at, column=column)
-        tables.append(scores if not tables else scores.drop("as_of"))
+    for target, h in targets:
+        column = COLUMNS[target]
+        pm = PropensityModel(method, target, action, h, n_windows, stride, calibration=calibration, seed=seed)
+        pm.fit(ev, backbone, items)
+        scores = pm.predict(ev, at=at, column=column)
+        table = scores if table is None else table.join(scores.drop("as_of"), on="user_id", how="left")
         models[column] = pm
-    table = tables[0]
-    for other in tables[1:]:
-        table = table.join(other, on="user_id")
+    if table is None:
+        raise ConfigurationError("user_propensities needs at least one target")
     return table, models

@@ -138,6 +138,16 @@ def save_propensity_models(folder: str | Path, models: Mapping[str, PropensityMo
     return {column: pm.save(Path(folder) / PROPENSITY / column) for column, pm in models.items()}
 
 
+def save_propensity_folder(
+    folder: str | Path, models: Mapping[str, PropensityModel], record: Mapping[str, Any]
+) -> Path:
+    """A complete folder of propensity models alone (``behaviorlm propensity --save-dir``), which
+    ``serve --segments`` reads: marked incomplete, the models, then ``_SUCCESS`` with ``record``."""
+    begin(folder)
+    save_propensity_models(folder, models)
+    return finish(folder, {"kind": "propensity", **record})
+
+
 def output_files(folder: str | Path) -> list[Path]:
     """The data and figure files of a folder (not the markers), for logging as artifacts."""
     d = Path(folder)
