@@ -21,7 +21,7 @@ ALLOWED = {
     "sequence": {"data"},
     "nn": {"data", "sequence", "recipes"},  # data: the atomic-write helper; recipes: the default parameters
     "inference": {"data", "sequence", "nn"},
-    "evaluation": {"data"},
+    "evaluation": {"data", "inference"},  # inference: the seen-item mask serving runs
     "plots": {"data"},
     "propensity": {"data", "sequence", "nn", "inference"},
     "segments": {"data", "plots", "propensity"},

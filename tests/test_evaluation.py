@@ -219,3 +219,17 @@ def test_paired_differences_pair_the_same_users(events):
 
     with pytest.raises(ValueError, match="ranked different users"):
         evaluate(Dropping(sp), sp, k=5, n_boot=50, baselines=("popularity",))
+
+
+def test_evaluation_ranks_what_serving_recommends():
+    """The evaluated top-k is the served one: the same scores and the same seen-item mask."""
+    from behaviorlm.recommender import BehaviorLM
+
+    sp = leave_one_out(validate_events(make_events(n_users=40, n_items=60, length=14)))
+    model = BehaviorLM(max_len=16, dim=16, n_layers=1, n_heads=2, epochs=1, seed=0, progress=False).fit(sp.train)
+    catalog = sp.train.df["item_id"].unique(maintain_order=True)
+    ur = rank_targets(model, sp.test, catalog, k=5, exclude_seen=True)
+    served = model.recommend(events=sp.test.inputs, k=5, exclude_seen=True)
+    for user, top in zip(ur.users, ur.topk, strict=True):
+        want = served.filter(pl.col("user_id") == user)["item_id"].to_list()
+        assert [catalog[int(i)] for i in top] == want, user

@@ -12,6 +12,7 @@ import torch
 from behaviorlm.data.events import Events
 from behaviorlm.evaluation.baselines import Scorer, catalog_index
 from behaviorlm.evaluation.splits import Holdout
+from behaviorlm.inference.engine import mask_seen_, seen_pairs_of
 
 # --------------------------------------------------------------------------- metrics
 
@@ -103,14 +104,16 @@ def rank_targets(
 
 
 def _mask_seen(scores: torch.Tensor, part: list[Any], t_idx: torch.Tensor, seen: dict[Any, np.ndarray]) -> torch.Tensor:
-    """Mask each row's seen items in place; whether each row's target was among them."""
-    target_seen = torch.zeros(len(part), dtype=torch.bool)
-    for r, u in enumerate(part):
-        s = seen.get(u)
-        if s is not None and len(s):
-            target_seen[r] = bool((s == int(t_idx[r])).any())
-            scores[r, torch.from_numpy(s)] = float("-inf")
-    return target_seen
+    """Mask each row's seen items in place with the engine's own mask (what serving runs);
+    whether each row's target was among them."""
+    rows, cols = pairs = seen_pairs_of([seen.get(u, _NONE) for u in part])
+    mask_seen_(scores, slice(0, len(part)), pairs)
+    hit = np.zeros(len(part), dtype=bool)
+    hit[rows[cols == t_idx.numpy()[rows]]] = True
+    return torch.from_numpy(hit)
+
+
+_NONE = np.zeros(0, np.int64)
 
 
 def _mask_others_context(scores: torch.Tensor, part: list[Any], ctx: ContextCatalog) -> None:

@@ -256,9 +256,7 @@ class InferenceEngine:
         if allowed is not None:  # an allow-list names catalog items: new items are outside it
             allowed = torch.nn.functional.pad(allowed, (0, logp.shape[1] - allowed.shape[-1]), value=False)
             logp.masked_fill_(~allowed if allowed.dim() == 2 else ~allowed[None, :], float("-inf"))
-        seen_rows, seen_cols = seen
-        a, b = np.searchsorted(seen_rows, [rows.start, rows.stop])
-        logp[torch.from_numpy(seen_rows[a:b] - rows.start), torch.from_numpy(seen_cols[a:b])] = float("-inf")
+        mask_seen_(logp, rows, seen)
         return torch.topk(logp, min(k, logp.shape[1] - N_SPECIAL), dim=1)
 
     @torch.inference_mode()
@@ -387,6 +385,23 @@ class InferenceEngine:
             return pl.DataFrame(schema=FRAME_SCHEMA)
         val, idx = self.top_k(self.popularity_logp()[None, :].clone(), slice(0, 1), k, NO_SEEN, allowed)
         return self.frame(list(user_ids), val.expand(len(user_ids), -1).numpy(), idx.expand(len(user_ids), -1).numpy())
+
+
+def seen_pairs_of(columns: Sequence[np.ndarray]) -> SeenPairs:
+    """:data:`SeenPairs` from one array of seen columns per row (row order kept)."""
+    lengths = np.array([len(c) for c in columns], dtype=np.int64)
+    if not lengths.sum():
+        return NO_SEEN
+    return np.repeat(np.arange(len(columns)), lengths), np.concatenate(columns).astype(np.int64)
+
+
+def mask_seen_(scores: torch.Tensor, rows: slice, seen: SeenPairs) -> None:
+    """Set each row's seen columns to -inf, in place, for a batch covering ``rows`` of ``seen``
+    (sorted by row). The one seen-item mask: the engine's top-k (recommend, batch scoring, the
+    service) and the evaluation's ranking both run it."""
+    seen_rows, seen_cols = seen
+    a, b = np.searchsorted(seen_rows, [rows.start, rows.stop])
+    scores[torch.from_numpy(seen_rows[a:b] - rows.start), torch.from_numpy(seen_cols[a:b])] = float("-inf")
 
 
 def first_positions(codes: np.ndarray) -> np.ndarray:
