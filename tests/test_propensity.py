@@ -49,19 +49,24 @@ def backbone(funnel_events, split):
 # --------------------------------------------------------------------------- features
 
 
-def test_seed_features_of_a_hand_counted_log():
-    """Counted by hand, not re-derived from the implementation: user 1 has 3 views, 2 carts and a
-    purchase; user 2 one view; rows follow the examples' order."""
-    rows = [(1, "view")] * 3 + [(1, "add_to_cart")] * 2 + [(1, "purchase"), (2, "view")]
+def _examples_of(rows: list[tuple[int, str]], n_items: int | None = None):
+    """Examples at 2024-01-01 from hand-written (user, action) rows, one second apart (every row
+    its own item unless ``n_items`` cycles them)."""
     log = pl.DataFrame(
         {
             "user_id": [u for u, _ in rows],
-            "item_id": [f"i{j % 2}" for j in range(len(rows))],
+            "item_id": [f"i{j % n_items if n_items else j}" for j in range(len(rows))],
             "event_type": [a for _, a in rows],
             "timestamp": list(range(T0, T0 + len(rows))),
         }
     )
-    ex = cutoff_examples(validate_events(log), "2024-01-01", "1d")
+    return cutoff_examples(validate_events(log), "2024-01-01", "1d")
+
+
+def test_seed_features_of_a_hand_counted_log():
+    """Counted by hand, not re-derived from the implementation: user 1 has 3 views, 2 carts and a
+    purchase; user 2 one view; rows follow the examples' order."""
+    ex = _examples_of([(1, "view")] * 3 + [(1, "add_to_cart")] * 2 + [(1, "purchase"), (2, "view")], n_items=2)
     f = seed_features(ex)
     assert f["example_id"].to_list() == ex.examples["example_id"].to_list()
     got = {u: f.row(i, named=True) for i, u in enumerate(ex.examples["user_id"].to_list())}
@@ -75,15 +80,7 @@ def test_heuristic_matches_the_seeds_worked_examples():
     2 carts and a purchase (6 events, 3 action types): 0.1*2 + 0.05*3 + 0.3*3/6 = 0.5; user 2's
     12 carts cap at 1.0; user 3 has one view: 0.05 + 0.3 = 0.35."""
     rows = [(1, "view")] * 3 + [(1, "add_to_cart")] * 2 + [(1, "purchase")] + [(2, "add_to_cart")] * 12 + [(3, "view")]
-    log = pl.DataFrame(
-        {
-            "user_id": [u for u, _ in rows],
-            "item_id": [f"i{j}" for j in range(len(rows))],
-            "event_type": [a for _, a in rows],
-            "timestamp": list(range(T0, T0 + len(rows))),
-        }
-    )
-    ex = cutoff_examples(validate_events(log), "2024-01-01", "1d")
+    ex = _examples_of(rows)
     scores = dict(zip(ex.examples["user_id"].to_list(), heuristic_score(seed_features(ex)), strict=True))
     assert scores == pytest.approx({1: 0.5, 2: 1.0, 3: 0.35})
 
