@@ -6,4 +6,4 @@ Layers, each a sub-package, data flowing one way (see README "How it works"):
 Importing the package is cheap: nothing heavy loads until a layer is used.
 """
 
-__version__ = "0.7.0"
+__version__ = "0.8.0"
