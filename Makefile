@@ -214,11 +214,12 @@ bench-api-production: install system-deps
 	$(BIN)/python benchmarks/api_load.py --model $(TAOBAO_LOO) --kinds user,events --levels 8 --seconds 20 --serve-args "--workers 2" --name taobao-ann-2workers
 	$(BIN)/python benchmarks/api_load.py --model data/models/synth-1m-loo --kinds user,events --levels 8 --seconds 20 --serve-args "--workers 2" --name synth-1m-2workers
 
-# section 10 [~7 min]: A/B against another checkout (git worktree add ../base COMMIT), interleaved:
+# section 10 [~20 min]: A/B against another checkout (git worktree add ../base COMMIT), interleaved:
 #   make bench-ab BASE=../base MODEL=data/models/ml-1m-loo
 bench-ab: data
 	$(BIN)/python benchmarks/ab_compare.py train --base $(BASE) --epochs 2
 	$(BIN)/python benchmarks/ab_compare.py score --base $(BASE) --model $(MODEL) --rounds 5
+	$(BIN)/python benchmarks/ab_compare.py api --base $(BASE) --model $(MODEL) --rounds 5 --seconds 15
 
 serve: install-app
 	$(BIN)/behaviorlm serve --model models:/behaviorlm@champion --segments data/outputs/segments

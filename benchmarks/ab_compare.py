@@ -3,6 +3,7 @@
     git worktree add ../base <commit>          # the code to compare against
     python benchmarks/ab_compare.py train --base ../base --epochs 2          # same-seed ML-1M curves
     python benchmarks/ab_compare.py score --base ../base --model DIR --rounds 5   # batch users/s
+    python benchmarks/ab_compare.py api --base ../base --model DIR --rounds 5     # API latency under load
 
 ``train`` fits the ml-1m recipe's settings for ``--epochs`` epochs with each code (same seed) and
 prints both loss curves, validation and test NDCG@10: a behaviour-preserving change gives equal
@@ -10,6 +11,9 @@ numbers. ``score`` alternates the two codes process by process, each scoring all
 (leave-one-out test inputs, top-10, seen excluded, batch 128) fp32 and int8 three times after a
 warm-up, and reports medians and per-round ratios; outputs must be identical. Each worker runs
 in a fresh process with ``PYTHONPATH`` set to its checkout, so it imports that checkout's code.
+``api`` alternates ``behaviorlm serve`` of each checkout (one worker, the model's known users,
+k=10) under ``wrk`` at 8 connections for ``--seconds`` per round, and reports median p50 / p99
+latency and requests/s with per-round ratios.
 Both checkouts need ``data/movielens/ml-1m`` (``make data``; a symlink will do). Writes
 ``benchmarks/out/ab_<command>.json``.
 """
@@ -105,6 +109,34 @@ def worker_score(model_dir: str) -> dict:
     return {m: statistics.median(v[1:]) for m, v in runs.items()} | {"rows": top.height, "digest": digest}
 
 
+def api_round(checkout: Path, model: str, seconds: float, tmp: Path) -> dict:
+    """One server of ``checkout`` under wrk at 8 connections: p50, p99 and requests/s."""
+    from api_load import free_port, request_bodies, run_level_wrk, start_server
+
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=str(checkout), OMP_NUM_THREADS="1")
+    proc = start_server(model, port, [], env, cwd=checkout)
+    try:
+        bodies = request_bodies(model, 500, 10, "user", seed=0)
+        r = run_level_wrk(f"http://127.0.0.1:{port}/v1/recommend", bodies, 8, seconds, tmp)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    return {k: r[k] for k in ("p50_ms", "p99_ms", "rps", "errors")}
+
+
+def _summarise_api(results: dict[str, list[dict]]) -> dict:
+    out = {}
+    for key in ("p50_ms", "p99_ms", "rps"):
+        med = {n: statistics.median(x[key] for x in rs) for n, rs in results.items()}
+        ratios = [t[key] / b[key] for t, b in zip(results["this"], results["base"], strict=True)]
+        out[key] = {"median": med, "ratio": med["this"] / med["base"], "round_ratios": ratios}
+        print(f"{key}: this {med['this']:.2f} vs base {med['base']:.2f} (x{out[key]['ratio']:.2f}; "
+              f"rounds {min(ratios):.2f}-{max(ratios):.2f})")  # fmt: skip
+    out["errors"] = sum(x["errors"] for rs in results.values() for x in rs)
+    return out
+
+
 def _run(checkout: Path, args: list[str]) -> dict:
     env = dict(os.environ, PYTHONPATH=str(checkout))
     cmd = [sys.executable, str(Path(__file__).resolve()), "_worker", *args]
@@ -116,12 +148,13 @@ def _run(checkout: Path, args: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", choices=["train", "score", "_worker"])
+    ap.add_argument("command", choices=["train", "score", "api", "_worker"])
     ap.add_argument("rest", nargs="*")
     ap.add_argument("--base", type=Path, help="the other checkout")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--model", help="model folder both codes can load (score)")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--seconds", type=float, default=15, help="api: wrk seconds per round")
     args = ap.parse_args(argv)
     if args.command == "_worker":
         kind, *params = args.rest
@@ -130,9 +163,23 @@ def main(argv: list[str] | None = None) -> dict:
         return result
     if args.base is None:
         ap.error("--base is required")
+    if args.model:  # the workers run in each checkout's folder
+        args.model = str(Path(args.model).resolve())
     codes = {"base": args.base.resolve(), "this": ROOT}
     results: dict[str, list[dict]] = {name: [] for name in codes}
     rounds = 1 if args.command == "train" else args.rounds
+    if args.command == "api":
+        import tempfile
+
+        tmp = Path(tempfile.mkdtemp())
+        for r in range(rounds):
+            for name, checkout in codes.items():
+                results[name].append(api_round(checkout, args.model, args.seconds, tmp))
+                print(f"round {r + 1} {name}: {results[name][-1]}", flush=True)
+        summary = {"command": "api", "base": str(codes["base"]), "results": results, **_summarise_api(results)}
+        OUT.mkdir(exist_ok=True)
+        write_json(OUT / "ab_api.json", summary)
+        return summary
     for r in range(rounds):
         for name, checkout in codes.items():
             params = (

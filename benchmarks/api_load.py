@@ -51,10 +51,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, port: int, extra: list[str], env: dict | None = None) -> subprocess.Popen:
+def start_server(
+    model: str, port: int, extra: list[str], env: dict | None = None, cwd: Path = ROOT
+) -> subprocess.Popen:
+    """``behaviorlm serve`` from the checkout at ``cwd`` (its code: ``python -m`` puts it first)."""
     cmd = [sys.executable, "-m", "behaviorlm.cli", "serve", "--model", model, "--port", str(port)]
     cmd += ["--log-level", "warning", *extra]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env or dict(os.environ))
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env or dict(os.environ))
     deadline = time.monotonic() + 900  # a 1M-item model builds or loads its index first
     while time.monotonic() < deadline:
         if proc.poll() is not None:
