@@ -44,7 +44,7 @@ def test_int8_runs_and_stays_close(saved):
     int8 = BehaviorLM.load(path).use_engine("onnx-int8", path)
     enc = model.engine.encode(model.history_events())
     diff = compare(model.engine, int8.engine, enc, slice(0, len(enc)))
-    assert 0 < diff["item_logits"] < 0.05, diff  # int8 moves the logits a little (not at all: not int8)
+    assert 1e-4 < diff["item_logits"] < 0.05, diff  # int8 moves the logits a little (fp32 onnxruntime: ~1e-6)
     got, want = int8.recommend(k=10), model.recommend(k=10)
     assert got.group_by("user_id").len()["len"].min() == 10
     same = got.join(want, on=["user_id", "item_id"], how="semi").height / want.height
