@@ -238,7 +238,9 @@ class BehaviorLM:
         if self.model_.copy_head is not None and not isinstance(events, PreparedShards):
             self._warm_start_copy(ev)
         self.exclude_seen_ = exclude_seen
-        self.training_data_ = stage_record(training_data, None if isinstance(events, PreparedShards) else ev)
+        self.training_data_: dict[str, Any] | None = stage_record(
+            training_data, None if isinstance(events, PreparedShards) else ev
+        )
         self._train(data, validation, exclude_seen, k_val, TrainConfig(**{k: p[k] for k in _TRAIN_PARAMS}), checkpoint)
         self.prepared_from_ = str(events.folder) if isinstance(events, PreparedShards) else None
         self.parent_version_: str | None = None

@@ -50,8 +50,9 @@ def stage_record(given: dict[str, Any] | None, trained: Events | None) -> dict[s
 
 def with_increment(record: dict[str, Any] | None, stage: dict[str, Any]) -> dict[str, Any]:
     """``record`` with a continuation appended (a model without a record gets an unknown base)."""
-    base = record if record is not None else {"source": None, "holdout": UNKNOWN, "events_digest": None}
-    return {**base, "increments": [*base.get("increments", []), stage]}
+    base: dict[str, Any] = record if record is not None else {"source": None, "holdout": UNKNOWN, "events_digest": None}
+    earlier: list[dict[str, Any]] = list(base.get("increments", []))
+    return {**base, "increments": [*earlier, stage]}
 
 
 def stages(record: dict[str, Any]) -> list[dict[str, Any]]:
