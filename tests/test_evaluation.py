@@ -233,3 +233,23 @@ def test_evaluation_ranks_what_serving_recommends():
     for user, top in zip(ur.users, ur.topk, strict=True):
         want = served.filter(pl.col("user_id") == user)["item_id"].to_list()
         assert [catalog[int(i)] for i in top] == want, user
+
+
+def test_a_shard_trained_base_is_checked_by_its_record_after_a_continuation(events):
+    """Remembered events cover only what was trained in memory: a base fitted from shards on all
+    events (no events remembered) and continued on a day is still refused by its record."""
+    from types import SimpleNamespace
+
+    from behaviorlm.evaluation.leakage import LeakError, check_no_leak, stage_record, with_increment
+
+    sp = leave_one_out(events)
+    base = stage_record({"source": "prepared/", "holdout": "none"}, None)  # shards: no event count
+    record = with_increment(base, stage_record({"source": "day.csv", "holdout": "loo"}, sp.train))
+    held_out_day = sp.train.df.head(3)  # the continuation's remembered events: no test target among them
+    model = SimpleNamespace(training_data_=record, histories_=held_out_day)
+    with pytest.raises(LeakError, match="the first fit trained on all its events"):
+        check_no_leak(model, None, "loo", sp.test)
+    model.training_data_ = with_increment(
+        stage_record({"source": "x", "holdout": "loo"}, sp.train), record["increments"][0]
+    )
+    assert check_no_leak(model, None, "loo", sp.test) == []

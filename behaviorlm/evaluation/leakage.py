@@ -14,9 +14,10 @@ record describes what the model actually saw, not what its parent saw.
   Exact for leave-one-out targets (each user's newest event), and for temporal ones (each
   user's first event after the cut: a model trained past the cut holds later events),
   whatever holdout the record claims;
-* **the record**, for a model that remembers no events (trained from prepared shards): a
-  stage trained on all its events (holdout ``none``) or under another holdout than the split
-  asked for may have seen the targets, so it is refused.
+* **the record**, for the stages whose events the model does not remember (trained from
+  prepared shards, possibly continued since): a stage trained on all its events (holdout
+  ``none``) or under another holdout than the split asked for may have seen the targets, so it
+  is refused.
 """
 
 from __future__ import annotations
@@ -68,10 +69,10 @@ def check_no_leak(model: Any, events: Events | None, split: str, holdout: Holdou
     its name (``loo`` / ``temporal``)."""
     record = getattr(model, "training_data_", None)
     histories = getattr(model, "histories_", None)
-    if histories is not None and histories.height:
+    remembered = histories is not None and histories.height > 0
+    if remembered:
         _refuse_held_targets(histories, holdout, record)
-    else:
-        _refuse_by_record(record, split)
+    _refuse_by_record(record, split, only_unremembered=remembered)
     warnings = []
     if record is None:
         warnings.append("the model has no training record: only the events it remembers were checked for leaks")
@@ -111,11 +112,15 @@ def _refuse_held_targets(histories: pl.DataFrame, holdout: Holdout, record: dict
         )
 
 
-def _refuse_by_record(record: dict[str, Any] | None, split: str) -> None:
-    """Without remembered events: refuse any stage that did not hold out ``split``'s targets."""
+def _refuse_by_record(record: dict[str, Any] | None, split: str, only_unremembered: bool = False) -> None:
+    """Refuse any stage that did not hold out ``split``'s targets -- with ``only_unremembered``,
+    among the stages whose events the model does not remember (trained from shards: no event
+    count in the record), since the remembered ones were checked event by event."""
     if record is None:
         return
     for i, stage in enumerate(stages(record)):
+        if only_unremembered and "n_events" in stage:
+            continue
         what = "the first fit" if i == 0 else f"continuation {i}"
         if stage.get("holdout") in ("none", UNKNOWN):
             raise LeakError(
