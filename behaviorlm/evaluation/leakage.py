@@ -70,7 +70,7 @@ def check_no_leak(model: Any, events: Events | None, split: str, holdout: Holdou
     record = getattr(model, "training_data_", None)
     histories = getattr(model, "histories_", None)
     remembered = histories is not None and histories.height > 0
-    if remembered:
+    if histories is not None and remembered:
         _refuse_held_targets(histories, holdout, record)
     _refuse_by_record(record, split, only_unremembered=remembered)
     warnings = []
