@@ -394,6 +394,9 @@ def train(
     checkpoint_every: Annotated[int, Opt(help="steps between checkpoints")] = 1000,
     nproc: Annotated[int, Opt(help="data-parallel processes on this machine (PyTorch DDP, gloo)")] = 1,
     exclude_seen: Annotated[bool, Opt(help="exclude already-seen items when validating")] = True,
+    force: Annotated[
+        bool, Opt("--force", help="replace --out even if it is not a folder this command wrote (its contents are lost)")
+    ] = False,
     verbose: bool = True,
 ) -> None:
     """Pretrain a model. By default the test and validation events are held out (leave-one-out),
@@ -402,6 +405,8 @@ def train(
     --prepared trains on a prepared folder without loading it; --init-from continues a model on
     new --events; --nproc N runs N DDP processes (or launch with torchrun; only rank 0 writes).
     """
+    from behaviorlm.data.io import check_output_dir
+    from behaviorlm.model_dir import MANIFEST
     from behaviorlm.nn import distributed
 
     if nproc < 1:
@@ -409,6 +414,7 @@ def train(
     if nproc > 1 and "WORLD_SIZE" not in os.environ:  # launch N copies of this very command
         raise typer.Exit(distributed.launch(nproc, "behaviorlm", sys.argv[1:]))
     _setup_logging(verbose)
+    check_output_dir(out_dir, MANIFEST, "model folder", force)  # before training, not after
     rank = distributed.init_from_env()
     sides = None if side_features is None else tuple(c.strip() for c in side_features.split(",") if c.strip())
     overrides = dict(
@@ -420,7 +426,7 @@ def train(
     ckpt = _checkpointing(checkpoint_dir, checkpoint_every)
     model = _fit_for_cli(data, prepared, init_from, holdout, recipe, overrides, ckpt, exclude_seen)
     if rank.is_main:
-        model.save(out_dir)
+        model.save(out_dir, force=force)
         h = model.history_
         best = "" if h.best_score is None else f"best validation ndcg@10 {h.best_score:.4f} at epoch {h.best_epoch}; "
         where = f" with {rank.world} processes" if rank.world > 1 else ""
@@ -925,14 +931,21 @@ def export(
     format: Annotated[str, Opt("--format", help="onnx (the only format so far)")] = "onnx",
     quantize: Annotated[str | None, Opt(help="int8: also write onnxruntime's dynamic int8 twin")] = None,
     check: Annotated[bool, Opt(help="score the model's own users with both and report the differences")] = True,
+    force: Annotated[
+        bool, Opt("--force", help="replace --out even if it is not a folder this command wrote (its contents are lost)")
+    ] = False,
 ) -> None:
     """Export the scoring graph (last-position hidden state and next-action head) for onnxruntime."""
+    from behaviorlm.data.io import check_output_dir
     from behaviorlm.inference.onnx_engine import OnnxEngine, compare, export_onnx
 
     if format != "onnx":
         raise ConfigurationError(f"--format must be onnx, got {format!r}")
+    if out_dir.resolve() == model_dir.resolve():
+        raise ConfigurationError(f"--out {out_dir} is the --model folder itself: exporting there would replace it")
+    check_output_dir(out_dir, "export.json", "ONNX export", force)  # before loading anything
     model = _load_model(model_dir, retrieval="exact")
-    folder = export_onnx(model.engine, out_dir, quantize)
+    folder = export_onnx(model.engine, out_dir, quantize, force)
     out.print(f"exported model {model.model_version} to {folder}", highlight=False)
     if check and model.histories_ is not None and len(model.histories_):
         enc = model.engine.encode(model.history_events())

@@ -61,9 +61,10 @@ def is_model_dir(path: str | Path) -> bool:
     return (Path(path) / MANIFEST).is_file() and (Path(path) / WEIGHTS).is_file()
 
 
-def write_model_dir(directory: str | Path, files: ModelFiles) -> dict[str, Any]:
-    """Write ``files`` to ``directory`` atomically; returns the manifest as written."""
-    with atomic_dir(directory) as tmp:
+def write_model_dir(directory: str | Path, files: ModelFiles, force: bool = False) -> dict[str, Any]:
+    """Write ``files`` to ``directory`` atomically; returns the manifest as written. An existing
+    ``directory`` is replaced only if it is a model folder (or empty), unless ``force``."""
+    with atomic_dir(directory, MANIFEST, "model folder", force) as tmp:
         files.network.save(tmp)
         files.tokenizer.save(tmp / "tokenizer.json")
         files.histories.write_parquet(tmp / "histories.parquet")

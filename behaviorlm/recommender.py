@@ -565,8 +565,9 @@ class BehaviorLM:
                 yield part, _with_new_columns(lp[:, cols], lp, sub, rows, new_cols, engine.n_items)
 
     # ------------------------------------------------------------------ persistence
-    def save(self, directory: str | Path) -> Path:
-        """Write a self-describing model directory (atomically; see :mod:`behaviorlm.model_dir`)."""
+    def save(self, directory: str | Path, force: bool = False) -> Path:
+        """Write a self-describing model directory (atomically; see :mod:`behaviorlm.model_dir`).
+        An existing folder is replaced only if it is a model folder (or empty), unless ``force``."""
         self.engine  # noqa: B018 - fitted check
         manifest = {
             "recipe": get_recipe(self.recipe).ref,
@@ -581,7 +582,7 @@ class BehaviorLM:
             "parent_version": self.parent_version_,
         }
         files = ModelFiles(self.model_, self.tokenizer_, self.histories_, self.seen_, self.items_, manifest)
-        written = write_model_dir(directory, files)
+        written = write_model_dir(directory, files, force)
         self.model_version_ = written["model_version"]
         if self.engine_.version != self.model_version_:  # loaded from a format that named versions otherwise
             self.engine_ = self.engine_.renamed(self.model_version_)  # the same runtime (torch or ONNX)

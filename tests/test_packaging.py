@@ -70,3 +70,21 @@ def test_the_cli_reference_matches_the_cli():
     from docs.gen_cli import TARGET, render
 
     assert TARGET.read_text() == render(), "docs/cli.md is stale: run python docs/gen_cli.py"
+
+
+def test_the_public_names_come_from_the_package_root_lazily():
+    """`from behaviorlm import BehaviorLM` works (issue 31, item 18), and `import behaviorlm`
+    still loads neither torch nor polars."""
+    import subprocess
+
+    code = "import sys, behaviorlm; print('torch' in sys.modules, 'polars' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.split() == [
+        "False",
+        "False",
+    ]
+    from behaviorlm import BehaviorLM, evaluate, load_dataset, user_propensities
+    from behaviorlm.recommender import BehaviorLM as Estimator
+
+    assert BehaviorLM is Estimator and callable(evaluate) and callable(load_dataset) and callable(user_propensities)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        behaviorlm.nope  # noqa: B018

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import polars as pl
 
+from behaviorlm.errors import ConfigurationError
+
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -42,14 +44,52 @@ def write_text_atomic(text: str, path: str | Path) -> Path:
     return _write(path, lambda p: p.write_text(text))
 
 
+def check_output_dir(path: str | Path, marker: str, what: str, force: bool = False) -> Path:
+    """``path`` if a folder of kind ``what`` may be written there, replacing what is there.
+
+    An output never deletes what the project did not write: ``path`` must be absent, an empty
+    folder, or a folder holding ``marker`` (the file this kind of folder always has: a model's
+    ``estimator.json``, an export's ``export.json``); anything else is refused unless ``force``.
+    Never, ``force`` or not: an empty name, ``.``, ``..``, the filesystem root, the current
+    folder or one above it, the home folder, or an existing file.
+    """
+    given = str(path)
+    p = Path(path)
+    resolved = p.resolve()
+    cwd = Path.cwd().resolve()
+    if not given.strip() or p.name in ("", ".", "..") or resolved == cwd or resolved in cwd.parents:
+        raise ConfigurationError(
+            f"{what}: {given!r} names the current folder or one above it; name a new folder for the output",
+            cli_hint=f"--out {given!r} names the current folder or one above it; name a new folder",
+        )
+    if resolved == Path(resolved.anchor) or resolved == Path.home().resolve():
+        raise ConfigurationError(
+            f"{what}: refusing to replace {resolved}", cli_hint=f"--out {given}: name a new folder"
+        )
+    if resolved.exists() and not resolved.is_dir():
+        raise ConfigurationError(f"{what}: {p} is a file, not a folder", cli_hint=f"--out {p} is a file; name a folder")
+    if resolved.is_dir() and not force and not (resolved / marker).is_file() and any(resolved.iterdir()):
+        raise ConfigurationError(
+            f"{what}: {p} exists and is not one (no {marker}); writing there would delete what it holds",
+            hint="choose another folder, or pass force=True to replace it",
+            cli_hint="choose another --out, or pass --force to replace it",
+        )
+    return p
+
+
 @contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
+def atomic_dir(
+    path: str | Path, marker: str | None = None, what: str = "output folder", force: bool = False
+) -> Iterator[Path]:
     """Yield an empty temporary sibling folder to fill; on success it replaces ``path``.
 
     An existing ``path`` is first renamed aside and removed only after the new folder is in
     place, so a reader sees the old complete folder or the new one, never a half-written mix;
-    on failure the temporary folder is removed and ``path`` is untouched.
+    on failure the temporary folder is removed and ``path`` is untouched. With ``marker``, the
+    folder replaced must be one of its kind (:func:`check_output_dir`).
     """
+    if marker is not None:
+        check_output_dir(path, marker, what, force)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

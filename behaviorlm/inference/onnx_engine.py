@@ -63,9 +63,10 @@ class _HeadsGraph(torch.nn.Module):
         return h, torch.log_softmax(a, -1)
 
 
-def export_onnx(engine: InferenceEngine, out_dir: str | Path, quantize: str | None = None) -> Path:
+def export_onnx(engine: InferenceEngine, out_dir: str | Path, quantize: str | None = None, force: bool = False) -> Path:
     """Write ``heads.onnx`` (and ``heads.int8.onnx`` with ``quantize='int8'``) and ``export.json``
-    to ``out_dir`` atomically; the graph keeps batch size and sequence length dynamic."""
+    to ``out_dir`` atomically; the graph keeps batch size and sequence length dynamic. An
+    existing ``out_dir`` is replaced only if it is an export (or empty), unless ``force``."""
     onnx, ort = _require()
     if quantize not in (None, "none", "int8"):
         raise ConfigurationError(f"quantize must be 'int8' or None, got {quantize!r}", cli_hint="use --quantize int8")
@@ -74,7 +75,7 @@ def export_onnx(engine: InferenceEngine, out_dir: str | Path, quantize: str | No
     batch = torch.export.Dim("batch")
     length = torch.export.Dim("length", min=1, max=net.config.max_len)
     shapes = ({0: batch, 1: length},) * 3 + ({0: batch},)
-    with atomic_dir(out_dir) as tmp, warnings.catch_warnings():
+    with atomic_dir(out_dir, "export.json", "ONNX export", force) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's deprecation chatter
         torch.onnx.export(
             _HeadsGraph(net).eval(),

@@ -224,7 +224,7 @@ class ItemIndex:
     def save(self, model_dir: str | Path) -> Path:
         """Write ``model_dir/retrieval`` atomically."""
         target = Path(model_dir) / FOLDER
-        with atomic_dir(target) as tmp:
+        with atomic_dir(target, "index.json", "ANN index") as tmp:
             self.backend.save(tmp / "index.bin")
             np.save(tmp / "tail.npy", self.tail_)
             (tmp / "index.json").write_text(json.dumps(self.fingerprint, indent=2))
