@@ -63,7 +63,8 @@ def _events_of(ev, user, n=None):
 def test_health_ready_and_request_ids(client):
     assert client.get("/health").json() == {"status": "ok"}
     ready = client.get("/ready").json()
-    assert ready["ready"] is True and ready["known_users"] == 90 and ready["segments_date"] == "2023-11-19"
+    assert ready["ready"] is True and ready["known_users"] == 90
+    assert "/" not in (ready["model_uri"] or "")  # a local folder by name: no server path (issue 31 item 9) and ready["segments_date"] == "2023-11-19"
     r = client.get("/health", headers={"x-request-id": "abc-123"})
     assert r.headers["x-request-id"] == "abc-123"
     made = [client.get("/health", headers={"x-request-id": "bad id!"}).headers["x-request-id"] for _ in range(2)]
@@ -332,3 +333,12 @@ def test_serve_refuses_a_missing_model(tmp_path):
 
     res = CliRunner().invoke(cli, ["serve", "--model", str(tmp_path / "nope")])
     assert res.exit_code == 2 and "not a registry URI" in res.output
+
+
+def test_ready_names_a_local_model_folder_without_its_path():
+    """Issue 31 item 9: /ready shows registry URIs as they are, a local folder by its name only."""
+    from behaviorlm.service.api import public_uri
+
+    assert public_uri("/srv/secret/models/m1") == "m1" and public_uri("data/models/m1/") == "m1"
+    assert public_uri("models:/behaviorlm@champion") == "models:/behaviorlm@champion"
+    assert public_uri("in-process") == "in-process" and public_uri(None) is None

@@ -125,3 +125,24 @@ def test_the_prepare_command(tmp_path):
     assert PreparedShards.open(tmp_path / "out").n_users == 30
     res = CliRunner().invoke(app, ["prepare", "--events", str(tmp_path / "none*.csv"), "--out", str(tmp_path / "x")])
     assert res.exit_code == 2 and "no event files found" in res.output
+
+
+def test_every_file_in_a_folder_is_read_or_reported_skipped(tmp_path, caplog):
+    """Issue 31 item 5: extensions match in any letter case, other entries are named with the
+    reason, and an empty file is one error line."""
+    df = make_funnel_events(n_users=30)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    df.head(300).write_csv(folder / "events-1.csv")
+    df.slice(300).write_csv(folder / "events-2.CSV")
+    (folder / "notes.md").write_text("not events")
+    (folder / "old").mkdir()
+    with caplog.at_level("WARNING"):
+        prepared = prepare(folder, tmp_path / "out", config=PrepareConfig(workers=1))
+    assert prepared.report["rows_kept"] == df.height and len(prepared.report["files"]) == 2
+    assert "skipping" in caplog.text and "notes.md" in caplog.text and "old (a folder)" in caplog.text
+    (folder / "events-3.csv").write_bytes(b"")
+    with pytest.raises(InputDataError, match=r"events-3\.csv is empty \(0 bytes\)"):
+        prepare(folder, tmp_path / "out2", config=PrepareConfig(workers=1))
+    with pytest.raises(InputDataError, match="is empty"):
+        validate_schema(folder / "events-3.csv", InputSchema())

@@ -143,6 +143,20 @@ class Events:
 # --------------------------------------------------------------------------- reading
 
 
+#: The file names read as tables (case-insensitive), and the format each means.
+TABLE_FORMATS = {
+    ".parquet": "parquet", ".pq": "parquet",
+    ".csv": "csv", ".csv.gz": "csv", ".txt": "csv", ".txt.gz": "csv",
+    ".tsv": "tsv", ".tsv.gz": "tsv",
+}  # fmt: skip
+
+
+def table_format(path: str | Path) -> str | None:
+    """``parquet``, ``csv`` or ``tsv`` for a file name behaviorlm reads (any letter case), else None."""
+    name = Path(path).name.lower()
+    return next((fmt for suffix, fmt in TABLE_FORMATS.items() if name.endswith(suffix)), None)
+
+
 def read_table(source: Any, what: str = "events") -> pl.DataFrame:
     """Read CSV/TSV (optionally gzipped), Parquet, a polars or a pandas frame into polars."""
     if isinstance(source, pl.DataFrame):
@@ -156,15 +170,16 @@ def read_table(source: Any, what: str = "events") -> pl.DataFrame:
     path = Path(source)
     if not path.exists():
         raise EventsError(f"{what}: file not found: {path}")
-    name = path.name.lower()
+    fmt = table_format(path)
+    if fmt is not None and path.is_file() and path.stat().st_size == 0:
+        raise EventsError(f"{what}: {path} is empty (0 bytes)")
     try:
-        if name.endswith(".parquet") or name.endswith(".pq"):
+        if fmt == "parquet":
             return pl.read_parquet(path)
-        if name.endswith((".csv", ".csv.gz", ".tsv", ".tsv.gz", ".txt", ".txt.gz")):
+        if fmt is not None:
             # every column as the text written: ids are identifiers ("007" is not 7), and no type
             # guess depends on where in the file a value first appears; validation parses the rest
-            sep = "\t" if ".tsv" in name else ","
-            return pl.read_csv(path, separator=sep, infer_schema=False)
+            return pl.read_csv(path, separator="\t" if fmt == "tsv" else ",", infer_schema=False)
     except (pl.exceptions.PolarsError, OSError) as exc:  # corrupt file, mixed types, ...
         raise EventsError(f"{what}: could not read {path}: {exc}") from exc
     raise EventsError(f"{what}: unsupported file type {path.name!r} (use .csv[.gz], .tsv or .parquet)")

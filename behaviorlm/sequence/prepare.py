@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from behaviorlm.data.events import Events, validate_schema
+from behaviorlm.data.events import Events, table_format, validate_schema
 from behaviorlm.data.io import write_parquet_atomic, write_text_atomic
 from behaviorlm.data.schema import InputSchema
 from behaviorlm.errors import BehaviorLMError, ConfigurationError, InputDataError
@@ -62,19 +62,42 @@ class PrepareConfig:
 
 
 def input_files(spec: str | Path | list[str | Path]) -> list[Path]:
-    """A file, a folder (its ``*.parquet``, ``*.csv``, ``*.csv.gz``, ``*.tsv``) or a glob, sorted."""
+    """A file, a folder or a glob, sorted. In a folder every entry is read (a table file:
+    ``.parquet``, ``.csv[.gz]``, ``.tsv[.gz]``, ``.txt``, any letter case) or skipped with the
+    reason logged (a subfolder, a hidden file, another extension); an empty file is an error."""
     if isinstance(spec, list):
-        return [Path(p) for p in spec]
-    path = Path(spec)
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.name.endswith((".parquet", ".csv", ".csv.gz", ".tsv")))
-    elif any(ch in str(spec) for ch in "*?["):
-        files = sorted(Path(p) for p in glob.glob(str(spec)))
+        files = [Path(p) for p in spec]
     else:
-        files = [path] if path.exists() else []
+        path = Path(spec)
+        if path.is_dir():
+            files = []
+            for p in sorted(path.iterdir()):
+                why = _not_read(p)
+                if why:
+                    log.warning("prepare: skipping %s (%s)", p, why)
+                else:
+                    files.append(p)
+        elif any(ch in str(spec) for ch in "*?["):
+            files = sorted(Path(p) for p in glob.glob(str(spec)))
+        else:
+            files = [path] if path.exists() else []
     if not files:
         raise InputDataError(f"--events {spec}: no event files found (a file, a folder of them, or a glob)")
+    for f in files:
+        if f.is_file() and f.stat().st_size == 0:
+            raise InputDataError(f"--events: {f} is empty (0 bytes)")
     return files
+
+
+def _not_read(path: Path) -> str | None:
+    """Why a folder entry is not read as events (None: it is)."""
+    if path.name.startswith("."):
+        return "hidden"
+    if path.is_dir():
+        return "a folder"
+    if table_format(path) is None:
+        return "not .parquet, .csv[.gz], .tsv[.gz] or .txt"
+    return None
 
 
 def check_same_columns(files: list[Path]) -> None:
@@ -90,17 +113,18 @@ def check_same_columns(files: list[Path]) -> None:
 
 
 def _columns(path: Path) -> list[str]:
-    if path.suffix == ".parquet":
+    fmt = table_format(path)
+    if fmt == "parquet":
         return list(pl.read_parquet_schema(path))
-    sep = "\t" if path.suffix == ".tsv" else ","
-    return pl.read_csv(path, n_rows=0, separator=sep).columns
+    return pl.read_csv(path, n_rows=0, separator="\t" if fmt == "tsv" else ",").columns
 
 
 def _count_rows(path: Path) -> int:
-    if path.suffix == ".parquet":
+    fmt = table_format(path)
+    if fmt == "parquet":
         return int(pl.scan_parquet(path).select(pl.len()).collect().item())
-    sep = "\t" if path.suffix == ".tsv" else ","
-    return int(pl.scan_csv(path, separator=sep, infer_schema=False).select(pl.len()).collect().item())
+    scan = pl.scan_csv(path, separator="\t" if fmt == "tsv" else ",", infer_schema=False)
+    return int(scan.select(pl.len()).collect().item())
 
 
 def _bucket_of(users: pl.Series, n_buckets: int) -> pl.Series:

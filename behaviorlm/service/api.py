@@ -503,7 +503,7 @@ def _add_routes(app: FastAPI, state: ServiceState) -> None:
         return {
             "ready": True,
             "model_version": serving.version,
-            "model_uri": serving.provenance.get("model_uri"),
+            "model_uri": public_uri(serving.provenance.get("model_uri")),
             "registry_version": serving.provenance.get("registry_version"),
             "known_users": len(serving.online.rows_),
             "retrieval": serving.online.engine.retrieval_name,
@@ -582,6 +582,14 @@ async def _recommend(state: ServiceState, serving: Serving, req: RecommendReques
 
 def _triples(events: list[EventIn]) -> list[tuple[Any, str, str | float]]:
     return [(e.item_id, e.event_type, e.timestamp) for e in events]
+
+
+def public_uri(uri: str | None) -> str | None:
+    """What ``/ready`` may show anyone of where the model came from: a registry or run URI as
+    it is, a local folder by its name only (its absolute path describes the server's disk)."""
+    if uri is None or uri.startswith(("models:/", "runs:/", "in-process")):
+        return uri
+    return Path(uri).name
 
 
 def _not_ready(state: ServiceState) -> str:
