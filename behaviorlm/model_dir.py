@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import polars as pl
 import torch
@@ -35,6 +36,8 @@ from behaviorlm.data.schema import InputSchema
 from behaviorlm.errors import ModelFormatError
 from behaviorlm.nn.model import BehaviorTransformer
 from behaviorlm.sequence.tokenizer import ActionTokenizer
+
+T = TypeVar("T")
 
 FORMAT_VERSION = 3
 MANIFEST = "estimator.json"
@@ -76,6 +79,7 @@ def write_model_dir(directory: str | Path, files: ModelFiles, force: bool = Fals
             "format_version": FORMAT_VERSION,
             "behaviorlm_version": __version__,
             "model_version": model_version(files.network),
+            "version_of": "tensors",  # what model_version digests (0.7 and older: the weights file)
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
     return manifest
@@ -111,17 +115,59 @@ def _migrate(manifest: dict[str, Any], version: int) -> dict[str, Any]:
 
 
 def read_model_dir(directory: str | Path) -> ModelFiles:
+    """The parts of a model directory, checked: every file readable (a missing or damaged one is
+    a :class:`ModelFormatError` naming it), vocabulary and weights of the same shape, and the
+    weights the ones the manifest's version names (a ``weights.pt`` copied from another model is
+    refused, instead of scoring under this model's name)."""
     d = Path(directory)
     manifest = read_manifest(d)
-    items = pl.read_parquet(d / "items.parquet") if (d / "items.parquet").exists() else None
+    network = _read(d, WEIGHTS, lambda: BehaviorTransformer.load(d))
+    tokenizer = _read(d, "tokenizer.json", lambda: ActionTokenizer.load(d / "tokenizer.json"))
+    _check_weights(d, manifest, network, tokenizer)
+    has_items = (d / "items.parquet").exists()
     return ModelFiles(
-        network=BehaviorTransformer.load(d),
-        tokenizer=ActionTokenizer.load(d / "tokenizer.json"),
-        histories=pl.read_parquet(d / "histories.parquet"),
-        seen=pl.read_parquet(d / "seen.parquet"),
-        items=items,
+        network=network,
+        tokenizer=tokenizer,
+        histories=_read(d, "histories.parquet", lambda: pl.read_parquet(d / "histories.parquet")),
+        seen=_read(d, "seen.parquet", lambda: pl.read_parquet(d / "seen.parquet")),
+        items=_read(d, "items.parquet", lambda: pl.read_parquet(d / "items.parquet")) if has_items else None,
         manifest=manifest,
     )
+
+
+def _read(d: Path, name: str, read: Callable[[], T]) -> T:
+    """``read()``, with a missing or unreadable file of the folder named in one line (never the
+    reader's own advice: torch's suggests unpickling, which a damaged folder must not get)."""
+    try:
+        return read()
+    except FileNotFoundError as e:
+        missing = Path(e.filename).name if e.filename else name
+        raise ModelFormatError(f"{d}: {missing} is missing; the model folder is incomplete") from None
+    except Exception as e:  # noqa: BLE001 - any reader's failure on a damaged file is the same message
+        raise ModelFormatError(
+            f"{d}: {name} is damaged and cannot be read ({type(e).__name__}); save or copy the model again"
+        ) from None
+
+
+def _check_weights(d: Path, manifest: dict[str, Any], network: BehaviorTransformer, tok: ActionTokenizer) -> None:
+    cfg = network.config
+    if (tok.n_items, tok.n_actions) != (cfg.n_items, cfg.n_actions):
+        raise ModelFormatError(
+            f"{d}: tokenizer.json has {tok.n_items:,} items and {tok.n_actions} actions but the weights "
+            f"{cfg.n_items:,} and {cfg.n_actions}: the files come from different models"
+        )
+    recorded = manifest.get("model_version")
+    found = model_version(network) if manifest.get("version_of") == "tensors" else _file_digest(d / WEIGHTS)
+    if recorded is not None and found != recorded:
+        raise ModelFormatError(
+            f"{d}: {WEIGHTS} is not the model this folder describes (weights digest {found}, "
+            f"estimator.json names {recorded}); copy the whole model folder, not its weights alone"
+        )
+
+
+def _file_digest(path: Path) -> str:
+    """The version a model saved before 0.8 recorded: a digest of its weights file."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
 
 
 def model_version(network: torch.nn.Module) -> str:

@@ -280,3 +280,59 @@ def test_the_recipe_is_the_one_source_of_defaults():
         shared = [f.name for f in fields(cfg) if f.name in BASE_PARAMS]
         assert len(shared) >= 6
         assert {n: getattr(cfg, n) for n in shared} == {n: BASE_PARAMS[n] for n in shared}
+
+
+def _copy_model(small_model, root, name):
+    import shutil
+
+    small_model.save(root / "orig")
+    shutil.copytree(root / "orig", root / name)
+    return root / name
+
+
+def test_weights_from_another_model_are_refused(small_model, tmp_path):
+    """Issue 31 item 4: the manifest's version is checked against the weights on load."""
+    other = BehaviorLM("quick", epochs=1, dim=8, n_layers=1, n_heads=1, max_len=16, seed=7, progress=False)
+    other.fit(make_funnel_events(n_users=30)).save(tmp_path / "other")  # same shapes, other weights
+    swapped = _copy_model(small_model, tmp_path, "swapped")
+    (swapped / "weights.pt").write_bytes((tmp_path / "other" / "weights.pt").read_bytes())
+    with pytest.raises(ModelFormatError, match="weights.pt is not the model this folder describes"):
+        BehaviorLM.load(swapped)
+    text = cli_failed(runner.invoke(app, ["recommend", "--model", str(swapped), "--user", "0"]))
+    assert "copy the whole model folder" in text
+
+
+def test_a_vocabulary_of_another_size_is_refused(small_model, tmp_path):
+    short = _copy_model(small_model, tmp_path, "short")
+    tok = json.loads((short / "tokenizer.json").read_text())
+    tok["items"] = tok["items"][:-3]
+    tok["item_counts"] = tok["item_counts"][:-3]
+    (short / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(ModelFormatError, match="come from different models"):
+        BehaviorLM.load(short)
+
+
+def test_damaged_or_missing_files_are_one_line_without_unpickling_advice(small_model, tmp_path):
+    """Issue 31 item 7: never torch's advice to load with weights_only=False."""
+    bad = _copy_model(small_model, tmp_path, "bad")
+    (bad / "weights.pt").write_bytes(b"not a checkpoint")
+    text = cli_failed(runner.invoke(app, ["recommend", "--model", str(bad), "--user", "0"]))
+    assert "weights.pt is damaged" in text and "weights_only" not in text
+    gone = _copy_model(small_model, tmp_path, "gone")
+    (gone / "seen.parquet").unlink()
+    with pytest.raises(ModelFormatError, match="seen.parquet is missing"):
+        BehaviorLM.load(gone)
+
+
+def test_a_model_saved_before_0_8_is_checked_by_its_file_digest(small_model, tmp_path):
+    import hashlib
+
+    old = _copy_model(small_model, tmp_path, "old")
+    manifest = json.loads((old / MANIFEST).read_text())
+    manifest.pop("version_of")
+    manifest["model_version"] = hashlib.sha256((old / "weights.pt").read_bytes()).hexdigest()[:12]
+    (old / MANIFEST).write_text(json.dumps(manifest))
+    assert BehaviorLM.load(old).model_version == manifest["model_version"]
+    (old / MANIFEST).write_text(json.dumps({**manifest, "model_version": "0123456789ab"}))
+    with pytest.raises(ModelFormatError, match="not the model this folder describes"):
+        BehaviorLM.load(old)
