@@ -26,12 +26,15 @@ import pandas as pd
 
 from behaviorlm import __version__
 from behaviorlm.data.datasets import data_dir
-from behaviorlm.errors import InputDataError
+from behaviorlm.data.io import atomic_dir
+from behaviorlm.errors import ConfigurationError, InputDataError, ModelFormatError
+from behaviorlm.model_dir import is_model_dir
 
 MODEL_NAME = "behaviorlm"
 CHAMPION_URI = f"models:/{MODEL_NAME}@champion"
 PREDICT_PARAMS: dict[str, Any] = {"k": 10, "exclude_seen": True, "format": "long", "explain": False}
 EVENT_COLUMNS = ("user_id", "item_id", "event_type", "timestamp")
+MODEL_DIR_ARTIFACT = "model_dir"  # the logged model folder, which the service and the batch job load
 
 
 def tracking_uri() -> str:
@@ -72,7 +75,7 @@ class BehaviorLMPyfunc(_PythonModel):
         from behaviorlm.recommender import BehaviorLM
 
         set_threads()
-        self.model = BehaviorLM.load(context.artifacts["model_dir"])
+        self.model = BehaviorLM.load(context.artifacts[MODEL_DIR_ARTIFACT])
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         return predict_frame(self.model, model_input, params)
@@ -171,7 +174,7 @@ def log_model(model: Any, model_dir: str | Path, name: str = "model", registered
     return mlflow.pyfunc.log_model(
         name=name,
         python_model=BehaviorLMPyfunc(),
-        artifacts={"model_dir": str(model_dir)},
+        artifacts={MODEL_DIR_ARTIFACT: str(model_dir)},
         signature=signature,
         input_example=example,
         registered_model_name=registered_model_name,
@@ -238,28 +241,52 @@ def load_model_ref(ref: str, retrieval: str = "auto", engine: str = "torch") -> 
 
     The batch job and the service load the same way, so both can say which model answered.
     ``retrieval`` and ``engine`` are :meth:`BehaviorLM.use_retrieval` and
-    :meth:`BehaviorLM.use_engine`.
+    :meth:`BehaviorLM.use_engine`. A registered version is loaded from its model-folder
+    artifact with the project's own loader (weights only) -- never through
+    ``mlflow.pyfunc.load_model``, which unpickles the version's ``python_model.pkl``: a version
+    whose pickle runs code must not run it inside the service.
     """
-    if not str(ref).startswith("models:/"):
-        from behaviorlm.recommender import BehaviorLM
+    from behaviorlm.recommender import BehaviorLM
 
+    if not str(ref).startswith("models:/"):
         model = BehaviorLM.load(ref, retrieval=retrieval).use_engine(engine, ref)
         return model, {"model_uri": str(Path(ref).resolve()), "run_id": None, "registry_version": None}
-    model, provenance = _load_registered(ref)
-    if retrieval != "auto":  # the pyfunc loaded it with the default
-        model.use_retrieval(retrieval)
-    return model.use_engine(engine), provenance
+    folder, provenance = _registered_folder(ref)
+    return BehaviorLM.load(folder, retrieval=retrieval).use_engine(engine, folder), provenance
 
 
-def _load_registered(ref: str) -> tuple[Any, dict[str, Any]]:
+def _registered_folder(ref: str) -> tuple[Path, dict[str, Any]]:
+    """The model folder of a registered version, downloaded once into the project's cache
+    (``data/cache/registry/NAME/VERSION``; the ANN index and ONNX export are written there too,
+    never into the artifact store), and its provenance."""
     import mlflow
+    from mlflow import MlflowClient
 
     mlflow.set_tracking_uri(tracking_uri())
-    loaded = mlflow.pyfunc.load_model(ref)
-    provenance: dict[str, Any] = {"model_uri": ref, "run_id": loaded.metadata.run_id, "registry_version": None}
+    client = MlflowClient()
     name, _, alias = ref.removeprefix("models:/").partition("@")
     if alias:
-        provenance["registry_version"] = alias_version(name, alias)
-    elif "/" in name:
-        provenance["registry_version"] = name.split("/", 1)[1]
-    return loaded.unwrap_python_model().model, provenance
+        mv = client.get_model_version_by_alias(name, alias)
+    else:
+        name, _, number = name.partition("/")
+        if not number:
+            raise ConfigurationError(f"{ref!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+        mv = client.get_model_version(name, number)
+    version = str(mv.version)
+    cache = data_dir() / "cache" / "registry" / name / version
+    if not (cache / "MLmodel").is_file():
+        with atomic_dir(cache) as tmp:  # a download cut short is never taken for a model
+            mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(tmp))
+    folder = (cache / _model_dir_path(cache / "MLmodel")).resolve()
+    if cache.resolve() not in folder.parents or not is_model_dir(folder):
+        raise ModelFormatError(f"{ref} (version {version}) holds no behaviorlm model folder ({MODEL_DIR_ARTIFACT})")
+    return folder, {"model_uri": ref, "run_id": mv.run_id, "registry_version": version}
+
+
+def _model_dir_path(mlmodel: Path) -> str:
+    """Where the pyfunc keeps the model-folder artifact, read from ``MLmodel`` (YAML, safely)."""
+    import yaml
+
+    flavor = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors", {}).get("python_function", {})
+    entry = (flavor.get("artifacts") or {}).get(MODEL_DIR_ARTIFACT) or {}
+    return str(entry.get("path", f"artifacts/{MODEL_DIR_ARTIFACT}"))

@@ -96,3 +96,35 @@ def test_promotion_gate_both_ways(store, saved):
     client = mlflow.MlflowClient()
     assert str(client.get_model_version_by_alias("behaviorlm", "champion").version) == str(v[3])
     assert str(client.get_model_version_by_alias("behaviorlm", "challenger").version) == str(v[1])
+
+
+class _Planted:
+    """A pickle that runs code when loaded: what a tampered registry version could hold."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_serving_a_registry_version_never_unpickles_it(store, saved, tmp_path):
+    """Issue 31 item 3: the service and the batch job load the version's model folder with the
+    project's loader; a python_model.pkl that runs code is never loaded."""
+    import pickle
+
+    root, model = saved
+    with mlflow.start_run():
+        info = tracking.log_model(model, root / "model", registered_model_name="behaviorlm")
+    tracking.promote(info.registered_model_version, 0.2)
+    pickles = list((tmp_path / "data" / "mlflow").rglob("python_model.pkl"))
+    assert len(pickles) == 1
+    marker = tmp_path / "code-ran"
+    pickles[0].write_bytes(pickle.dumps(_Planted(marker)))
+    loaded, provenance = tracking.load_model_ref("models:/behaviorlm@champion")
+    assert not marker.exists()
+    assert provenance["registry_version"] == str(info.registered_model_version) and provenance["run_id"]
+    assert loaded.model_version == model.model_version
+    assert loaded.recommend([1], k=3)["item_id"].to_list() == model.recommend([1], k=3)["item_id"].to_list()
+    folder = (tmp_path / "data" / "cache" / "registry" / "behaviorlm" / str(info.registered_model_version)).resolve()
+    assert folder.is_dir()  # the download (and any index written beside it) lives in the project's cache
