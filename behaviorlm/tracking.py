@@ -285,7 +285,7 @@ def _registered_folder(ref: str) -> tuple[Path, dict[str, Any]]:
 
 def _model_dir_path(mlmodel: Path) -> str:
     """Where the pyfunc keeps the model-folder artifact, read from ``MLmodel`` (YAML, safely)."""
-    import yaml
+    import yaml  # type: ignore[import-untyped]  # a dependency of mlflow; no stubs installed
 
     flavor = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors", {}).get("python_function", {})
     entry = (flavor.get("artifacts") or {}).get(MODEL_DIR_ARTIFACT) or {}
