@@ -110,9 +110,24 @@ def test_the_service_and_the_pyfunc_accept_the_training_vocabulary(trained):
 def test_unknown_actions_are_explained_with_the_clis_own_flags(trained, tmp_path):
     args = ["train", "--events", str(trained / "shop.csv"), *COLUMNS, "--time-unit", "ms", "--out", str(tmp_path)]
     text = cli_failed(runner.invoke(app, args))
-    assert "unknown action name(s) ['review']" in text
-    assert "--action-map 'review=interaction'" in text and "--unknown-actions keep" in text
+    assert "column 'action': unknown action name(s) ['review']" in text  # the user's column, not event_type
+    assert "--action-map 'review=rate'" in text and "--unknown-actions keep" in text  # the likely canonical name
     assert "action_map=" not in text
+
+
+def test_unknown_action_names_suggest_the_likely_canonical_action():
+    """Issue 31 item 17: 'basket' is an add_to_cart, not an 'interaction'."""
+    from behaviorlm.data.events import suggested_action
+
+    got = {n: suggested_action(n) for n in ("basket", "AddToBag", "paid_order", "wish", "product_detail", "zap")}
+    assert got == {
+        "basket": "add_to_cart",
+        "AddToBag": "add_to_cart",
+        "paid_order": "purchase",
+        "wish": "add_to_favorites",
+        "product_detail": "view",
+        "zap": "interaction",
+    }
 
 
 def test_unknown_actions_can_be_kept_as_their_own_type(trained, tmp_path):
@@ -128,7 +143,7 @@ def test_python_callers_get_the_python_phrasing():
 
     with pytest.raises(BehaviorLMError) as info:
         validate_events(_shop_log(), ColumnMapping("visitor", "product", "action", "ts"), time_unit="ms")
-    assert "action_map={'review': 'interaction', ...}" in str(info.value) and "--action-map" not in str(info.value)
+    assert "action_map={'review': 'rate', ...}" in str(info.value) and "--action-map" not in str(info.value)
 
 
 def test_a_bug_keeps_its_traceback_and_exit_code_1(trained, monkeypatch):

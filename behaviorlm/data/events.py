@@ -230,11 +230,30 @@ def action_aliases(action_map: Mapping[str, str] | None) -> tuple[dict[str, str]
     return aliases, frozenset(CANONICAL_ACTIONS) | frozenset(aliases.values())
 
 
+#: Word parts that say which canonical action an unknown name most likely means (the remedy
+#: an unknown-action error suggests: ``basket`` -> ``add_to_cart``).
+_ACTION_HINTS = (
+    (("cart", "basket", "bag"), "add_to_cart"),
+    (("remove", "delete"), "remove_from_cart"),
+    (("fav", "wish", "like", "save", "bookmark"), "add_to_favorites"),
+    (("buy", "order", "purchase", "checkout", "pay", "transaction", "sale"), "purchase"),
+    (("rate", "rating", "review", "star"), "rate"),
+    (("view", "click", "visit", "pv", "detail", "impression", "open"), "view"),
+)
+
+
+def suggested_action(name: str) -> str:
+    """The canonical action an unknown action name most likely means (``interaction`` if none)."""
+    low = name.lower()
+    return next((action for parts, action in _ACTION_HINTS if any(p in low for p in parts)), "interaction")
+
+
 def _normalise_actions(
     df: pl.DataFrame,
     action_map: Mapping[str, str] | None,
     unknown_actions: ActionPolicy,
     report: ValidationReport,
+    column: str = "event_type",
 ) -> pl.DataFrame:
     aliases, known = action_aliases(action_map)
     raw = df["event_type"].cast(pl.String).str.strip_chars().str.to_lowercase()
@@ -244,15 +263,16 @@ def _normalise_actions(
     bad = mapped.is_not_null() & ~mapped.is_in(sorted(known))
     if bad.any():
         names = sorted(set(raw.filter(bad).unique().to_list()))[:10]
-        msg = f"column 'event_type': unknown action name(s) {names}; known: {sorted(known)}"
+        msg = f"column {column!r}: unknown action name(s) {names}; known: {sorted(known)}"
         if unknown_actions == "raise":
             n_bad = int(bad.sum())
+            guess = ",".join(f"{n}={suggested_action(n)}" for n in names[:3])
             raise EventsError(
                 f"{msg}: {n_bad:,} row(s); first at {_example_row(df, bad)}",
-                hint=f"map them with action_map={{{names[0]!r}: 'interaction', ...}} or keep them as their "
-                "own action type with unknown_actions='keep'",
-                cli_hint=f"map them with --action-map '{names[0]}=interaction' or keep them as their own "
-                "action type with --unknown-actions keep",
+                hint=f"map them with action_map={{{names[0]!r}: {suggested_action(names[0])!r}, ...}} or keep "
+                "them as their own action type with unknown_actions='keep'",
+                cli_hint=f"map them with --action-map '{guess}' or keep them as their own action type with "
+                "--unknown-actions keep",
             )
         df = _fail_or_drop(df, bad, msg, "drop", report, "unknown action")
         mapped = mapped.filter(~bad)
@@ -333,7 +353,7 @@ def validate_events(
         df = _normalise_actions(df, action_map, "keep", report)
         df = df.with_columns(item_id=pl.col("event_type"))
     else:
-        df = _normalise_actions(df, action_map, unknown_actions, report)
+        df = _normalise_actions(df, action_map, unknown_actions, report, m.action or "event_type")
     df = _dedupe(df, duplicates, report)
     df = _sort(df, report)
     report.n_output_rows = df.height
