@@ -403,10 +403,16 @@ class BehaviorLM:
         self.model_version_ = model_version(self.model_)
         self.engine_.version = self.model_version_
 
-    @staticmethod
-    def _log_epoch(stats: dict) -> None:
+    def _log_epoch(self, stats: dict) -> None:
+        """One line per epoch -- what the pipelines and the demo show while a model trains: loss,
+        validation metric, speed, and the time left if every remaining epoch runs (early
+        stopping may end sooner)."""
         val = f" val={stats['val_score']:.4f}" if "val_score" in stats else ""
-        log.info("epoch %d loss=%.4f %.0f tok/s%s", stats["epoch"], stats["loss"], stats["tokens_per_s"], val)
+        left = max(0, self.params["epochs"] - stats["epoch"]) * stats.get("seconds", 0.0)
+        log.info(
+            "epoch %d/%d loss=%.4f%s %.0f tok/s, at most %.0f s left",
+            stats["epoch"], self.params["epochs"], stats["loss"], val, stats["tokens_per_s"], left,
+        )  # fmt: skip
 
     histories_: pl.DataFrame
     seen_: pl.DataFrame

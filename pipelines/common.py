@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -63,8 +65,26 @@ def events_on(ev: Events, date: str) -> Events:
 
 
 def cli_main(run: Callable[[argparse.Namespace], object], parse: Callable, argv: list[str] | None) -> int:
-    """Run a job under the CLI's error rule (:func:`behaviorlm.shell.exit_status`)."""
+    """Run a job under the CLI's error rule (:func:`behaviorlm.shell.exit_status`), showing the
+    library's progress lines (epochs, loss, validation, time left) and not MLflow's chatter."""
+    show_progress()
     return exit_status(lambda: run(parse(argv)), lambda message: print(f"error: {message}", file=sys.stderr))
+
+
+def show_progress() -> None:
+    """behaviorlm's INFO lines on stderr, timestamped; MLflow's warnings, schema notes and
+    download bars kept off the terminal (they stay in the runs)."""
+    import warnings
+
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    lib = logging.getLogger("behaviorlm")
+    if not lib.handlers:
+        lib.addHandler(handler)
+        lib.setLevel(logging.INFO)
+    logging.getLogger("mlflow").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="mlflow")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def add_source_args(ap: argparse.ArgumentParser, date_help: str) -> None:
@@ -73,3 +93,16 @@ def add_source_args(ap: argparse.ArgumentParser, date_help: str) -> None:
     ap.add_argument("--events", help=OPTION_HELP["events"])
     ap.add_argument("--dataset", help=OPTION_HELP["dataset"])
     ap.add_argument("--out", default="data/outputs", help="the outputs folder (model, scores, segments, ...)")
+
+
+class _StderrHandler(logging.StreamHandler):
+    """A stream handler writing to whatever ``sys.stderr`` is at each record (a test's capture,
+    a redirected terminal), not the stream it found when it was made."""
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: ANN201 - logging's own attribute
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:  # noqa: ANN001 - set once by StreamHandler.__init__
+        pass

@@ -82,7 +82,9 @@ def test_demo_runs_the_main_job_and_summarises_it_honestly(workspace, capsys):
     out = workspace / "outputs"
     argv = ["--events", str(workspace / "events.csv"), "--date", "2023-11-19", "--out", str(out), "--epochs", "1"]
     assert demo.main([*argv, "--max-len", "32", "--n-windows", "2", "--explain-users", "3", "--experiment", "d"]) == 0
-    text = capsys.readouterr().out
+    captured = capsys.readouterr()
+    text = captured.out
+    assert "epoch 1/1 loss=" in captured.err and "left" in captured.err  # progress while it trains
     summary = text[text.index("behaviorlm demo: the main job") :]
     expected_parts = ["60 users", "model registered as behaviorlm v1, alias @champion", "popularity", "cooccurrence"]
     expected_parts += ["honest reading:", "sample rationale", f"behaviorlm dashboard --outputs {out}", "make serve"]
