@@ -82,7 +82,8 @@ def show_progress() -> None:
     if not lib.handlers:
         lib.addHandler(handler)
         lib.setLevel(logging.INFO)
-    logging.getLogger("mlflow").setLevel(logging.ERROR)
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR")  # read when mlflow configures its loggers
+    logging.getLogger("mlflow").setLevel(logging.ERROR)  # and if it is imported already
     warnings.filterwarnings("ignore", module="mlflow")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
