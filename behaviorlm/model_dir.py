@@ -157,8 +157,14 @@ def _check_weights(d: Path, manifest: dict[str, Any], network: BehaviorTransform
             f"{cfg.n_items:,} and {cfg.n_actions}: the files come from different models"
         )
     recorded = manifest.get("model_version")
-    found = model_version(network) if manifest.get("version_of") == "tensors" else _file_digest(d / WEIGHTS)
-    if recorded is not None and found != recorded:
+    if recorded is None:
+        return
+    found = model_version(network)
+    if manifest.get("version_of") != "tensors" and found != recorded:
+        # no record of what was digested: 0.7 and older digested the weights file, and folders
+        # written while 0.8 was made digested the tensors without saying so; either names these weights
+        found = _file_digest(d / WEIGHTS)
+    if found != recorded:
         raise ModelFormatError(
             f"{d}: {WEIGHTS} is not the model this folder describes (weights digest {found}, "
             f"estimator.json names {recorded}); copy the whole model folder, not its weights alone"

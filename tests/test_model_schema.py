@@ -351,3 +351,16 @@ def test_a_model_saved_before_0_8_is_checked_by_its_file_digest(small_model, tmp
     (old / MANIFEST).write_text(json.dumps({**manifest, "model_version": "0123456789ab"}))
     with pytest.raises(ModelFormatError, match="not the model this folder describes"):
         BehaviorLM.load(old)
+
+
+def test_a_folder_that_does_not_say_what_its_version_digests_is_checked_both_ways(small_model, tmp_path):
+    """Folders written while 0.8 was made recorded the tensor digest without ``version_of``:
+    they load; a version matching neither digest is still refused."""
+    interim = _copy_model(small_model, tmp_path, "interim")
+    manifest = json.loads((interim / MANIFEST).read_text())
+    manifest.pop("version_of")
+    (interim / MANIFEST).write_text(json.dumps(manifest))
+    assert BehaviorLM.load(interim).model_version == small_model.model_version
+    (interim / MANIFEST).write_text(json.dumps({**manifest, "model_version": "0123456789ab"}))
+    with pytest.raises(ModelFormatError, match="not the model this folder describes"):
+        BehaviorLM.load(interim)
