@@ -51,7 +51,7 @@ def stage_record(given: dict[str, Any] | None, trained: Events | None) -> dict[s
 
 def with_increment(record: dict[str, Any] | None, stage: dict[str, Any]) -> dict[str, Any]:
     """``record`` with a continuation appended (a model without a record gets an unknown base)."""
-    base: dict[str, Any] = record if record is not None else {"source": None, "holdout": UNKNOWN, "events_digest": None}
+    base = record if record is not None else stage_record(None, None)
     earlier: list[dict[str, Any]] = list(base.get("increments", []))
     return {**base, "increments": [*earlier, stage]}
 
@@ -70,7 +70,7 @@ def check_no_leak(model: Any, events: Events | None, split: str, holdout: Holdou
     record = getattr(model, "training_data_", None)
     histories = getattr(model, "histories_", None)
     remembered = histories is not None and histories.height > 0
-    if histories is not None and remembered:
+    if histories is not None and remembered:  # (narrows the type for mypy)
         _refuse_held_targets(histories, holdout, record)
     _refuse_by_record(record, split, only_unremembered=remembered)
     warnings = []
