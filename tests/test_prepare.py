@@ -146,3 +146,58 @@ def test_every_file_in_a_folder_is_read_or_reported_skipped(tmp_path, caplog):
         prepare(folder, tmp_path / "out2", config=PrepareConfig(workers=1))
     with pytest.raises(InputDataError, match="is empty"):
         validate_schema(folder / "events-3.csv", InputSchema())
+
+
+def _users_in(folder) -> set:
+    return {str(u) for enc in PreparedShards.open(folder) for u in enc.user_ids}
+
+
+def test_a_rerun_after_the_inputs_changed_redoes_the_staged_work(tmp_path):
+    """Issue 31 item 2: staged work is keyed by each input's identity, not its position."""
+    df = make_funnel_events(n_users=30)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    users = df["user_id"].unique().sort().to_list()
+    thirds = [df.filter(pl.col("user_id").is_in(users[i::3])) for i in range(3)]
+    for name, part in zip("abc", thirds, strict=True):
+        part.write_csv(folder / f"{name}.csv")
+    good_c = (folder / "c.csv").read_text()
+    lines = good_c.splitlines()
+    lines[3] = lines[3].split(",", 1)[0] + ",,,"  # a bad row in c.csv
+    (folder / "c.csv").write_text("\n".join(lines) + "\n")
+    cfg = PrepareConfig(rows_per_shard=150, workers=1)
+    with pytest.raises(InputDataError, match=r"c\.csv"):
+        prepare(folder, tmp_path / "out", config=cfg)
+    (folder / "b.csv").unlink()
+    (folder / "c.csv").write_text(good_c)
+    prepared = prepare(folder, tmp_path / "out", config=cfg)
+    assert [f["file"] for f in prepared.report["files"]] == [str(folder / "a.csv"), str(folder / "c.csv")]
+    assert _users_in(tmp_path / "out") == {str(u) for u in users[0::3] + users[2::3]}  # b's users gone, c's read
+
+
+def test_prepare_over_a_finished_folder_reuses_it_exactly_or_rebuilds_it(tmp_path):
+    df = make_funnel_events(n_users=20)
+    first_user = df["user_id"].min()
+    df.write_csv(tmp_path / "day1.csv")
+    df.filter(pl.col("user_id") == first_user).write_csv(tmp_path / "day2.csv")
+    cfg = PrepareConfig(rows_per_shard=100, workers=1)
+    prepare(tmp_path / "day1.csv", tmp_path / "P", config=cfg)
+    stamp = (tmp_path / "P" / "manifest.json").stat().st_mtime_ns
+    again = prepare(tmp_path / "day1.csv", tmp_path / "P", config=cfg)  # the same inputs: reused as is
+    assert (tmp_path / "P" / "manifest.json").stat().st_mtime_ns == stamp and again.n_users == 20
+    day2 = prepare(tmp_path / "day2.csv", tmp_path / "P", config=cfg)  # other inputs: rebuilt, not mixed
+    assert day2.n_users == 1 and _users_in(tmp_path / "P") == {str(first_user)}
+    assert sorted(p.name for p in (tmp_path / "P").glob("shard-*")) == [s["name"] for s in day2.shards]
+    tokens = max(int(enc.items.max()) for enc in PreparedShards.open(tmp_path / "P"))
+    assert tokens < day2.tokenizer.n_items  # every token within the new vocabulary
+    other = PrepareConfig(rows_per_shard=100, max_len=50, workers=1)  # other settings: rebuilt too
+    assert prepare(tmp_path / "day2.csv", tmp_path / "P", config=other).tokenizer.max_len == 50
+
+
+def test_prepare_refuses_a_folder_it_did_not_write(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("hi")
+    make_funnel_events(n_users=5).write_csv(tmp_path / "e.csv")
+    with pytest.raises(Exception, match="not a prepared folder"):
+        prepare(tmp_path / "e.csv", tmp_path / "mine", config=PrepareConfig(workers=1))
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "hi"

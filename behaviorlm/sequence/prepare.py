@@ -15,6 +15,12 @@ at once; this one never holds more than one input file or one user bucket:
 
 Every stage writes atomically and skips work whose output already exists, so a killed run
 restarted with the same arguments produces identical shards. ``manifest.json`` comes last.
+
+What "the same arguments" means is recorded: the **plan** (each input's resolved path, size and
+mtime, the schema and the settings) is written beside the staged work and into the manifest.
+Staged work or a finished folder under another plan is never reused in part -- it is removed
+(only the files this module writes) and the run starts over; the same plan over a finished
+folder returns it as it is.
 """
 
 from __future__ import annotations
@@ -194,6 +200,9 @@ def prepare(
     files = input_files(events)
     check_same_columns(files)
     stage = out / STAGING
+    plan = plan_of(files, schema, cfg)
+    if begin(out, plan):
+        return shards.PreparedShards.open(out)
     total = sum(_count_rows(f) for f in files)
     n_buckets = max(1, math.ceil(total / cfg.rows_per_shard))
     log.info("prepare: %d file(s), %d rows, %d bucket(s)", len(files), total, n_buckets)
@@ -214,10 +223,60 @@ def prepare(
         "rows_kept": sum(i["rows_kept"] for i in infos) - duplicates,
         "dropped": _merge_drops(infos, duplicates),
         "buckets": n_buckets,
+        "plan": plan,
     }
     shards.write_manifest(out, shard_list, report)
     shutil.rmtree(stage, ignore_errors=True)
     return shards.PreparedShards(out, tokenizer, schema, shard_list, report)
+
+
+def plan_of(files: list[Path], schema: InputSchema, cfg: PrepareConfig) -> dict[str, Any]:
+    """What the output is a function of: every input's identity (resolved path, size, mtime --
+    a file rewritten in place changes them) and every setting but the worker count."""
+    inputs = []
+    for f in files:
+        st = f.stat()
+        inputs.append({"path": str(f.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+    settings = {
+        k: getattr(cfg, k) for k in ("rows_per_shard", "max_len", "min_item_count", "n_time_buckets", "invalid")
+    }
+    return {"inputs": inputs, "schema": schema.to_dict(), "settings": settings}
+
+
+def begin(out: Path, plan: dict[str, Any]) -> bool:
+    """True when ``out`` is already the finished result of ``plan``; otherwise clear whatever
+    another plan left there (finished or staged) and record this plan for a resumed run."""
+    manifest, stage = out / shards.MANIFEST, out / STAGING
+    if out.exists() and any(out.iterdir()) and not (manifest.is_file() or stage.is_dir()):
+        raise ConfigurationError(
+            f"{out} exists and is not a prepared folder (no {shards.MANIFEST}); prepare will not write into it",
+            cli_hint=f"--out {out} exists and is not a prepared folder; choose another --out",
+        )
+    if manifest.is_file():
+        if json.loads(manifest.read_text()).get("report", {}).get("plan") == plan:
+            log.info("prepare: %s already holds these inputs prepared with these settings; reused", out)
+            return True
+        log.warning("prepare: %s was prepared from other inputs or settings; rebuilding it", out)
+        _clear(out)
+    elif (stage / "plan.json").is_file() and json.loads((stage / "plan.json").read_text()) == plan:
+        log.info("prepare: resuming the unfinished run in %s", out)
+        return False
+    elif stage.exists():
+        log.warning("prepare: the unfinished run in %s had other inputs or settings; starting over", out)
+        _clear(out)
+    write_text_atomic(json.dumps(plan), stage / "plan.json")
+    return False
+
+
+def _clear(out: Path) -> None:
+    """Remove what prepare writes under ``out`` -- the manifest first, so a run killed while
+    clearing leaves an incomplete folder rather than a complete-looking mix -- and nothing else."""
+    (out / shards.MANIFEST).unlink(missing_ok=True)
+    for name in (shards.TOKENIZER, shards.SCHEMA):
+        (out / name).unlink(missing_ok=True)
+    for folder in [*out.glob("shard-[0-9]*"), out / STAGING]:
+        if folder.is_dir():
+            shutil.rmtree(folder)
 
 
 def _map(fn: Callable[..., Any], jobs: Iterable[tuple], workers: int) -> list[Any]:

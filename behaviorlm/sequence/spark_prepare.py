@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,16 @@ from behaviorlm.data.io import write_text_atomic
 from behaviorlm.data.schema import InputSchema
 from behaviorlm.errors import BehaviorLMError, InputDataError
 from behaviorlm.sequence import shards
-from behaviorlm.sequence.prepare import KEY_SHIFT, PrepareConfig, check_same_columns, input_files, vocabulary
+from behaviorlm.sequence.prepare import (
+    KEY_SHIFT,
+    STAGING,
+    PrepareConfig,
+    begin,
+    check_same_columns,
+    input_files,
+    plan_of,
+    vocabulary,
+)
 from behaviorlm.sequence.tokenizer import ActionTokenizer
 
 _KEY = ["user_id", "item_id", "event_type", "timestamp"]
@@ -55,6 +65,9 @@ def prepare_spark(
     cfg, schema, out = config or PrepareConfig(), schema or InputSchema(), Path(out)
     files = input_files(events)
     check_same_columns(files)
+    plan = plan_of(files, schema, cfg)
+    if begin(out, plan):
+        return shards.PreparedShards.open(out)
     raw = _read(spark, files)
     rows_read = raw.count()
     valid = raw.mapInArrow(_validator(schema, cfg.invalid, files), _output_schema(files[0], schema))
@@ -89,9 +102,11 @@ def prepare_spark(
         "dropped": {"invalid or duplicate": rows_read - rows_kept} if rows_read > rows_kept else {},
         "buckets": n_buckets,
         "engine": "spark",
+        "plan": plan,
     }
     deduped.unpersist()
     shards.write_manifest(out, shard_list, report)
+    shutil.rmtree(out / STAGING, ignore_errors=True)
     return shards.PreparedShards(out, tokenizer, schema, shard_list, report)
 
 
