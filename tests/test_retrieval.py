@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from dataclasses import replace
 from operator import attrgetter
@@ -165,3 +166,66 @@ def test_the_search_runs_at_the_depth_the_index_reports(model):
         b = index.backend.index
         used = {"hnswlib": "ef", "faiss": "hnsw.efSearch", "usearch": "expansion_search"}[backend]
         assert attrgetter(used)(b) == 321, backend
+
+
+def _flip_bytes(path) -> None:
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    data[mid : mid + 64] = bytes(b ^ 0xFF for b in data[mid : mid + 64])
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda f: (f / "index.bin").write_bytes(os.urandom(4096)),
+        lambda f: _flip_bytes(f / "index.bin"),  # loads, and answers wrongly
+        lambda f: (f / "tail.npy").unlink(),
+        lambda f: (f / "index.json").write_text("{not json"),
+    ],
+    ids=["garbage", "flipped-bytes", "missing-file", "bad-json"],
+)
+def test_a_damaged_index_is_rebuilt_with_one_warning(model, tmp_path, caplog, damage):
+    """Issue 31 item 6: a damaged index never takes the model down or answers wrongly."""
+    a = tmp_path / "a"
+    model.save(a)
+    model.use_retrieval("ann", directory=a)
+    model.use_retrieval("exact")
+    damage(a / FOLDER)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="behaviorlm"):
+        loaded = BehaviorLM.load(a, retrieval="ann")
+    warnings = [r for r in caplog.records if "ANN index" in r.getMessage()]
+    assert len(warnings) == 1 and "\n" not in warnings[0].getMessage(), caplog.text
+    assert loaded.engine.retrieval_name == "ann:hnswlib"
+    ItemIndex.load(a, loaded.engine.network, loaded.model_version, IndexParams())  # stored anew, verifies
+
+
+def test_an_index_file_of_another_model_with_the_same_catalog_is_refused(model, events, tmp_path):
+    twin = BehaviorLM(max_len=24, dim=16, n_layers=1, n_heads=2, epochs=1, seed=5, progress=False).fit(events)
+    assert twin.engine.n_items == model.engine.n_items and twin.model_version != model.model_version
+    a, b = tmp_path / "a", tmp_path / "b"
+    for m, folder in ((model, a), (twin, b)):
+        m.save(folder)
+        m.use_retrieval("ann", directory=folder)
+        m.use_retrieval("exact")
+    shutil.copy(b / FOLDER / "index.bin", a / FOLDER / "index.bin")  # the graph of the twin's embeddings
+    with pytest.raises(ModelFormatError, match="not the file it was saved with"):
+        ItemIndex.load(a, model.engine.network, model.model_version, IndexParams())
+
+
+def test_score_with_a_damaged_index_prints_no_traceback(model, events, tmp_path):
+    from typer.testing import CliRunner
+
+    from behaviorlm.cli import app
+
+    a = tmp_path / "a"
+    model.save(a)
+    model.use_retrieval("ann", directory=a)
+    model.use_retrieval("exact")
+    (a / FOLDER / "index.bin").write_bytes(b"\\x00" * 100)
+    events.df.write_parquet(tmp_path / "e.parquet")
+    argv = ["score", "--model", str(a), "--events", str(tmp_path / "e.parquet"), "--out", str(tmp_path / "s.parquet")]
+    res = CliRunner().invoke(app, [*argv, "--retrieval", "ann"])
+    assert res.exit_code == 0, res.output
+    assert "Traceback" not in res.output

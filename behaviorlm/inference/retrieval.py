@@ -25,12 +25,15 @@ in ``benchmarks/retrieval.py`` (RESULTS.md section 16).
 
 The index lives in the model directory's ``retrieval/`` folder (this module owns it):
 ``index.bin`` and ``index.json``, whose fingerprint (model version, catalog size, dimension,
-backend, parameters) must match the model it is loaded for; a mismatch is refused with a
-message and the index rebuilt, never used.
+backend, parameters) must match the model it is loaded for, and which records the digest of
+``index.bin`` and ``tail.npy``: a file that does not verify never reaches the backend's loader
+(a flipped byte in a graph can load and answer wrongly). A mismatch or a damaged file is
+refused with a one-line message and the index rebuilt, never used.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
@@ -56,7 +59,7 @@ FOLDER = "retrieval"
 #: Below this many items exact scoring is the default (section 16: at 3.7k items a full-catalog
 #: pass is 5.7x cheaper than the index path; at 54k items x 4 actions the index is ~2x faster).
 ANN_MIN_ITEMS = 20_000
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: index.json records the digests of the files it describes
 #: (ef_search, candidates per next-action query) tried by :meth:`ItemIndex.tune`, shallow first
 DEPTHS = ((48, 30), (64, 50), (100, 100), (200, 200), (400, 400))
 TARGET_RECALL = 0.995  # on training histories; Taobao's test inputs ran ~0.02 lower (RESULTS.md section 16)
@@ -227,7 +230,8 @@ class ItemIndex:
         with atomic_dir(target, "index.json", "ANN index") as tmp:
             self.backend.save(tmp / "index.bin")
             np.save(tmp / "tail.npy", self.tail_)
-            (tmp / "index.json").write_text(json.dumps(self.fingerprint, indent=2))
+            files = {name: _digest(tmp / name) for name in _FILES}
+            (tmp / "index.json").write_text(json.dumps({**self.fingerprint, "files": files}, indent=2))
         return target
 
     @classmethod
@@ -238,7 +242,15 @@ class ItemIndex:
         meta_path = folder / "index.json"
         if not meta_path.is_file():
             raise ModelFormatError(f"{folder}: no ANN index stored")
-        stored = json.loads(meta_path.read_text())
+        try:
+            return cls._load(folder, network, model_version, params)
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError) as e:
+            why = " ".join(str(e).split())[:200]
+            raise ModelFormatError(f"{folder}: the ANN index is damaged ({type(e).__name__}: {why})") from e
+
+    @classmethod
+    def _load(cls, folder: Path, network: Any, model_version: str, params: IndexParams) -> ItemIndex:
+        stored = json.loads((folder / "index.json").read_text())
         stored["params"] = {k: v for k, v in stored.get("params", {}).items() if k in GRAPH_PARAMS}
         expected = cls.fingerprint_of(network, model_version, params)
         diff = [k for k in expected if stored.get(k) != expected[k]]
@@ -246,6 +258,10 @@ class ItemIndex:
             got = {k: stored.get(k) for k in diff}
             want = {k: expected[k] for k in diff}
             raise ModelFormatError(f"{folder}: the ANN index does not match this model: stored {got}, model {want}")
+        for name in _FILES:
+            if _digest(folder / name) != stored["files"][name]:
+                raise ModelFormatError(f"{folder}: the ANN index's {name} is not the file it was saved with")
+        stored.pop("files")
         n_real = int(network.config.n_items) - N_SPECIAL
         backend = _ADAPTERS[params.backend](int(network.config.dim), n_real, params, folder / "index.bin")
         index = cls(backend, stored, np.load(folder / "tail.npy"), params)
@@ -309,6 +325,15 @@ class ItemIndex:
         return self.backend.search(queries, min(fetch, n_real), self.params.ef_search) + N_SPECIAL
 
 
+_FILES = ("index.bin", "tail.npy")
+
+
+def _digest(path: Path) -> str:
+    """sha256 of a file (about 1 s per GB: paid once per load, before any native loader)."""
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def open_index(
     model_dir: str | Path | None,
     engine: Any,
@@ -317,10 +342,11 @@ def open_index(
 ) -> ItemIndex:
     """The model's stored index if it matches, else a new one, its search depth tuned on
     ``users`` (the model's encoded histories) when given, stored beside the model when the
-    directory is writable. Never an index of another model: a mismatch is logged and rebuilt."""
+    directory is writable. Never an index of another model: a mismatch or a damaged index is
+    one warning line and a rebuild (none stored yet is not worth a warning)."""
     params = params or IndexParams()
     network, model_version = engine.network, engine.version
-    if model_dir is not None:
+    if model_dir is not None and (Path(model_dir) / FOLDER / "index.json").is_file():
         try:
             index = ItemIndex.load(model_dir, network, model_version, params)
         except ModelFormatError as e:
