@@ -330,8 +330,11 @@ _FILES = ("index.bin", "tail.npy")
 
 def _digest(path: Path) -> str:
     """sha256 of a file (about 1 s per GB: paid once per load, before any native loader)."""
+    h = hashlib.sha256()
     with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def open_index(
