@@ -895,6 +895,10 @@ def serve(
     ] = 30.0,
     workers: Annotated[int, Opt(help="server processes, each with its own copy of the model")] = 1,
     graceful_timeout: Annotated[float, Opt(help="seconds in-flight requests get to finish on shutdown")] = 30.0,
+    read_timeout: Annotated[
+        float, Opt(help="seconds a client has to send a whole request (headers and body); then 408 and close")
+    ] = 10.0,
+    max_header_kb: Annotated[int, Opt(help="request line and headers, KiB at most; larger gets 431 and close")] = 16,
     log_level: str = "info",
 ) -> None:
     """Serve recommendations, next actions, propensity and segments over HTTP (docs at /docs).
@@ -916,9 +920,19 @@ def serve(
             raise ConfigurationError(f"{flag} must be >= 1, got {value}")
     if reload_interval < 0 or graceful_timeout < 0:
         raise ConfigurationError("--reload-interval and --graceful-timeout must be >= 0 seconds")
+    if read_timeout <= 0 or max_header_kb < 1:
+        raise ConfigurationError("--read-timeout must be > 0 seconds and --max-header-kb >= 1")
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     config = ServeConfig(
-        model, str(segments) if segments else None, max_batch, threads, reload_interval or None, retrieval, engine
+        model,
+        str(segments) if segments else None,
+        max_batch,
+        threads,
+        reload_interval or None,
+        retrieval,
+        engine,
+        read_timeout,
+        max_header_kb * 1024,
     )
     run(config, host, port, workers, graceful_timeout, log_level)
 

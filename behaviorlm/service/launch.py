@@ -6,6 +6,9 @@ worker is in benchmarks/RESULTS.md section 8) and need uvicorn to import the app
 settings travel in an environment variable and :func:`app_from_env` rebuilds the app in each
 worker. Their Prometheus metrics are pooled through prometheus-client's multiprocess mode.
 
+Slow or oversized requests are cut off by the server (:mod:`behaviorlm.service.connections`:
+a read deadline per request and a header size limit), set in every worker from the same config.
+
 Shutdown is graceful: on SIGTERM uvicorn stops accepting connections, lets in-flight requests
 finish (up to ``graceful_timeout`` seconds), then the app's lifespan stops the registry
 watcher and drains the micro-batcher.
@@ -18,6 +21,8 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass
 from typing import Any
+
+from behaviorlm.service.connections import MAX_HEADER_BYTES, READ_TIMEOUT_S, GuardedHttpTools, set_limits
 
 CONFIG_ENV = "BEHAVIORLM_SERVE_CONFIG"
 
@@ -33,9 +38,13 @@ class ServeConfig:
     reload_interval: float | None = None
     retrieval: str = "auto"
     engine: str = "torch"
+    read_timeout: float = READ_TIMEOUT_S
+    max_header_bytes: int = MAX_HEADER_BYTES
 
     def app(self):  # noqa: ANN201 - FastAPI, imported lazily
         from behaviorlm.service.api import create_app
+
+        set_limits(self.read_timeout, self.max_header_bytes)  # this process's connections
 
         return create_app(
             self.model,
@@ -53,14 +62,19 @@ def app_from_env():  # noqa: ANN201
     return ServeConfig(**json.loads(os.environ[CONFIG_ENV])).app()
 
 
+def uvicorn_options(config: ServeConfig) -> dict[str, Any]:
+    """What every server of this project runs with, whatever its host and port."""
+    return {"http": GuardedHttpTools, "access_log": False, "h11_max_incomplete_event_size": config.max_header_bytes}
+
+
 def run(config: ServeConfig, host: str, port: int, workers: int, graceful_timeout: float, log_level: str) -> None:
     import uvicorn
 
     common: dict[str, Any] = {
+        **uvicorn_options(config),
         "host": host,
         "port": port,
         "log_level": log_level,
-        "access_log": False,
         "timeout_graceful_shutdown": graceful_timeout,
     }
     if workers == 1:

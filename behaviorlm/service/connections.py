@@ -1,0 +1,98 @@
+"""Connection limits the HTTP server itself does not set: slow clients and oversized headers.
+
+uvicorn's httptools protocol has an idle keep-alive timeout but no deadline for a request in
+progress: a client that sends half its headers, or a body shorter than its Content-Length, holds
+a connection (and, for the body, a waiting request handler) for as long as it keeps the socket
+open, and headers of any size are accepted. That is how a handful of slow clients exhaust a
+server (slowloris). :class:`GuardedHttpTools` adds what nginx calls ``client_header_timeout`` /
+``client_body_timeout`` and ``large_client_header_buffers``:
+
+* a **read deadline** per request, from its first byte to its last (headers and body): past it
+  the client gets ``408 Request Timeout`` (if no response has started) and the connection closes;
+* a **header size limit** (request line and header fields together): past it, ``431 Request
+  Header Fields Too Large`` and the connection closes, before the rest is read.
+
+The limits are class attributes set once per process (:func:`set_limits`), because uvicorn
+builds one protocol object per connection from the class it is given, and each ``--workers``
+process imports the class anew.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+READ_TIMEOUT_S = 10.0
+MAX_HEADER_BYTES = 16 * 1024
+
+_REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
+
+
+def set_limits(read_timeout: float = READ_TIMEOUT_S, max_header_bytes: int = MAX_HEADER_BYTES) -> None:
+    """The limits every connection of this process gets from now on."""
+    GuardedHttpTools.read_timeout = float(read_timeout)
+    GuardedHttpTools.max_header_bytes = int(max_header_bytes)
+
+
+class GuardedHttpTools(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a per-request read deadline and a header size limit."""
+
+    read_timeout: float = READ_TIMEOUT_S
+    max_header_bytes: int = MAX_HEADER_BYTES
+
+    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003 - uvicorn's signature
+        super().__init__(*args, **kwargs)
+        self._deadline: asyncio.TimerHandle | None = None
+        self._in_head = False
+        self._head_bytes = 0
+
+    def data_received(self, data: bytes) -> None:
+        if self._deadline is None:  # the first byte of a request: its clock starts
+            self._deadline = self.loop.call_later(self.read_timeout, self._too_slow)
+            self._in_head, self._head_bytes = True, 0
+        if self._in_head:
+            self._head_bytes += len(data)
+        super().data_received(data)
+        if self._in_head and self._head_bytes > self.max_header_bytes:
+            self._refuse(431, f"request headers over {self.max_header_bytes} bytes")
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        size = len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers)
+        if size > self.max_header_bytes:  # arrived in one read: counted here instead
+            self._refuse(431, f"request headers over {self.max_header_bytes} bytes")
+            return
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._disarm()
+        super().on_message_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        self._refuse(408, f"request not received within {self.read_timeout:g} s")
+
+    def _refuse(self, status: int, why: str) -> None:
+        """Answer ``status`` unless a response has started, and close the connection; a request
+        handler waiting for the rest of the body sees the client as disconnected."""
+        self._disarm()
+        if self.transport.is_closing():
+            return
+        self.logger.warning("closing a connection from %s: %s", self.client, why)
+        if self.cycle is None or not self.cycle.response_started:
+            body = why.encode()
+            self.transport.write(
+                b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: %d\r\n"
+                b"connection: close\r\n\r\n%s" % (status, _REASONS[status], len(body), body)
+            )
+        self.transport.close()
