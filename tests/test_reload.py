@@ -117,3 +117,32 @@ def test_a_failed_reload_keeps_the_old_version_and_says_why(registry):
     assert "disk full" in watcher.status()["last_error"]
     with pytest.raises(ValueError, match="follows an alias"):
         RegistryWatcher("models:/behaviorlm/1", 1.0, {}, broken_build, swapped.append)
+
+
+def test_a_broken_version_is_retried_with_back_off_and_its_traceback_logged_once(registry, caplog):
+    """Issue 31 item 9: a broken version under the alias is not reloaded at every poll."""
+    client, versions, _ = registry
+    client.set_registered_model_alias("behaviorlm", "champion", versions[1])
+    builds, now = [], [1000.0]
+
+    def broken_build(model, provenance):
+        builds.append(provenance["registry_version"])
+        raise RuntimeError("cannot load this version")
+
+    watcher = RegistryWatcher(
+        "models:/behaviorlm@champion", 10.0, {"registry_version": versions[0]}, broken_build, id, clock=lambda: now[0]
+    )
+    with caplog.at_level("WARNING", logger="behaviorlm.service.reload"):
+        for _ in range(5):  # five polls inside the first back-off (20 s): one load
+            assert watcher.check() is False
+            now[0] += 3
+        assert builds == [versions[1]]
+        now[0] += 10  # past 20 s: tried again, then 40 s of back-off
+        watcher.check()
+        now[0] += 30
+        watcher.check()
+        assert builds == [versions[1]] * 2
+    tracebacks = [r for r in caplog.records if r.exc_info]
+    assert len(tracebacks) == 1 and "attempt 2" in caplog.records[-1].getMessage()
+    assert watcher.version == versions[0] and "cannot load" in watcher.status()["last_error"]
+    client.set_registered_model_alias("behaviorlm", "champion", versions[0])
