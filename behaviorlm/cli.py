@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, cast
 
@@ -27,11 +26,9 @@ import typer
 from rich.console import Console
 
 from behaviorlm.data.events import validate_items
-from behaviorlm.data.loading import LoadedEvents, load_events
-from behaviorlm.data.schema import InputSchema
 from behaviorlm.errors import ConfigurationError
 from behaviorlm.recipes import RECIPES
-from behaviorlm.shell import OPTION_HELP, exit_status
+from behaviorlm.shell import INPUT_OPTIONS, OPTION_HELP, EventsInput, InputOption, exit_status
 
 if TYPE_CHECKING:
     from behaviorlm.propensity.labels import Target
@@ -68,78 +65,15 @@ def _main(
 
 
 _DATA = "Input data"
-EventsOpt = Annotated[Path | None, typer.Option("--events", help=OPTION_HELP["events"], rich_help_panel=_DATA)]
-DatasetOpt = Annotated[str | None, typer.Option("--dataset", help=OPTION_HELP["dataset"], rich_help_panel=_DATA)]
-_FROM_MODEL = "default: as the model was trained"
-UserCol = Annotated[
-    str | None, typer.Option("--user-col", help=f"default user_id; {_FROM_MODEL}", rich_help_panel=_DATA)
-]
-ItemCol = Annotated[
-    str | None,
-    typer.Option(
-        "--item-col",
-        help=f"default item_id; 'none' for an event-only log (the event name is the token); {_FROM_MODEL}",
-        rich_help_panel=_DATA,
-    ),
-]
-AmountCol = Annotated[
-    str | None,
-    typer.Option("--amount-col", help=f"optional per-event value (e.g. dollars); {_FROM_MODEL}", rich_help_panel=_DATA),
-]
-QuantityCol = Annotated[
-    str | None,
-    typer.Option("--quantity-col", help=f"optional per-event number of units; {_FROM_MODEL}", rich_help_panel=_DATA),
-]
-ActionCol = Annotated[
-    str | None,
-    typer.Option(
-        "--action-col", help="default event_type; 'none' if the data has one action type", rich_help_panel=_DATA
-    ),
-]
-TimeCol = Annotated[
-    str | None, typer.Option("--time-col", help=f"default timestamp; {_FROM_MODEL}", rich_help_panel=_DATA)
-]
-TimeUnit = Annotated[
-    str | None,
-    typer.Option(
-        "--time-unit",
-        help=f"unit of numeric timestamps: s, ms, us, ns (default: detected from their magnitude); {_FROM_MODEL}",
-        rich_help_panel=_DATA,
-    ),
-]
-ActionMap = Annotated[
-    str | None, typer.Option("--action-map", help=f"e.g. 'pv=view,buy=purchase'; {_FROM_MODEL}", rich_help_panel=_DATA)
-]
-UnknownActions = Annotated[
-    str | None,
-    typer.Option(
-        "--unknown-actions",
-        help=f"raise (default) | drop | keep: action names outside the canonical set and --action-map; {_FROM_MODEL}",
-        rich_help_panel=_DATA,
-    ),
-]
-Invalid = Annotated[
-    str,
-    typer.Option(
-        "--invalid", help="raise | drop: rows with null ids or bad or implausible timestamps", rich_help_panel=_DATA
-    ),
-]
-AnyTime = Annotated[
-    bool | None,
-    typer.Option(
-        "--any-time/--plausible-times",
-        help=f"accept timestamps before 1990 or after tomorrow (default: refuse them); {_FROM_MODEL}",
-        rich_help_panel=_DATA,
-    ),
-]
-NumericIds = Annotated[
-    bool | None,
-    typer.Option(
-        "--numeric-ids/--text-ids",
-        help=f"read user/item ids in text files as integers (default: as the text written); {_FROM_MODEL}",
-        rich_help_panel=_DATA,
-    ),
-]
+
+
+def _typer_option(opt: InputOption) -> Any:
+    """An :data:`~behaviorlm.shell.INPUT_OPTIONS` entry as a typer parameter annotation."""
+    kind = opt.kind | None if opt.default is None else opt.kind
+    return Annotated[kind, typer.Option(opt.flag, help=opt.help, rich_help_panel=_DATA)]
+
+
+_INPUT_OPTIONS = {opt.name: (_typer_option(opt), opt.default) for opt in INPUT_OPTIONS}
 
 
 def cli_errors(fn):
@@ -164,86 +98,6 @@ def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s", stream=sys.stderr)
 
 
-def _parse_action_map(text: str | None) -> dict[str, str] | None:
-    if not text:
-        return None
-    pairs = [p.split("=", 1) for p in text.split(",") if p.strip()]
-    bad = [p for p in pairs if len(p) != 2 or not p[0].strip() or not p[1].strip()]
-    if bad:
-        raise ConfigurationError(f"--action-map: expected 'name=canonical,...', got {text!r}")
-    return {k.strip(): v.strip() for k, v in pairs}
-
-
-@dataclass
-class EventsInput:
-    """Where a command's events (and item metadata) come from: the options every data command shares.
-
-    Schema options left unset (``None``) come from the model's stored input schema, else the
-    canonical defaults.
-    """
-
-    events: Path | None = None
-    dataset: str | None = None
-    items: Path | None = None
-    user_col: str | None = None
-    item_col: str | None = None
-    action_col: str | None = None
-    time_col: str | None = None
-    amount_col: str | None = None
-    quantity_col: str | None = None
-    time_unit: str | None = None
-    action_map: str | None = None
-    unknown_actions: str | None = None
-    invalid: str = "raise"
-    any_time: bool | None = None
-    numeric_ids: bool | None = None
-
-    def schema(self, base: InputSchema | None = None) -> InputSchema:
-        """``base`` (a model's schema, or the defaults) with every option given here on top."""
-        no_items = self.item_col is not None and self.item_col.lower() == "none"
-        schema = (base or InputSchema()).override(
-            user=self.user_col,
-            item=None if no_items else self.item_col,
-            timestamp=self.time_col,
-            amount=self.amount_col,
-            quantity=self.quantity_col,
-            time_unit=self.time_unit,
-            action_map=_parse_action_map(self.action_map),
-            unknown_actions=self.unknown_actions,
-            plausible_times=None if self.any_time is None else not self.any_time,
-            numeric_ids=self.numeric_ids,
-        )
-        if no_items:
-            schema = schema.without_item_column()
-        if self.action_col is not None and self.action_col.lower() == "none":
-            return schema.without_action_column()
-        return schema.override(action=self.action_col)
-
-    def load(self, base: InputSchema | None = None) -> LoadedEvents:
-        """Validated events, their source name, and the item table (--items, else the bundled one)."""
-        loaded = load_events(self.events, self.dataset, self.schema(base), self.invalid, self.items)
-        report = loaded.events.report
-        if self.events is not None and (report.n_dropped or report.notes):
-            err.print(f"events: {report.summary()}", highlight=False)
-        return loaded
-
-
-_INPUT_OPTIONS = {
-    "events": (EventsOpt, None),
-    "dataset": (DatasetOpt, None),
-    "user_col": (UserCol, None),
-    "item_col": (ItemCol, None),
-    "action_col": (ActionCol, None),
-    "time_col": (TimeCol, None),
-    "amount_col": (AmountCol, None),
-    "quantity_col": (QuantityCol, None),
-    "time_unit": (TimeUnit, None),
-    "action_map": (ActionMap, None),
-    "unknown_actions": (UnknownActions, None),
-    "invalid": (Invalid, "raise"),
-    "any_time": (AnyTime, None),
-    "numeric_ids": (NumericIds, None),
-}
 ItemsOpt = Annotated[
     Path | None,
     typer.Option("--items", help="item metadata: item_id, title, category, brand, price", rich_help_panel=_DATA),

@@ -30,7 +30,8 @@ from pipelines.segment import add_segment_args, config_from, segment_day
 
 
 def run(args: argparse.Namespace) -> Path:
-    day_end(args.date)  # a bad --date is refused before the model loads
+    if args.date is not None:
+        day_end(args.date)  # a bad --date is refused before the model loads
     set_threads(args.threads)
     model, provenance = load_model_ref(args.model)
     ev, items, _ = load_events(args, model.input_schema_)  # read as the model was trained

@@ -14,11 +14,10 @@ from pathlib import Path
 import polars as pl
 
 from behaviorlm.data.events import Events
-from behaviorlm.data.loading import load_events as load_source
 from behaviorlm.data.schema import InputSchema
 from behaviorlm.data.timestamps import UTC
 from behaviorlm.errors import ConfigurationError
-from behaviorlm.shell import OPTION_HELP, exit_status
+from behaviorlm.shell import INPUT_OPTIONS, EventsInput, exit_status
 
 
 def code_version() -> str:
@@ -30,9 +29,17 @@ def code_version() -> str:
 
 
 def load_events(args: argparse.Namespace, schema: InputSchema | None = None) -> tuple[Events, pl.DataFrame | None, str]:
-    """``--events`` / ``--dataset`` through the same loader the CLI uses (a model's ``schema``
-    when scoring with one)."""
-    loaded = load_source(args.events, args.dataset, schema)
+    """``--events`` / ``--dataset`` and the column, action-map, time-unit and invalid-row options,
+    read exactly as ``behaviorlm`` reads them (one :class:`~behaviorlm.shell.EventsInput`), on top
+    of a model's ``schema`` when scoring with one. Without ``--date``, the day of the last event
+    becomes the run's date (and is said)."""
+    loaded = EventsInput.of(args).load(schema)
+    if getattr(args, "date", "") is None:
+        last = loaded.events.df["timestamp"].max()
+        if last is None:
+            raise ConfigurationError("--date: the events are empty, so no date can be taken from them")
+        args.date = last.astimezone(UTC).strftime("%Y-%m-%d")  # type: ignore[union-attr]
+        print(f"--date not given: {args.date}, the day of the last event", file=sys.stderr)
     return loaded.events, loaded.items, loaded.source
 
 
@@ -89,11 +96,20 @@ def show_progress() -> None:
 
 
 def add_source_args(ap: argparse.ArgumentParser, date_help: str) -> None:
-    """``--date``, ``--events``, ``--dataset`` and ``--out``: declared once for every entry point."""
-    ap.add_argument("--date", required=True, help=date_help)
-    ap.add_argument("--events", help=OPTION_HELP["events"])
-    ap.add_argument("--dataset", help=OPTION_HELP["dataset"])
+    """``--date``, ``--out`` and every option of how events are read -- the same table
+    (:data:`behaviorlm.shell.INPUT_OPTIONS`) the ``behaviorlm`` commands are built from."""
+    ap.add_argument("--date", default=None, help=f"{date_help} (default: the day of the last event)")
     ap.add_argument("--out", default="data/outputs", help="the outputs folder (model, scores, segments, ...)")
+    group = ap.add_argument_group("input data")
+    for opt in INPUT_OPTIONS:
+        if opt.kind is bool:
+            yes, no = opt.flag.split("/")
+            group.add_argument(yes, dest=opt.name, action="store_true", default=None, help=opt.help)
+            group.add_argument(no, dest=opt.name, action="store_false", default=None)
+        else:
+            group.add_argument(
+                opt.flag, dest=opt.name, default="raise" if opt.name == "invalid" else None, help=opt.help
+            )
 
 
 class _StderrHandler(logging.StreamHandler):

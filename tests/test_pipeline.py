@@ -158,3 +158,25 @@ def test_two_demo_runs_print_the_same_figures(workspace, capsys):
         )
     assert figures[0][0] == figures[1][0] and figures[0][1] == figures[1][1]
     assert figures[0][2].equals(figures[1][2])
+
+
+def test_a_users_own_file_goes_through_the_pipeline_with_the_clis_options(workspace, capsys):
+    """Issue 31 item 11: own column names and action names, the CLI's options, no --date."""
+    events = pl.read_csv(workspace / "events.csv")
+    actions = sorted(events["event_type"].unique())
+    mine = events.rename({"user_id": "customer", "item_id": "sku", "event_type": "what", "timestamp": "ts"})
+    mine.with_columns(("shop_" + pl.col("what")).alias("what")).write_csv(workspace / "mine.csv")
+    own = ["--events", str(workspace / "mine.csv"), "--user-col", "customer", "--item-col", "sku"]
+    own += ["--action-col", "what", "--time-col", "ts", "--time-unit", "s", "--invalid", "drop"]
+    own += ["--action-map", ",".join(f"shop_{a}={a}" for a in actions), "--plausible-times"]
+    out = workspace / "own"
+    fast = ["--out", str(out), "--epochs", "1", "--max-len", "32", "--experiment", "own"]
+    assert steps.main(["train", *own, *fast]) == 0, capsys.readouterr().err
+    last_day = "2023-11-19"
+    assert f"--date not given: {last_day}" in capsys.readouterr().err
+    assert steps.main(["score", *own, *fast]) == 0
+    scores = pl.read_parquet(out / "scores" / f"date={last_day}" / "part-*.parquet")
+    assert set(scores["user_id"]) == {str(u) for u in events["user_id"]}  # ids as written (text)
+    assert demo.parse(["--events", "mine.csv", "--user-col", "customer"]).date is None  # taken from the data
+    assert steps.main(["train", "--events", str(workspace / "mine.csv"), *fast]) == 2  # canonical names absent
+    assert "--user-col" in capsys.readouterr().err
