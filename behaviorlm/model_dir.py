@@ -9,6 +9,8 @@ itself::
     config.json         network shape            weights.pt   state dict (loaded weights_only)
     tokenizer.json      vocabularies             histories.parquet / seen.parquet   known users
     items.parquet       item metadata, when the model was fitted with it
+    context.parquet     events remembered after training, not trained on (``BehaviorLM.remember``),
+                        when there are any
 
 It is written atomically (a temporary folder renamed into place), so a reader never sees a
 half-written model. Older formats are migrated on load -- 1 (behaviorlm 0.1: no format
@@ -54,6 +56,7 @@ class ModelFiles:
     seen: pl.DataFrame
     items: pl.DataFrame | None
     manifest: dict[str, Any]
+    context: pl.DataFrame | None = None
 
     @property
     def input_schema(self) -> InputSchema:
@@ -74,6 +77,8 @@ def write_model_dir(directory: str | Path, files: ModelFiles, force: bool = Fals
         files.seen.write_parquet(tmp / "seen.parquet")
         if files.items is not None:
             files.items.write_parquet(tmp / "items.parquet")
+        if files.context is not None and files.context.height:
+            files.context.write_parquet(tmp / "context.parquet")
         manifest = {
             **files.manifest,
             "format_version": FORMAT_VERSION,
@@ -124,7 +129,7 @@ def read_model_dir(directory: str | Path) -> ModelFiles:
     network = _read(d, WEIGHTS, lambda: BehaviorTransformer.load(d))
     tokenizer = _read(d, "tokenizer.json", lambda: ActionTokenizer.load(d / "tokenizer.json"))
     _check_weights(d, manifest, network, tokenizer)
-    has_items = (d / "items.parquet").exists()
+    has_items, has_context = (d / "items.parquet").exists(), (d / "context.parquet").exists()
     return ModelFiles(
         network=network,
         tokenizer=tokenizer,
@@ -132,6 +137,7 @@ def read_model_dir(directory: str | Path) -> ModelFiles:
         seen=_read(d, "seen.parquet", lambda: pl.read_parquet(d / "seen.parquet")),
         items=_read(d, "items.parquet", lambda: pl.read_parquet(d / "items.parquet")) if has_items else None,
         manifest=manifest,
+        context=_read(d, "context.parquet", lambda: pl.read_parquet(d / "context.parquet")) if has_context else None,
     )
 
 

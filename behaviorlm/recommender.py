@@ -248,6 +248,7 @@ class BehaviorLM:
             self._remember_none(events)
         else:
             self._remember_users(ev)
+        self.context_ = self.histories_.clear()
         self._finish(n_events)
         return self
 
@@ -297,7 +298,7 @@ class BehaviorLM:
         new = self._not_yet_held(self.validate_input(events))
         if self.histories_.height == 0:
             log.info("fit_partial: the model keeps no histories; training on the new events alone")
-        combined = self._with_history(new)
+        combined = self._with_history(new)  # remembered context included: it is trained on now
         self.tokenizer_ = self.tokenizer_.extended(new)  # counts the new events only, once
         self.model_ = self.model_.grown(self.tokenizer_.n_items, self.tokenizer_.n_actions)
         self.model_.set_item_sides(torch.from_numpy(self.tokenizer_.item_sides_))
@@ -308,8 +309,43 @@ class BehaviorLM:
         self.parent_version_ = engine.version
         self.training_data_ = with_increment(self.training_data_, stage_record(training_data, new))
         self._remember_users(combined, keep_others=True)
+        trained = combined.df["user_id"].unique().implode()
+        self.context_ = self.context_.filter(~pl.col("user_id").is_in(trained))
         self._finish(self.n_train_events_ + len(new))
         return self
+
+    def remember(self, events: Events | Any, source: str | None = None) -> BehaviorLM:
+        """Know users' events up to now without training on them: what ``recommend(users=...)``,
+        the service's known users and the pyfunc answer from. The weights and the model version
+        are unchanged.
+
+        The pipeline trains with the last events of each user held out (for validation and the
+        evaluation), then remembers every event up to the scoring date, so the model it
+        registers and serves knows the same history the batch scores of that day are computed
+        from. Each user's events from their newest trained event on that the model does not
+        already hold are kept (the most recent ones) as context, apart from the trained
+        histories: the evaluation's leak check looks at what was trained on, and a remembered
+        test target is not a training event. ``fit_partial`` trains on a user's context with
+        their new events. Recorded in the training record as ``context``."""
+        ev = self.validate_input(events)
+        newest = self.histories_.group_by("user_id").agg(pl.col("timestamp").max().alias("__newest"))
+        df = ev.df.select(self.histories_.columns).join(newest, on="user_id", how="left")
+        later = df.filter(pl.col("__newest").is_null() | (pl.col("timestamp") >= pl.col("__newest"))).drop("__newest")
+        fresh = later.join(self.histories_, on=list(_IDENTITY), how="anti", nulls_equal=True)
+        fresh = pl.concat([self.context_, fresh], how="vertical_relaxed").unique(maintain_order=True)
+        n = pl.len().over("user_id").cast(pl.Int64)
+        fresh = fresh.sort(["user_id", "timestamp"], maintain_order=True)
+        self.context_ = fresh.filter(pl.int_range(pl.len()).over("user_id") >= n - self._memory())
+        seen = self.context_.select("user_id", "item_id")
+        self.seen_ = pl.concat([self.seen_, seen], how="vertical_relaxed").unique(maintain_order=True)
+        last = self.context_["timestamp"].max()
+        record = {"source": source, "n_events": self.context_.height, "last_event": str(last)}
+        self.training_data_ = {**(self.training_data_ or {}), "context": record}
+        log.info("remembered %d events of %d users after training (not trained on)", *self._context_size())
+        return self
+
+    def _context_size(self) -> tuple[int, int]:
+        return self.context_.height, self.context_["user_id"].n_unique()
 
     def _not_yet_held(self, new: Events) -> Events:
         """``new`` without the events the model already holds: a multiset difference with the
@@ -336,11 +372,12 @@ class BehaviorLM:
         return new.derive(fresh.drop("__row", "__copy"), f"without {n_held} events the model already holds")
 
     def _with_history(self, new: Events) -> Events:
-        """The new events of each of their users, after that user's remembered history."""
-        users = new.df["user_id"].unique().implode()
-        past = self.histories_.filter(pl.col("user_id").is_in(users))
+        """The new events of each of their users, after that user's remembered history (trained
+        and context; a context event the new events deliver again comes once)."""
+        past = self._known(new.df["user_id"].unique())
         if past.height == 0:
             return new
+        past = past.join(new.df.select(_IDENTITY), on=list(_IDENTITY), how="anti", nulls_equal=True)
         both = pl.concat([past, new.df.select(past.columns)], how="vertical_relaxed")
         return Events.trusted(both.sort(["user_id", "timestamp"], maintain_order=True), "history + new events")
 
@@ -414,15 +451,22 @@ class BehaviorLM:
             stats["epoch"], self.params["epochs"], stats["loss"], val, stats["tokens_per_s"], left,
         )  # fmt: skip
 
-    histories_: pl.DataFrame
+    histories_: pl.DataFrame  # each user's last max_len + 1 trained events (see _memory)
+    context_: pl.DataFrame  # events remembered after training, not trained on (remember)
     seen_: pl.DataFrame
+
+    def _memory(self) -> int:
+        """Events remembered per user: the ``max_len`` an input holds, and one more -- the oldest
+        one gives its successor the time gap it has in the full history (without it, a known
+        user's encoding would differ from the batch's over all their events)."""
+        return int(self.params["max_len"]) + 1
 
     def _remember_users(self, ev: Events, keep_others: bool = False) -> None:
         """Keep what recommend(users=...) needs: recent events and the seen-item sets
         (``keep_others``: users absent from ``ev`` keep what was remembered of them)."""
         df = ev.df
         n = pl.len().over("user_id").cast(pl.Int64)  # UInt32 would underflow for short users
-        recent = df.filter(pl.int_range(pl.len()).over("user_id") >= n - self.params["max_len"])
+        recent = df.filter(pl.int_range(pl.len()).over("user_id") >= n - self._memory())
         seen = df.select("user_id", "item_id").unique(maintain_order=True)
         if keep_others:
             users = df["user_id"].unique().implode()
@@ -459,8 +503,24 @@ class BehaviorLM:
         return as_events(events, schema=self.input_schema_)
 
     def history_events(self) -> Events:
-        """The remembered recent events of the training users, as validated events."""
-        return Events.trusted(self.histories_, "the model's remembered training histories")
+        """What the model knows of each user, as validated events: their last ``max_len``
+        trained events (and one more, see :meth:`_memory`) followed by the events remembered since
+        (:meth:`remember`)."""
+        return Events.trusted(self._known(), "the model's remembered histories")
+
+    def _known(self, users: pl.Series | None = None) -> pl.DataFrame:
+        hist, ctx = self.histories_, self.context_
+        if users is not None:
+            hist, ctx = (
+                hist.filter(pl.col("user_id").is_in(users.implode())),
+                ctx.filter(pl.col("user_id").is_in(users.implode())),
+            )
+        if ctx.height == 0:
+            return hist
+        both = pl.concat([hist, ctx.select(hist.columns)], how="vertical_relaxed")
+        both = both.sort("user_id", "timestamp", maintain_order=True)  # stable: trained events first on ties
+        n = pl.len().over("user_id").cast(pl.Int64)
+        return both.filter(pl.int_range(pl.len()).over("user_id") >= n - self._memory())
 
     def user_id_dtype(self) -> pl.DataType:
         return self.histories_["user_id"].dtype
@@ -482,7 +542,7 @@ class BehaviorLM:
             if users is None:
                 users = self.histories_["user_id"].unique(maintain_order=True).to_list()
             u = _ids_as(users, self.user_id_dtype())
-            df = self.histories_.filter(pl.col("user_id").is_in(u.implode()))
+            df = self._known(u)
             seen = self.seen_.filter(pl.col("user_id").is_in(u.implode()))
         enc = engine.encode(Events.trusted(df, "users to score"))
         cold = [] if users is None else _without(users, df["user_id"].dtype, set(enc.user_ids))
@@ -587,7 +647,9 @@ class BehaviorLM:
             "prepared_from": self.prepared_from_,
             "parent_version": self.parent_version_,
         }
-        files = ModelFiles(self.model_, self.tokenizer_, self.histories_, self.seen_, self.items_, manifest)
+        files = ModelFiles(
+            self.model_, self.tokenizer_, self.histories_, self.seen_, self.items_, manifest, self.context_
+        )
         written = write_model_dir(directory, files, force)
         self.model_version_ = written["model_version"]
         if self.engine_.version != self.model_version_:  # loaded from a format that named versions otherwise
@@ -632,6 +694,7 @@ class BehaviorLM:
         est = cls(recipe, **params)
         est.model_, est.tokenizer_ = files.network, files.tokenizer
         est.histories_, est.seen_, est.items_ = files.histories, files.seen, files.items
+        est.context_ = files.context if files.context is not None else files.histories.clear()
         est.input_schema_ = files.input_schema
         est.history_ = TrainHistory(**meta["history"])
         est.fitted_at_, est.n_train_events_ = meta["fitted_at"], meta["n_train_events"]
@@ -645,6 +708,9 @@ class BehaviorLM:
     @property
     def model_version(self) -> str:
         return self.engine.version
+
+
+_IDENTITY = ("user_id", "item_id", "event_type", "timestamp")  # what makes two events the same
 
 
 def _ids_as(users: list[Any], dtype: pl.DataType) -> pl.Series:

@@ -198,15 +198,25 @@ class PromotionDecision:
     champion_version: str | None
     champion_score: float | None
     tolerance: float
+    reason: str = ""
+    losing_to: tuple[str, ...] = ()
 
     def as_params(self) -> dict[str, Any]:
         return {f"promotion_{k}": v for k, v in self.__dict__.items()}
 
 
 def promote(
-    version: str, new_score: float, name: str = MODEL_NAME, metric: str = "val_ndcg_10", tolerance: float = 0.0
+    version: str,
+    new_score: float,
+    name: str = MODEL_NAME,
+    metric: str = "val_ndcg_10",
+    tolerance: float = 0.0,
+    losing_to: dict[str, str] | None = None,
 ) -> PromotionDecision:
-    """Champion if ``new_score >= champion_score - tolerance`` (or no champion yet), else challenger.
+    """The promotion gate: ``champion`` when no baseline is significantly better on the held-out
+    test (``losing_to``: each baseline that is, with the figure that says so) and ``new_score``
+    is at least the current champion's less ``tolerance`` (or there is no champion); else
+    ``challenger``. The decision says why in one sentence (``reason``).
 
     The score is also stored as a tag on the version, so the next decision can read the
     champion's without re-evaluating it.
@@ -221,10 +231,30 @@ def promote(
         champ_version, champ_score = str(champ.version), float(champ.tags.get(metric, "nan"))
     except MlflowException:
         champ_version, champ_score = None, None
-    wins = champ_score is None or champ_score != champ_score or new_score >= champ_score - tolerance
-    alias = "champion" if wins else "challenger"
+    if champ_version == str(version):  # this version is the champion already: judged against the others
+        champ_version, champ_score = None, None
+    has_champ = champ_score is not None and champ_score == champ_score
+    beats_champ = not has_champ or new_score >= champ_score - tolerance  # type: ignore[operator]
+    losing = dict(losing_to or {})
+    if losing:
+        reason = "not promoted: significantly worse than " + "; ".join(f"{b} ({why})" for b, why in losing.items())
+    elif not beats_champ:
+        reason = (
+            f"not promoted: {metric} {new_score:.4f} is below the champion v{champ_version}'s {champ_score:.4f}"
+            f" (tolerance {tolerance:g})"
+        )
+    else:
+        than = (
+            f"{metric} {new_score:.4f} >= champion v{champ_version}'s {champ_score:.4f}"
+            if has_champ
+            else "no champion yet"
+        )
+        reason = f"promoted: no baseline is significantly better on the held-out test, and {than}"
+    alias = "champion" if beats_champ and not losing else "challenger"
     client.set_registered_model_alias(name, alias, version)
-    return PromotionDecision(str(version), alias, new_score, champ_version, champ_score, tolerance)
+    return PromotionDecision(
+        str(version), alias, new_score, champ_version, champ_score, tolerance, reason, tuple(losing)
+    )
 
 
 def alias_version(name: str, alias: str) -> str:

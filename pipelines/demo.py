@@ -80,15 +80,30 @@ def summary(args: argparse.Namespace, results: dict[str, Any], wall_s: float) ->
         *comparison_lines(report),
         "",
         *_verdict(report),
+        _promotion(results["evaluate"]),
         *_sample_rationale(out, date),
         "",
         "next:",
         f"  {_dashboard_command(out):<21} # the segment dashboard over {out}, http://127.0.0.1:8501",
-        "  make serve            # the API on models:/behaviorlm@champion, docs at http://127.0.0.1:8000/docs",
+        _serve_command(results["evaluate"], out),
         "  make mlflow-ui        # the runs, metrics and registered model, http://127.0.0.1:5000",
         f"  .venv/bin/python -m pipelines.steps segment {_source_flag(args)} --date {date} --out {out}  # a step again",
     ]
     return lines
+
+
+def _promotion(evaluation: dict[str, Any]) -> str:
+    """The promotion gate's decision, as the evaluate step made it, and why."""
+    if evaluation.get("alias") is None:
+        return f"promotion: {evaluation.get('reason', 'none')}"
+    return f"promotion: behaviorlm v{evaluation['version']} -> @{evaluation['alias']}; {evaluation['reason']}"
+
+
+def _serve_command(evaluation: dict[str, Any], out: Path) -> str:
+    """Serve the champion -- or, when this model was not promoted, say so and serve its folder."""
+    if evaluation.get("alias") == "champion":
+        return "  make serve            # the API on models:/behaviorlm@champion, docs at http://127.0.0.1:8000/docs"
+    return f"  .venv/bin/behaviorlm serve --model {out / 'model'}  # this model (not promoted), docs at :8000/docs"
 
 
 def _dashboard_command(out: Path) -> str:
@@ -106,9 +121,7 @@ def _step_lines(out: Path, date: str, results: dict[str, Any]) -> list[str]:
     segments = store.day_folder(out / "segments", date)
     tiers = _tier_sizes(segments)
     described = {
-        "train": f"model registered as behaviorlm v{train['version']}"
-        + (f", alias @{train['alias']}" if train.get("alias") else " (not promoted: the champion is better)")
-        + f" -> {out / 'model'}",
+        "train": f"model registered as behaviorlm v{train['version']} -> {out / 'model'}",
         "evaluate": f"NDCG@10 {results['evaluate']['ndcg@10']:.4f} beside the baselines -> {out / 'metrics.json'}",
         "score": f"top-10 for {score['users']:,} users ({score['rows']:,} rows) -> {out / 'scores' / f'date={date}'}",
         "segment": f"{seg['users']:,} users in tiers {tiers} and {seg['clusters']} behaviour clusters -> {segments}",
@@ -130,7 +143,7 @@ def _tier_sizes(folder: Path) -> str:
 
 
 def _verdict(report: EvaluationReport) -> list[str]:
-    losing = [b for b, p in report.paired.items() if p["diff"] < 0 and p["significant"]]
+    losing = list(report.better_baselines())
     tied = [b for b, p in report.paired.items() if not p["significant"]]
     if losing:
         return [

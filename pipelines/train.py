@@ -1,4 +1,11 @@
-"""Train step: fit on a leave-one-out split, log and register the model, apply the promotion gate.
+"""Train step: fit on a leave-one-out split, log and register the model (the evaluate step then
+applies the promotion gate: it needs the comparison with the baselines).
+
+The weights are fitted on the events up to the end of ``--date`` without each user's last two
+(validation and the evaluation's targets); the model then *remembers* every event up to the
+date without training on them (:meth:`BehaviorLM.remember`), so the registered and served model
+answers a known user from the same history the batch scores of that day are computed from
+(the API and the batch agree), while the evaluation's leak check still sees the targets held out.
 
 Run alone: ``python -m pipelines.steps train --date YYYY-MM-DD --dataset NAME`` (reads the earlier steps' outputs).
 With ``--init-from REF`` (``models:/behaviorlm@champion`` or a model directory) the step is the
@@ -9,21 +16,27 @@ the same, so a worse increment is not promoted.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from behaviorlm.errors import ConfigurationError
-from pipelines.common import log_input
+from pipelines.common import events_until, log_input
+
+#: The registry version the train step registered, beside the model folder it was logged from.
+REGISTRATION = "registration.json"
 
 
 def run_step(args, ev, items, source, out: Path) -> dict[str, Any]:
     import mlflow
 
+    from behaviorlm.data.io import write_text_atomic
     from behaviorlm.data.loading import LoadedEvents
     from behaviorlm.evaluation import leave_one_out
     from behaviorlm.fitting import fit_from_source
-    from behaviorlm.tracking import MODEL_NAME, log_model, promote
+    from behaviorlm.tracking import MODEL_NAME, log_model
 
+    ev, _ = events_until(ev, args.date)  # as of the date: nothing later reaches the model
     split = leave_one_out(ev)
     overrides = {
         "epochs": args.epochs,
@@ -39,13 +52,15 @@ def run_step(args, ev, items, source, out: Path) -> dict[str, Any]:
         loaded = LoadedEvents(ev, source, items)
         model = fit_from_source(loaded, holdout="loo", recipe=args.recipe, exclude_seen=not args.keep_seen, **overrides)
         mlflow.log_params({"recipe": repr(model), **model.params})
+    model.remember(ev, source=f"{source} up to {args.date}")  # the held-out events: known, not trained on
     model.save(out / "model")
     score = float(model.history_.best_score or 0.0)
     mlflow.log_metric("val_ndcg_10", score)
     info = log_model(model, out / "model", registered_model_name=MODEL_NAME)
-    decision = promote(info.registered_model_version, score, tolerance=args.tolerance)
-    mlflow.log_params(decision.as_params())
-    return {"val_ndcg_10": score, "version": decision.version, "alias": decision.alias}
+    version = str(info.registered_model_version)
+    registration = {"name": MODEL_NAME, "version": version, "model_version": model.model_version, "val_ndcg_10": score}
+    write_text_atomic(json.dumps(registration), out / REGISTRATION)  # what the evaluate step promotes
+    return {"val_ndcg_10": score, "version": version}
 
 
 def _increment(args, split, source: str) -> Any:

@@ -30,7 +30,8 @@ def test_all_steps_as_nested_runs_then_one_step_again(workspace):
     base = ["--date", "2023-11-19", "--events", str(workspace / "events.csv"), "--out", str(out), "--epochs", "2"]
     base += ["--max-len", "32", "--n-windows", "2", "--explain-users", "5", "--experiment", "t"]
     res = steps.run(steps.parse(["all", *base]))
-    assert set(res) == {*steps.STEPS, "input"} and res["train"]["alias"] == "champion"
+    assert set(res) == {*steps.STEPS, "input"}
+    _assert_gate_follows_the_evaluation(res["evaluate"], out)
     assert res["input"]["users"] == 60 and all(res[s]["wall_s"] >= 0 for s in steps.STEPS)
     assert (out / "model" / "weights.pt").exists() and (out / "metrics.json").exists()
     assert (out / "scores" / "date=2023-11-19" / "_SUCCESS").exists()
@@ -44,7 +45,8 @@ def test_all_steps_as_nested_runs_then_one_step_again(workspace):
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert len(parents) == 1 and sorted(r.info.run_name for r in children) == sorted(steps.STEPS)
     train = next(r for r in children if r.info.run_name == "train")
-    assert train.data.params["promotion_alias"] == "champion" and "val_ndcg_10" in train.data.metrics
+    evaluate = next(r for r in children if r.info.run_name == "evaluate")
+    assert evaluate.data.params["promotion_alias"] == res["evaluate"]["alias"] and "val_ndcg_10" in train.data.metrics
     assert train.inputs.dataset_inputs and train.data.tags["code_version"]
 
     again = steps.run(steps.parse(["segment", *base]))  # reads the saved model; nothing else reruns
@@ -61,7 +63,9 @@ def test_the_daily_increment_continues_the_champion(workspace):
     today = 1_700_352_000  # 2023-11-19 00:00 UTC
     events.filter(pl.col("timestamp") < today).write_csv(workspace / "before.csv")
     base = ["--out", str(workspace / "o"), "--epochs", "1", "--max-len", "32", "--experiment", "inc"]
-    first = steps.run(steps.parse(["train", "--date", "2023-11-18", "--events", str(workspace / "before.csv"), *base]))
+    yesterday = ["--date", "2023-11-18", "--events", str(workspace / "before.csv"), *base]
+    first = steps.run(steps.parse(["train", *yesterday]))
+    assert steps.run(steps.parse(["evaluate", *yesterday]))["evaluate"]["alias"] == "champion"
     parent = json.loads((workspace / "o" / "model" / "estimator.json").read_text())["model_version"]
     day = ["--date", "2023-11-19", "--events", str(workspace / "events.csv"), *base]
     second = steps.run(steps.parse(["train", *day, "--init-from", "models:/behaviorlm@champion"]))
@@ -86,7 +90,7 @@ def test_demo_runs_the_main_job_and_summarises_it_honestly(workspace, capsys):
     text = captured.out
     assert "epoch 1/1 loss=" in captured.err and "left" in captured.err  # progress while it trains
     summary = text[text.index("behaviorlm demo: the main job") :]
-    expected_parts = ["60 users", "model registered as behaviorlm v1, alias @champion", "popularity", "cooccurrence"]
+    expected_parts = ["60 users", "model registered as behaviorlm v1", "promotion: behaviorlm v1 -> @", "popularity"]
     expected_parts += ["honest reading:", "sample rationale", f"behaviorlm dashboard --outputs {out}", "make serve"]
     for expected in expected_parts:
         assert expected in summary, expected
@@ -97,12 +101,36 @@ def test_demo_runs_the_main_job_and_summarises_it_honestly(workspace, capsys):
     tied = [b for b, p in paired.items() if not p["significant"]]
     if losing:
         assert f"significantly worse than {', '.join(losing)}" in summary and "--recipe clickstream-small" in summary
+        assert "-> @challenger; not promoted: significantly worse than" in summary and "make serve" not in summary
     elif tied:
         assert "significantly worse" not in summary and f"cannot be told apart from {', '.join(tied)}" in summary
     else:
         assert "beats every baseline, each difference outside the noise" in summary
     defaults = demo.parse([])
     assert defaults.recipe == "clickstream-quick" and defaults.keep_seen and defaults.dataset == "taobao"
+
+
+def _assert_gate_follows_the_evaluation(evaluation: dict, out) -> None:
+    """The promotion gate reads the paired comparisons metrics.json holds (issue 31 item 13)."""
+    paired = json.loads((out / "metrics.json").read_text())["paired_vs_baselines"]
+    losing = [b for b, p in paired.items() if p["significant"] and p["diff"] < 0]
+    assert evaluation["alias"] == ("challenger" if losing else "champion"), (evaluation, paired)
+    assert evaluation["reason"].startswith("not promoted: significantly worse than " if losing else "promoted: ")
+
+
+def test_the_gate_does_not_promote_a_model_a_baseline_beats(workspace, monkeypatch):
+    from behaviorlm.evaluation.report import EvaluationReport
+
+    monkeypatch.setattr(EvaluationReport, "better_baselines", lambda self: {"repeat": "-0.0500 [-0.0700, -0.0300]"})
+    base = ["--date", "2023-11-19", "--events", str(workspace / "events.csv"), "--out", str(workspace / "g")]
+    base += ["--epochs", "1", "--max-len", "32", "--experiment", "gate"]
+    steps.run(steps.parse(["train", *base]))
+    decision = steps.run(steps.parse(["evaluate", *base]))["evaluate"]
+    assert decision["alias"] == "challenger" and "significantly worse than repeat (-0.0500" in decision["reason"]
+    client = mlflow.MlflowClient()
+    assert str(client.get_model_version_by_alias("behaviorlm", "challenger").version) == decision["version"]
+    with pytest.raises(mlflow.exceptions.MlflowException):
+        client.get_model_version_by_alias("behaviorlm", "champion")
 
 
 def test_step_errors_are_clear(workspace, capsys):
@@ -118,12 +146,15 @@ def test_taobao_pipeline_then_champion_batch_scoring(workspace):
     res = steps.run(
         steps.parse(["all", "--dataset", "taobao", "--date", date, "--out", str(out), "--keep-seen", *fast])
     )
-    assert res["train"]["alias"] == "champion" and res["segment"]["users"] == 814
+    assert res["segment"]["users"] == 814
+    _assert_gate_follows_the_evaluation(res["evaluate"], out)
     assert 0.0 < json.loads((out / "metrics.json").read_text())["ndcg@10"] and "cooccurrence_ndcg@10" in res["evaluate"]
 
     daily = workspace / "daily"
+    version = res["train"]["version"]  # promoted or not (a 1-epoch model may lose to a baseline): this version
     argv = ["--date", date, "--dataset", "taobao", "--out", str(daily), "--chunk-users", "300"]
-    assert batch_score.main(argv) == 0  # models:/behaviorlm@champion
+    argv += ["--model", f"models:/behaviorlm/{version}"]
+    assert batch_score.main(argv) == 0
     scores = pl.read_parquet(sorted((daily / "scores" / f"date={date}").glob("part-*.parquet")))
     assert scores["user_id"].n_unique() == scores.height // 10 and scores["model_version"].n_unique() == 1
     seg_dir = daily / "segments" / f"date={date}"
@@ -180,3 +211,30 @@ def test_a_users_own_file_goes_through_the_pipeline_with_the_clis_options(worksp
     assert demo.parse(["--events", "mine.csv", "--user-col", "customer"]).date is None  # taken from the data
     assert steps.main(["train", "--events", str(workspace / "mine.csv"), *fast]) == 2  # canonical names absent
     assert "--user-col" in capsys.readouterr().err
+
+
+def test_the_served_model_answers_every_user_as_the_batch_scores_of_the_day(workspace):
+    """Issue 31 item 12: the registered model knows every event up to the date (remembered, not
+    trained on: the evaluation still passes its leak check), so the API equals the batch."""
+    import httpx
+
+    from behaviorlm.recommender import BehaviorLM
+    from behaviorlm.service.api import create_app
+    from behaviorlm.testing import UvicornThread
+    from behaviorlm.tracking import load_model_ref
+
+    out = workspace / "o"
+    base = ["--date", "2023-11-19", "--events", str(workspace / "events.csv"), "--out", str(out), "--epochs", "1"]
+    base += ["--max-len", "32", "--experiment", "same"]
+    for step in ("train", "evaluate", "score"):  # the evaluation refuses a model that trained on its targets
+        assert steps.main([step, *base]) == 0
+    scores = pl.read_parquet(out / "scores" / "date=2023-11-19" / "part-*.parquet")
+    served, _ = load_model_ref("models:/behaviorlm@champion")
+    assert served.model_version == scores["model_version"][0]
+    assert served.training_data_["context"]["n_events"] == 2 * 60  # each user's held-out two, known
+    with UvicornThread(create_app(served, api_key="")) as url, httpx.Client(base_url=url, timeout=30) as c:
+        for user, rows in scores.sort("rank").group_by("user_id", maintain_order=True):
+            got = c.post("/v1/recommend", json={"user_id": user[0], "k": 10}).json()
+            assert [i["item_id"] for i in got["items"]] == rows["item_id"].to_list(), user
+    reloaded = BehaviorLM.load(out / "model")
+    assert reloaded.context_.height == 120 and len(reloaded.history_events()) == len(served.history_events())

@@ -154,7 +154,11 @@ def test_histories_keep_short_users_whole_and_long_users_recent():
         ev.df.filter(pl.col("user_id") > 0).vstack(ev.df.filter(pl.col("user_id") == 0).head(3))
     )
     per_user = m.histories_.group_by("user_id").len().sort("user_id")
-    assert per_user["len"].to_list() == [3, 8, 8, 8]
+    assert per_user["len"].to_list() == [3, 9, 9, 9]  # max_len, and one more for the oldest one's time gap
+    # so a long user's remembered history ranks exactly like all their events
+    full = ev.df.filter(pl.col("user_id") == 1)
+    a, b = m.recommend([1], k=10), m.recommend(events=full, k=10)
+    assert a["item_id"].to_list() == b["item_id"].to_list() and a["score"].to_list() == b["score"].to_list()
 
 
 def test_early_stopping_keeps_the_best_epoch():

@@ -49,6 +49,12 @@ class EvaluationReport:
         rest = {k: v for k, v in d.items() if k not in ("baselines", "paired_vs_baselines", "protocol")}
         return cls(d["protocol"], rest, d.get("baselines", {}), d.get("paired_vs_baselines", {}))
 
+    def better_baselines(self) -> dict[str, str]:
+        """The baselines significantly better than the model (paired bootstrap CI of the NDCG
+        difference entirely below zero), each with that difference and CI in words: what the
+        promotion gate and the demo's verdict both read."""
+        return {name: _diff(p) for name, p in self.paired.items() if p["significant"] and p["diff"] < 0}
+
     def rows(self) -> list[tuple[str, dict[str, Any]]]:
         return [("behaviorlm", self.model), *self.baselines.items()]
 
