@@ -326,7 +326,9 @@ def evaluate(
     split: Annotated[str, Opt(help="loo | temporal; must match the model's --holdout")] = "loo",
     k: int = 10,
     exclude_seen: Annotated[bool | None, Opt(help="default: as in training")] = None,
-    metrics_out: Annotated[Path, Opt("--metrics-out", help="where to write metrics.json")] = Path("metrics.json"),
+    metrics_out: Annotated[
+        Path | None, Opt("--metrics-out", help="where to write the metrics (default: MODEL.metrics.json, beside it)")
+    ] = None,
 ) -> None:
     """Full-catalog evaluation beside the practitioners' baselines (popularity, co-occurrence,
     recent, repeat, session-kNN, item-kNN), with paired bootstrap intervals; where seen items are
@@ -352,8 +354,11 @@ def evaluate(
         highlight=False,
     )
     typer.echo(report.table())  # plain echo: rich would wrap the wide table when piped
-    for line in comparison_lines(report):
+    for line in [*report.notes(), *comparison_lines(report)]:
         typer.echo(line)
+    if metrics_out is None:  # beside the model, never into whatever folder the shell is in
+        resolved = model_dir.resolve()
+        metrics_out = resolved.with_name(f"{resolved.name}.metrics.json")
     write_text_atomic(json.dumps(report.to_dict(), indent=2), metrics_out)
     out.print(f"wrote {metrics_out}", highlight=False)
 

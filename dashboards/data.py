@@ -182,7 +182,7 @@ def user_detail(p: Partition, user_id: Any) -> dict[str, pl.DataFrame | None]:
         rationales = template_rationales(mine_scores, mine_events)  # the explain step covers a sample only
     if rationales is not None:
         rationales = rationales.select(
-            [c for c in ("item_id", "rationale", "evidence", "source") if c in rationales.columns]
+            [c for c in ("item_id", "rationale", "evidence_facts", "evidence", "source") if c in rationales.columns]
         )
     return {"events": events, "recommendations": recs, "rationales": rationales}
 

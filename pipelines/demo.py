@@ -77,6 +77,7 @@ def summary(args: argparse.Namespace, results: dict[str, Any], wall_s: float) ->
         f"evaluation: leave-one-out, {report.protocol['users_evaluated']:,} users, full catalog of "
         f"{report.protocol['catalog_size']:,} items, seen items {seen}, 95% bootstrap intervals",
         report.table(),
+        *report.notes(),
         *comparison_lines(report),
         "",
         *_verdict(report),
@@ -167,7 +168,7 @@ def _sample_rationale(out: Path, date: str) -> list[str]:
         "",
         f"sample rationale (user {row['user_id']}, item {row['item_id']}, {row['source']}):",
         f"  {row['rationale']}",
-        f"  evidence: {'; '.join(row['evidence'][:3])}",
+        f"  evidence: {'; '.join((row.get('evidence_facts') or row['evidence'])[:3])}",
     ]
 
 

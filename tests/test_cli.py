@@ -136,3 +136,20 @@ def test_explain_offline_and_against_a_scripted_endpoint(trained, tmp_path, monk
     assert res.exit_code == 0 and "Bearer local-key" in str(llm.requests[0]["headers"])
     res = runner.invoke(app, ["explain", "--model", str(trained), "--out", "r.csv"])
     assert res.exit_code == 2 and "--out must end in .parquet" in res.output
+
+
+def test_evaluate_writes_its_metrics_beside_the_model_not_into_the_current_folder(trained, csv_path, tmp_path):
+    """Issue 31 item 17 (and 15: the notes that explain the table)."""
+    import os
+
+    here = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        res = runner.invoke(app, ["evaluate", "--model", str(trained), *_source(csv_path)])
+    finally:
+        os.chdir(here)
+    assert res.exit_code == 0, res.output
+    beside = trained.with_name(f"{trained.name}.metrics.json")
+    assert not (tmp_path / "metrics.json").exists() and json.loads(beside.read_text())["ndcg@10"] >= 0
+    assert f"wrote {beside}" in res.output.replace("\n", "")
+    assert "unrankable targets:" in res.output and "catalog: the" in res.output

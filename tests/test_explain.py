@@ -64,9 +64,12 @@ def test_good_answer_is_used_and_the_key_stays_secret(contexts, monkeypatch, cap
         "item_id",
         "rationale",
         "evidence",
+        "evidence_facts",
         "source",
         "model_version",
     ]
+    for ids, facts in zip(df["evidence"], df["evidence_facts"], strict=True):  # every cited id in words
+        assert [f.split(":")[0] for f in facts] == ids.to_list() and "not in the context" not in " ".join(facts)
     body = llm.requests[0]["body"]
     assert (
         body["temperature"] == 0.3

@@ -32,7 +32,9 @@ def test_tiny_model_overfits_tiny_data(fitted):
     assert report.model["ndcg@10"] > 0.9
     assert report.model["ndcg@10"] > report.baselines["popularity"]["ndcg@10"] + 0.5
     assert report.model["next_action_accuracy"] > 0.9  # the view/cart/purchase rhythm is learnable
-    assert report.baselines["popularity"]["next_action_accuracy"] < 0.6  # majority class: view
+    assert report.protocol["majority_action_accuracy"] < 0.6  # majority class: view
+    assert "next_action_accuracy" not in report.baselines["popularity"]  # baselines rank items only
+    assert any("commonest action scores" in line for line in report.notes())
 
 
 def test_same_seed_same_metrics_different_seed_differs():

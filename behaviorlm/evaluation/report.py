@@ -49,6 +49,26 @@ class EvaluationReport:
         rest = {k: v for k, v in d.items() if k not in ("baselines", "paired_vs_baselines", "protocol")}
         return cls(d["protocol"], rest, d.get("baselines", {}), d.get("paired_vs_baselines", {}))
 
+    def notes(self) -> list[str]:
+        """What a reader needs to read the table: which catalog was ranked (and why it is smaller
+        than the item count of the events), the share of targets no scorer could rank, and the
+        bar for the next-action accuracy."""
+        p, lines = self.protocol, []
+        extra = p.get("items_in_events", p["catalog_size"]) - p["catalog_size"]
+        held = f"; {extra:,} more appear only in held-out events" if extra > 0 else ""
+        lines.append(f"catalog: the {p['catalog_size']:,} items of the training events{held}")
+        n, bad = p["users"], p["unrankable_targets"]
+        lines.append(
+            f"unrankable targets: {bad:,} of {n:,} ({bad / max(n, 1):.1%}) are items outside that catalog, "
+            "a miss for every scorer"
+        )
+        if "majority_action_accuracy" in p and "next_action_accuracy" in self.model:
+            lines.append(
+                f"next_action_accuracy: the model's next-action head; always predicting the commonest action "
+                f"scores {p['majority_action_accuracy']:.4f} (baselines rank items only)"
+            )
+        return lines
+
     def better_baselines(self) -> dict[str, str]:
         """The baselines significantly better than the model (paired bootstrap CI of the NDCG
         difference entirely below zero), each with that difference and CI in words: what the
@@ -154,8 +174,6 @@ def evaluate(
             base_results[name] = {"not_applicable": "proposes only seen items, which this protocol excludes"}
             continue
         bur = rank_targets(FACTORIES[name]().fit(split.train, catalog), ho, ranked, k, exclude_seen, seen)
-        if ur.action_correct is not None:
-            bur.action_correct = _majority_action_correct(split.train, ho, bur.users)
         base_results[name] = summarise(bur, k, len(catalog), n_boot)
         paired[name] = _paired(ur, bur, k, n_boot)
     protocol = {
@@ -170,6 +188,10 @@ def evaluate(
         "repeat_targets": int(ur.repeat.sum()) if ur.repeat is not None else None,
         "leak_check": "not a fitted model" if leak_check is None else (leak_check or "passed"),
     }
+    if events is not None:
+        protocol["items_in_events"] = events.n_items  # the catalog is the training events' items only
+    if ur.action_correct is not None:  # what always predicting the commonest action scores: the bar
+        protocol["majority_action_accuracy"] = float(_majority_action_correct(split.train, ho, ur.users).mean())
     if isinstance(ranked, ContextCatalog):
         protocol["context_items"] = len(ranked.catalog) - ranked.n_train
         protocol["unrankable_targets_with_context"] = int(

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 PROMPT_VERSION = "2026-11-v1"
 MAX_TEXT = 80
 MAX_RATIONALE = 300
-RATIONALE_COLUMNS = ("user_id", "item_id", "rationale", "evidence", "source", "model_version")
+RATIONALE_COLUMNS = ("user_id", "item_id", "rationale", "evidence", "evidence_facts", "source", "model_version")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _INJECTION = re.compile(
     r"ignore (all |any )?(previous|prior|above) (instructions|prompts?)|system prompt|you are now|"
@@ -66,6 +66,21 @@ class UserContext:
 
     def item_ids(self) -> list[str]:
         return [str(r["item_id"]) for r in self.recommendations]
+
+    def describe(self, fact_id: str) -> str:
+        """A cited fact in words, for a reader who does not have the prompt: ``E19`` becomes
+        ``E19: view of item 271696 at 2017-12-03 03:43``, ``R2.brand`` the brand of the second
+        recommendation, ``P.tier`` the user's tier."""
+        for e in self.events:
+            if e["id"] == fact_id:
+                return f"{fact_id}: {e['action']} of item {e['item_id']} at {e['time']}"
+        head, _, key = fact_id.partition(".")
+        if head == "P" and key in self.profile:
+            return f"{fact_id}: {key} {self.profile[key]}"
+        for r in self.recommendations:
+            if r["id"] == head and key in r:
+                return f"{fact_id}: {key} of item {r['item_id']} is {r[key]}"
+        return f"{fact_id}: (not in the context)"
 
     def to_prompt_data(self) -> dict[str, Any]:
         return {"events": self.events, "recommendations": self.recommendations, "profile": self.profile}
@@ -553,11 +568,15 @@ def explain_batch(
     else:
         parts = [one(c) for c in contexts]
     bar.close()
-    rows = [asdict(r) for part in parts for r in part]
+    rows = [
+        asdict(r) | {"evidence_facts": [ctx.describe(e) for e in r.evidence]}
+        for ctx, part in zip(contexts, parts, strict=True)
+        for r in part
+    ]
     if not rows:
         return pl.DataFrame(schema=dict.fromkeys(RATIONALE_COLUMNS, pl.String))
-    df = pl.DataFrame(rows).with_columns(pl.col("evidence").cast(pl.List(pl.String)))
-    return df.select(RATIONALE_COLUMNS)
+    lists = [pl.col(c).cast(pl.List(pl.String)) for c in ("evidence", "evidence_facts")]
+    return pl.DataFrame(rows).with_columns(lists).select(RATIONALE_COLUMNS)
 
 
 def make_explainer(config: LLMConfig | None = None, cache_dir: str | Path | None = None, offline: bool = False):
