@@ -30,7 +30,7 @@ system-deps:
 # many short processes.
 $(STAMP_APP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check --no-compile -e '.[serve,dashboard]' -c constraints.txt
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-compile -e '.[serve,dashboard,ann]' -c constraints.txt
 	rm -f $(VENV)/.installed-app-*; touch $(STAMP_APP)
 
 $(STAMP): pyproject.toml constraints.txt

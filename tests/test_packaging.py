@@ -88,3 +88,16 @@ def test_the_public_names_come_from_the_package_root_lazily():
     assert BehaviorLM is Estimator and callable(evaluate) and callable(load_dataset) and callable(user_propensities)
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         behaviorlm.nope  # noqa: B018
+
+
+def test_the_demo_install_has_every_extra_the_demo_uses():
+    """Issue 31 item 17: `make demo` ranks Taobao's 55k items, past the ANN threshold, so its
+    install carries the index library instead of printing that it is missing."""
+    import re
+
+    from behaviorlm.inference.retrieval import ANN_MIN_ITEMS
+
+    make = (ROOT / "Makefile").read_text()
+    recipe = make[make.index("$(STAMP_APP):") :].split("\n\n")[0]
+    extras = set(re.search(r"-e '\.\[([a-z,]+)\]'", recipe).group(1).split(","))
+    assert {"serve", "dashboard", "ann"} <= extras and ANN_MIN_ITEMS < 55_233
