@@ -523,7 +523,13 @@ def propensity(
         ),
     ] = "auto",
     action: Annotated[str, Opt(help="the conversion action")] = "purchase",
-    horizon: Annotated[str, Opt(help="label window, e.g. 1d, 12h, 30m")] = "1d",
+    horizon: Annotated[
+        str,
+        Opt(
+            help="label window, e.g. 1d, 12h, 30m; auto: the shortest from 1h to 91d that the data's span fits "
+            "and whose windows hold enough positives (said when chosen)"
+        ),
+    ] = "auto",
     churn_horizon: Annotated[str | None, Opt(help="also score churn over this window")] = None,
     n_windows: Annotated[int, Opt(help="training cutoffs before the data's end")] = 3,
     stride: Annotated[str | None, Opt(help="distance between cutoffs (default: horizon)")] = None,

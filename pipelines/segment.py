@@ -19,7 +19,7 @@ class SegmentConfig:
     """How propensities and tiers are made; part of the output's plan, so a change recomputes."""
 
     method: str = "lightgbm"
-    horizon: str = "1d"
+    horizon: str = "auto"
     n_windows: int = 3
     bins: str = "quantile"
 
@@ -66,7 +66,9 @@ def segment_day(
 def add_segment_args(ap) -> None:
     """The options of :class:`SegmentConfig`, shared by the pipeline and the scheduled job."""
     ap.add_argument("--propensity-method", default="lightgbm", help="heuristic|lightgbm|transformer|zero_shot")
-    ap.add_argument("--horizon", default="1d", help="conversion/churn window, e.g. 1d, 7d")
+    ap.add_argument(
+        "--horizon", default="auto", help="conversion/churn window, e.g. 1d, 7d (auto: chosen from the data, said)"
+    )
     ap.add_argument("--n-windows", type=int, default=3, help="rolling training windows for the propensity models")
     ap.add_argument("--bins", default="quantile", help="tier edges 'a,b' or 'quantile'")
 

@@ -218,3 +218,39 @@ def test_propensity_errors_are_clear(funnel_events):
         PropensityModel("transformer", n_windows=2).fit(funnel_events)
     with pytest.raises(EventsError, match="duration"):
         PropensityModel("lightgbm", horizon="soon")
+
+
+def _sparse_half_year(n_users: int = 800, seed: int = 0):
+    """A 6-month funnel log with sparse visits: a few sessions per user, purchases rare."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for u in range(n_users):
+        for _ in range(rng.integers(2, 6)):
+            t = T0 + int(rng.integers(0, 180 * 86_400))
+            rows.append((u, f"i{rng.integers(0, 200)}", "view", t))
+            if rng.random() < 0.25:
+                rows.append((u, f"i{rng.integers(0, 200)}", "purchase", t + 600))
+    df = pl.DataFrame(rows, schema=["user_id", "item_id", "event_type", "timestamp"], orient="row")
+    return validate_events(df)
+
+
+def test_the_default_horizon_comes_from_the_data_and_says_why(caplog):
+    """Issue 31 item 19: a sparse 6-month log gets a horizon with enough positives, said in words."""
+    import logging
+
+    from behaviorlm.propensity import user_propensities
+    from behaviorlm.propensity.labels import MIN_POSITIVE_RATE, default_horizon
+
+    ev = _sparse_half_year()
+    one_day = cutoff_examples(ev, ev.end - np.timedelta64(1, "D"), "1d").labels.mean()
+    assert one_day < 0.01  # what the old fixed default gave: too few positives
+    choice = default_horizon(ev, "purchase", 3)
+    assert choice.enough and choice.positive_rate >= MIN_POSITIVE_RATE and choice.horizon in ("14d", "28d")
+    with caplog.at_level(logging.WARNING, logger="behaviorlm"):
+        table, models = user_propensities(ev, method="heuristic", targets=(("conversion", "auto"),))
+    assert f"propensity horizon not given: {choice.horizon}" in caplog.text
+    assert models["propensity"].params["horizon"] == choice.horizon and "too few" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="behaviorlm"):
+        _, models = user_propensities(ev, method="heuristic", targets=(("conversion", "1d"),))
+    assert "too few to learn from" in caplog.text and "warning" in models["propensity"].train_info_

@@ -28,8 +28,10 @@ from behaviorlm.propensity.fusion import LateFusionScorer
 from behaviorlm.propensity.labels import (
     ExampleSet,
     Target,
+    default_horizon,
     parse_duration,
     scoring_examples,
+    too_few_positives,
     training_windows,
     user_halves,
 )
@@ -195,6 +197,10 @@ class PropensityModel:
             "method": self.method_,
             "selection": self.selection_,
         }
+        few = too_few_positives(train.positive_rate, len(train))
+        if few:
+            log.warning("%s %s: %s", p["target"], p["horizon"], few)
+            self.train_info_["warning"] = few
         return self
 
     def _scorer(self, method: str, backbone: BehaviorLM | None) -> Any:
@@ -264,7 +270,7 @@ def user_propensities(
     backbone: BehaviorLM | None = None,
     items: Any = None,
     method: str = "auto",
-    horizon: str = "1d",
+    horizon: str = "auto",
     n_windows: int = 3,
     at: Any = None,
     seed: int = 0,
@@ -278,9 +284,15 @@ def user_propensities(
     models by column: the one propensity job of the CLI, the pipelines and Python users.
 
     ``targets`` are ``(target, horizon)`` pairs, by default conversion and churn over
-    ``horizon``; their columns are :data:`COLUMNS` (``propensity``, ``churn_propensity``)."""
+    ``horizon``; their columns are :data:`COLUMNS` (``propensity``, ``churn_propensity``). A
+    horizon ``"auto"`` is chosen from the data (:func:`~behaviorlm.propensity.labels.default_horizon`)
+    and said in a warning line; a model whose training windows hold too few positives says so too."""
     targets = targets if targets is not None else (("conversion", horizon), ("churn", horizon))
     ev = as_events(events)
+    if any(h == "auto" for _, h in targets):  # one horizon from the data, for churn too
+        choice = default_horizon(ev, action, n_windows)
+        log.warning("propensity horizon not given: %s, %s", choice.horizon, choice.why(action, n_windows))
+        targets = tuple((t, choice.horizon if h == "auto" else h) for t, h in targets)
     table: pl.DataFrame | None = None
     models: dict[str, PropensityModel] = {}
     for target, h in targets:

@@ -88,6 +88,67 @@ def parse_duration(value: str | timedelta | float | int) -> timedelta:
     return out
 
 
+#: Horizons tried, shortest first, when none is given ("auto"): an hour to a quarter (13 weeks).
+HORIZON_LADDER = ("1h", "6h", "1d", "3d", "7d", "14d", "28d", "91d")
+#: A label window with fewer positives than this share -- or this count -- leaves too little to learn
+#: from: on a 6-month funnel log, a 1-day window held 0.1% positives and every method scored at chance.
+MIN_POSITIVE_RATE = 0.02
+MIN_POSITIVES = 50
+
+
+@dataclass(frozen=True)
+class HorizonChoice:
+    """The horizon chosen from the data, and the figures that chose it."""
+
+    horizon: str
+    positive_rate: float
+    positives: int
+    span_days: float
+    enough: bool  # False: no rung reached the minimum; the longest that fits was taken
+
+    def why(self, action: str, n_windows: int) -> str:
+        got = f"{self.positives:,} users ({self.positive_rate:.1%}) did {action!r} in the latest such window"
+        if self.enough:
+            return (
+                f"the shortest of {', '.join(HORIZON_LADDER)} whose {n_windows} training windows fit the data's "
+                f"{self.span_days:.0f} days with enough positives: {got}"
+            )
+        return f"the longest that fits the data's {self.span_days:.0f} days; still few positives: {got}"
+
+
+def default_horizon(events: Events | Any, action: str = "purchase", n_windows: int = 3) -> HorizonChoice:
+    """The conversion horizon for data that did not name one: the shortest rung of
+    :data:`HORIZON_LADDER` whose ``n_windows`` label windows and one more of history fit in the
+    data's time span and whose latest window holds at least :data:`MIN_POSITIVE_RATE` and
+    :data:`MIN_POSITIVES` positives; else the longest that fits (and ``enough`` is False)."""
+    ev = as_events(events)
+    require_action(ev, action)
+    end = ev.end + timedelta(microseconds=1)
+    span: timedelta = end - cast(datetime, ev.df["timestamp"].min())
+    fitting = [h for h in HORIZON_LADDER if (n_windows + 1) * parse_duration(h) <= span] or [HORIZON_LADDER[0]]
+    choice = None
+    for h in fitting:
+        labels = cutoff_examples(ev, end - parse_duration(h), h, "conversion", action).labels
+        rate = float(labels.mean()) if len(labels) else 0.0
+        choice = HorizonChoice(h, rate, int(labels.sum()), span.total_seconds() / 86400, False)
+        if rate >= MIN_POSITIVE_RATE and choice.positives >= MIN_POSITIVES:
+            return HorizonChoice(h, rate, choice.positives, choice.span_days, True)
+    assert choice is not None
+    return choice
+
+
+def too_few_positives(rate: float, n: int) -> str | None:
+    """Why training examples with positive share ``rate`` out of ``n`` are too few to learn
+    from (None when they are not)."""
+    positives = round(rate * n)
+    if rate >= MIN_POSITIVE_RATE / 4 and positives >= MIN_POSITIVES:
+        return None
+    return (
+        f"the training windows hold {positives:,} positives of {n:,} examples ({rate:.2%}): too few to learn "
+        "from, expect scores near chance -- try a longer --horizon or more --n-windows"
+    )
+
+
 def require_action(events: Events, action: str) -> None:
     """The target action must occur in the data; say which actions do when it does not."""
     present = events.actions
