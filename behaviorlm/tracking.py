@@ -257,6 +257,14 @@ def promote(
     )
 
 
+def version_aliases(name: str, version: str) -> list[str]:
+    """The aliases a registered version holds now (e.g. ``["champion"]``)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    return sorted(mlflow.MlflowClient().get_model_version(name, version).aliases)
+
+
 def alias_version(name: str, alias: str) -> str:
     """The registry version an alias names now (what the service's hot reload polls)."""
     import mlflow

@@ -70,7 +70,6 @@ def _segment_options(table: pl.DataFrame, by: str) -> list:
 def _kpi_cards(part: data.Partition, view: pl.DataFrame) -> None:
     k = data.kpis(view)
     prov = part.provenance
-    version = prov.get("registry_version")
     cols = st.columns(4)
     cols[0].metric("Users", f"{k['users']:,}")
     cols[1].metric(
@@ -79,7 +78,7 @@ def _kpi_cards(part: data.Partition, view: pl.DataFrame) -> None:
         help="share of these users with a purchase in their history up to the date",
     )
     cols[2].metric("Mean propensity", "n/a" if k["mean_propensity"] is None else f"{k['mean_propensity']:.3f}")
-    cols[3].metric("Model", f"v{version}" if version else "local", help=prov.get("model_uri", ""))
+    cols[3].metric("Model", data.model_label(prov), help=prov.get("model_uri", ""))
     plan = part.meta.get("plan", {})
     st.caption(
         f"Date {part.date} · model {plan.get('model_version', '?')} · "
@@ -92,20 +91,24 @@ def _kpi_cards(part: data.Partition, view: pl.DataFrame) -> None:
             st.json(run, expanded=False)
 
 
+def _colour(by: str, values: list, field: str | None = None) -> alt.Color:
+    domain, colours = data.segment_colours(by, values)
+    return alt.Color(f"{field or by}:N", title=by, scale=alt.Scale(domain=domain, range=colours))
+
+
 def _segment_sizes(view: pl.DataFrame, by: str) -> None:
     st.subheader("Segment size and share")
     sizes = view.group_by(by).len().with_columns((pl.col("len") / pl.col("len").sum()).alias("share"))
+    values = sizes[by].to_list()
     sizes = sizes.with_columns(pl.col(by).cast(pl.String))
-    chart = (
-        alt.Chart(sizes.to_pandas())
-        .mark_bar()
-        .encode(
-            x=alt.X(f"{by}:N", sort=list(data.TIERS) if by == "tier" else "ascending", title=by),
-            y=alt.Y("len:Q", title="users"),
-            tooltip=[by, "len", alt.Tooltip("share:Q", format=".1%")],
-        )
+    base = alt.Chart(sizes.to_pandas()).encode(
+        x=alt.X(f"{by}:N", sort=data.segment_colours(by, values)[0], title=by),
+        y=alt.Y("len:Q", title="users"),
+        tooltip=[by, "len", alt.Tooltip("share:Q", format=".1%")],
     )
-    st.altair_chart(chart, width="stretch")
+    bars = base.mark_bar().encode(color=_colour(by, values))
+    labels = base.mark_text(dy=-6).encode(text=alt.Text("share:Q", format=".1%"))  # the share on every bar
+    st.altair_chart(bars + labels, width="stretch")
 
 
 def _propensity_hist(view: pl.DataFrame, edges: list[float] | None) -> None:
@@ -114,7 +117,7 @@ def _propensity_hist(view: pl.DataFrame, edges: list[float] | None) -> None:
     hist = base.mark_bar(opacity=0.8).encode(
         x=alt.X("propensity:Q", bin=alt.Bin(maxbins=40), title="P(purchase within horizon)"),
         y=alt.Y("count():Q", title="users"),
-        color=alt.Color("tier:N", sort=list(data.TIERS)),
+        color=_colour("tier", list(data.TIERS)),
     )
     layers = [hist]
     if edges:
@@ -170,7 +173,10 @@ def _embedding_map(view: pl.DataFrame, by: str) -> None:
         alt.Chart(mapped.select("user_id", "pc1", "pc2", "segment", "propensity").to_pandas())
         .mark_circle(size=30, opacity=0.7)
         .encode(
-            x="pc1:Q", y="pc2:Q", color=alt.Color("segment:N", title=by), tooltip=["user_id", "segment", "propensity"]
+            x="pc1:Q",
+            y="pc2:Q",
+            color=_colour(by, view[by].unique().to_list(), "segment"),
+            tooltip=["user_id", "segment", "propensity"],
         )
     )
     st.altair_chart(chart, width="stretch")

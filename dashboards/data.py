@@ -30,6 +30,31 @@ from behaviorlm.segments.tiers import SegmentAssigner
 
 DEFAULT_OUTPUTS = Path("data/outputs")
 TIERS = ("Low", "Medium", "High")
+#: One colour per tier, the same in every chart (a low-to-high ramp)
+TIER_COLOURS = ("#9ecae1", "#4292c6", "#08306b")
+CLUSTER_COLOURS = ("#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#eeca3b", "#b279a2", "#ff9da6")
+
+
+def segment_colours(by: str, values: list[Any]) -> tuple[list[str], list[str]]:
+    """(domain, colours) for segments of kind ``by``: every chart that colours by a segment uses
+    this, so a tier or a cluster has one colour on the page (the histogram and the map agreed
+    on nothing before). Tiers in their order; clusters by id, cycling eight colours."""
+    if by == "tier":
+        return list(TIERS), list(TIER_COLOURS)
+    domain = [str(v) for v in sorted(set(values), key=lambda v: (str(type(v)), v))]
+    return domain, [CLUSTER_COLOURS[i % len(CLUSTER_COLOURS)] for i in range(len(domain))]
+
+
+def model_label(provenance: dict[str, Any]) -> str:
+    """The model as the registry knows it: ``behaviorlm v1 @champion``; ``local folder`` only when
+    the model was not registered."""
+    version = provenance.get("registry_version")
+    if not version:
+        return "local folder"
+    uri = str(provenance.get("model_uri", ""))
+    name = provenance.get("model_name") or uri.removeprefix("models:/").split("@")[0].split("/")[0] or "model"
+    aliases = provenance.get("aliases") or ([uri.split("@", 1)[1]] if "@" in uri else [])
+    return f"{name} v{version}" + "".join(f" @{a}" for a in aliases)
 
 
 class DashboardDataError(Exception):

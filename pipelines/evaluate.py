@@ -41,15 +41,13 @@ def _gate(args, model, report, out: Path) -> dict[str, Any]:
     import mlflow
 
     from behaviorlm.tracking import promote
-    from pipelines.train import REGISTRATION
+    from pipelines.train import registration
 
-    path = out / REGISTRATION
-    reg = json.loads(path.read_text()) if path.is_file() else None
-    if reg is None or reg["model_version"] != model.model_version:
+    reg = registration(out, model)
+    if reg is None:
         return {"alias": None, "reason": "not promoted: this model folder was not registered by the train step"}
-    decision = promote(
-        reg["version"], reg["val_ndcg_10"], reg["name"], tolerance=args.tolerance, losing_to=report.better_baselines()
-    )
+    losing = report.better_baselines()
+    decision = promote(reg["version"], reg["val_ndcg_10"], reg["name"], tolerance=args.tolerance, losing_to=losing)
     mlflow.log_params(decision.as_params())
     print(f"promotion: registry version {decision.version} -> @{decision.alias}; {decision.reason}")
     return {"version": decision.version, "alias": decision.alias, "reason": decision.reason}

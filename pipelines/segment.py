@@ -7,11 +7,12 @@ Run alone: ``python -m pipelines.steps segment --date YYYY-MM-DD --dataset NAME`
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from pipelines.common import events_until
+from pipelines.train import registered_as
 
 
 @dataclass
@@ -58,7 +59,7 @@ def segment_day(
     table, models = user_propensities(upto, model, items, cfg.method, cfg.horizon, cfg.n_windows, at=end)
     saved = {c: pm for c, pm in models.items() if hasattr(pm.scorer_, "save")}  # the service scores new users
     auc = {c: float(pm.train_info_["valid_roc_auc"]) for c, pm in models.items()}
-    record = {"plan": plan, "summary": {"valid_roc_auc": auc}, "provenance": provenance, "date": end.date().isoformat()}
+    record = {"plan": plan, "summary": {"valid_roc_auc": auc}, "provenance": provenance, "date": _day_of(end)}
     run_segmentation(model, upto, table, out_dir, bins=parse_bins(cfg.bins), items=items, models=saved, record=record)
     return DaySegments(out_dir, files=store.output_files(out_dir), **store.read_record(out_dir)["summary"])
 
@@ -73,6 +74,11 @@ def add_segment_args(ap) -> None:
     ap.add_argument("--bins", default="quantile", help="tier edges 'a,b' or 'quantile'")
 
 
+def _day_of(end: datetime) -> str:
+    """The day whose events were used: ``end`` is exclusive (midnight after it)."""
+    return (end - timedelta(microseconds=1)).date().isoformat()
+
+
 def config_from(args) -> SegmentConfig:
     return SegmentConfig(args.propensity_method, args.horizon, args.n_windows, args.bins)
 
@@ -84,7 +90,7 @@ def run_step(args, ev, items, source, out: Path) -> dict[str, Any]:
 
     upto, end = events_until(ev, args.date)
     model = BehaviorLM.load(out / "model")
-    origin = {"model_uri": str(out / "model"), "run_id": mlflow.active_run().info.run_id}
+    origin = {"model_uri": str(out / "model"), "run_id": mlflow.active_run().info.run_id} | registered_as(out, model)
     day = segment_day(model, upto, items, out / "segments" / f"date={args.date}", end, config_from(args), origin)
     for column, auc in day.valid_roc_auc.items():
         mlflow.log_metric(f"{column}_valid_roc_auc", auc)

@@ -80,3 +80,23 @@ def _increment(args, split, source: str) -> Any:
     model.fit_partial(day, split.valid, epochs=args.epochs, training_data=record)
     mlflow.log_param("new_events", model.training_data_["increments"][-1]["n_events"])  # those not already held
     return model
+
+
+def registration(out: Path, model: Any) -> dict[str, Any] | None:
+    """What the train step registered from ``out/model`` (name, version, validation score), if
+    ``model`` is that model; None when the folder was written otherwise."""
+    path = out / REGISTRATION
+    reg = json.loads(path.read_text()) if path.is_file() else None
+    return reg if reg is not None and reg["model_version"] == model.model_version else None
+
+
+def registered_as(out: Path, model: Any) -> dict[str, Any]:
+    """How the model folder under ``out`` is known in the registry now -- name, version and
+    aliases, as the gate left them -- or nothing when it is not registered."""
+    from behaviorlm.tracking import version_aliases
+
+    reg = registration(out, model)
+    if reg is None:
+        return {}
+    aliases = version_aliases(reg["name"], reg["version"])
+    return {"model_name": reg["name"], "registry_version": reg["version"], "aliases": aliases}

@@ -64,6 +64,28 @@ def test_partitions_and_clear_messages(tmp_path, outputs):
     assert data.list_partitions(outputs) == [DATE]
 
 
+def test_the_partition_says_its_own_date_and_the_registered_model(outputs):
+    """Issue 31 item 16: the _SUCCESS of date=D says D (its end is the midnight after it), and the
+    model card names the registered model and alias, not "local"."""
+    import json
+
+    meta = json.loads((outputs / "segments" / f"date={DATE}" / "_SUCCESS").read_text())
+    assert meta["date"] == DATE and meta["plan"]["end"].startswith("2023-11-20")
+    assert data.model_label(data.load_partition(outputs, DATE).provenance) == "behaviorlm v3 @champion"
+    assert data.model_label({"model_uri": "/m", "registry_version": None}) == "local folder"
+    prov = {"model_name": "shop", "registry_version": "7", "aliases": ["champion"], "model_uri": "/o/model"}
+    assert data.model_label(prov) == "shop v7 @champion"
+
+
+def test_one_colour_per_segment_in_every_chart():
+    """The histogram colours by tier, the size bars and the map by the chosen segment: one scale."""
+    assert data.segment_colours("tier", ["High"]) == data.segment_colours("tier", ["Low", "Medium", "High"])
+    domain, colours = data.segment_colours("cluster", [2, 0, 1])
+    assert domain == ["0", "1", "2"] and len(set(colours)) == 3
+    source = (ROOT / "dashboards" / "app.py").read_text()
+    assert source.count("color=_colour(") == 3 and "alt.Color(" in source.split("def _colour")[1].split("def ")[0]
+
+
 def test_partition_tables(outputs):
     p = data.load_partition(outputs, DATE)
     table = data.user_table(p)
@@ -169,7 +191,7 @@ def test_dashboard_renders_in_chromium(outputs, browser):
         "90",
         "Observed conversion",
         "Mean propensity",
-        "v3",
+        "behaviorlm v3 @champion",
         "Segment size and share",
         "Propensity distribution",
         "Tier thresholds",

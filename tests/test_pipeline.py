@@ -37,6 +37,9 @@ def test_all_steps_as_nested_runs_then_one_step_again(workspace):
     assert (out / "scores" / "date=2023-11-19" / "_SUCCESS").exists()
     users = pl.read_parquet(out / "segments" / "date=2023-11-19" / "users.parquet")
     assert {"propensity", "churn_propensity", "tier", "cluster"} <= set(users.columns) and users.height == 60
+    meta = json.loads((out / "segments" / "date=2023-11-19" / "_SUCCESS").read_text())
+    assert meta["date"] == "2023-11-19" and meta["provenance"]["registry_version"] == res["train"]["version"]
+    assert meta["provenance"]["aliases"] == [res["evaluate"]["alias"]]  # what the dashboard's model card shows
     rationales = pl.read_parquet(out / "rationales" / "date=2023-11-19.parquet")
     assert rationales.height == 25 and set(rationales["source"]) == {"template"}
 
