@@ -101,3 +101,11 @@ def test_the_demo_install_has_every_extra_the_demo_uses():
     recipe = make[make.index("$(STAMP_APP):") :].split("\n\n")[0]
     extras = set(re.search(r"-e '\.\[([a-z,]+)\]'", recipe).group(1).split(","))
     assert {"serve", "dashboard", "ann"} <= extras and ANN_MIN_ITEMS < 55_233
+
+
+def test_the_readme_shows_the_demo_output_the_docs_show():
+    """Issue 31 item 15: one recorded demo run (docs/demo-output.txt, regenerated from a fresh
+    run), shown word for word in the README, so the two cannot drift apart."""
+    recorded = (ROOT / "docs" / "demo-output.txt").read_text().strip()
+    assert recorded.startswith("behaviorlm demo: the main job") and "promotion: behaviorlm v1 -> @" in recorded
+    assert recorded in (ROOT / "README.md").read_text()
