@@ -12,6 +12,12 @@ server (slowloris). :class:`GuardedHttpTools` adds what nginx calls ``client_hea
 * a **header size limit** (request line and header fields together): past it, ``431 Request
   Header Fields Too Large`` and the connection closes, before the rest is read.
 
+The deadline costs a request two attribute writes: a request notes when its first byte came,
+and one sweep per event loop (every quarter of the timeout, at most a second, while there are
+connections) closes those past it -- a timer per request cost ~7 us each, measured (RESULTS.md
+section 22). A deadline therefore fires between ``read_timeout`` and ``read_timeout`` plus one
+sweep period.
+
 The limits are class attributes set once per process (:func:`set_limits`), because uvicorn
 builds one protocol object per connection from the class it is given, and each ``--workers``
 process imports the class anew.
@@ -20,6 +26,7 @@ process imports the class anew.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -43,13 +50,17 @@ class GuardedHttpTools(HttpToolsProtocol):
 
     def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003 - uvicorn's signature
         super().__init__(*args, **kwargs)
-        self._deadline: asyncio.TimerHandle | None = None
+        self._started: float | None = None  # loop time of the first byte of the request being read
         self._in_head = False
         self._head_bytes = 0
 
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        _sweep_soon(self.loop, self.connections, min(1.0, self.read_timeout / 4))
+
     def data_received(self, data: bytes) -> None:
-        if self._deadline is None:  # the first byte of a request: its clock starts
-            self._deadline = self.loop.call_later(self.read_timeout, self._too_slow)
+        if self._started is None:  # the first byte of a request: its clock starts
+            self._started = self.loop.time()
             self._in_head, self._head_bytes = True, 0
         if self._in_head:
             self._head_bytes += len(data)
@@ -74,12 +85,12 @@ class GuardedHttpTools(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def _disarm(self) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
+        self._started = None
 
-    def _too_slow(self) -> None:
-        self._deadline = None
+    def overdue(self, now: float) -> bool:
+        return self._started is not None and now - self._started > self.read_timeout
+
+    def too_slow(self) -> None:
         self._refuse(408, f"request not received within {self.read_timeout:g} s")
 
     def _refuse(self, status: int, why: str) -> None:
@@ -96,3 +107,28 @@ class GuardedHttpTools(HttpToolsProtocol):
                 b"connection: close\r\n\r\n%s" % (status, _REASONS[status], len(body), body)
             )
         self.transport.close()
+
+
+#: The event loops whose sweep is scheduled, by id; the loop is held so that its id cannot be
+#: reused by a new loop while it is here (a loop closed with a sweep pending stays, harmlessly).
+_SWEEPING: dict[int, Any] = {}
+
+
+def _sweep_soon(loop: Any, connections: set, period: float) -> None:
+    """Schedule the sweep of this loop's connections, unless it is scheduled already."""
+    if id(loop) not in _SWEEPING:
+        _SWEEPING[id(loop)] = loop
+        loop.call_later(period, _sweep, loop, connections, period)
+
+
+def _sweep(loop: Any, connections: set, period: float) -> None:
+    """Close every connection whose request is past its deadline; again after ``period`` while
+    there are connections (the next connection schedules it anew otherwise)."""
+    now = loop.time()
+    for conn in list(connections):
+        if isinstance(conn, GuardedHttpTools) and conn.overdue(now):
+            conn.too_slow()
+    if connections and not loop.is_closed():
+        loop.call_later(period, _sweep, loop, connections, period)
+    else:
+        _SWEEPING.pop(id(loop), None)
