@@ -283,3 +283,21 @@ def test_the_fast_mixture_equals_the_plain_one():
     log_g, log_1mg = gate_logps(net.copy_head.gate_logits(net.item_query(h, a)), lay.has_copy(state))
     plain = mix(gen, lay.copy_logp_catalog(state, net.config.n_items), log_g, log_1mg)
     torch.testing.assert_close(net.item_logp(state, a), plain)
+
+
+def test_a_remembered_new_item_is_returned_to_a_known_user(model):
+    """The pipeline's model remembers events after training (BehaviorLM.remember), new items
+    included: a known user's request returns them, named, as their raw events would."""
+    import copy
+
+    from behaviorlm.service.online import OnlineRecommender
+
+    user = model.histories_["user_id"][0]
+    events = _with_new_item(model, user, "fresh-2")
+    knowing = copy.deepcopy(model).remember(events)
+    knowing.model_.copy_head.gate_shift.fill_(30.0)
+    online = OnlineRecommender.from_model(knowing)
+    want = knowing.recommend(events=events, k=5, exclude_seen=False)["item_id"].to_list()
+    got = online.recommend([online.query_for_user(user, k=5, exclude_seen=False)])[0].item_ids
+    assert "fresh-2" in want and got == want
+    assert knowing.recommend([user], k=5, exclude_seen=False)["item_id"].to_list() == want

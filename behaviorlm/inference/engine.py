@@ -353,8 +353,9 @@ class InferenceEngine:
             }
         )
 
-    def decode(self, idx: np.ndarray, new_ids: pl.Series | None = None) -> list[Any]:
-        """Original item ids of top-k indices: the vocabulary's, and ``new_ids[i - n_items]``."""
+    def decode(self, idx: np.ndarray, new_ids: pl.Series | np.ndarray | None = None) -> list[Any]:
+        """Original item ids of top-k indices: the vocabulary's, and ``new_ids[i - n_items]``
+        (a Series, or an object array: what a per-request caller indexes fastest)."""
         new = idx >= self.n_items
         if not new.any():
             return self.tokenizer.decode_items(idx).tolist()
@@ -362,7 +363,8 @@ class InferenceEngine:
             raise ValueError("new-item indices need the encoding's new_ids to be named")
         out = np.empty(len(idx), dtype=object)
         out[~new] = self.tokenizer.decode_items(idx[~new])
-        out[new] = new_ids.gather(idx[new] - self.n_items).to_list()
+        at = idx[new] - self.n_items
+        out[new] = new_ids[at] if isinstance(new_ids, np.ndarray) else new_ids.gather(at).to_list()
         return out.tolist()
 
     def recommend(
