@@ -8,7 +8,7 @@ Importing the package is cheap: nothing heavy loads until a layer is used.
 
 from typing import Any
 
-__version__ = "0.8.0"
+__version__ = "0.9.0"
 
 #: The names a user reaches for first, imported from their layer on first use (PEP 562), so
 #: ``from behaviorlm import BehaviorLM`` works and ``import behaviorlm`` loads nothing heavy.

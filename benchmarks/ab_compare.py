@@ -125,6 +125,14 @@ def api_round(checkout: Path, model: str, seconds: float, tmp: Path) -> dict:
     return {k: r[k] for k in ("p50_ms", "p99_ms", "rps", "errors")}
 
 
+def _in_turn(codes: dict[str, Path], r: int) -> list[tuple[str, Path]]:
+    """The two codes in alternating order (base first in even rounds, this first in odd ones), so
+    that a position effect within a round (the second server starting while the first one's
+    process is still being reaped, a warmer or colder page cache) cancels out in the medians."""
+    pairs = list(codes.items())
+    return pairs if r % 2 == 0 else pairs[::-1]
+
+
 def _summarise_api(results: dict[str, list[dict]]) -> dict:
     out = {}
     for key in ("p50_ms", "p99_ms", "rps"):
@@ -173,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         tmp = Path(tempfile.mkdtemp())
         for r in range(rounds):
-            for name, checkout in codes.items():
+            for name, checkout in _in_turn(codes, r):
                 results[name].append(api_round(checkout, args.model, args.seconds, tmp))
                 print(f"round {r + 1} {name}: {results[name][-1]}", flush=True)
         summary = {"command": "api", "base": str(codes["base"]), "results": results, **_summarise_api(results)}
@@ -181,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
         write_json(OUT / "ab_api.json", summary)
         return summary
     for r in range(rounds):
-        for name, checkout in codes.items():
+        for name, checkout in _in_turn(codes, r):
             params = (
                 ["train", str(args.epochs), str(OUT / f"ab_model_{name}")]
                 if args.command == "train"
