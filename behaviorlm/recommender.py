@@ -26,6 +26,7 @@ import polars as pl
 import torch
 
 from behaviorlm.data.events import Events, as_events, validate_items
+from behaviorlm.data.ids import cast_ids
 from behaviorlm.data.schema import InputSchema
 from behaviorlm.errors import ConfigurationError, InputDataError, NotFittedError
 from behaviorlm.evaluation.baselines import RepeatBaseline, catalog_index
@@ -295,7 +296,7 @@ class BehaviorLM:
         (:func:`behaviorlm.evaluation.leakage.check_no_leak`).
         """
         engine = self.engine
-        new = self._not_yet_held(self.validate_input(events))
+        new = self._not_yet_held(self._in_model_ids(self.validate_input(events)))
         if self.histories_.height == 0:
             log.info("fit_partial: the model keeps no histories; training on the new events alone")
         combined = self._with_history(new)  # remembered context included: it is trained on now
@@ -327,7 +328,7 @@ class BehaviorLM:
         histories: the evaluation's leak check looks at what was trained on, and a remembered
         test target is not a training event. ``fit_partial`` trains on a user's context with
         their new events. Recorded in the training record as ``context``."""
-        ev = self.validate_input(events)
+        ev = self._in_model_ids(self.validate_input(events))
         newest = self.histories_.group_by("user_id").agg(pl.col("timestamp").max().alias("__newest"))
         df = ev.df.select(self.histories_.columns).join(newest, on="user_id", how="left")
         later = df.filter(pl.col("__newest").is_null() | (pl.col("timestamp") >= pl.col("__newest"))).drop("__newest")
@@ -343,6 +344,29 @@ class BehaviorLM:
         self.training_data_ = {**(self.training_data_ or {}), "context": record}
         log.info("remembered %d events of %d users after training (not trained on)", *self._context_size())
         return self
+
+    def _in_model_ids(self, ev: Events) -> Events:
+        """``ev`` with user and item ids of the model's types, for events joined to what it
+        remembers: a model trained on integer ids continued on a CSV (ids read as text) gets
+        ``"7"`` as user 7 (:mod:`behaviorlm.data.ids`); an id that does not read as one is an
+        error naming it, not a join that fails."""
+        wanted = {"user_id": self.user_id_dtype(), "item_id": self.tokenizer_.item_polars_dtype}
+        casts = []
+        for col, dtype in wanted.items():
+            have = ev.df[col]
+            if have.dtype == dtype:
+                continue
+            cast = cast_ids(have, dtype)
+            bad = have.filter(cast.is_null() & have.is_not_null())
+            if len(bad):
+                name = getattr(self.input_schema_.columns, col.split("_")[0]) or col  # the user's own column
+                raise InputDataError(
+                    f"column {name!r}: {bad[0]!r} does not read as this model's {dtype} ids "
+                    f"({len(bad):,} such values); the model was trained with {dtype} {col.split('_')[0]} ids",
+                    cli_hint=f"the model's {col.split('_')[0]} ids are {dtype}: give --events with ids of that kind",
+                )
+            casts.append(cast.alias(col))
+        return ev.derive(ev.df.with_columns(casts), "ids read as the model's") if casts else ev
 
     def _context_size(self) -> tuple[int, int]:
         return self.context_.height, self.context_["user_id"].n_unique()

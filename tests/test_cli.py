@@ -153,3 +153,28 @@ def test_evaluate_writes_its_metrics_beside_the_model_not_into_the_current_folde
     assert not (tmp_path / "metrics.json").exists() and json.loads(beside.read_text())["ndcg@10"] >= 0
     assert f"wrote {beside}" in res.output.replace("\n", "")
     assert "unrankable targets:" in res.output and "catalog: the" in res.output
+
+
+def test_a_model_of_integer_ids_continues_on_a_csv(tmp_path):
+    """Issue 31 item 7: the documented daily increment for a model trained on integer ids (a
+    Parquet file) given the next day as CSV, whose ids read as text."""
+    from tests.conftest import make_funnel_events
+
+    df = make_funnel_events(n_users=20)
+    cut = 1_700_352_000  # 2023-11-19 00:00 UTC
+    df.filter(pl.col("timestamp") < cut).write_parquet(tmp_path / "before.parquet")
+    df.write_csv(tmp_path / "all.csv")
+    small = ["--epochs", "1", "--max-len", "16", "--dim", "16", "--layers", "1", "--heads", "1"]
+    res = runner.invoke(
+        app, ["train", "--events", str(tmp_path / "before.parquet"), "--out", str(tmp_path / "m"), *small]
+    )
+    assert res.exit_code == 0, res.output
+    argv = ["train", "--events", str(tmp_path / "all.csv"), "--init-from", str(tmp_path / "m"), "--epochs", "1"]
+    res = runner.invoke(app, [*argv, "--out", str(tmp_path / "m2")])
+    assert res.exit_code == 0, res.output
+    assert BehaviorLM.load(tmp_path / "m2").histories_["user_id"].dtype.is_integer()
+    df.with_columns(pl.col("user_id").cast(pl.String) + "x").write_csv(tmp_path / "bad.csv")
+    argv = ["train", "--events", str(tmp_path / "bad.csv"), "--init-from", str(tmp_path / "m"), "--epochs", "1"]
+    res = runner.invoke(app, [*argv, "--out", str(tmp_path / "m3")])
+    assert res.exit_code == 2 and "does not read as this model's Int64 ids" in res.output, res.output
+    assert "Traceback" not in res.output
