@@ -92,3 +92,24 @@ def test_unknown_engine_names_the_flag(saved):
         BehaviorLM.load(saved[1]).use_engine("tensorrt")
     assert "--engine" in str(e.value.cli_hint)
     shutil.rmtree(saved[1] / FOLDER, ignore_errors=True)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_a_damaged_export_is_redone_with_one_warning(saved, tmp_path, caplog, damage):
+    """Issue 31 item 7: a damaged graph beside the model is re-exported, never handed to
+    onnxruntime (whose protobuf error was a traceback)."""
+    import shutil
+
+    _, path = saved
+    copy = tmp_path / "m"
+    shutil.copytree(path, copy)
+    BehaviorLM.load(copy).use_engine("onnx", copy)  # the export kept beside the model
+    graph = copy / FOLDER / "heads.onnx"
+    if damage == "truncated":
+        graph.write_bytes(graph.read_bytes()[:100])
+    else:
+        graph.unlink()
+    caplog.clear()
+    engine = BehaviorLM.load(copy).use_engine("onnx", copy).engine
+    assert isinstance(engine, OnnxEngine) and "not the file that was exported" in caplog.text
+    open_export(copy / FOLDER, engine)  # exported anew, verifies

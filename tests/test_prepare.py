@@ -201,3 +201,24 @@ def test_prepare_refuses_a_folder_it_did_not_write(tmp_path):
     with pytest.raises(Exception, match="not a prepared folder"):
         prepare(tmp_path / "e.csv", tmp_path / "mine", config=PrepareConfig(workers=1))
     assert (tmp_path / "mine" / "notes.txt").read_text() == "hi"
+
+
+@pytest.mark.parametrize("damage", ["missing-array", "short-array", "bad-tokenizer"])
+def test_a_damaged_prepared_folder_is_one_line_naming_the_file(tmp_path, damage):
+    """Issue 31 item 7: a missing or damaged file is named, not a traceback later in training."""
+    from behaviorlm.errors import ModelFormatError
+
+    make_funnel_events(n_users=10).write_csv(tmp_path / "e.csv")
+    prepare(tmp_path / "e.csv", tmp_path / "P", config=PrepareConfig(workers=1))
+    shard = tmp_path / "P" / "shard-00000"
+    if damage == "missing-array":
+        (shard / "items.npy").unlink()
+        match = r"items\.npy is missing"
+    elif damage == "short-array":
+        np.save(shard / "gaps.npy", np.load(shard / "gaps.npy")[:-3])
+        match = r"gaps\.npy holds"
+    else:
+        (tmp_path / "P" / "tokenizer.json").write_text("garbage")
+        match = r"tokenizer\.json is damaged"
+    with pytest.raises(ModelFormatError, match=match):
+        PreparedShards.open(tmp_path / "P")

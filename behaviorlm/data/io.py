@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -42,6 +43,17 @@ def write_parquet_atomic(df: pl.DataFrame, path: str | Path, compression: str = 
 
 def write_text_atomic(text: str, path: str | Path) -> Path:
     return _write(path, lambda p: p.write_text(text))
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file, read in chunks (about 1 s per GB). Folders that hand files to a
+    native loader (an ANN graph, an ONNX model) record it, so a damaged or swapped file is
+    refused before the loader sees it."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def check_output_dir(path: str | Path, marker: str, what: str, force: bool = False) -> Path:

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from behaviorlm import __version__
-from behaviorlm.data.io import atomic_dir
+from behaviorlm.data.io import atomic_dir, file_digest
 from behaviorlm.errors import ConfigurationError, ModelFormatError
 from behaviorlm.extras import missing_extra
 from behaviorlm.inference.engine import InferenceEngine
@@ -112,6 +112,8 @@ def export_onnx(engine: InferenceEngine, out_dir: str | Path, quantize: str | No
             "behaviorlm_version": __version__,
             "onnx_version": onnx.__version__,
             "onnxruntime_version": ort.__version__,
+            # checked before onnxruntime parses them: a damaged graph is re-exported, not a traceback
+            "files": {p.name: file_digest(p) for p in sorted(tmp.iterdir())},
         }
         (tmp / "export.json").write_text(json.dumps(meta, indent=2))
     return Path(out_dir)
@@ -178,12 +180,21 @@ def open_export(folder: str | Path, engine: InferenceEngine) -> dict[str, Any]:
     path = Path(folder) / "export.json"
     if not path.is_file():
         raise ModelFormatError(f"{folder}: no ONNX export (export.json missing)")
-    meta = json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelFormatError(f"{path} is damaged ({type(e).__name__})") from None
     if meta.get("model_version") != engine.version or meta.get("n_items") != engine.n_items:
         raise ModelFormatError(
             f"{folder}: the ONNX export is of model {meta.get('model_version')} ({meta.get('n_items')} items), "
             f"not of this model {engine.version} ({engine.n_items} items)"
         )
+    if not isinstance(meta.get("files"), dict):
+        raise ModelFormatError(f"{folder}: the ONNX export records no file digests (written before 0.9)")
+    for name, digest in meta["files"].items():
+        graph = Path(folder) / name
+        if not graph.is_file() or file_digest(graph) != digest:
+            raise ModelFormatError(f"{folder}: {name} is missing or not the file that was exported")
     return meta
 
 

@@ -33,7 +33,6 @@ refused with a one-line message and the index rebuilt, never used.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -45,7 +44,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from behaviorlm.data.io import atomic_dir
+from behaviorlm.data.io import atomic_dir, file_digest
 from behaviorlm.errors import ConfigurationError, ModelFormatError
 from behaviorlm.extras import missing_extra
 from behaviorlm.nn.copy_head import gate_logps, mix
@@ -230,7 +229,7 @@ class ItemIndex:
         with atomic_dir(target, "index.json", "ANN index") as tmp:
             self.backend.save(tmp / "index.bin")
             np.save(tmp / "tail.npy", self.tail_)
-            files = {name: _digest(tmp / name) for name in _FILES}
+            files = {name: file_digest(tmp / name) for name in _FILES}
             (tmp / "index.json").write_text(json.dumps({**self.fingerprint, "files": files}, indent=2))
         return target
 
@@ -259,7 +258,7 @@ class ItemIndex:
             want = {k: expected[k] for k in diff}
             raise ModelFormatError(f"{folder}: the ANN index does not match this model: stored {got}, model {want}")
         for name in _FILES:
-            if _digest(folder / name) != stored["files"][name]:
+            if file_digest(folder / name) != stored["files"][name]:
                 raise ModelFormatError(f"{folder}: the ANN index's {name} is not the file it was saved with")
         stored.pop("files")
         n_real = int(network.config.n_items) - N_SPECIAL
@@ -326,15 +325,6 @@ class ItemIndex:
 
 
 _FILES = ("index.bin", "tail.npy")
-
-
-def _digest(path: Path) -> str:
-    """sha256 of a file (about 1 s per GB: paid once per load, before any native loader)."""
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def open_index(

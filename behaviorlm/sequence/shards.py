@@ -23,10 +23,10 @@ that a later step would read.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import polars as pl
@@ -66,6 +66,35 @@ def load_shard(folder: Path, mmap: bool = True) -> EncodedSequences:
     return EncodedSequences(users, arrays["offsets"], arrays["items"], arrays["actions"], arrays["gaps"])
 
 
+T = TypeVar("T")
+
+
+def _readable(path: Path, read: Callable[[Path], T]) -> T:
+    """``read(path)``, a missing or damaged file named in one line."""
+    try:
+        return read(path)
+    except FileNotFoundError:
+        raise ModelFormatError(
+            f"{path} is missing; the prepared folder is incomplete: run behaviorlm prepare again"
+        ) from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        why = " ".join(str(e).split())[:160]
+        raise ModelFormatError(f"{path} is damaged ({type(e).__name__}: {why}): run behaviorlm prepare again") from None
+
+
+def _check_shard(folder: Path, entry: dict[str, Any]) -> None:
+    """Every file of a shard present, its arrays as long as the manifest says (headers only)."""
+    offsets = _readable(folder / "offsets.npy", lambda p: np.load(p, mmap_mode="r"))
+    if len(offsets) != entry["users"] + 1 or int(offsets[-1]) != entry["tokens"]:
+        raise ModelFormatError(f"{folder / 'offsets.npy'} does not match the manifest: run behaviorlm prepare again")
+    for name in ("ranks", *_DTYPES):
+        arr = _readable(folder / f"{name}.npy", lambda p: np.load(p, mmap_mode="r"))
+        want = entry["users"] if name == "ranks" else entry["tokens"]
+        if len(arr) != want:
+            raise ModelFormatError(f"{folder / name}.npy holds {len(arr)} values, the manifest {want}: prepare again")
+    _readable(folder / "users.parquet", lambda p: pl.read_parquet_schema(p))
+
+
 def write_manifest(out: Path, shards: list[dict[str, Any]], report: dict[str, Any]) -> Path:
     body = {"format_version": FORMAT_VERSION, "shards": shards, "report": report}
     return write_text_atomic(json.dumps(body, indent=2, default=str), out / MANIFEST)
@@ -83,17 +112,22 @@ class PreparedShards:
 
     @classmethod
     def open(cls, folder: str | Path) -> PreparedShards:
+        """A complete prepared folder, checked: every file there and readable, every shard's
+        arrays of the length its manifest entry says (read from the array headers, memory-mapped:
+        no data is loaded). A missing or damaged file is one :class:`ModelFormatError` naming it."""
         root = Path(folder)
         if not (root / MANIFEST).is_file():
             raise ModelFormatError(f"{root}: not a complete prepared folder (no {MANIFEST}); run behaviorlm prepare")
-        manifest = json.loads((root / MANIFEST).read_text())
+        manifest = _readable(root / MANIFEST, lambda p: json.loads(p.read_text()))
         if manifest.get("format_version") != FORMAT_VERSION:
             raise ModelFormatError(
                 f"{root}: prepared format {manifest.get('format_version')!r}; this behaviorlm reads {FORMAT_VERSION}: "
                 "run behaviorlm prepare again"
             )
-        tokenizer = ActionTokenizer.load(root / TOKENIZER)
-        schema = InputSchema.from_dict(json.loads((root / SCHEMA).read_text()))
+        tokenizer = _readable(root / TOKENIZER, ActionTokenizer.load)
+        schema = _readable(root / SCHEMA, lambda p: InputSchema.from_dict(json.loads(p.read_text())))
+        for shard in manifest["shards"]:
+            _check_shard(root / shard["name"], shard)
         return cls(root, tokenizer, schema, manifest["shards"], manifest["report"])
 
     @property
