@@ -70,7 +70,7 @@ BENCH_TARGETS := bench-pretrain-ml1m bench-pretrain-taobao bench-tokenizer bench
 	bench-propensity bench-segments bench-explain bench-pipeline bench-api bench-notebooks bench-bad-input \
 	bench-scale bench-scale-large bench-scale-train bench-scale-train-large bench-incremental \
 	bench-retrieval bench-engines bench-api-production bench-propensity-cdnow bench-side-features \
-	bench-clickstream bench-clickstream-ml1m bench-clickstream-cost bench-served-vs-batch
+	bench-clickstream bench-clickstream-ml1m bench-clickstream-cost bench-served-vs-batch bench-attribution
 ML1M_MODEL := data/models/ml-1m-loo-d01
 
 bench: $(BENCH_TARGETS)
@@ -273,3 +273,7 @@ bench-clickstream-cost: install system-deps
 # section 22 [~3 min]: the served model equals the day's batch scores for every Taobao user
 bench-served-vs-batch: install
 	$(BIN)/python benchmarks/served_vs_batch.py
+
+# section 23 [~5 min]: faithfulness of occlusion attributions on the Taobao sample (issue 28, in progress)
+bench-attribution: install
+	$(BIN)/python benchmarks/attribution.py

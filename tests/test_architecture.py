@@ -25,7 +25,7 @@ ALLOWED = {
     "plots": {"data"},
     "propensity": {"data", "sequence", "nn", "inference"},
     "segments": {"data", "plots", "propensity"},
-    "explain": {"data"},
+    "explain": {"data", "sequence"},  # sequence: attribution reads the vocabulary's special-token boundary
     "model_dir": {"data", "sequence", "nn"},
     "recipes": set(),
 }

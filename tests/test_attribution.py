@@ -1,0 +1,102 @@
+"""Event attribution (behaviorlm.explain.attribution): exact occlusion, batched."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import numpy as np
+import polars as pl
+import pytest
+
+from behaviorlm.data.events import validate_events
+from behaviorlm.explain.attribution import COLUMNS, occlusion
+from behaviorlm.recommender import BehaviorLM
+from tests.conftest import make_events, make_funnel_events
+
+
+@pytest.fixture(scope="module")
+def plain():
+    ev = validate_events(make_events(n_users=12, n_items=40, length=14, seed=2))
+    return BehaviorLM(max_len=8, dim=16, n_layers=1, n_heads=2, epochs=2, seed=0, progress=False).fit(ev), ev
+
+
+@pytest.fixture(scope="module")
+def repeat_aware():
+    ev = validate_events(make_funnel_events(n_users=30))
+    model = BehaviorLM("clickstream-quick", max_len=12, dim=16, n_layers=1, n_heads=2, epochs=2, progress=False)
+    return model.fit(ev), ev
+
+
+def _score(model, events, item) -> float:
+    """log P(item | events) through the plain public path (one call, no batching)."""
+    enc = model.engine.encode(model.validate_input(events))
+    h, a = model.engine.heads(enc, slice(0, 1))
+    col = model.tokenizer_.item_index(pl.Series([item]))[0]
+    return float(model.engine.item_logp(h, a)[0, col])
+
+
+@pytest.mark.parametrize(("which", "n_events"), [("plain", None), ("plain", 4), ("repeat_aware", None)])
+def test_occlusion_equals_removing_each_event_by_hand(which, n_events, request):
+    """Long users (more events than the window) and short ones (fewer than the window holds)."""
+    model, ev = request.getfixturevalue(which)
+    user = ev.df["user_id"][0]
+    mine = ev.df.filter(pl.col("user_id") == user).sort("timestamp")
+    mine = mine if n_events is None else mine.tail(n_events)
+    recs = model.recommend(events=mine, k=3, exclude_seen=False).select("user_id", "item_id")
+    att = occlusion(model, recs, mine)
+    assert att.events.columns == list(COLUMNS)
+    for item in recs["item_id"]:
+        rows = att.events.filter(pl.col("item_id") == item).sort("event_index")
+        full = _score(model, mine, item)
+        assert rows["score"][0] == pytest.approx(full, abs=1e-5)
+        for i in range(mine.height):  # every event, in the window or not
+            without = mine.filter(pl.int_range(pl.len()) != i)
+            assert rows["contribution"][i] == pytest.approx(full - _score(model, without, item), abs=1e-4), i
+        total = att.totals.filter(pl.col("item_id") == item)["total"][0]
+        assert total == pytest.approx(rows["contribution"].sum())
+
+
+def test_events_outside_the_window_contribute_exactly_nothing(plain):
+    model, ev = plain
+    user = ev.df["user_id"][1]
+    mine = ev.df.filter(pl.col("user_id") == user).sort("timestamp")  # 14 events, window 8
+    recs = model.recommend([user], k=2).select("user_id", "item_id")
+    rows = occlusion(model, recs, mine).events.filter(pl.col("item_id") == recs["item_id"][0]).sort("event_index")
+    far = mine.height - (model.params["max_len"] + 1)  # older than the window and its gap-giver
+    assert (rows["contribution"][:far] == 0.0).all() and (rows["contribution"][far:] != 0.0).any()
+
+
+def test_copy_weights_are_the_copy_paths_share_per_position(repeat_aware):
+    model, ev = repeat_aware
+    user = ev.df["user_id"][0]
+    mine = ev.df.filter(pl.col("user_id") == user).sort("timestamp")
+    recs = model.recommend([user], k=2, exclude_seen=False).select("user_id", "item_id")
+    rows = occlusion(model, recs, mine).events.filter(pl.col("item_id") == recs["item_id"][0])
+    weights = rows["copy_weight"].drop_nulls().to_numpy()
+    assert len(weights) and (weights >= 0).all() and weights.sum() <= 1.0 + 1e-5
+    in_window = rows.tail(model.params["max_len"] - 1)
+    assert in_window["copy_weight"].null_count() == 0
+
+
+def test_one_encode_call_for_all_variants_of_all_users(plain, monkeypatch):
+    model, ev = plain
+    users = ev.df["user_id"].unique().sort().head(5).to_list()
+    recs = model.recommend(users, k=3).select("user_id", "item_id")
+    calls = []
+    real = type(model.engine).encode
+    monkeypatch.setattr(type(model.engine), "encode", lambda self, e, **kw: calls.append(len(e)) or real(self, e, **kw))
+    att = occlusion(model, recs, ev.df.filter(pl.col("user_id").is_in(users)))
+    assert len(calls) == 1 and att.totals.height == 15
+    assert np.isfinite(att.events["contribution"].to_numpy()).all()
+
+
+def test_an_event_after_the_scoring_time_is_not_input(plain):
+    model, ev = plain
+    user = ev.df["user_id"][2]
+    mine = ev.df.filter(pl.col("user_id") == user).sort("timestamp")
+    as_of = mine["timestamp"].max() + timedelta(seconds=1)
+    canary = mine.tail(1).with_columns(item_id=pl.lit("item3"), timestamp=pl.col("timestamp") + timedelta(hours=1))
+    recs = model.recommend(events=mine, k=2).select("user_id", "item_id")
+    before = occlusion(model, recs, mine).events
+    with_canary = occlusion(model, recs, pl.concat([mine, canary]), as_of=as_of).events
+    assert with_canary.equals(before)
