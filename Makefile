@@ -274,6 +274,7 @@ bench-clickstream-cost: install system-deps
 bench-served-vs-batch: install
 	$(BIN)/python benchmarks/served_vs_batch.py
 
-# section 23 [~5 min]: faithfulness of occlusion attributions on the Taobao sample (issue 28, in progress)
+# section 23 [~10 min]: faithfulness of occlusion attributions on the Taobao sample, seen items kept and excluded (issue 28, in progress)
 bench-attribution: install
 	$(BIN)/python benchmarks/attribution.py
+	$(BIN)/python benchmarks/attribution.py --exclude-seen

@@ -9,8 +9,9 @@ model's top-1 item is explained by occlusion (``behaviorlm.explain.attribution.o
 for k = 1, 3, 5 the k events with the largest contribution, k random events (seeded) and the k
 most recent events are deleted -- and, for a repeat-aware model, the k events the copy path
 weighs most -- and the item is re-scored over the full catalog: its log-probability drop and
-its rank after deletion (rank 1 before, by construction). Paired bootstrap CIs over users for
-the difference "attributed minus random". Prints a table; writes ``benchmarks/out/attribution.json``.
+its rank after deletion (rank 1 before, checked). Paired bootstrap CIs over users for the
+difference "attributed minus random". Prints a table; writes
+``benchmarks/out/attribution_<dataset>_<keep|exclude>_seen.json``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from provenance import write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "benchmarks" / "out" / "attribution.json"
+OUT = ROOT / "benchmarks" / "out"
 KS = (1, 3, 5)
 
 
@@ -168,13 +169,14 @@ def main(argv: list[str] | None = None) -> dict:
         a = table.filter((pl.col("strategy") == "attributed") & (pl.col("k") == k)).sort("user_id")
         r = table.filter((pl.col("strategy") == "random") & (pl.col("k") == k)).sort("user_id")
         diff = paired_ci(a["drop"].to_numpy(), r["drop"].to_numpy())
-        ratio = float(a["drop"].mean() / r["drop"].mean()) if r["drop"].mean() else float("inf")
+        ratio = float(a["drop"].mean() / r["drop"].mean()) if r["drop"].mean() > 0 else float("nan")
         la, lr = np.log10(a["rank"].to_numpy()), np.log10(r["rank"].to_numpy())
         rank_diff = paired_ci(la, lr)
         result["vs_random"][k] = {"drop_diff": diff, "drop_ratio": ratio, "log10_rank_diff": rank_diff}
+        times = f"x{ratio:.1f}" if ratio == ratio else "random deletion raises the score: no ratio"
         print(f"k={k}: attributed - random score drop {diff[0]:+.3f} [{diff[1]:+.3f}, {diff[2]:+.3f}] nats "
-              f"(x{ratio:.1f}); log10 rank {rank_diff[0]:+.2f} [{rank_diff[1]:+.2f}, {rank_diff[2]:+.2f}]")  # fmt: skip
-    write_json(OUT, result)
+              f"({times}); log10 rank {rank_diff[0]:+.2f} [{rank_diff[1]:+.2f}, {rank_diff[2]:+.2f}]")  # fmt: skip
+    write_json(OUT / f"attribution_{args.dataset}_{'keep' if not model.exclude_seen_ else 'exclude'}_seen.json", result)
     return result
 
 
