@@ -25,7 +25,7 @@ ALLOWED = {
     "plots": {"data"},
     "propensity": {"data", "sequence", "nn", "inference"},
     "segments": {"data", "plots", "propensity"},
-    "explain": {"data", "sequence"},  # sequence: attribution reads the vocabulary's special-token boundary
+    "explain": {"data", "sequence", "nn"},  # attribution: the vocabulary's specials, the copy mixture
     "model_dir": {"data", "sequence", "nn"},
     "recipes": set(),
 }

@@ -100,3 +100,23 @@ def test_an_event_after_the_scoring_time_is_not_input(plain):
     before = occlusion(model, recs, mine).events
     with_canary = occlusion(model, recs, pl.concat([mine, canary]), as_of=as_of).events
     assert with_canary.equals(before)
+
+
+@pytest.mark.parametrize("which", ["plain", "repeat_aware"])
+def test_integrated_gradients_are_complete_and_agree_with_occlusion(which, request):
+    """The contributions sum to the score minus the zero-content baseline (completeness), the
+    score is the engine's, events outside the window get 0. (How closely the ranking follows
+    occlusion's is a benchmark figure, not a property: benchmarks/attribution.py.)"""
+    from behaviorlm.explain.attribution import integrated_gradients
+
+    model, ev = request.getfixturevalue(which)
+    user = ev.df["user_id"][3]
+    mine = ev.df.filter(pl.col("user_id") == user).sort("timestamp")
+    recs = model.recommend(events=mine, k=2, exclude_seen=False).select("user_id", "item_id")
+    ig = integrated_gradients(model, recs, mine, steps=64)
+    for row in ig.totals.iter_rows(named=True):
+        assert row["total"] == pytest.approx(row["score"] - row["baseline"], abs=2e-3)  # midpoint rule, 64 steps
+        assert row["score"] == pytest.approx(_score(model, mine, row["item_id"]), abs=1e-4)
+    outside = mine.height - (model.params["max_len"])
+    contrib = ig.events.filter(pl.col("item_id") == recs["item_id"][0]).sort("event_index")["contribution"]
+    assert (contrib[: max(outside, 0)] == 0.0).all() and (contrib[max(outside, 0) :] != 0.0).any()

@@ -169,7 +169,12 @@ class BehaviorTransformer(nn.Module):
                     m.weight[m.padding_idx].zero_()
 
     def forward(
-        self, items: torch.Tensor, actions: torch.Tensor, gaps: torch.Tensor, last: torch.Tensor | None = None
+        self,
+        items: torch.Tensor,
+        actions: torch.Tensor,
+        gaps: torch.Tensor,
+        last: torch.Tensor | None = None,
+        inputs: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(B, L) token ids -> (B, L, dim) hidden states; row t depends only on tokens <= t.
 
@@ -177,26 +182,33 @@ class BehaviorTransformer(nn.Module):
         final block computes queries, attention and MLP for them alone -- what scoring needs, at
         a fraction of the cost. The result is the *inference state*: the hidden state (B, dim),
         followed, for a repeat-aware model, by the copy part (:class:`CopyState`), so that
-        :meth:`item_logp` needs nothing else.
+        :meth:`item_logp` needs nothing else. ``inputs`` replaces :meth:`input_vectors` (the
+        token content the transformer reads; gradient attribution scales it), the ids still
+        naming what the copy head can copy.
         """
         if last is None:
-            return self.hidden_states(items, actions, gaps)
-        h = self.hidden_states(items, actions, gaps, last)
+            return self.hidden_states(items, actions, gaps, inputs=inputs)
+        h = self.hidden_states(items, actions, gaps, last, inputs)
         if self.copy_head is None or self.state_layout is None:
             return h
         log_alpha = self.copy_head.position_logits_at(h, self.event_vectors(items, actions), items, actions, last)
         return self.state_layout.pack(h, log_alpha, items)
 
     def hidden_states(
-        self, items: torch.Tensor, actions: torch.Tensor, gaps: torch.Tensor, last: torch.Tensor | None = None
+        self,
+        items: torch.Tensor,
+        actions: torch.Tensor,
+        gaps: torch.Tensor,
+        last: torch.Tensor | None = None,
+        inputs: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The transformer proper: (B, L, dim), or (B, dim) at the positions ``last``."""
         n = items.shape[1]
         if n > self.config.max_len:
             raise ValueError(f"sequence length {n} exceeds max_len {self.config.max_len}")
         pos = torch.arange(n, device=items.device)
-        x = self.item_vectors(items) + self.action_emb(actions) + self.context_vectors(gaps) + self.pos_emb(pos)
-        x = self.drop(x)
+        content = self.input_vectors(items, actions, gaps) if inputs is None else inputs
+        x = self.drop(content + self.pos_emb(pos))
         if last is None:
             for block in self.blocks:
                 x = block(x)
@@ -205,6 +217,11 @@ class BehaviorTransformer(nn.Module):
             x = block(x)
         last_block: Block = self.blocks[-1]  # type: ignore[assignment]  # ModuleList indexes as Module
         return self.ln_f(last_block.forward_at(x, last))
+
+    def input_vectors(self, items: torch.Tensor, actions: torch.Tensor, gaps: torch.Tensor) -> torch.Tensor:
+        """What each token tells the transformer before its position is added: the item, the
+        action and the time gap (with any per-event values), (B, L, dim)."""
+        return self.item_vectors(items) + self.action_emb(actions) + self.context_vectors(gaps)
 
     def event_vectors(self, items: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """What each context event was (item + action), the copy head's keys."""
