@@ -50,11 +50,15 @@ def model_and_inputs(args: argparse.Namespace):
     return model, split.test.inputs
 
 
-def strategies(att: pl.DataFrame, rng: np.random.Generator, repeat_aware: bool) -> dict[str, list[int]]:
+def strategies(
+    att: pl.DataFrame, grad: pl.DataFrame, rng: np.random.Generator, repeat_aware: bool
+) -> dict[str, list[int]]:
     """For one (user, item): event indices in deletion order, per strategy (window events only)."""
     window = att.filter(pl.col("contribution") != 0.0) if att["contribution"].abs().sum() else att
+    in_window = grad.filter(pl.col("event_index").is_in(window["event_index"].implode()))
     order = {
         "attributed": window.sort("contribution", descending=True)["event_index"].to_list(),
+        "gradient": in_window.sort("contribution", descending=True)["event_index"].to_list(),
         "random": rng.permutation(window["event_index"].to_numpy()).tolist(),
         "recent": window.sort("event_index", descending=True)["event_index"].to_list(),
     }
@@ -113,7 +117,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    from behaviorlm.explain.attribution import occlusion
+    from scipy.stats import spearmanr
+
+    from behaviorlm.explain.attribution import integrated_gradients, occlusion
 
     t0 = time.perf_counter()
     model, inputs = model_and_inputs(args)
@@ -126,10 +132,18 @@ def main(argv: list[str] | None = None) -> dict:
     t1 = time.perf_counter()
     att = occlusion(model, recs, inputs.filter(pl.col("user_id").is_in(users)))
     att_s = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    grad = integrated_gradients(model, recs, inputs.filter(pl.col("user_id").is_in(users)), steps=32)
+    grad_s = time.perf_counter() - t2
     repeat_aware = model.model_.copy_head is not None
-    plans = []
+    plans, rhos = [], []
     for (user, item), rows in att.events.group_by("user_id", "item_id", maintain_order=True):
-        for name, order in strategies(rows, rng, repeat_aware).items():
+        g = grad.events.filter((pl.col("user_id") == user) & (pl.col("item_id") == item))
+        both = rows.join(g.select("event_index", pl.col("contribution").alias("g")), on="event_index")
+        both = both.filter(pl.col("contribution") != 0.0)
+        if both.height >= 3:
+            rhos.append(spearmanr(both["contribution"], both["g"]).statistic)
+        for name, order in strategies(rows, g, rng, repeat_aware).items():
             for k in KS:
                 plans.append((user, item, name, k, order[:k]))
         plans.append((user, item, "none", 0, []))  # the check: rank 1 before any deletion
@@ -150,9 +164,17 @@ def main(argv: list[str] | None = None) -> dict:
         "fit_s": fit_s,
         "attribution_s": att_s,
         "users_per_s": len(users) / att_s,
+        "gradient_users_per_s": len(users) / grad_s,
+        "spearman_gradient_vs_occlusion": {
+            "median": float(np.nanmedian(rhos)),
+            "quartiles": [float(np.nanquantile(rhos, 0.25)), float(np.nanquantile(rhos, 0.75))],
+        },
         "rows": [],
     }
-    print(f"{args.dataset}: {len(users)} users, top-1 item, occlusion {len(users) / att_s:.1f} users/s")
+    q1, q2, q3 = (float(np.nanquantile(rhos, q)) for q in (0.25, 0.5, 0.75))
+    print(f"{args.dataset}: {len(users)} users, top-1 item, occlusion {len(users) / att_s:.1f} users/s, "
+          f"gradient {len(users) / grad_s:.1f} users/s; Spearman gradient vs occlusion over window events: "
+          f"median {q2:.2f} [IQR {q1:.2f}, {q3:.2f}]")  # fmt: skip
     print(f"{'strategy':<15}{'k':>3}{'score drop (nats)':>20}{'median rank after':>20}{'mean log10 rank':>18}")
     for (name, k), g in table.group_by("strategy", "k", maintain_order=True):
         row = {
