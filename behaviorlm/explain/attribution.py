@@ -81,14 +81,8 @@ def occlusion(
     ``events`` are the users' events (raw or validated; read with the model's schema); with
     ``as_of`` only those before it are input (and reported), as in scoring at that time."""
     engine = model.engine
-    ev = model.validate_input(events).df.sort("user_id", "timestamp", maintain_order=True)
-    if as_of is not None:
-        ev = ev.filter(pl.col("timestamp") < to_utc(as_of, "as_of"))
-    recs = recommendations.select("user_id", "item_id")
-    cols = _item_columns(engine, recs["item_id"])
+    ev, recs, cols = _inputs(model, recommendations, events, as_of)
     memory = engine.max_len + 2  # window + the event giving its oldest one a gap + one to slide in
-    ev = ev.filter(pl.col("user_id").is_in(recs["user_id"].unique().implode()))
-    ev = ev.with_columns(pl.int_range(pl.len()).over("user_id").alias("__index"))
     n = pl.len().over("user_id").cast(pl.Int64)  # UInt32 would underflow for users shorter than memory
     tail = ev.filter(pl.col("__index") >= n - memory)
     variants, key = _variants(tail, engine.max_len + 1)
@@ -111,43 +105,65 @@ def integrated_gradients(
     if steps < 1:
         raise ConfigurationError(f"steps must be >= 1, got {steps}")
     engine = model.engine
+    ev, recs, cols = _inputs(model, recommendations, events, as_of)
+    enc = engine.encode(Events.trusted(ev, "attribution input"))
+    row_of = {u: i for i, u in enumerate(enc.user_ids)}
+    by_user = ev.partition_by("user_id", as_dict=True, include_key=True)
+    out, totals = [], []
+    for (user, item), col in zip(recs.iter_rows(), cols, strict=True):
+        per_token, score, base = _ig_one(engine, enc, row_of[user], int(col), steps)
+        mine = by_user[(user,)]
+        for e in mine.iter_rows(named=True):
+            token = _token_of(e["__index"], mine.height, len(per_token))
+            contribution = 0.0 if token is None else float(per_token[token])
+            out.append(_row(user, item, e, contribution, None, score))
+        total = float(per_token.sum())  # the BOS token's share included: completeness is over tokens
+        totals.append({"user_id": user, "item_id": item, "score": score, "total": total, "baseline": base})
+    return Attributions(_frame(out), pl.DataFrame(totals))
+
+
+def _inputs(
+    model: Any, recommendations: pl.DataFrame, events: Events | Any, as_of: datetime | None
+) -> tuple[pl.DataFrame, pl.DataFrame, np.ndarray]:
+    """The recommended users' input events (model schema, time order, before ``as_of``), each
+    numbered within its user (``__index``, oldest 0); the recommendations; their item columns."""
     ev = model.validate_input(events).df.sort("user_id", "timestamp", maintain_order=True)
     if as_of is not None:
         ev = ev.filter(pl.col("timestamp") < to_utc(as_of, "as_of"))
-    ev = ev.with_columns(pl.int_range(pl.len()).over("user_id").alias("__index"))
     recs = recommendations.select("user_id", "item_id")
-    cols = _item_columns(engine, recs["item_id"])
-    users = recs["user_id"].unique(maintain_order=True)
-    enc = engine.encode(Events.trusted(ev.filter(pl.col("user_id").is_in(users.implode())), "attribution input"))
-    row_of = {u: i for i, u in enumerate(enc.user_ids)}
-    out, totals = [], []
-    for (user, item), col in zip(recs.iter_rows(), cols, strict=True):
-        row = row_of[user]
-        per_token, score, base = _ig_one(engine, enc, row, int(col), steps)
-        mine = ev.filter(pl.col("user_id") == user)
-        n_tok = len(per_token)
-        has_bos = n_tok == mine.height + 1
-        first = mine.height - n_tok + (1 if has_bos else 0)
-        for e in mine.iter_rows(named=True):
-            pos = e["__index"] - first + (1 if has_bos else 0)
-            contribution = float(per_token[pos]) if e["__index"] >= first else 0.0
-            out.append(
-                {
-                    "user_id": user,
-                    "item_id": item,
-                    "event_index": e["__index"],
-                    "event_item": e["item_id"],
-                    "event_action": e["event_type"],
-                    "event_time": e["timestamp"],
-                    "contribution": contribution,
-                    "copy_weight": None,
-                    "score": score,
-                }
-            )
-        total = float(per_token.sum())  # the BOS token's share included: completeness is over tokens
-        totals.append({"user_id": user, "item_id": item, "score": score, "total": total, "baseline": base})
-    frame = pl.DataFrame(out, schema_overrides={"copy_weight": pl.Float64}) if out else pl.DataFrame()
-    return Attributions(frame.select(COLUMNS) if out else frame, pl.DataFrame(totals))
+    cols = _item_columns(model.engine, recs["item_id"])
+    ev = ev.filter(pl.col("user_id").is_in(recs["user_id"].unique().implode()))
+    return ev.with_columns(pl.int_range(pl.len()).over("user_id").alias("__index")), recs, cols
+
+
+def _token_of(index: int, n_events: int, n_tokens: int) -> int | None:
+    """Position in the encoded input of a user's event ``index`` (of ``n_events``), when the
+    input holds ``n_tokens`` tokens: BOS first when nothing was cut, else the last events only;
+    None for an event before the input."""
+    has_bos = n_tokens == n_events + 1
+    first = n_events - n_tokens + has_bos  # the oldest event in the input
+    return None if index < first else index - first + has_bos
+
+
+def _row(user: Any, item: Any, e: dict[str, Any], contribution: float, weight: float | None, score: float) -> dict:
+    """One output row (:data:`COLUMNS`) for event ``e`` of ``user`` and recommended ``item``."""
+    return {
+        "user_id": user,
+        "item_id": item,
+        "event_index": e["__index"],
+        "event_item": e["item_id"],
+        "event_action": e["event_type"],
+        "event_time": e["timestamp"],
+        "contribution": contribution,
+        "copy_weight": weight,
+        "score": score,
+    }
+
+
+def _frame(rows: list[dict[str, Any]]) -> pl.DataFrame:
+    if not rows:
+        return pl.DataFrame()
+    return pl.DataFrame(rows, schema_overrides={"copy_weight": pl.Float64}).select(COLUMNS)
 
 
 def _ig_one(engine: Any, enc: Any, row: int, col: int, steps: int) -> tuple[np.ndarray, float, float]:
@@ -266,37 +282,21 @@ def _assemble(
     """Contributions per (user, item, event): the full row's score minus each variant's."""
     full_key = dict(key.filter(pl.col("__removed") < 0).select("user_id", "__key").iter_rows())
     variant_key = {(u, r): k for k, u, r in key.select("__key", "user_id", "__removed").iter_rows()}
+    by_user = ev.partition_by("user_id", as_dict=True, include_key=True)
     out: list[dict[str, Any]] = []
     totals: list[dict[str, Any]] = []
-    for (user, item), col in zip(recs.select("user_id", "item_id").iter_rows(), cols, strict=True):
+    for (user, item), col in zip(recs.iter_rows(), cols, strict=True):
         full_row = row_of[full_key[user]]
         score = float(logp[full_row, col])
-        mine = ev.filter(pl.col("user_id") == user)
-        n_input = enc.offsets[full_row + 1] - enc.offsets[full_row]  # tokens the full row feeds
-        first_input = mine.height - n_input + (1 if n_input == mine.height + 1 else 0)
+        mine = by_user[(user,)]
+        n_input = int(enc.offsets[full_row + 1] - enc.offsets[full_row])  # tokens the full row feeds
         total = 0.0
         for e in mine.iter_rows(named=True):
             k = variant_key.get((user, e["__index"]))
             contribution = 0.0 if k is None else score - float(logp[row_of[k], col])
             total += contribution
-            weight = None
-            pos = e["__index"] - first_input
-            if copy_w is not None and 0 <= pos < copy_w.shape[1]:
-                shift = 1 if n_input == mine.height + 1 else 0  # BOS first when nothing was cut
-                weight = float(copy_w[full_row, pos + shift])
-            out.append(
-                {
-                    "user_id": user,
-                    "item_id": item,
-                    "event_index": e["__index"],
-                    "event_item": e["item_id"],
-                    "event_action": e["event_type"],
-                    "event_time": e["timestamp"],
-                    "contribution": contribution,
-                    "copy_weight": weight,
-                    "score": score,
-                }
-            )
+            token = _token_of(e["__index"], mine.height, n_input)
+            weight = None if copy_w is None or token is None else float(copy_w[full_row, token])
+            out.append(_row(user, item, e, contribution, weight, score))
         totals.append({"user_id": user, "item_id": item, "score": score, "total": total})
-    frame = pl.DataFrame(out, schema_overrides={"copy_weight": pl.Float64}) if out else pl.DataFrame()
-    return Attributions(frame.select(COLUMNS) if out else frame, pl.DataFrame(totals))
+    return Attributions(_frame(out), pl.DataFrame(totals))
