@@ -334,9 +334,7 @@ class BehaviorLM:
         later = df.filter(pl.col("__newest").is_null() | (pl.col("timestamp") >= pl.col("__newest"))).drop("__newest")
         fresh = later.join(self.histories_, on=list(_IDENTITY), how="anti", nulls_equal=True)
         fresh = pl.concat([self.context_, fresh], how="vertical_relaxed").unique(maintain_order=True)
-        n = pl.len().over("user_id").cast(pl.Int64)
-        fresh = fresh.sort(["user_id", "timestamp"], maintain_order=True)
-        self.context_ = fresh.filter(pl.int_range(pl.len()).over("user_id") >= n - self._memory())
+        self.context_ = self._most_recent(fresh.sort(["user_id", "timestamp"], maintain_order=True))
         seen = self.context_.select("user_id", "item_id")
         self.seen_ = pl.concat([self.seen_, seen], how="vertical_relaxed").unique(maintain_order=True)
         last = self.context_["timestamp"].max()
@@ -485,12 +483,16 @@ class BehaviorLM:
         user's encoding would differ from the batch's over all their events)."""
         return int(self.params["max_len"]) + 1
 
+    def _most_recent(self, df: pl.DataFrame) -> pl.DataFrame:
+        """Each user's last :meth:`_memory` rows of ``df`` (sorted by user, then time)."""
+        n = pl.len().over("user_id").cast(pl.Int64)  # UInt32 would underflow for short users
+        return df.filter(pl.int_range(pl.len()).over("user_id") >= n - self._memory())
+
     def _remember_users(self, ev: Events, keep_others: bool = False) -> None:
         """Keep what recommend(users=...) needs: recent events and the seen-item sets
         (``keep_others``: users absent from ``ev`` keep what was remembered of them)."""
         df = ev.df
-        n = pl.len().over("user_id").cast(pl.Int64)  # UInt32 would underflow for short users
-        recent = df.filter(pl.int_range(pl.len()).over("user_id") >= n - self._memory())
+        recent = self._most_recent(df)
         seen = df.select("user_id", "item_id").unique(maintain_order=True)
         if keep_others:
             users = df["user_id"].unique().implode()
@@ -543,8 +545,7 @@ class BehaviorLM:
             return hist
         both = pl.concat([hist, ctx.select(hist.columns)], how="vertical_relaxed")
         both = both.sort("user_id", "timestamp", maintain_order=True)  # stable: trained events first on ties
-        n = pl.len().over("user_id").cast(pl.Int64)
-        return both.filter(pl.int_range(pl.len()).over("user_id") >= n - self._memory())
+        return self._most_recent(both)
 
     def user_id_dtype(self) -> pl.DataType:
         return self.histories_["user_id"].dtype
