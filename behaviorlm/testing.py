@@ -32,10 +32,14 @@ def _data(messages: list[dict[str, str]]) -> dict[str, Any]:
 
 
 def _good(data: dict[str, Any]) -> dict[str, Any]:
+    """A faithful answer: the item's category, and its strongest attributed event (else the last event)."""
     out = []
     for r in data["recommendations"]:
         ev = [f"{r['id']}.category"] if "category" in r else []
-        ev += [data["events"][-1]["id"]] if data["events"] else []
+        if r.get("attributed"):
+            ev += [r["attributed"][0]["event"]]
+        elif data["events"]:
+            ev += [data["events"][-1]["id"]]
         out.append(
             {"item_id": r["item_id"], "rationale": f"Matches what you browsed ({r['item_id']}).", "evidence": ev}
         )
@@ -50,6 +54,11 @@ def answer(behaviour: str, data: dict[str, Any]) -> str:
         return '{"explanations": [{"item_id": "oops", '
     if behaviour == "hallucinated_item":
         good["explanations"][0]["item_id"] = "not-a-recommended-item"
+        return json.dumps(good)
+    if behaviour == "unfaithful":  # real facts, but none of the events the model's attributions name
+        for r, e in zip(data["recommendations"], good["explanations"], strict=True):
+            named = {a["event"] for a in r.get("attributed", [])}
+            e["evidence"] = [x["id"] for x in data["events"] if x["id"] not in named][:1] or [f"{r['id']}.category"]
         return json.dumps(good)
     if behaviour == "invented_evidence":
         good["explanations"][0]["evidence"] = ["E999", "R1.colour"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 
 import numpy as np
@@ -9,7 +10,8 @@ import polars as pl
 import pytest
 
 from behaviorlm.data.events import validate_events
-from behaviorlm.explain.attribution import COLUMNS, occlusion
+from behaviorlm.errors import ConfigurationError
+from behaviorlm.explain.attribution import COLUMNS, integrated_gradients, occlusion
 from behaviorlm.recommender import BehaviorLM
 from tests.conftest import make_events, make_funnel_events
 
@@ -120,3 +122,65 @@ def test_integrated_gradients_are_complete_and_agree_with_occlusion(which, reque
     outside = mine.height - (model.params["max_len"])
     contrib = ig.events.filter(pl.col("item_id") == recs["item_id"][0]).sort("event_index")["contribution"]
     assert (contrib[: max(outside, 0)] == 0.0).all() and (contrib[max(outside, 0) :] != 0.0).any()
+
+
+def test_an_item_outside_the_vocabulary_is_attributed_through_the_copy_path(repeat_aware):
+    """A repeat-aware model recommends an item it never trained on by copying it from the
+    history; occlusion scores it as recommend does, and the events holding it carry its score."""
+    model, ev = repeat_aware
+    mine = ev.df.filter(pl.col("user_id") == ev.df["user_id"][0]).sort("timestamp")
+    t = mine["timestamp"].max()
+    new = pl.DataFrame(
+        {
+            "user_id": [mine["user_id"][0]] * 2,
+            "item_id": ["never-trained", "never-trained"],
+            "event_type": ["view", "add_to_cart"],
+            "timestamp": [t + timedelta(minutes=1), t + timedelta(minutes=2)],
+        }
+    )
+    hist = pl.concat([mine, new.cast(mine.schema)])
+    recs = model.recommend(events=hist, k=40, exclude_seen=False)
+    rec = recs.filter(pl.col("item_id") == "never-trained")
+    assert rec.height == 1  # the copy path ranks it
+    att = occlusion(model, rec.select("user_id", "item_id"), hist)
+    rows = att.events.sort("event_index")
+    assert np.exp(rows["score"][0]) == pytest.approx(rec["score"][0], rel=1e-4)
+    holding = rows.filter(pl.col("event_item") == "never-trained")["contribution"]
+    others = rows.filter(pl.col("event_item") != "never-trained")["contribution"]
+    assert holding.max() > 10 * max(others.max(), 0.01) and rows["contribution"].is_finite().all()
+    with pytest.raises(ConfigurationError, match="not in the model's vocabulary"):
+        integrated_gradients(model, rec.select("user_id", "item_id"), hist)
+
+
+def _numbers(text: str) -> list[str]:
+    return re.findall(r"\d[\d,.:-]*\d|\d", text)
+
+
+def test_template_rationales_state_only_the_facts_they_cite(repeat_aware):
+    """Every number a grounded template writes is in the description of a fact it cites (or is
+    the recommended item's own id); each attributed item cites its strongest event; and the
+    sentences differ from user to user."""
+    from behaviorlm.explain import TemplateExplainer, explain_batch
+    from behaviorlm.explain.grounded import grounded_contexts
+
+    model, ev = repeat_aware
+    catalog = pl.DataFrame({"item_id": [f"i{i}" for i in range(30)], "price": [5.0 + i for i in range(30)]})
+    users = ev.df["user_id"].unique(maintain_order=True).head(12)
+    mine = ev.derive(ev.df.filter(pl.col("user_id").is_in(users.implode())), "explained users")
+    recs = pl.concat(
+        [model.recommend(events=mine, k=3, exclude_seen=False), model.recommend(events=mine, k=3).with_columns()]
+    ).unique(["user_id", "item_id"], maintain_order=True)
+    recs = recs.with_columns(pl.int_range(1, pl.len() + 1).over("user_id").cast(pl.Int32).alias("rank"))
+    grounded = grounded_contexts(model, recs, mine, items=catalog)
+    table = explain_batch(grounded.contexts, TemplateExplainer())
+    assert table.height == recs.height and grounded.attributions is not None
+    ctx_of = {c.user_id: c for c in grounded.contexts}
+    for row in table.iter_rows(named=True):
+        facts = " ".join(ctx_of[row["user_id"]].describe(e) for e in row["evidence"])
+        assert "not in the context" not in facts
+        allowed = set(_numbers(facts)) | {str(row["item_id"]).lstrip("i")}
+        assert set(_numbers(row["rationale"])) <= allowed, (row["rationale"], facts)
+        if row["attributed"]:
+            assert row["attributed"][0] in row["evidence"]
+    assert table.filter(pl.col("attributed").list.len() > 0).height >= table.height // 2
+    assert table["rationale"].n_unique() >= 0.8 * table.height

@@ -22,7 +22,7 @@ from behaviorlm.explain import (
     validate_rationales,
 )
 from behaviorlm.testing import INJECTED_ITEM, ScriptedLLM
-from tests.conftest import INJECTION
+from tests.conftest import INJECTION, T0
 
 SECRET = "sk-test-never-log-me"
 
@@ -34,7 +34,7 @@ def _config(llm: ScriptedLLM, **kw) -> LLMConfig:
 def test_contexts_are_grounded_and_sanitised(contexts):
     c1 = contexts[0]
     assert [e["id"] for e in c1.events] == ["E1", "E2", "E3"] and c1.events[2]["action"] == "add_to_cart"
-    assert c1.item_ids() == ["b", "c"] and c1.profile == {"propensity": 0.712, "tier": "High"}
+    assert c1.item_ids() == ["b", "c"] and c1.profile == {"propensity": 0.712, "tier": "High", "usual_price": 3.5}
     assert c1.recommendations[1]["title"] == "Green tea"  # control characters stripped
     assert len(contexts[1].recommendations[1]["title"]) == MAX_TEXT
     assert {"E1", "R1.category", "R2.brand", "P.tier"} <= c1.fact_ids()
@@ -65,6 +65,7 @@ def test_good_answer_is_used_and_the_key_stays_secret(contexts, monkeypatch, cap
         "rationale",
         "evidence",
         "evidence_facts",
+        "attributed",
         "source",
         "model_version",
     ]
@@ -187,3 +188,68 @@ def test_openai_key_goes_to_openai_only(monkeypatch):
     assert LLMConfig(base_url="https://api.openai.com/v1").key_env == "OPENAI_API_KEY"
     for url in ("http://127.0.0.1:8080/v1", "https://api.openai.com.example.net/v1", "http://api.openai.com/v1"):
         assert LLMConfig(base_url=url).key_env == "BEHAVIORLM_LLM_API_KEY", url
+
+
+def _attributed_contexts(catalog, contributions: dict[tuple[int, str], list[tuple[str, float]]]):
+    """The fixture's users with attributions: (user, recommended item) -> [(event item, nats)]."""
+    from behaviorlm.explain.attribution import COLUMNS
+
+    events = validate_events(
+        pl.DataFrame(
+            {
+                "user_id": [1, 1, 1, 2, 2],
+                "item_id": ["a", "x", "c", "c", "d"],
+                "event_type": ["view", "view", "add_to_cart", "view", "view"],
+                "timestamp": [T0 + 100, T0 + 200, T0 + 300, T0 + 100, T0 + 400],
+            }
+        )
+    )
+    recs = pl.DataFrame({"user_id": [1, 1, 2], "item_id": ["b", "c", "a"], "score": [0.3, 0.2, 0.5], "rank": [1, 2, 1]})
+    rows = []
+    for (user, item), parts in contributions.items():
+        mine = events.df.filter(pl.col("user_id") == user)
+        for e_item, nats in parts:
+            e = mine.filter(pl.col("item_id") == e_item).row(0, named=True)
+            rows.append(
+                {
+                    "user_id": user,
+                    "item_id": item,
+                    "event_index": 0,
+                    "event_item": e_item,
+                    "event_action": e["event_type"],
+                    "event_time": e["timestamp"],
+                    "contribution": nats,
+                    "copy_weight": None,
+                    "score": -1.0,
+                }
+            )
+    att = pl.DataFrame(rows, schema_overrides={"copy_weight": pl.Float64}).select(COLUMNS)
+    return build_contexts(recs, events, catalog, attributions=att)
+
+
+def test_contexts_carry_the_attributed_events_strongest_first(catalog):
+    ctxs = _attributed_contexts(catalog, {(1, "b"): [("x", 0.2), ("a", 0.9), ("c", 0.01)], (2, "a"): [("d", 0.3)]})
+    by_item = {r["item_id"]: r for r in ctxs[0].recommendations}
+    assert [a["event"] for a in by_item["b"]["attributed"]] == ["E1", "E2"]  # 0.01 nats is no reason
+    assert by_item["c"]["attributed"] == []
+    assert ctxs[1].recommendations[0]["attributed"] == [{"event": "E2", "contribution": 0.3}]
+
+
+def test_an_answer_citing_none_of_the_attributed_events_is_rejected_and_falls_back(catalog):
+    ctxs = _attributed_contexts(catalog, {(1, "b"): [("a", 0.9)], (2, "a"): [("d", 0.3)]})
+    with ScriptedLLM(["unfaithful", "unfaithful"]) as llm:
+        ex = LLMExplainer(_config(llm))
+        df = explain_batch(ctxs, ex)
+    got = {(r["user_id"], r["item_id"]): r for r in df.iter_rows(named=True)}
+    for key, event in (((1, "b"), "E1"), ((2, "a"), "E2")):
+        assert got[key]["source"] == "fallback" and event in got[key]["evidence"], got[key]
+    assert got[(1, "c")]["source"] == "llm"  # no attributions: nothing to be unfaithful to
+    assert ex.stats.unfaithful == 4 and ex.stats.repairs == 2  # two items, asked twice each
+    repairs = " ".join(r["body"]["messages"][-1]["content"] for r in llm.requests)
+    assert "item b: evidence cites none of the events that made the model recommend it (E1)" in repairs
+    with ScriptedLLM(["unfaithful"]) as llm:  # the check can be turned off
+        df = explain_batch(ctxs, LLMExplainer(_config(llm, cite_attributed=0)))
+    assert set(df["source"]) == {"llm"}
+    with ScriptedLLM(["good"]) as llm:  # a faithful answer passes
+        df = explain_batch(ctxs, LLMExplainer(_config(llm)))
+    assert set(df["source"]) == {"llm"}

@@ -14,6 +14,12 @@ events can matter (the input window, and the event that gives the window's oldes
 gap); older events are reported with contribution 0, which is exact: removing one changes
 nothing the model sees (a test checks it). Events at or after the scoring time are never input.
 
+A repeat-aware model can recommend an item outside its vocabulary by copying it from the
+history; occlusion scores such an item as recommendation does (the copy path's column for the
+first position holding it), and a variant whose history no longer holds it gets the row's lowest
+vocabulary log-probability (the item cannot be recommended there; a finite floor rather than
+an infinite contribution). Integrated gradients refuse such an item by name.
+
 For a **repeat-aware** model (a copy head) each event also gets ``copy_weight``: the share of
 the next-item probability the copy path puts on that position (gate times attention, averaged
 over the next action as the score is) -- how much the model is "showing it again" rather than
@@ -81,15 +87,15 @@ def occlusion(
     ``events`` are the users' events (raw or validated; read with the model's schema); with
     ``as_of`` only those before it are input (and reported), as in scoring at that time."""
     engine = model.engine
-    ev, recs, cols = _inputs(model, recommendations, events, as_of)
+    ev, recs, cols = _inputs(model, recommendations, events, as_of, new_items=True)
     memory = engine.max_len + 2  # window + the event giving its oldest one a gap + one to slide in
     n = pl.len().over("user_id").cast(pl.Int64)  # UInt32 would underflow for users shorter than memory
     tail = ev.filter(pl.col("__index") >= n - memory)
     variants, key = _variants(tail, engine.max_len + 1)
     enc = engine.encode(Events.trusted(variants.drop("__variant", "__index", "__removed"), "attribution variants"))
-    logp, copy_w = _scores(engine, enc, batch_size)
+    logp, copy_w = _scores(engine, enc, batch_size, new_items=bool((cols < N_SPECIAL).any()))
     row_of = {u: i for i, u in enumerate(enc.user_ids)}
-    return _assemble(ev, recs, cols, key, row_of, logp, copy_w, enc)
+    return _assemble(ev, recs, _Columns(engine, enc, cols, recs["item_id"]), key, row_of, logp, copy_w, enc)
 
 
 def integrated_gradients(
@@ -123,15 +129,16 @@ def integrated_gradients(
 
 
 def _inputs(
-    model: Any, recommendations: pl.DataFrame, events: Events | Any, as_of: datetime | None
+    model: Any, recommendations: pl.DataFrame, events: Events | Any, as_of: datetime | None, new_items: bool = False
 ) -> tuple[pl.DataFrame, pl.DataFrame, np.ndarray]:
     """The recommended users' input events (model schema, time order, before ``as_of``), each
-    numbered within its user (``__index``, oldest 0); the recommendations; their item columns."""
+    numbered within its user (``__index``, oldest 0); the recommendations; their item columns
+    (``[UNK]``'s for an item outside the vocabulary, with ``new_items`` and a repeat-aware model)."""
     ev = model.validate_input(events).df.sort("user_id", "timestamp", maintain_order=True)
     if as_of is not None:
         ev = ev.filter(pl.col("timestamp") < to_utc(as_of, "as_of"))
     recs = recommendations.select("user_id", "item_id")
-    cols = _item_columns(model.engine, recs["item_id"])
+    cols = _item_columns(model.engine, recs["item_id"], new_items and model.engine.network.copy_head is not None)
     ev = ev.filter(pl.col("user_id").is_in(recs["user_id"].unique().implode()))
     return ev.with_columns(pl.int_range(pl.len()).over("user_id").alias("__index")), recs, cols
 
@@ -213,15 +220,39 @@ def _item_logp_at(net: Any, state: torch.Tensor, next_action: torch.Tensor, col:
     return mix(gen[:, None], copy, log_g, log_1mg)[:, 0]
 
 
-def _item_columns(engine: Any, items: pl.Series) -> np.ndarray:
+def _item_columns(engine: Any, items: pl.Series, new_items: bool = False) -> np.ndarray:
+    """Vocabulary columns of ``items``; an item outside the vocabulary is refused by name unless
+    ``new_items`` (a repeat-aware model recommends such an item by copying it from the history)."""
     cols = engine.tokenizer.item_index(items)
     unknown = items.filter(pl.Series(cols < N_SPECIAL))
-    if len(unknown):
+    if len(unknown) and not new_items:
         raise ConfigurationError(
-            f"item {unknown[0]!r} is not in the model's vocabulary: attributions explain catalog items "
-            f"({len(unknown):,} such recommendations)"
+            f"item {unknown[0]!r} is not in the model's vocabulary: this method explains catalog items "
+            f"({len(unknown):,} such recommendations; occlusion explains them for a repeat-aware model)"
         )
     return cols
+
+
+class _Columns:
+    """Where an item's log-probability sits in each encoded row's scores: its vocabulary column,
+    or -- an item outside the vocabulary, which only the copy path can score -- ``n_items +`` the
+    first position holding it in that row (:meth:`InferenceEngine.heads`); a row whose history no
+    longer holds it cannot recommend it, and gets the row's lowest vocabulary log-probability."""
+
+    def __init__(self, engine: Any, enc: Any, cols: np.ndarray, items: pl.Series):
+        self.n_items, self.cols = engine.n_items, cols
+        self.codes = enc.padded_new_codes(slice(0, len(enc)))
+        names = {} if enc.new_ids is None else {v: i for i, v in enumerate(enc.new_ids.to_list())}
+        self.code = [names.get(item, -2) if c < N_SPECIAL else -1 for item, c in zip(items, cols, strict=True)]
+
+    def logp(self, logp: torch.Tensor, row: int, rec: int) -> float:
+        """log P(recommendation ``rec``'s item) in encoded ``row``."""
+        if self.cols[rec] >= N_SPECIAL:
+            return float(logp[row, self.cols[rec]])
+        held = np.flatnonzero(self.codes[row] == self.code[rec]) if self.codes is not None else np.zeros(0, np.int64)
+        if len(held):
+            return float(logp[row, self.n_items + int(held[0])])
+        return float(logp[row, N_SPECIAL : self.n_items].min())
 
 
 def _variants(tail: pl.DataFrame, n_removable: int) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -241,15 +272,23 @@ def _variants(tail: pl.DataFrame, n_removable: int) -> tuple[pl.DataFrame, pl.Da
 
 
 @torch.inference_mode()
-def _scores(engine: Any, enc: Any, batch_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Item log-probs over the vocabulary per variant row, and -- repeat-aware models -- the
-    copy path's probability per input position of each row."""
+def _scores(
+    engine: Any, enc: Any, batch_size: int, new_items: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Item log-probs over the vocabulary (and, with ``new_items``, each row's new context items
+    after it) per variant row, and -- repeat-aware models -- the copy path's probability per
+    input position of each row."""
     parts, copies = [], []
     layout = engine.network.state_layout
     for start in range(0, len(enc), batch_size):
         rows = slice(start, min(start + batch_size, len(enc)))
         h, a_logp = engine.heads(enc, rows)
-        parts.append(engine.item_logp(h, a_logp))
+        scores = engine.item_logp(h, a_logp, new_items=new_items)
+        if new_items:  # every batch as wide as the widest row can be
+            scores = torch.nn.functional.pad(
+                scores, (0, engine.n_items + engine.max_len - scores.shape[1]), value=-torch.inf
+            )
+        parts.append(scores)
         if layout is not None and engine.network.copy_head is not None:
             copies.append(_copy_weights(engine, h, a_logp))
     return torch.cat(parts), (torch.cat(copies) if copies else None)
@@ -272,7 +311,7 @@ def _copy_weights(engine: Any, state: torch.Tensor, a_logp: torch.Tensor) -> tor
 def _assemble(
     ev: pl.DataFrame,
     recs: pl.DataFrame,
-    cols: np.ndarray,
+    cols: _Columns,
     key: pl.DataFrame,
     row_of: dict,
     logp: torch.Tensor,
@@ -285,15 +324,15 @@ def _assemble(
     by_user = ev.partition_by("user_id", as_dict=True, include_key=True)
     out: list[dict[str, Any]] = []
     totals: list[dict[str, Any]] = []
-    for (user, item), col in zip(recs.iter_rows(), cols, strict=True):
+    for rec, (user, item) in enumerate(recs.iter_rows()):
         full_row = row_of[full_key[user]]
-        score = float(logp[full_row, col])
+        score = cols.logp(logp, full_row, rec)
         mine = by_user[(user,)]
         n_input = int(enc.offsets[full_row + 1] - enc.offsets[full_row])  # tokens the full row feeds
         total = 0.0
         for e in mine.iter_rows(named=True):
             k = variant_key.get((user, e["__index"]))
-            contribution = 0.0 if k is None else score - float(logp[row_of[k], col])
+            contribution = 0.0 if k is None else score - cols.logp(logp, row_of[k], rec)
             total += contribution
             token = _token_of(e["__index"], mine.height, n_input)
             weight = None if copy_w is None or token is None else float(copy_w[full_row, token])
