@@ -134,9 +134,9 @@ def events_input(with_items: bool = False):
     return decorate
 
 
-def _parquet_out(path: Path) -> Path:
+def _parquet_out(path: Path, flag: str = "--out") -> Path:
     if path.suffix != ".parquet":
-        raise ConfigurationError(f"--out must end in .parquet, got {path}")
+        raise ConfigurationError(f"{flag} must end in .parquet, got {path}")
     return path
 
 
@@ -649,16 +649,29 @@ def explain(
     max_retries: Annotated[int | None, Opt(help="SDK retries per LLM request")] = None,
     concurrency: Annotated[int | None, Opt(help="parallel LLM requests")] = None,
     cache_dir: Annotated[Path, Opt(help="rationale cache")] = Path("data/cache/explanations"),
+    attribute: Annotated[
+        bool, Opt(help="ground rationales in occlusion attributions (--no-attribute: statistics only, faster)")
+    ] = True,
+    attributions: Annotated[
+        Path | None, Opt("--attributions", help="also write each event's contribution to each item (.parquet)")
+    ] = None,
 ) -> None:
     """Rationales for each user's top-K recommendations: an LLM endpoint if configured, else offline templates.
 
-    OPENAI_API_KEY is sent to OpenAI's API only; a custom --base-url takes BEHAVIORLM_LLM_API_KEY (or
-    none). Keys are never printed or stored.
+    Each rationale rests on the events that made the model rank the item (exact occlusion) and on
+    statistics the system counts; --attributions writes those contributions. OPENAI_API_KEY is sent
+    to OpenAI's API only; a custom --base-url takes BEHAVIORLM_LLM_API_KEY (or none). Keys are never
+    printed or stored.
     """
     from behaviorlm.data.io import write_parquet_atomic
-    from behaviorlm.explain import LLMConfig, build_contexts, explain_batch, make_explainer
+    from behaviorlm.explain import LLMConfig, explain_batch, make_explainer
+    from behaviorlm.explain.grounded import grounded_contexts
 
     _parquet_out(out_path)
+    if attributions is not None:
+        _parquet_out(attributions, flag="--attributions")
+        if not attribute:
+            raise ConfigurationError("--attributions writes the attributions --no-attribute skips: use one of them")
     model = _load_model(model_dir)
     if data.events is None and data.dataset is None:  # the model's remembered recent events
         ev = model.history_events()
@@ -676,13 +689,17 @@ def explain(
     ev = ev.derive(ev.df.filter(pl.col("user_id").is_in(users)), "users to explain")
     recs = model.recommend(events=ev, k=k)
     profiles = pl.read_parquet(scores) if scores is not None else None
-    contexts = build_contexts(recs, ev, item_table, profiles, model_version=model.model_version)
+    grounded = grounded_contexts(model, recs, ev, item_table, profiles, attribute=attribute)
+    contexts = grounded.contexts
     cfg = LLMConfig.from_env(
         base_url=base_url, model=llm_model, timeout_s=timeout, max_retries=max_retries, concurrency=concurrency
     )
     explainer = make_explainer(cfg, cache_dir, offline=offline)
     table = explain_batch(contexts, explainer, progress=sys.stderr.isatty())
     write_parquet_atomic(table, out_path)
+    if attributions is not None and grounded.attributions is not None:
+        write_parquet_atomic(grounded.attributions.events, attributions)
+        out.print(f"wrote {grounded.attributions.events.height:,} event contributions to {attributions}")
     where = (
         f"LLM {cfg.model} at {cfg.base_url or 'the OpenAI API'}" if explainer.source == "llm" else "offline templates"
     )

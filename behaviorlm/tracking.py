@@ -131,10 +131,11 @@ def _with_rationales(model: Any, recs: Any, events: Any) -> Any:
     """Add ``rationale, evidence, rationale_source``: an LLM endpoint if configured, else templates."""
     import polars as pl
 
-    from behaviorlm.explain import build_contexts, explain_batch, make_explainer
+    from behaviorlm.explain import explain_batch, make_explainer
+    from behaviorlm.explain.grounded import grounded_contexts
 
     history = events if events is not None else model.history_events()
-    contexts = build_contexts(recs, history, model.items_, model_version=model.model_version)
+    contexts = grounded_contexts(model, recs, history).contexts
     table = explain_batch(contexts, make_explainer()).select(
         pl.col("user_id").cast(pl.String).alias("__u"),
         pl.col("item_id").cast(pl.String).alias("__i"),

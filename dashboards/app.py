@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `streamlit run d
 from dashboards import data  # noqa: E402
 
 PROFILE_METRICS = ["share", "mean_propensity", "mean_churn_propensity", "observed_conversion", "actions_per_user"]
+ATTRIBUTED_STYLE = "background-color: #fff3bf"  # a soft highlight, readable in both themes
 
 
 @st.cache_data(show_spinner="Loading the partition…")
@@ -194,13 +195,22 @@ def _drill_down(part: data.Partition, view: pl.DataFrame) -> None:
     detail = data.user_detail(part, user)
     c1, c2 = st.columns(2)
     with c1:
-        st.markdown("Recent events")
-        _table_or_note(detail["events"], "No recent events stored for this partition.")
+        st.markdown("Recent events (highlighted: the events the model's attributions say made a recommendation)")
+        _events_table(detail["events"])
     with c2:
         st.markdown("Recommendations")
         _table_or_note(detail["recommendations"], "No scores for this date (run the score step).")
     st.markdown("Rationales")
     _table_or_note(detail["rationales"], "No rationales: this partition has no recommendations or events for the user.")
+
+
+def _events_table(events: pl.DataFrame | None) -> None:
+    if events is None or events.height == 0:
+        st.caption("No recent events stored for this partition.")
+        return
+    frame = events.to_pandas()
+    styled = frame.style.apply(lambda row: [ATTRIBUTED_STYLE if row["explains"] else ""] * len(row), axis=1)
+    st.dataframe(styled, hide_index=True, width="stretch")
 
 
 def _table_or_note(df: pl.DataFrame | None, note: str) -> None:

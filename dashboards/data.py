@@ -11,6 +11,7 @@ Inputs are the batch pipeline's outputs under one folder (default ``data/outputs
     segments/date=D/_SUCCESS               plan, summary, provenance (model URI, registry version, run)
     scores/date=D/part-*.parquet           top-K recommendations
     rationales/date=D.parquet              optional, from the pipeline's explain step
+    attributions/date=D.parquet            optional, the explain step's event contributions
 
 Every loader raises :class:`DashboardDataError` with a sentence a person can act on; the app
 shows it instead of a stack trace.
@@ -90,6 +91,7 @@ class Partition:
     recent: pl.DataFrame | None
     scores: pl.DataFrame | None
     rationales: pl.DataFrame | None
+    attributions: pl.DataFrame | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     tier_edges: list[float] | None = None
     figures: dict[str, Path] = field(default_factory=dict)
@@ -120,6 +122,7 @@ def load_partition(outputs: Path, date: str) -> Partition:
         recent=_read(folder / store.RECENT),
         scores=pl.read_parquet(parts) if parts else None,
         rationales=_read(outputs / "rationales" / f"date={date}.parquet"),
+        attributions=_read(outputs / "attributions" / f"date={date}.parquet"),
         meta=meta,
         tier_edges=edges,
         figures={p.stem: p for p in folder.glob("*.png")},
@@ -202,6 +205,8 @@ def user_detail(p: Partition, user_id: Any) -> dict[str, pl.DataFrame | None]:
     mine_scores, mine_events = pick(p.scores), pick(p.recent)
     recs = None if mine_scores is None else mine_scores.sort("rank").select("rank", "item_id", "score")
     events = None if mine_events is None else mine_events.sort("timestamp", descending=True).drop("user_id")
+    if events is not None:
+        events = with_attributions(events, pick(p.attributions))
     rationales = pick(p.rationales)
     if (rationales is None or rationales.height == 0) and recs is not None and recs.height and events is not None:
         rationales = template_rationales(mine_scores, mine_events)  # the explain step covers a sample only
@@ -210,6 +215,32 @@ def user_detail(p: Partition, user_id: Any) -> dict[str, pl.DataFrame | None]:
             [c for c in ("item_id", "rationale", "evidence_facts", "evidence", "source") if c in rationales.columns]
         )
     return {"events": events, "recommendations": recs, "rationales": rationales}
+
+
+def with_attributions(events: pl.DataFrame, attributions: pl.DataFrame | None) -> pl.DataFrame:
+    """The user's events with ``explains``: the recommended items this event raised materially
+    (the explain step's occlusion attributions, at least ``MIN_CONTRIBUTION`` nats), strongest
+    first, and ``contribution``, its largest part -- null for events that explain nothing (or
+    when the explain step did not cover the user)."""
+    from behaviorlm.explain.evidence import MIN_CONTRIBUTION
+
+    if attributions is None or attributions.height == 0:
+        return events.with_columns(
+            pl.lit(None, pl.String).alias("explains"), pl.lit(None, pl.Float64).alias("contribution")
+        )
+    material = attributions.filter(pl.col("contribution") >= MIN_CONTRIBUTION).sort("contribution", descending=True)
+    per_event = material.group_by(
+        pl.col("event_item").cast(pl.String).alias("__i"),
+        pl.col("event_action").alias("__a"),
+        pl.col("event_time").alias("__t"),
+        maintain_order=True,
+    ).agg(pl.col("item_id").cast(pl.String).str.join(", ").alias("explains"), pl.col("contribution").max())
+    keyed = events.with_columns(
+        pl.col("item_id").cast(pl.String).alias("__i"),
+        pl.col("event_type").alias("__a"),
+        pl.col("timestamp").alias("__t"),
+    )
+    return keyed.join(per_event, on=["__i", "__a", "__t"], how="left", maintain_order="left").drop("__i", "__a", "__t")
 
 
 def template_rationales(recs: pl.DataFrame, events: pl.DataFrame) -> pl.DataFrame:

@@ -126,7 +126,8 @@ def _step_lines(out: Path, date: str, results: dict[str, Any]) -> list[str]:
         "evaluate": f"NDCG@10 {results['evaluate']['ndcg@10']:.4f} beside the baselines -> {out / 'metrics.json'}",
         "score": f"top-10 for {score['users']:,} users ({score['rows']:,} rows) -> {out / 'scores' / f'date={date}'}",
         "segment": f"{seg['users']:,} users in tiers {tiers} and {seg['clusters']} behaviour clusters -> {segments}",
-        "explain": f"{expl['rationales']:,} rationales ({expl['source']}) "
+        "explain": f"{expl['rationales']:,} rationales ({expl['source']}; {expl['attributed_share']:.0%} rest on the "
+        f"model's attributed events, {expl['distinct_per_1000']:.0f} distinct per 1,000) "
         f"-> {out / 'rationales' / f'date={date}.parquet'}",
     }
     return [f"{name:<9} {results[name]['wall_s']:>6.0f}s  {text}" for name, text in described.items()]
@@ -163,12 +164,14 @@ def _sample_rationale(out: Path, date: str) -> list[str]:
     table = pl.read_parquet(path)
     if table.height == 0:
         return []
-    row = table.row(0, named=True)
+    attributed = table.filter(pl.col("attributed").list.len() > 0)
+    row = (attributed if attributed.height else table).row(0, named=True)
     return [
         "",
         f"sample rationale (user {row['user_id']}, item {row['item_id']}, {row['source']}):",
         f"  {row['rationale']}",
         f"  evidence: {'; '.join((row.get('evidence_facts') or row['evidence'])[:3])}",
+        f"  the model's attributed events: {', '.join(row['attributed']) or '(none)'}",
     ]
 
 

@@ -17,7 +17,8 @@ def run_step(args, ev, items, source, out: Path) -> dict[str, Any]:
     import mlflow
 
     from behaviorlm.data.io import write_parquet_atomic
-    from behaviorlm.explain import build_contexts, explain_batch, make_explainer
+    from behaviorlm.explain import explain_batch, make_explainer
+    from behaviorlm.explain.grounded import grounded_contexts
     from behaviorlm.recommender import BehaviorLM
     from behaviorlm.segments import store
 
@@ -29,13 +30,29 @@ def run_step(args, ev, items, source, out: Path) -> dict[str, Any]:
     profiles = seg_users.select("user_id", "propensity", "tier", "cluster") if seg_users is not None else None
     upto, _ = events_until(ev, args.date)
     mine = upto.derive(upto.df.filter(pl.col("user_id").is_in(users.implode())), "the explained users' events")
-    contexts = build_contexts(
-        recs, mine, items if items is not None else model.items_, profiles, model_version=model.model_version
-    )
+    grounded = grounded_contexts(model, recs.select("user_id", "item_id", "score", "rank"), mine, items, profiles)
     explainer = make_explainer(cache_dir=out / "cache" / "explanations")
-    table = explain_batch(contexts, explainer)
+    table = explain_batch(grounded.contexts, explainer)
     path = write_parquet_atomic(table, out / "rationales" / f"date={args.date}.parquet")
     mlflow.log_artifact(str(path), artifact_path="rationales")
-    fallback = float((table["source"] == "fallback").mean()) if table.height else 0.0
-    mlflow.log_metrics({"rationales": table.height, "fallback_rate": fallback})
-    return {"rationales": table.height, "source": explainer.source}
+    if grounded.attributions is not None:
+        att = write_parquet_atomic(grounded.attributions.events, out / "attributions" / f"date={args.date}.parquet")
+        mlflow.log_artifact(str(att), artifact_path="attributions")
+    figures = rationale_figures(table)
+    mlflow.log_metrics({"rationales": table.height} | figures)
+    return {"rationales": table.height, "source": explainer.source} | figures
+
+
+def rationale_figures(table: pl.DataFrame) -> dict[str, float]:
+    """What the step's run reports: fallbacks, how many items the model's attributions explain,
+    how many of those rationales cite the strongest attributed event, and how varied they are."""
+    if not table.height:
+        return {"fallback_rate": 0.0, "attributed_share": 0.0, "cites_attributed": 0.0, "distinct_per_1000": 0.0}
+    attributed = table.filter(pl.col("attributed").list.len() > 0)
+    cites = attributed.select(pl.col("evidence").list.contains(pl.col("attributed").list.first()).mean()).item()
+    return {
+        "fallback_rate": float((table["source"] == "fallback").mean()),
+        "attributed_share": attributed.height / table.height,
+        "cites_attributed": float(cites) if attributed.height else 0.0,
+        "distinct_per_1000": 1000 * table["rationale"].n_unique() / table.height,
+    }

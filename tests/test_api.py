@@ -113,6 +113,11 @@ def test_explanations_only_when_asked(client):
     for r in got["rationales"]:
         assert r["source"] == "template" and len(r["rationale"]) > 20, r
         assert isinstance(r["evidence"], list) and len(r["evidence"]) >= 1, r
+    attributed = [r for r in got["rationales"] if r["attributed"]]
+    assert attributed  # the model's own reasons come back with the rationale, and the rationale cites them
+    for r in attributed:
+        contributions = [a["contribution"] for a in r["attributed"]]
+        assert contributions == sorted(contributions, reverse=True) and r["attributed"][0]["event"] in r["evidence"]
     plain = client.post("/v1/recommend", json={"user_id": 5, "k": 3}).json()
     assert plain["rationales"] is None and plain["items"] == got["items"]
 

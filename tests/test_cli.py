@@ -138,6 +138,33 @@ def test_explain_offline_and_against_a_scripted_endpoint(trained, tmp_path, monk
     assert res.exit_code == 2 and "--out must end in .parquet" in res.output
 
 
+def test_explain_writes_the_attributions_its_rationales_cite(trained, tmp_path, monkeypatch):
+    from behaviorlm.explain.attribution import COLUMNS
+
+    for var in ("OPENAI_API_KEY", "BEHAVIORLM_LLM_BASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    out, att = tmp_path / "r.parquet", tmp_path / "a.parquet"
+    args = ["explain", "--model", str(trained), "--out", str(out), "--k", "3", "--max-users", "4"]
+    res = runner.invoke(app, [*args, "--attributions", str(att)])
+    assert res.exit_code == 0, res.output
+    table, contributions = pl.read_parquet(out), pl.read_parquet(att)
+    assert contributions.columns == list(COLUMNS) and f"{contributions.height:,} event contributions" in res.output
+    assert set(contributions.select("user_id", "item_id").unique().rows()) == set(
+        table.select("user_id", "item_id").rows()
+    )
+    cited = table.filter(pl.col("attributed").list.len() > 0)
+    assert (
+        cited.height
+        and cited.select(pl.col("evidence").list.contains(pl.col("attributed").list.first())).to_series().all()
+    )
+    res = runner.invoke(app, [*args, "--no-attribute"])
+    assert res.exit_code == 0 and pl.read_parquet(out)["attributed"].list.len().sum() == 0
+    res = runner.invoke(app, [*args, "--no-attribute", "--attributions", str(att)])
+    assert "--no-attribute" in cli_failed(res)
+    res = runner.invoke(app, [*args, "--attributions", str(tmp_path / "a.csv")])
+    assert "--attributions must end in .parquet" in cli_failed(res)
+
+
 def test_evaluate_writes_its_metrics_beside_the_model_not_into_the_current_folder(trained, csv_path, tmp_path):
     """Issue 31 item 17 (and 15: the notes that explain the table)."""
     import os

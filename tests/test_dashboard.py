@@ -23,6 +23,7 @@ import polars as pl
 import pytest
 
 from behaviorlm.data.events import validate_events
+from behaviorlm.explain.attribution import occlusion
 from behaviorlm.inference.batch import ScoringOptions, score_partition
 from behaviorlm.recommender import BehaviorLM
 from dashboards import data
@@ -46,6 +47,11 @@ def outputs(tmp_path_factory):
     items = pl.DataFrame({"item_id": [f"i{i}" for i in range(30)], "category": [f"cat{i % 4}" for i in range(30)]})
     prov = {"model_uri": "models:/behaviorlm@champion", "run_id": None, "registry_version": "3"}
     segment_day(model, ev, items, root / "segments" / f"date={DATE}", END, SegmentConfig(n_windows=2), prov)
+    scores = pl.read_parquet(sorted((root / "scores" / f"date={DATE}").glob("*.parquet")))
+    first = scores.filter(pl.col("user_id").is_in(scores["user_id"].unique().sort().head(5).implode()))
+    attributions = occlusion(model, first.select("user_id", "item_id"), ev).events  # as the explain step writes
+    (root / "attributions").mkdir()
+    attributions.write_parquet(root / "attributions" / f"date={DATE}.parquet")
     return root
 
 
@@ -103,6 +109,23 @@ def test_partition_tables(outputs):
     detail = data.user_detail(p, table["user_id"][0])
     assert detail["recommendations"].height == 5 and detail["events"].height > 0
     assert set(detail["rationales"]["item_id"]) == set(detail["recommendations"]["item_id"].cast(pl.String))
+
+
+def test_the_drill_down_marks_the_events_that_made_each_recommendation(outputs):
+    p = data.load_partition(outputs, DATE)
+    user = p.attributions["user_id"].min()
+    events = data.user_detail(p, user)["events"]
+    marked = events.filter(pl.col("explains").is_not_null())
+    material = p.attributions.filter((pl.col("user_id") == user) & (pl.col("contribution") >= 0.05))
+    assert marked.height and marked["contribution"].min() >= 0.05
+    for row in marked.iter_rows(named=True):  # each marked event explains exactly the items it raised
+        mine = material.filter(
+            (pl.col("event_item").cast(pl.String) == str(row["item_id"])) & (pl.col("event_time") == row["timestamp"])
+        )
+        assert set(row["explains"].split(", ")) == set(mine["item_id"].cast(pl.String))
+    assert events.height == p.recent.filter(pl.col("user_id") == user).height  # nothing dropped or repeated
+    later = p.users.filter(~pl.col("user_id").is_in(p.attributions["user_id"].unique().implode()))["user_id"][0]
+    assert data.user_detail(p, later)["events"]["explains"].is_null().all()  # not covered: nothing marked
 
 
 def _free_port() -> int:

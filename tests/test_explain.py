@@ -232,7 +232,7 @@ def test_contexts_carry_the_attributed_events_strongest_first(catalog):
     by_item = {r["item_id"]: r for r in ctxs[0].recommendations}
     assert [a["event"] for a in by_item["b"]["attributed"]] == ["E1", "E2"]  # 0.01 nats is no reason
     assert by_item["c"]["attributed"] == []
-    assert ctxs[1].recommendations[0]["attributed"] == [{"event": "E2", "contribution": 0.3}]
+    assert ctxs[1].recommendations[0]["attributed"] == [{"event": "E2", "event_index": 0, "contribution": 0.3}]
 
 
 def test_an_answer_citing_none_of_the_attributed_events_is_rejected_and_falls_back(catalog):

@@ -42,12 +42,19 @@ def test_all_steps_as_nested_runs_then_one_step_again(workspace):
     assert meta["provenance"]["aliases"] == [res["evaluate"]["alias"]]  # what the dashboard's model card shows
     rationales = pl.read_parquet(out / "rationales" / "date=2023-11-19.parquet")
     assert rationales.height == 25 and set(rationales["source"]) == {"template"}
+    attributions = pl.read_parquet(out / "attributions" / "date=2023-11-19.parquet")  # what the rationales rest on
+    assert set(attributions.select("user_id", "item_id").unique().rows()) == set(
+        rationales.select("user_id", "item_id").rows()
+    )
+    assert res["explain"]["cites_attributed"] == 1.0 and res["explain"]["attributed_share"] > 0
 
     runs = mlflow.search_runs(experiment_names=["t"], output_format="list")
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert len(parents) == 1 and sorted(r.info.run_name for r in children) == sorted(steps.STEPS)
     train = next(r for r in children if r.info.run_name == "train")
+    explain = next(r for r in children if r.info.run_name == "explain")
+    assert {"attributed_share", "cites_attributed", "distinct_per_1000"} <= set(explain.data.metrics)
     evaluate = next(r for r in children if r.info.run_name == "evaluate")
     assert evaluate.data.params["promotion_alias"] == res["evaluate"]["alias"] and "val_ndcg_10" in train.data.metrics
     assert train.inputs.dataset_inputs and train.data.tags["code_version"]

@@ -138,8 +138,9 @@ def _inputs(
     if as_of is not None:
         ev = ev.filter(pl.col("timestamp") < to_utc(as_of, "as_of"))
     recs = recommendations.select("user_id", "item_id")
-    cols = _item_columns(model.engine, recs["item_id"], new_items and model.engine.network.copy_head is not None)
     ev = ev.filter(pl.col("user_id").is_in(recs["user_id"].unique().implode()))
+    recs = recs.filter(pl.col("user_id").is_in(ev["user_id"].unique().implode()))  # no events: nothing to attribute
+    cols = _item_columns(model.engine, recs["item_id"], new_items and model.engine.network.copy_head is not None)
     return ev.with_columns(pl.int_range(pl.len()).over("user_id").alias("__index")), recs, cols
 
 

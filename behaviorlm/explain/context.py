@@ -227,19 +227,20 @@ class _Statistics:
             if item in self.popular:
                 r["popularity"] = self.popular[item]
             r["attributed"] = []
-            for e_item, action, t, contribution, copy_w in (
+            for index, e_item, action, t, contribution, copy_w in (
                 mine.filter(pl.col("item_id") == item)
-                .select("event_item", "event_action", "event_time", "contribution", "copy_weight")
+                .select("event_index", "event_item", "event_action", "event_time", "contribution", "copy_weight")
                 .iter_rows()
             ):
                 eid = event_id.get((e_item, action, t))
                 if eid is None:
                     continue
-                r["attributed"].append({"event": eid, "contribution": round(contribution, 4)} | _copy(copy_w))
+                found = {"event": eid, "event_index": index, "contribution": round(contribution, 4)}
+                r["attributed"].append(found | _copy(copy_w))
                 follow = self.follows.get((e_item, item))
                 if follow and follow["users"]:
-                    r[f"after_{eid}"] = {"share": follow["followed"] / follow["users"], "users": follow["users"]}
-                    r[f"after_{eid}"]["from"] = e_item
+                    share = follow["followed"] / follow["users"]
+                    r[f"after_{eid}"] = {"share": share, "users": follow["users"], "from": e_item}
         prices = [e["price"] for e in events if isinstance(e.get("price"), int | float)]
         if prices:
             profile["usual_price"] = round(statistics.median(prices), 2)

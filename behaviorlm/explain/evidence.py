@@ -44,13 +44,14 @@ MIN_CONTRIBUTION = 0.05
 
 def top_attributed(attributions: pl.DataFrame, n: int, min_contribution: float = MIN_CONTRIBUTION) -> pl.DataFrame:
     """Per (user, recommended item) the ``n`` events that raised its score most (contribution at
-    least ``min_contribution``), strongest first: ``user_id, item_id, event_item, event_action,
+    least ``min_contribution``), strongest first: ``user_id, item_id, event_index, event_item, event_action,
     event_time, contribution, copy_weight, place`` (``place`` 1 = strongest)."""
     if attributions.is_empty() or n <= 0:
         return pl.DataFrame(
             schema={
                 "user_id": pl.String,
                 "item_id": pl.String,
+                "event_index": pl.Int64,
                 "event_item": pl.String,
                 "event_action": pl.String,
                 "event_time": pl.Datetime("us", "UTC"),
@@ -67,6 +68,7 @@ def top_attributed(attributions: pl.DataFrame, n: int, min_contribution: float =
     return ranked.filter(pl.col("place") <= n).select(
         pl.col("user_id").cast(pl.String),
         pl.col("item_id").cast(pl.String),
+        pl.col("event_index").cast(pl.Int64),
         pl.col("event_item").cast(pl.String),
         pl.col("event_action").cast(pl.String),
         "event_time",

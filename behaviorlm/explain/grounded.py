@@ -4,8 +4,8 @@ Every place a rationale is written -- ``behaviorlm explain``, the API's ``explai
 pipeline's explain step, the pyfunc -- calls :func:`grounded_contexts`: it attributes each
 recommendation to the user's events by occlusion (:func:`~behaviorlm.explain.attribution.occlusion`,
 the method whose deletions move the model's scores; section 23 of benchmarks/RESULTS.md) and
-builds the contexts with those attributions and with shopper statistics counted over the model's
-remembered histories.
+builds the contexts with those attributions and with shopper statistics counted over the
+histories the model was trained on.
 """
 
 from __future__ import annotations
@@ -37,9 +37,12 @@ def grounded_contexts(
     profiles: pl.DataFrame | None = None,
     as_of: datetime | None = None,
     attribute: bool = True,
+    population: pl.DataFrame | None = None,
 ) -> Grounded:
     """Contexts for ``recommendations`` (``user_id, item_id, score, rank``) of ``model`` given the
-    users' ``events``; ``attribute=False`` skips the attributions (the statistics stay)."""
+    users' ``events``; ``attribute=False`` skips the attributions (the statistics stay). The
+    shoppers' statistics are counted over ``population`` (default: the histories the model was
+    trained on, ``model.histories_``)."""
     found = (
         occlusion(model, recommendations.select("user_id", "item_id"), events, as_of=as_of)
         if attribute and recommendations.height
@@ -52,6 +55,6 @@ def grounded_contexts(
         profiles,
         model_version=model.model_version,
         attributions=found.events if found is not None else None,
-        population=model.history_events().df,
+        population=model.histories_ if population is None else population,
     )
     return Grounded(contexts, found)

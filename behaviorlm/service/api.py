@@ -142,11 +142,24 @@ class ItemOut(BaseModel):
     rank: int
 
 
+class AttributedEventOut(BaseModel):
+    """One of the user's events and how much it raised the item's score (occlusion, nats)."""
+
+    event: str  # the id the rationale's evidence cites (E1..En)
+    event_index: int  # position among the user's events, oldest 0
+    item_id: str
+    action: str
+    timestamp: datetime
+    contribution: float
+    copy_weight: float | None = None
+
+
 class RationaleOut(BaseModel):
     item_id: str
     rationale: str
     evidence: list[str]
     source: str
+    attributed: list[AttributedEventOut] = []
 
 
 class RecommendResponse(BaseModel):
@@ -665,7 +678,8 @@ def _within_python_range(times: pl.Series) -> pl.Series:
 def _explain(
     state: ServiceState, serving: Serving, user_id: Any, ranked: Any, events: Events | None
 ) -> list[RationaleOut]:
-    from behaviorlm.explain import build_contexts, make_explainer
+    from behaviorlm.explain import make_explainer
+    from behaviorlm.explain.grounded import grounded_contexts
     from behaviorlm.service.online import ranked_frame
 
     if state.explainer is None:
@@ -677,13 +691,48 @@ def _explain(
         events = known.derive(known.df.filter(pl.col("user_id") == uid), "the user's remembered history")
     history = events.df
     recs = ranked_frame(ranked, uid).with_columns(pl.col("user_id").cast(history["user_id"].dtype))
-    contexts = build_contexts(recs, events, model.items_, model_version=model.model_version)
-    if not contexts:
+    grounded = grounded_contexts(model, recs, events)
+    if not grounded.contexts:
         return []
+    ctx = grounded.contexts[0]
     return [
-        RationaleOut(item_id=str(r.item_id), rationale=r.rationale, evidence=r.evidence, source=r.source)
-        for r in state.explainer.explain(contexts[0])
+        RationaleOut(
+            item_id=str(r.item_id),
+            rationale=r.rationale,
+            evidence=r.evidence,
+            source=r.source,
+            attributed=_attributed_out(ctx, grounded.attributions, str(r.item_id)),
+        )
+        for r in state.explainer.explain(ctx)
     ]
+
+
+def _attributed_out(ctx: Any, attributions: Any, item: str) -> list[AttributedEventOut]:
+    """The item's top attributed events as the context numbered them, strongest first."""
+    rec = next(r for r in ctx.recommendations if r["item_id"] == item)
+    ids = ctx.attributed(rec)
+    if not ids or attributions is None:
+        return []
+    rows = attributions.events.filter(pl.col("item_id").cast(pl.String) == item)
+    out = []
+    for eid in ids:
+        fact = ctx.event(eid)
+        match = rows.filter(
+            (pl.col("event_item").cast(pl.String) == fact["item_id"]) & (pl.col("event_action") == fact["action"])
+        ).sort("contribution", descending=True)
+        r = match.row(0, named=True)
+        out.append(
+            AttributedEventOut(
+                event=eid,
+                event_index=r["event_index"],
+                item_id=fact["item_id"],
+                action=fact["action"],
+                timestamp=r["event_time"],
+                contribution=r["contribution"],
+                copy_weight=r["copy_weight"],
+            )
+        )
+    return out
 
 
 def _next_actions(serving: Serving, req: NextActionsRequest) -> NextActionsResponse:
