@@ -278,3 +278,5 @@ bench-served-vs-batch: install
 bench-attribution: install
 	$(BIN)/python benchmarks/attribution.py
 	$(BIN)/python benchmarks/attribution.py --exclude-seen
+	test -d $(ML1M_MODEL) || $(MAKE) bench-pretrain-ml1m
+	$(BIN)/python benchmarks/attribution.py --dataset ml-1m --model $(ML1M_MODEL) --users 200
