@@ -184,3 +184,28 @@ def test_template_rationales_state_only_the_facts_they_cite(repeat_aware):
             assert row["attributed"][0] in row["evidence"]
     assert table.filter(pl.col("attributed").list.len() > 0).height >= table.height // 2
     assert table["rationale"].n_unique() >= 0.8 * table.height
+
+
+@pytest.mark.parametrize("which", ["plain", "repeat_aware"])
+def test_session_occlusion_equals_removing_each_session_by_hand(which, request):
+    """Sessions (a pause over the gap starts one) removed whole, re-encoded as the model sees it."""
+    from behaviorlm.explain.attribution import SESSION_COLUMNS
+
+    model, ev = request.getfixturevalue(which)
+    user = ev.df["user_id"][0]
+    mine = ev.df.filter(pl.col("user_id") == user).sort("timestamp")
+    gap = (mine["timestamp"].diff().drop_nulls().median() or timedelta(0)) / 2  # several sessions, some long
+    recs = model.recommend(events=mine, k=2, exclude_seen=False).select("user_id", "item_id")
+    att = occlusion(model, recs, mine, unit="session", session_gap=gap)
+    assert att.events.columns == list(SESSION_COLUMNS)
+    new_session = (mine["timestamp"].diff() > gap).fill_null(False).cast(pl.Int64).cum_sum()
+    assert att.events["session_index"].n_unique() == new_session.n_unique() > 2
+    assert att.events.group_by("item_id").agg(pl.col("n_events").sum())["n_events"].to_list() == [mine.height] * 2
+    for item in recs["item_id"]:
+        rows = att.events.filter(pl.col("item_id") == item).sort("session_index")
+        full = _score(model, mine, item)
+        for s in rows.iter_rows(named=True):
+            without = mine.filter(new_session != s["session_index"])
+            assert s["contribution"] == pytest.approx(full - _score(model, without, item), abs=1e-4), s
+    with pytest.raises(ConfigurationError, match="unit must be"):
+        occlusion(model, recs, mine, unit="day")

@@ -14,6 +14,9 @@ events can matter (the input window, and the event that gives the window's oldes
 gap); older events are reported with contribution 0, which is exact: removing one changes
 nothing the model sees (a test checks it). Events at or after the scoring time are never input.
 
+``unit="session"`` removes a whole session at a time (a pause longer than ``session_gap``
+starts one): "what if that visit had not happened", one row per session (:data:`SESSION_COLUMNS`).
+
 A repeat-aware model can recommend an item outside its vocabulary by copying it from the
 history; occlusion scores such an item as recommendation does (the copy path's column for the
 first position holding it), and a variant whose history no longer holds it gets the row's lowest
@@ -39,7 +42,7 @@ Output: :data:`COLUMNS`, one row per (user, recommended item, input event).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -65,6 +68,22 @@ COLUMNS = (
 )
 
 
+SESSION_COLUMNS = (
+    "user_id",
+    "item_id",
+    "session_index",  # the user's sessions numbered from 0, oldest first
+    "first_event_index",
+    "n_events",
+    "session_start",
+    "session_end",
+    "contribution",  # nats: score with every event minus score without this session's events
+    "copy_weight",  # repeat-aware models: the copy path's probability on the session's events (else null)
+    "score",
+)
+#: A pause longer than this starts a new session (the common web-analytics convention).
+SESSION_GAP = timedelta(minutes=30)
+
+
 @dataclass(frozen=True)
 class Attributions:
     """Per-event contributions (:data:`COLUMNS`) and, per (user, item), the score and the sum of
@@ -80,22 +99,32 @@ def occlusion(
     events: Events | Any,
     as_of: datetime | None = None,
     batch_size: int = 128,
+    unit: str = "event",
+    session_gap: timedelta = SESSION_GAP,
 ) -> Attributions:
     """Occlusion contributions of each user's events to each of their ``recommendations``
-    (``user_id, item_id``; items outside the model's vocabulary are refused by name).
+    (``user_id, item_id``; items outside the model's vocabulary are scored as the copy path
+    scores them, see the module docstring).
 
     ``events`` are the users' events (raw or validated; read with the model's schema); with
-    ``as_of`` only those before it are input (and reported), as in scoring at that time."""
+    ``as_of`` only those before it are input (and reported), as in scoring at that time.
+    ``unit="session"`` removes one session at a time instead (events closer than
+    ``session_gap`` to the previous one share its session) and reports :data:`SESSION_COLUMNS`."""
+    if unit not in ("event", "session"):
+        raise ConfigurationError(f"unit must be 'event' or 'session', got {unit!r}")
     engine = model.engine
     ev, recs, cols = _inputs(model, recommendations, events, as_of, new_items=True)
-    memory = engine.max_len + 2  # window + the event giving its oldest one a gap + one to slide in
-    n = pl.len().over("user_id").cast(pl.Int64)  # UInt32 would underflow for users shorter than memory
-    tail = ev.filter(pl.col("__index") >= n - memory)
-    variants, key = _variants(tail, engine.max_len + 1)
-    enc = engine.encode(Events.trusted(variants.drop("__variant", "__index", "__removed"), "attribution variants"))
+    ev = ev.with_columns(_unit_of(unit, session_gap))
+    tail, removable = _tail(ev, engine.max_len)
+    variants, key = _variants(tail, removable)
+    enc = engine.encode(
+        Events.trusted(variants.drop("__variant", "__index", "__removed", "__unit"), "attribution variants")
+    )
     logp, copy_w = _scores(engine, enc, batch_size, new_items=bool((cols < N_SPECIAL).any()))
     row_of = {u: i for i, u in enumerate(enc.user_ids)}
-    return _assemble(ev, recs, _Columns(engine, enc, cols, recs["item_id"]), key, row_of, logp, copy_w, enc)
+    scored = _Scored(_Columns(engine, enc, cols, recs["item_id"]), key, row_of, logp, copy_w, enc)
+    units = ev.with_columns(pl.len().over("user_id").alias("__n")) if unit == "event" else _sessions(ev)
+    return _assemble(units, recs, scored, unit)
 
 
 def integrated_gradients(
@@ -256,20 +285,58 @@ class _Columns:
         return float(logp[row, N_SPECIAL : self.n_items].min())
 
 
-def _variants(tail: pl.DataFrame, n_removable: int) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Every user's recent events as-is (variant ``-1``) and without each of its last
-    ``n_removable`` events (variant = that event's ``__index``); each variant a pseudo-user
-    ``user_id`` = its row key. Returns the variants and the key table
-    (``__key, user_id, __removed``)."""
-    removable = tail.filter(pl.col("__index") >= pl.col("__index").max().over("user_id") + 1 - n_removable)
-    targets = removable.select("user_id", pl.col("__index").alias("__removed"))
+def _unit_of(unit: str, gap: timedelta) -> pl.Expr:
+    """``__unit``: what one variant removes -- the event itself, or its session (numbered from 0
+    per user, a new one after a pause longer than ``gap``)."""
+    if unit == "event":
+        return pl.col("__index").alias("__unit")
+    pause = (pl.col("timestamp").diff().over("user_id") > gap).fill_null(False)
+    return pause.cast(pl.Int64).cum_sum().over("user_id").alias("__unit")
+
+
+def _tail(ev: pl.DataFrame, max_len: int) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The events every variant needs, and the removable units (``user_id, __removed``).
+
+    Only units with an event among a user's last ``max_len + 1`` can change the input (the
+    window, and the event giving its oldest one a gap); removing a unit of ``m`` events slides
+    ``m`` older ones in, so each user keeps ``max_len + 1 + m`` events for their largest such ``m``."""
+    n = pl.len().over("user_id").cast(pl.Int64)  # UInt32 would underflow for users shorter than that
+    in_reach = ev.filter(pl.col("__index") >= n - (max_len + 1))
+    removable = in_reach.select("user_id", pl.col("__unit").alias("__removed")).unique(maintain_order=True)
+    sizes = ev.group_by("user_id", "__unit").agg(pl.len().cast(pl.Int64).alias("__m"))
+    largest = removable.join(sizes, left_on=["user_id", "__removed"], right_on=["user_id", "__unit"])
+    keep = largest.group_by("user_id").agg((pl.col("__m").max() + max_len + 1).alias("__keep"))
+    tail = ev.join(keep, on="user_id").filter(pl.col("__index") >= n - pl.col("__keep")).drop("__keep")
+    return tail, removable
+
+
+def _variants(tail: pl.DataFrame, removable: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Every user's recent events as-is (variant ``-1``) and without each removable unit (variant
+    = that unit); each variant a pseudo-user ``user_id`` = its row key. Returns the variants and
+    the key table (``__key, user_id, __removed``)."""
     full = tail.select("user_id").unique(maintain_order=True).with_columns(pl.lit(-1, pl.Int64).alias("__removed"))
-    key = pl.concat([full, targets.with_columns(pl.col("__removed").cast(pl.Int64))])
+    key = pl.concat([full, removable.with_columns(pl.col("__removed").cast(pl.Int64))])
     key = key.with_row_index("__key").with_columns(pl.col("__key").cast(pl.Int64))
-    joined = tail.join(key, on="user_id", how="inner").filter(pl.col("__index") != pl.col("__removed"))
+    joined = tail.join(key, on="user_id", how="inner").filter(pl.col("__unit") != pl.col("__removed"))
     variants = joined.with_columns(pl.col("__key").alias("__variant")).drop("user_id").rename({"__key": "user_id"})
     variants = variants.sort("user_id", "timestamp", "__index", maintain_order=True)
     return variants, key
+
+
+def _sessions(ev: pl.DataFrame) -> pl.DataFrame:
+    """One row per session: ``user_id, __unit, __index`` (its first event), ``__last``,
+    ``n_events``, ``start``, ``end``, and ``__n_user`` (the user's event count)."""
+    return (
+        ev.group_by("user_id", "__unit", maintain_order=True)
+        .agg(
+            pl.col("__index").min(),
+            pl.col("__index").max().alias("__last"),
+            pl.len().alias("n_events"),
+            pl.col("timestamp").min().alias("start"),
+            pl.col("timestamp").max().alias("end"),
+        )
+        .with_columns(pl.col("n_events").sum().over("user_id").alias("__n_user"))
+    )
 
 
 @torch.inference_mode()
@@ -309,34 +376,72 @@ def _copy_weights(engine: Any, state: torch.Tensor, a_logp: torch.Tensor) -> tor
     return gate[:, None] * alpha
 
 
-def _assemble(
-    ev: pl.DataFrame,
-    recs: pl.DataFrame,
-    cols: _Columns,
-    key: pl.DataFrame,
-    row_of: dict,
-    logp: torch.Tensor,
-    copy_w: torch.Tensor | None,
-    enc: Any,
-) -> Attributions:
-    """Contributions per (user, item, event): the full row's score minus each variant's."""
+@dataclass(frozen=True)
+class _Scored:
+    """The variants' scores and where to read them: what :func:`_assemble` turns into rows."""
+
+    cols: _Columns
+    key: pl.DataFrame
+    row_of: dict
+    logp: torch.Tensor
+    copy_w: torch.Tensor | None
+    enc: Any
+
+
+def _assemble(units: pl.DataFrame, recs: pl.DataFrame, scored: _Scored, unit: str) -> Attributions:
+    """Contributions per (user, item, unit): the full row's score minus the row without the unit."""
+    key, row_of, logp, cols = scored.key, scored.row_of, scored.logp, scored.cols
     full_key = dict(key.filter(pl.col("__removed") < 0).select("user_id", "__key").iter_rows())
     variant_key = {(u, r): k for k, u, r in key.select("__key", "user_id", "__removed").iter_rows()}
-    by_user = ev.partition_by("user_id", as_dict=True, include_key=True)
+    by_user = units.partition_by("user_id", as_dict=True, include_key=True)
     out: list[dict[str, Any]] = []
     totals: list[dict[str, Any]] = []
     for rec, (user, item) in enumerate(recs.iter_rows()):
         full_row = row_of[full_key[user]]
         score = cols.logp(logp, full_row, rec)
-        mine = by_user[(user,)]
-        n_input = int(enc.offsets[full_row + 1] - enc.offsets[full_row])  # tokens the full row feeds
+        n_input = int(scored.enc.offsets[full_row + 1] - scored.enc.offsets[full_row])  # tokens the full row feeds
         total = 0.0
-        for e in mine.iter_rows(named=True):
-            k = variant_key.get((user, e["__index"]))
+        for u in by_user[(user,)].iter_rows(named=True):
+            k = variant_key.get((user, u["__unit"]))
             contribution = 0.0 if k is None else score - cols.logp(logp, row_of[k], rec)
             total += contribution
-            token = _token_of(e["__index"], mine.height, n_input)
-            weight = None if copy_w is None or token is None else float(copy_w[full_row, token])
-            out.append(_row(user, item, e, contribution, weight, score))
+            weight = _copy_weight(scored.copy_w, full_row, u, n_input)
+            out.append((_row if unit == "event" else _session_row)(user, item, u, contribution, weight, score))
         totals.append({"user_id": user, "item_id": item, "score": score, "total": total})
-    return Attributions(_frame(out), pl.DataFrame(totals))
+    frame = _frame(out) if unit == "event" else _session_frame(out)
+    return Attributions(frame, pl.DataFrame(totals))
+
+
+def _copy_weight(copy_w: torch.Tensor | None, row: int, u: dict[str, Any], n_input: int) -> float | None:
+    """The copy path's weight on an event (a session: the sum over its events in the input)."""
+    if copy_w is None:
+        return None
+    n_events = u.get("__n_user")
+    if n_events is None:  # an event row
+        token = _token_of(u["__index"], u["__n"], n_input)
+        return None if token is None else float(copy_w[row, token])
+    tokens = [_token_of(i, n_events, n_input) for i in range(u["__index"], u["__last"] + 1)]
+    held = [t for t in tokens if t is not None]
+    return float(copy_w[row, held].sum()) if held else None
+
+
+def _session_row(user: Any, item: Any, s: dict[str, Any], contribution: float, weight: float | None, score: float):
+    """One output row (:data:`SESSION_COLUMNS`) for session ``s``."""
+    return {
+        "user_id": user,
+        "item_id": item,
+        "session_index": s["__unit"],
+        "first_event_index": s["__index"],
+        "n_events": s["n_events"],
+        "session_start": s["start"],
+        "session_end": s["end"],
+        "contribution": contribution,
+        "copy_weight": weight,
+        "score": score,
+    }
+
+
+def _session_frame(rows: list[dict[str, Any]]) -> pl.DataFrame:
+    if not rows:
+        return pl.DataFrame()
+    return pl.DataFrame(rows, schema_overrides={"copy_weight": pl.Float64}).select(SESSION_COLUMNS)
