@@ -90,9 +90,9 @@ def catalog():
     )
 
 
-@pytest.fixture
-def contexts(catalog):
-    events = validate_events(
+def shopper_events():
+    """Two users' events over the ``catalog`` items: user 1 views a and x and carts c, user 2 views c and d."""
+    return validate_events(
         pl.DataFrame(
             {
                 "user_id": [1, 1, 1, 2, 2],
@@ -102,6 +102,11 @@ def contexts(catalog):
             }
         )
     )
+
+
+@pytest.fixture
+def contexts(catalog):
+    events = shopper_events()
     recs = pl.DataFrame(
         {"user_id": [1, 1, 2, 2], "item_id": ["b", "c", "a", "d"], "score": [0.3, 0.2, 0.5, 0.1], "rank": [1, 2, 1, 2]}
     )

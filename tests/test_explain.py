@@ -22,7 +22,7 @@ from behaviorlm.explain import (
     validate_rationales,
 )
 from behaviorlm.testing import INJECTED_ITEM, ScriptedLLM
-from tests.conftest import INJECTION, T0
+from tests.conftest import INJECTION, shopper_events
 
 SECRET = "sk-test-never-log-me"
 
@@ -194,16 +194,7 @@ def _attributed_contexts(catalog, contributions: dict[tuple[int, str], list[tupl
     """The fixture's users with attributions: (user, recommended item) -> [(event item, nats)]."""
     from behaviorlm.explain.attribution import COLUMNS
 
-    events = validate_events(
-        pl.DataFrame(
-            {
-                "user_id": [1, 1, 1, 2, 2],
-                "item_id": ["a", "x", "c", "c", "d"],
-                "event_type": ["view", "view", "add_to_cart", "view", "view"],
-                "timestamp": [T0 + 100, T0 + 200, T0 + 300, T0 + 100, T0 + 400],
-            }
-        )
-    )
+    events = shopper_events()
     recs = pl.DataFrame({"user_id": [1, 1, 2], "item_id": ["b", "c", "a"], "score": [0.3, 0.2, 0.5], "rank": [1, 2, 1]})
     rows = []
     for (user, item), parts in contributions.items():
