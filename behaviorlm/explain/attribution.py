@@ -120,9 +120,17 @@ def occlusion(
     enc = engine.encode(
         Events.trusted(variants.drop("__variant", "__index", "__removed", "__unit"), "attribution variants")
     )
-    logp, copy_w = _scores(engine, enc, batch_size, new_items=bool((cols < N_SPECIAL).any()))
+    slots = _Slots.of(recs, key, enc)
+    columns = _Columns(engine, enc, cols, recs["item_id"])
+    values, copy_w = _scores(
+        engine,
+        enc,
+        batch_size,
+        bool((cols < N_SPECIAL).any()),
+        lambda s, rows: columns.gather(s, rows, slots.recs[rows]),
+    )
     row_of = {u: i for i, u in enumerate(enc.user_ids)}
-    scored = _Scored(_Columns(engine, enc, cols, recs["item_id"]), key, row_of, logp, copy_w, enc)
+    scored = _Scored(slots, key, row_of, values, copy_w, enc)
     units = ev.with_columns(pl.len().over("user_id").alias("__n")) if unit == "event" else _sessions(ev)
     return _assemble(units, recs, scored, unit)
 
@@ -275,14 +283,46 @@ class _Columns:
         names = {} if enc.new_ids is None else {v: i for i, v in enumerate(enc.new_ids.to_list())}
         self.code = [names.get(item, -2) if c < N_SPECIAL else -1 for item, c in zip(items, cols, strict=True)]
 
-    def logp(self, logp: torch.Tensor, row: int, rec: int) -> float:
-        """log P(recommendation ``rec``'s item) in encoded ``row``."""
-        if self.cols[rec] >= N_SPECIAL:
-            return float(logp[row, self.cols[rec]])
+    def gather(self, scores: torch.Tensor, rows: np.ndarray, recs: np.ndarray) -> np.ndarray:
+        """log P of the recommendations ``recs`` (rows x slots, -1: none) in each of ``rows``
+        (global row numbers) of one batch's ``scores``: (rows x slots), NaN where none."""
+        sc = scores.numpy()
+        out = np.full(recs.shape, np.nan)
+        valid = recs >= 0
+        c = np.where(valid, self.cols[np.where(valid, recs, 0)], 0)
+        b, r = np.nonzero(valid & (c >= N_SPECIAL))
+        out[b, r] = sc[b, c[b, r]]
+        for b, r in zip(*np.nonzero(valid & (c < N_SPECIAL)), strict=True):
+            out[b, r] = self._new_item(sc[b], int(rows[b]), int(recs[b, r]))
+        return out
+
+    def _new_item(self, scores: np.ndarray, row: int, rec: int) -> float:
         held = np.flatnonzero(self.codes[row] == self.code[rec]) if self.codes is not None else np.zeros(0, np.int64)
         if len(held):
-            return float(logp[row, self.n_items + int(held[0])])
-        return float(logp[row, N_SPECIAL : self.n_items].min())
+            return float(scores[self.n_items + int(held[0])])
+        return float(scores[N_SPECIAL : self.n_items].min())
+
+
+@dataclass(frozen=True)
+class _Slots:
+    """Which recommendations each encoded row is read for (its user's, up to ``R`` per user):
+    only those columns are kept, not a (variants x catalog) matrix -- 300 Taobao users' variants
+    over a 55k-item catalog would hold 6.6 GB."""
+
+    recs: np.ndarray  # (rows, R) recommendation numbers, -1 where the user has fewer
+    slot: np.ndarray  # per recommendation, its column in ``recs``
+
+    @classmethod
+    def of(cls, recs: pl.DataFrame, key: pl.DataFrame, enc: Any) -> _Slots:
+        numbered = recs.with_row_index("__rec").with_columns(pl.int_range(pl.len()).over("user_id").alias("__slot"))
+        by_user = {u: g["__rec"].to_numpy() for (u,), g in numbered.partition_by("user_id", as_dict=True).items()}
+        user_of = dict(key.select("__key", "user_id").iter_rows())
+        width = max((len(v) for v in by_user.values()), default=1)
+        table = np.full((len(enc), width), -1, np.int64)
+        for row, k in enumerate(enc.user_ids):
+            mine = by_user.get(user_of[k], ())
+            table[row, : len(mine)] = mine
+        return cls(table, numbered["__slot"].to_numpy())
 
 
 def _unit_of(unit: str, gap: timedelta) -> pl.Expr:
@@ -341,25 +381,20 @@ def _sessions(ev: pl.DataFrame) -> pl.DataFrame:
 
 @torch.inference_mode()
 def _scores(
-    engine: Any, enc: Any, batch_size: int, new_items: bool = False
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Item log-probs over the vocabulary (and, with ``new_items``, each row's new context items
-    after it) per variant row, and -- repeat-aware models -- the copy path's probability per
-    input position of each row."""
+    engine: Any, enc: Any, batch_size: int, new_items: bool, keep: Any
+) -> tuple[np.ndarray, torch.Tensor | None]:
+    """Per variant row, what ``keep(scores, rows)`` reads of its item log-probs (over the
+    vocabulary and, with ``new_items``, the row's new context items after it), and -- repeat-aware
+    models -- the copy path's probability per input position of each row."""
     parts, copies = [], []
     layout = engine.network.state_layout
     for start in range(0, len(enc), batch_size):
         rows = slice(start, min(start + batch_size, len(enc)))
         h, a_logp = engine.heads(enc, rows)
-        scores = engine.item_logp(h, a_logp, new_items=new_items)
-        if new_items:  # every batch as wide as the widest row can be
-            scores = torch.nn.functional.pad(
-                scores, (0, engine.n_items + engine.max_len - scores.shape[1]), value=-torch.inf
-            )
-        parts.append(scores)
+        parts.append(keep(engine.item_logp(h, a_logp, new_items=new_items), np.arange(rows.start, rows.stop)))
         if layout is not None and engine.network.copy_head is not None:
             copies.append(_copy_weights(engine, h, a_logp))
-    return torch.cat(parts), (torch.cat(copies) if copies else None)
+    return np.concatenate(parts), (torch.cat(copies) if copies else None)
 
 
 def _copy_weights(engine: Any, state: torch.Tensor, a_logp: torch.Tensor) -> torch.Tensor:
@@ -380,17 +415,20 @@ def _copy_weights(engine: Any, state: torch.Tensor, a_logp: torch.Tensor) -> tor
 class _Scored:
     """The variants' scores and where to read them: what :func:`_assemble` turns into rows."""
 
-    cols: _Columns
+    slots: _Slots
     key: pl.DataFrame
     row_of: dict
-    logp: torch.Tensor
+    values: np.ndarray  # (rows, slots): log P of each row's user's recommendations
     copy_w: torch.Tensor | None
     enc: Any
+
+    def logp(self, row: int, rec: int) -> float:
+        return float(self.values[row, self.slots.slot[rec]])
 
 
 def _assemble(units: pl.DataFrame, recs: pl.DataFrame, scored: _Scored, unit: str) -> Attributions:
     """Contributions per (user, item, unit): the full row's score minus the row without the unit."""
-    key, row_of, logp, cols = scored.key, scored.row_of, scored.logp, scored.cols
+    key, row_of = scored.key, scored.row_of
     full_key = dict(key.filter(pl.col("__removed") < 0).select("user_id", "__key").iter_rows())
     variant_key = {(u, r): k for k, u, r in key.select("__key", "user_id", "__removed").iter_rows()}
     by_user = units.partition_by("user_id", as_dict=True, include_key=True)
@@ -398,12 +436,12 @@ def _assemble(units: pl.DataFrame, recs: pl.DataFrame, scored: _Scored, unit: st
     totals: list[dict[str, Any]] = []
     for rec, (user, item) in enumerate(recs.iter_rows()):
         full_row = row_of[full_key[user]]
-        score = cols.logp(logp, full_row, rec)
+        score = scored.logp(full_row, rec)
         n_input = int(scored.enc.offsets[full_row + 1] - scored.enc.offsets[full_row])  # tokens the full row feeds
         total = 0.0
         for u in by_user[(user,)].iter_rows(named=True):
             k = variant_key.get((user, u["__unit"]))
-            contribution = 0.0 if k is None else score - cols.logp(logp, row_of[k], rec)
+            contribution = 0.0 if k is None else score - scored.logp(row_of[k], rec)
             total += contribution
             weight = _copy_weight(scored.copy_w, full_row, u, n_input)
             out.append((_row if unit == "event" else _session_row)(user, item, u, contribution, weight, score))
