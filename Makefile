@@ -274,7 +274,7 @@ bench-clickstream-cost: install system-deps
 bench-served-vs-batch: install
 	$(BIN)/python benchmarks/served_vs_batch.py
 
-# section 23 [~10 min]: faithfulness of occlusion attributions on the Taobao sample, seen items kept and excluded (issue 28, in progress)
+# sections 23-24 [~7 min, plus bench-pretrain-ml1m if its model is missing]: faithfulness of occlusion attributions (top-k deletion, deletion/insertion AUC, gradient / attention / recency baselines), grounded rationales and their cost on the Taobao sample (seen items kept and excluded) and ML-1M (issue 28)
 bench-attribution: install
 	$(BIN)/python benchmarks/attribution.py
 	$(BIN)/python benchmarks/attribution.py --exclude-seen
