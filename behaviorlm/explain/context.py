@@ -67,7 +67,7 @@ class UserContext:
     def describe(self, fact_id: str) -> str:
         """A cited fact in words, for a reader who does not have the prompt: ``E19`` becomes
         ``E19: view of item 271696 at 2017-12-03 03:43``, ``R2.brand`` the brand of the second
-        recommendation, ``R2.after_E7`` the share of shoppers who went from E7's item to it."""
+        recommendation, ``R2.after_E7`` the share of people who went from E7's item to it."""
         e = self.event(fact_id)
         if e is not None:
             return f"{fact_id}: {e['action']} of item {e['item_id']} at {e['time']}"
@@ -126,7 +126,7 @@ def build_contexts(
     recommendation); ``items`` the catalog; ``profiles`` optional per-user facts (e.g.
     ``propensity``, ``tier``, ``cluster``); ``attributions`` the event attributions of these
     recommendations (:mod:`behaviorlm.explain.attribution`'s columns); ``population`` the events
-    the shoppers' statistics are counted over (``user_id, item_id, timestamp``; usually the
+    the population statistics are counted over (``user_id, item_id, timestamp``; usually the
     model's remembered histories) -- without it, no population statistic is stated.
     """
     missing = {"user_id", "item_id", "score", "rank"} - set(recommendations.columns)

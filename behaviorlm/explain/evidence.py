@@ -1,13 +1,13 @@
 """Statistics a rationale may state, computed from events, and the one way each is written.
 
-A rationale that says "18% of the 1,203 shoppers who viewed it went on to this one" must be
+A rationale that says "18% of the 1,203 people who interacted with it went on to this one" must be
 able to show where 18% and 1,203 come from. Each statistic here becomes a fact of the user's
 context with its own id (``R2.after_E7``, ``R2.times_7d``, ``R2.popularity``,
 ``P.usual_price``); templates and the fact descriptions format numbers through the same
 functions (:func:`share`, :func:`count`, :func:`money`), so every number in a template's text
 appears in the description of a fact it cites (a test checks it).
 
-*Population* statistics (who went on from one item to another, how many shoppers touched an
+*Population* statistics (who went on from one item to another, how many people interacted with an
 item) are computed over the model's remembered histories -- the users it was trained on -- not
 over the handful of users being explained.
 """
@@ -123,9 +123,9 @@ def describe_stat(name: str, value: dict, item: str) -> str:
         return f"{count(value['n'])} of the user's events were on item {item} in the 7 days to {value['until']}"
     if name.startswith("after_"):
         return (
-            f"{share(value['share'])} of the {count(value['users'])} shoppers who touched item {value['from']} "
-            f"later touched item {item}"
+            f"{share(value['share'])} of the {count(value['users'])} people who interacted with item {value['from']} "
+            f"later interacted with item {item}"
         )
     if name == "popularity":
-        return f"item {item} was touched by {count(value['users'])} of {count(value['of'])} shoppers"
+        return f"{count(value['users'])} of the {count(value['of'])} people the model knows interacted with item {item}"
     return f"{name} of item {item} is {value}"

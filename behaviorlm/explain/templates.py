@@ -2,10 +2,10 @@
 
 With attributions (:mod:`behaviorlm.explain.attribution`) the sentence leads with the event that
 raised the model's score for the item most, says what the system counts about it (how often the
-user touched the item this week; what share of shoppers went from that event's item to this one;
+user touched the item this week; what share of people went from that event's item to this one;
 a shared category or brand), adds the second attributed event, and compares the price with the
 user's usual one. Without them (the model gave no event a positive part: the item is ranked
-from the model's prior) it says how many shoppers touched the item, and falls back to the
+from the model's prior) it says how many people interacted with the item, and falls back to the
 catalog matches the older template used. Every number is formatted by
 :mod:`behaviorlm.explain.evidence` exactly as the cited fact's description writes it, and a
 clause is added only whole, within :data:`~behaviorlm.explain.context.MAX_RATIONALE`.
@@ -20,15 +20,26 @@ from behaviorlm.explain.context import MAX_RATIONALE, Rationale, UserContext
 
 _DID = {
     "view": "viewed {}",
+    "click": "clicked {}",
     "add_to_cart": "put {} in your cart",
+    "cart": "put {} in your cart",
     "purchase": "bought {}",
+    "buy": "bought {}",
     "add_to_favorites": "saved {}",
+    "favorite": "saved {}",
     "remove_from_cart": "took {} out of your cart",
+    "rate": "rated {}",
+    "rating": "rated {}",
+    "review": "reviewed {}",
+    "like": "liked {}",
+    "share": "shared {}",
+    "search": "searched for {}",
 }
 
 
 def _did(action: str, what: str) -> str:
-    return _DID.get(action, action.replace("_", " ") + " on {}").format(what)
+    """ "viewed X", "put X in your cart"; an action of the shop's own naming as a plain event."""
+    return _DID.get(action, "had a " + action.replace("_", " ") + " event on {}").format(what)
 
 
 def _name(fact: dict[str, Any], capital: bool = False) -> str:
@@ -92,7 +103,7 @@ def _repeat(rec: dict[str, Any], lead: dict[str, Any]) -> Clause:
 
 
 def _move(rec: dict[str, Any], lead: dict[str, Any]) -> Clause:
-    """Another item led to this one: the event, how many shoppers made the same move, and a
+    """Another item led to this one: the event, how many people made the same move, and a
     shared category or brand."""
     did = _did(lead["action"], _name(lead))
     text = f"{_name(rec, capital=True)} is suggested mainly because you {did} at {_at(lead)}"
@@ -100,7 +111,7 @@ def _move(rec: dict[str, Any], lead: dict[str, Any]) -> Clause:
     follow = rec.get(f"after_{lead['id']}")
     if follow and follow["share"] > 0:
         users = fmt.count(follow["users"])
-        text += f"; {fmt.share(follow['share'])} of the {users} shoppers who touched it went on to this one"
+        text += f"; {fmt.share(follow['share'])} of the {users} people who interacted with it went on to this one"
         cited.append(f"{rec['id']}.after_{lead['id']}")
     for attr in ("category", "brand"):
         if rec.get(attr) is not None and lead.get(attr) == rec[attr]:
@@ -112,7 +123,7 @@ def _move(rec: dict[str, Any], lead: dict[str, Any]) -> Clause:
 
 def _unattributed(ctx: UserContext, rec: dict[str, Any]) -> list[Clause]:
     """No event of the user raised the score materially: the user's own touches of the item, or
-    how many shoppers touched it (the model's prior), then a catalog match as a plain fact --
+    how many people interacted with it (the model's prior), then a catalog match as a plain fact --
     never a claim that the user's history caused it."""
     name = _name(rec, capital=True)
     same = [e for e in ctx.events if e["item_id"] == rec["item_id"]]
@@ -122,8 +133,8 @@ def _unattributed(ctx: UserContext, rec: dict[str, Any]) -> list[Clause]:
     pop = rec.get("popularity")
     if pop:
         text = (
-            f"{name} is ranked high for most shoppers rather than from your history: "
-            f"{fmt.count(pop['users'])} of the {fmt.count(pop['of'])} shoppers the model knows touched it."
+            f"{name} is ranked high for most people rather than from your history: "
+            f"{fmt.count(pop['users'])} of the {fmt.count(pop['of'])} people the model knows interacted with it."
         )
         out.append((text, [f"{rec['id']}.popularity"]))
     for attr in ("category", "brand"):
