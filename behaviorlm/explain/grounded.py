@@ -41,7 +41,7 @@ def grounded_contexts(
 ) -> Grounded:
     """Contexts for ``recommendations`` (``user_id, item_id, score, rank``) of ``model`` given the
     users' ``events``; ``attribute=False`` skips the attributions (the statistics stay). The
-    shoppers' statistics are counted over ``population`` (default: the histories the model was
+    population statistics are counted over ``population`` (default: the histories the model was
     trained on, ``model.histories_``)."""
     found = (
         occlusion(model, recommendations.select("user_id", "item_id"), events, as_of=as_of)
