@@ -128,7 +128,9 @@ def _input_events(model: Any, model_input: pd.DataFrame) -> Any:
 
 
 def _with_rationales(model: Any, recs: Any, events: Any) -> Any:
-    """Add ``rationale, evidence, rationale_source``: an LLM endpoint if configured, else templates."""
+    """Add ``rationale, evidence, attributed, rationale_source``: an LLM endpoint if configured, else
+    templates; ``attributed`` names the events (as ``evidence`` cites them) that raised the item's
+    score most by occlusion."""
     import polars as pl
 
     from behaviorlm.explain import explain_batch, make_explainer
@@ -141,6 +143,7 @@ def _with_rationales(model: Any, recs: Any, events: Any) -> Any:
         pl.col("item_id").cast(pl.String).alias("__i"),
         "rationale",
         "evidence",
+        "attributed",
         pl.col("source").alias("rationale_source"),
     )
     keys = [pl.col("user_id").cast(pl.String).alias("__u"), pl.col("item_id").cast(pl.String).alias("__i")]

@@ -77,6 +77,8 @@ def test_pyfunc_predicts_from_raw_events_and_rejects_bad_input(saved, monkeypatc
     )
     assert len(explained) == 4 and explained["rationale"].str.len().min() > 10
     assert set(explained["rationale_source"]) == {"template"} and explained["evidence"].map(len).min() >= 1
+    grounded = explained[explained["attributed"].map(len) > 0]  # the model's reasons, cited
+    assert len(grounded) and all(a[0] in e for a, e in zip(grounded["attributed"], grounded["evidence"], strict=True))
     with pytest.raises(ValueError, match="'user_id' column"):
         tracking.predict_frame(model, pd.DataFrame({"visitor": [1]}))
 
