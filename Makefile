@@ -70,7 +70,7 @@ BENCH_TARGETS := bench-pretrain-ml1m bench-pretrain-taobao bench-tokenizer bench
 	bench-propensity bench-segments bench-explain bench-pipeline bench-api bench-notebooks bench-bad-input \
 	bench-scale bench-scale-large bench-scale-train bench-scale-train-large bench-incremental \
 	bench-retrieval bench-engines bench-api-production bench-propensity-cdnow bench-side-features \
-	bench-clickstream bench-clickstream-ml1m bench-clickstream-cost bench-served-vs-batch bench-attribution
+	bench-clickstream bench-clickstream-ml1m bench-clickstream-cost bench-served-vs-batch bench-attribution bench-ig-captum
 ML1M_MODEL := data/models/ml-1m-loo-d01
 
 bench: $(BENCH_TARGETS)
@@ -273,6 +273,13 @@ bench-clickstream-cost: install system-deps
 # section 22 [~3 min]: the served model equals the day's batch scores for every Taobao user
 bench-served-vs-batch: install
 	$(BIN)/python benchmarks/served_vs_batch.py
+
+# section 24 [~2 min]: integrated gradients, this project's implementation vs Captum's (installed for the measurement only)
+bench-ig-captum: install
+	test -d $(ML1M_MODEL) || $(MAKE) bench-pretrain-ml1m
+	$(BIN)/pip install -q captum
+	$(BIN)/python benchmarks/ig_vs_captum.py --model $(ML1M_MODEL) --dataset ml-1m
+	$(BIN)/pip uninstall -y -q captum
 
 # sections 23-24 [~7 min, plus bench-pretrain-ml1m if its model is missing]: faithfulness of occlusion attributions (top-k deletion, deletion/insertion AUC, gradient / attention / recency baselines), grounded rationales and their cost on the Taobao sample (seen items kept and excluded) and ML-1M (issue 28)
 bench-attribution: install

@@ -223,9 +223,10 @@ def _ig_one(engine: Any, enc: Any, row: int, col: int, steps: int) -> tuple[np.n
     scaled = (alphas[:, None, None] * x).requires_grad_(True)  # the path, then the two ends
     rep = len(alphas)
     f = _score_of(engine, items.expand(rep, n), actions.expand(rep, n), gaps.expand(rep, n), scaled, col)
-    f[:steps].sum().backward()
-    assert scaled.grad is not None
-    mean_grad = scaled.grad[:steps].mean(0)  # (n, d)
+    # the gradient with respect to the path only: .backward() would also fill every weight's
+    # gradient (the 55k-item output matrix among them) -- 1.4x the time on Taobao, measured
+    (grad,) = torch.autograd.grad(f[:steps].sum(), scaled)
+    mean_grad = grad[:steps].mean(0)  # (n, d)
     per_token = (x[0] * mean_grad).sum(-1).detach().numpy()
     return per_token, float(f[-1].detach()), float(f[-2].detach())
 
