@@ -187,7 +187,7 @@ def _shown_events(mine: pl.DataFrame, top: pl.DataFrame, n_events: int, n_purcha
 class _Statistics:
     """The computed facts of one batch of contexts, looked up per user while contexts are built."""
 
-    top: pl.DataFrame
+    top: dict[str, pl.DataFrame]  # per user (as text): their top attributed events
     touches: dict[tuple[str, str], dict[str, Any]]
     follows: dict[tuple[str, str], dict[str, int]]
     popular: dict[str, dict[str, int]]
@@ -213,13 +213,14 @@ class _Statistics:
             popular = {
                 i: {"users": u, "of": of} for i, u, of in ev_stats.popularity(population, pairs["item_id"]).iter_rows()
             }
-        return cls(top, touches, follows, popular)
+        by_user = {u: g for (u,), g in top.partition_by("user_id", as_dict=True).items()}
+        return cls(by_user, touches, follows, popular)
 
     def attach(self, user: str, events: list[dict], recs: list[dict], profile: dict[str, Any]) -> None:
         """Add the statistics and attributions of ``user`` to its event, recommendation and
         profile facts (in place; ids of the events as numbered in ``events``)."""
         event_id = {(e["item_id"], e["action"], e["timestamp"]): e["id"] for e in events}
-        mine = self.top.filter(pl.col("user_id") == user)
+        mine = self.top.get(user)
         for r in recs:
             item = r["item_id"]
             if (user, item) in self.touches:
@@ -227,6 +228,8 @@ class _Statistics:
             if item in self.popular:
                 r["popularity"] = self.popular[item]
             r["attributed"] = []
+            if mine is None:
+                continue
             for index, e_item, action, t, contribution, copy_w in (
                 mine.filter(pl.col("item_id") == item)
                 .select("event_index", "event_item", "event_action", "event_time", "contribution", "copy_weight")
