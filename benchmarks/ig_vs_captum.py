@@ -8,8 +8,9 @@ For 40 users' top-1 item (leave-one-out test inputs), both integrate the gradien
 log-probability along the straight path from zero to each token's content vector, 32 midpoint
 steps in one batch; the attributions per token must agree, and the time per (user, item) is
 compared with the two alternating which goes first. Captum is handed the same differentiable
-scoring function the library uses (``attribution._score_of``, private: the out-of-place copy
-mixture autograd needs), so the comparison is of the integration machinery only. Writes
+scoring function the library integrates (``attribution.differentiable_item_logp``: the copy
+mixture computed out of place, as autograd needs), so the comparison is of the integration
+machinery only. Writes
 ``benchmarks/out/ig_vs_captum_<dataset>.json``.
 """
 
@@ -68,12 +69,12 @@ def main(argv: list[str] | None = None) -> dict:
 
         def score(z: torch.Tensor, items=items, actions=actions, gaps=gaps, n=n, col=int(col)) -> torch.Tensor:
             rep = len(z)
-            return attribution._score_of(
+            return attribution.differentiable_item_logp(
                 engine, items.expand(rep, n), actions.expand(rep, n), gaps.expand(rep, n), z, col
             )
 
         def ours(row=row, col=int(col)) -> np.ndarray:
-            return attribution._ig_one(engine, enc, row, col, 32)[0]
+            return attribution.integrated_gradients_row(engine, enc, row, col, 32)[0]
 
         def theirs(x=x, score=score) -> np.ndarray:
             ig = IntegratedGradients(score)

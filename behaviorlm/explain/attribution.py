@@ -154,7 +154,7 @@ def integrated_gradients(
     by_user = ev.partition_by("user_id", as_dict=True, include_key=True)
     out, totals = [], []
     for (user, item), col in zip(recs.iter_rows(), cols, strict=True):
-        per_token, score, base = _ig_one(engine, enc, row_of[user], int(col), steps)
+        per_token, score, base = integrated_gradients_row(engine, enc, row_of[user], int(col), steps)
         mine = by_user[(user,)]
         for e in mine.iter_rows(named=True):
             token = _token_of(e["__index"], mine.height, len(per_token))
@@ -211,8 +211,10 @@ def _frame(rows: list[dict[str, Any]]) -> pl.DataFrame:
     return pl.DataFrame(rows, schema_overrides={"copy_weight": pl.Float64}).select(COLUMNS)
 
 
-def _ig_one(engine: Any, enc: Any, row: int, col: int, steps: int) -> tuple[np.ndarray, float, float]:
-    """Per-token integrated gradients of one row's log P(item ``col``), its score and baseline."""
+def integrated_gradients_row(engine: Any, enc: Any, row: int, col: int, steps: int) -> tuple[np.ndarray, float, float]:
+    """Per-token integrated gradients of one encoded row's log P(item ``col``), its score and
+    its zero-content baseline: the lower level of :func:`integrated_gradients`, for callers that
+    hold an encoding already (benchmarks/ig_vs_captum.py times it against Captum)."""
     net = engine.network
     items, actions, gaps, last = (torch.from_numpy(a) for a in enc.padded(slice(row, row + 1)))
     n = int(last[0]) + 1
@@ -222,7 +224,7 @@ def _ig_one(engine: Any, enc: Any, row: int, col: int, steps: int) -> tuple[np.n
     alphas = torch.cat([(torch.arange(steps, dtype=x.dtype) + 0.5) / steps, torch.tensor([0.0, 1.0])])
     scaled = (alphas[:, None, None] * x).requires_grad_(True)  # the path, then the two ends
     rep = len(alphas)
-    f = _score_of(engine, items.expand(rep, n), actions.expand(rep, n), gaps.expand(rep, n), scaled, col)
+    f = differentiable_item_logp(engine, items.expand(rep, n), actions.expand(rep, n), gaps.expand(rep, n), scaled, col)
     # the gradient with respect to the path only: .backward() would also fill every weight's
     # gradient (the 55k-item output matrix among them) -- 1.4x the time on Taobao, measured
     (grad,) = torch.autograd.grad(f[:steps].sum(), scaled)
@@ -231,10 +233,11 @@ def _ig_one(engine: Any, enc: Any, row: int, col: int, steps: int) -> tuple[np.n
     return per_token, float(f[-1].detach()), float(f[-2].detach())
 
 
-def _score_of(
+def differentiable_item_logp(
     engine: Any, items: torch.Tensor, actions: torch.Tensor, gaps: torch.Tensor, inputs: torch.Tensor, col: int
 ) -> torch.Tensor:
-    """log P(item ``col``) at each row's last token, marginal over the next action, with grad."""
+    """log P(item ``col``) at each row's last token, marginal over the next action, differentiable
+    in ``inputs`` (the token content vectors): the function a gradient method integrates."""
     net = engine.network
     last = torch.full((len(items),), items.shape[1] - 1)
     state = net(items, actions, gaps, last=last, inputs=inputs)
