@@ -209,3 +209,28 @@ def test_session_occlusion_equals_removing_each_session_by_hand(which, request):
             assert s["contribution"] == pytest.approx(full - _score(model, without, item), abs=1e-4), s
     with pytest.raises(ConfigurationError, match="unit must be"):
         occlusion(model, recs, mine, unit="day")
+
+
+@pytest.mark.parametrize("which", ["plain", "repeat_aware"])
+def test_log_probabilities_at_columns_equal_the_full_catalogs(which, request):
+    """InferenceEngine.item_logp_columns (what occlusion reads) equals item_logp gathered at the
+    same columns, new items' columns included."""
+    import torch
+
+    model, ev = request.getfixturevalue(which)
+    mine = ev.df.filter(pl.col("user_id").is_in(ev.df["user_id"].unique().head(4).implode()))
+    t = mine["timestamp"].max()
+    new = mine.head(1).with_columns(pl.lit("never-trained").alias("item_id"), pl.lit(t).alias("timestamp"))
+    enc = model.engine.encode(model.validate_input(pl.concat([mine, new.cast(mine.schema)])))
+    h, a = model.engine.heads(enc, slice(0, len(enc)))
+    full = model.engine.item_logp(h, a, new_items=model.model_.copy_head is not None)
+    cols = torch.randint(4, model.engine.n_items, (len(enc), 6), generator=torch.Generator().manual_seed(0))
+    codes = enc.padded_new_codes(slice(0, len(enc)))
+    if model.model_.copy_head is not None:  # the new item's column: n_items + its first position in its row
+        row = int(np.flatnonzero((codes >= 0).any(1))[0])
+        cols[row, 0] = model.engine.n_items + int(np.flatnonzero(codes[row] >= 0)[0])
+    got, want = model.engine.item_logp_columns(h, a, cols), full.gather(1, cols)
+    assert torch.equal(got.isfinite(), want.isfinite()) and want.isfinite().float().mean() > 0.9
+    assert torch.allclose(got[want.isfinite()], want[want.isfinite()], atol=1e-5)
+    if model.model_.copy_head is not None:
+        assert want[row, 0].isfinite()  # the copy path scores the new item

@@ -52,7 +52,6 @@ import torch
 from behaviorlm.data.events import Events
 from behaviorlm.data.timestamps import to_utc
 from behaviorlm.errors import ConfigurationError
-from behaviorlm.nn.copy_head import gate_logps, mix
 from behaviorlm.sequence.tokenizer import N_SPECIAL
 
 COLUMNS = (
@@ -123,11 +122,7 @@ def occlusion(
     slots = _Slots.of(recs, key, enc)
     columns = _Columns(engine, enc, cols, recs["item_id"])
     values, copy_w = _scores(
-        engine,
-        enc,
-        batch_size,
-        bool((cols < N_SPECIAL).any()),
-        lambda s, rows: columns.gather(s, rows, slots.recs[rows]),
+        engine, enc, batch_size, lambda h, a_logp, rows: columns.read(engine, h, a_logp, rows, slots.recs[rows])
     )
     row_of = {u: i for i, u in enumerate(enc.user_ids)}
     scored = _Scored(slots, key, row_of, values, copy_w, enc)
@@ -244,22 +239,9 @@ def differentiable_item_logp(
     a_logits = net.action_logits(state)
     a_logits[:, :N_SPECIAL] = float("-inf")
     a_logp = torch.log_softmax(a_logits, -1)
-    parts = [a_logp[:, a] + _item_logp_at(net, state, a.expand(len(state)), col) for a in engine.real_actions]
+    cols = torch.full((len(state), 1), col)
+    parts = [a_logp[:, a] + net.item_logp_columns(state, a.expand(len(state)), cols)[:, 0] for a in engine.real_actions]
     return torch.logsumexp(torch.stack(parts), 0)
-
-
-def _item_logp_at(net: Any, state: torch.Tensor, next_action: torch.Tensor, col: int) -> torch.Tensor:
-    """log P(item ``col`` | next action) as the network's ``item_logp`` computes it, without its
-    in-place steps (which autograd cannot go back through): the catalog softmax, mixed with the
-    copy distribution for a repeat-aware model."""
-    h = net.hidden(state)
-    gen = torch.log_softmax(net.item_logits(h, next_action), -1)[:, col]
-    if net.copy_head is None or net.state_layout is None:
-        return gen
-    lay = net.state_layout
-    copy = lay.copy_logp_columns(state, torch.full((len(state), 1), col))  # (B, 1)
-    log_g, log_1mg = gate_logps(net.copy_head.gate_logits(net.item_query(h, next_action)), lay.has_copy(state))
-    return mix(gen[:, None], copy, log_g, log_1mg)[:, 0]
 
 
 def _item_columns(engine: Any, items: pl.Series, new_items: bool = False) -> np.ndarray:
@@ -287,24 +269,33 @@ class _Columns:
         names = {} if enc.new_ids is None else {v: i for i, v in enumerate(enc.new_ids.to_list())}
         self.code = [names.get(item, -2) if c < N_SPECIAL else -1 for item, c in zip(items, cols, strict=True)]
 
-    def gather(self, scores: torch.Tensor, rows: np.ndarray, recs: np.ndarray) -> np.ndarray:
+    def read(
+        self, engine: Any, h: torch.Tensor, a_logp: torch.Tensor, rows: np.ndarray, recs: np.ndarray
+    ) -> np.ndarray:
         """log P of the recommendations ``recs`` (rows x slots, -1: none) in each of ``rows``
-        (global row numbers) of one batch's ``scores``: (rows x slots), NaN where none."""
-        sc = scores.numpy()
-        out = np.full(recs.shape, np.nan)
+        (global row numbers) of one batch's states: (rows x slots), NaN where none. Only those
+        columns are computed (:meth:`InferenceEngine.item_logp_columns`); a new item no longer
+        held gets its row's lowest vocabulary log-probability, the one case needing the catalog."""
         valid = recs >= 0
-        c = np.where(valid, self.cols[np.where(valid, recs, 0)], 0)
-        b, r = np.nonzero(valid & (c >= N_SPECIAL))
-        out[b, r] = sc[b, c[b, r]]
-        for b, r in zip(*np.nonzero(valid & (c < N_SPECIAL)), strict=True):
-            out[b, r] = self._new_item(sc[b], int(rows[b]), int(recs[b, r]))
+        col = np.where(valid, self.cols[np.where(valid, recs, 0)], 0)
+        absent = np.zeros(recs.shape, bool)
+        for b, r in zip(*np.nonzero(valid & (col < N_SPECIAL)), strict=True):
+            held = self._first_held(int(rows[b]), int(recs[b, r]))
+            absent[b, r] = held is None
+            col[b, r] = 0 if held is None else self.n_items + held
+        out = engine.item_logp_columns(h, a_logp, torch.from_numpy(col)).double().numpy()
+        out[~valid] = np.nan
+        for b in np.flatnonzero(absent.any(1)):
+            floor = float(engine.item_logp(h[b : b + 1], a_logp[b : b + 1])[0, N_SPECIAL : self.n_items].min())
+            out[b, absent[b]] = floor
         return out
 
-    def _new_item(self, scores: np.ndarray, row: int, rec: int) -> float:
-        held = np.flatnonzero(self.codes[row] == self.code[rec]) if self.codes is not None else np.zeros(0, np.int64)
-        if len(held):
-            return float(scores[self.n_items + int(held[0])])
-        return float(scores[N_SPECIAL : self.n_items].min())
+    def _first_held(self, row: int, rec: int) -> int | None:
+        """The first position of ``row`` holding recommendation ``rec``'s new item, if any."""
+        if self.codes is None:
+            return None
+        held = np.flatnonzero(self.codes[row] == self.code[rec])
+        return int(held[0]) if len(held) else None
 
 
 @dataclass(frozen=True)
@@ -384,18 +375,15 @@ def _sessions(ev: pl.DataFrame) -> pl.DataFrame:
 
 
 @torch.inference_mode()
-def _scores(
-    engine: Any, enc: Any, batch_size: int, new_items: bool, keep: Any
-) -> tuple[np.ndarray, torch.Tensor | None]:
-    """Per variant row, what ``keep(scores, rows)`` reads of its item log-probs (over the
-    vocabulary and, with ``new_items``, the row's new context items after it), and -- repeat-aware
-    models -- the copy path's probability per input position of each row."""
+def _scores(engine: Any, enc: Any, batch_size: int, keep: Any) -> tuple[np.ndarray, torch.Tensor | None]:
+    """Per variant row, what ``keep(h, a_logp, rows)`` reads of its item log-probabilities, and
+    -- repeat-aware models -- the copy path's probability per input position of each row."""
     parts, copies = [], []
     layout = engine.network.state_layout
     for start in range(0, len(enc), batch_size):
         rows = slice(start, min(start + batch_size, len(enc)))
         h, a_logp = engine.heads(enc, rows)
-        parts.append(keep(engine.item_logp(h, a_logp, new_items=new_items), np.arange(rows.start, rows.stop)))
+        parts.append(keep(h, a_logp, np.arange(rows.start, rows.stop)))
         if layout is not None and engine.network.copy_head is not None:
             copies.append(_copy_weights(engine, h, a_logp))
     return np.concatenate(parts), (torch.cat(copies) if copies else None)

@@ -170,6 +170,21 @@ class InferenceEngine:
         return total
 
     @torch.inference_mode()
+    def item_logp_columns(self, h: torch.Tensor, a_logp: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """:meth:`item_logp` at given columns per row only, (B, C) for ``cols`` (B, C): for
+        callers that read a few items of many rows (attribution), without a (rows x catalog)
+        log-probability matrix per next action."""
+        net = self.network
+        if len(self._real_actions) == 1:
+            return net.item_logp_columns(h, self._real_actions.expand(len(h)), cols)
+        total: torch.Tensor | None = None
+        for a in self._real_actions:
+            part = net.item_logp_columns(h, a.expand(len(h)), cols) + a_logp[:, a, None]
+            total = part if total is None else torch.logaddexp(total, part)
+        assert total is not None
+        return total
+
+    @torch.inference_mode()
     def item_logp_given(self, h: torch.Tensor, next_actions: torch.Tensor, new_items: bool = False) -> torch.Tensor:
         """``log P(item | next action)`` with one next action per row (specials -inf)."""
         return self.network.item_logp(h, next_actions, new_items)

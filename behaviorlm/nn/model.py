@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from behaviorlm.errors import ConfigurationError
-from behaviorlm.nn.copy_head import MAX_COPY_ITEMS, CopyHead, CopyState, gate_logps
+from behaviorlm.nn.copy_head import MAX_COPY_ITEMS, CopyHead, CopyState, gate_logps, mix
 from behaviorlm.recipes import BASE_PARAMS
 from behaviorlm.sequence.tokenizer import N_SPECIAL, PAD
 
@@ -256,6 +256,22 @@ class BehaviorTransformer(nn.Module):
         # logsumexp and an in-place subtraction), then only the context columns change
         shifted = torch.log_softmax(logits, -1).add_(log_1mg[:, None])
         return lay.add_copy(shifted, log_g, state)
+
+    def item_logp_columns(self, state: torch.Tensor, next_action: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """``log P(item | next action)`` at given columns per row, (B, C) for ``cols`` (B, C):
+        what :meth:`item_logp` holds there, without materialising the catalog's log-softmax (one
+        logsumexp per row) and out of place, so autograd can go through it. A column past the
+        vocabulary names a row's new item as the state does (``n_items`` + its first position)."""
+        h = self.hidden(state)
+        logits = self.item_logits(h, next_action)
+        n_items = self.config.n_items
+        picked = logits.gather(1, cols.clamp(max=n_items - 1)) - torch.logsumexp(logits, -1, keepdim=True)
+        gen = picked.masked_fill(cols >= n_items, float("-inf"))
+        if self.copy_head is None or self.state_layout is None:
+            return gen
+        lay = self.state_layout
+        log_g, log_1mg = gate_logps(self.copy_head.gate_logits(self.item_query(h, next_action)), lay.has_copy(state))
+        return mix(gen, lay.copy_logp_columns(state, cols), log_g, log_1mg)
 
     @property
     def extended_width(self) -> int:
