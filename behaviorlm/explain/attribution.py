@@ -9,7 +9,9 @@ contributions answer "what if this had not happened", not "what if this token we
 
 The cost is a few forward passes per user, not one per event: every variant of every user --
 the full history and one without each event -- is encoded in one call and scored in batches,
-and all of a user's recommended items are read from the same rows. Only the last ``max_len + 1``
+and all of a user's recommended items are read from the same rows -- only those items'
+log-probabilities are computed (one logsumexp over the catalog per row and next action, not a
+catalog-wide matrix: 14 GB for 300 Taobao users before). Only the last ``max_len + 1``
 events can matter (the input window, and the event that gives the window's oldest one its time
 gap); older events are reported with contribution 0, which is exact: removing one changes
 nothing the model sees (a test checks it). Events at or after the scoring time are never input.
@@ -28,7 +30,8 @@ the next-item probability the copy path puts on that position (gate times attent
 over the next action as the score is) -- how much the model is "showing it again" rather than
 generalising from it.
 
-**Integrated gradients** (cheaper, approximate): each input token's content vector (item,
+**Integrated gradients** (approximate; 1.1-2.6x occlusion's speed in benchmarks/RESULTS.md
+section 24, and blind to the copy path's identity-based choices): each input token's content vector (item,
 action and time gap; :meth:`~behaviorlm.nn.model.BehaviorTransformer.input_vectors`) is scaled
 from zero to its value along ``steps`` points, and the item's log-probability's gradient is
 integrated along the way (midpoint rule): one batched forward and backward pass of ``steps``
