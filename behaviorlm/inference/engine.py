@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -159,27 +159,24 @@ class InferenceEngine:
         ``new_items``: plus the row's new context items after the vocabulary (:meth:`decode_new`)."""
         if action_id is not None:
             return self.item_logp_given(h, torch.full((len(h),), action_id), new_items)
-        if len(self._real_actions) == 1:
-            return self.item_logp_given(h, self._real_actions.expand(len(h)), new_items)
-        # accumulated pairwise: 3x faster on CPU than logsumexp over a stacked (actions, B, items) tensor
-        total: torch.Tensor | None = None
-        for a in self._real_actions:
-            part = self.item_logp_given(h, a.expand(len(h)), new_items).add_(a_logp[:, a, None])
-            total = part if total is None else torch.logaddexp(total, part)
-        assert total is not None
-        return total
+        return self._over_next_actions(a_logp, lambda actions: self.item_logp_given(h, actions, new_items))
 
     @torch.inference_mode()
     def item_logp_columns(self, h: torch.Tensor, a_logp: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """:meth:`item_logp` at given columns per row only, (B, C) for ``cols`` (B, C): for
         callers that read a few items of many rows (attribution), without a (rows x catalog)
         log-probability matrix per next action."""
-        net = self.network
+        return self._over_next_actions(a_logp, lambda actions: self.network.item_logp_columns(h, actions, cols))
+
+    def _over_next_actions(self, a_logp: torch.Tensor, given: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``log sum_a P(a) exp(given(a))`` over the real next actions, ``given`` taking one next
+        action per row; one real action needs no sum."""
         if len(self._real_actions) == 1:
-            return net.item_logp_columns(h, self._real_actions.expand(len(h)), cols)
+            return given(self._real_actions.expand(len(a_logp)))
+        # accumulated pairwise: 3x faster on CPU than logsumexp over a stacked (actions, B, items) tensor
         total: torch.Tensor | None = None
         for a in self._real_actions:
-            part = net.item_logp_columns(h, a.expand(len(h)), cols) + a_logp[:, a, None]
+            part = given(a.expand(len(a_logp))).add_(a_logp[:, a, None])
             total = part if total is None else torch.logaddexp(total, part)
         assert total is not None
         return total
