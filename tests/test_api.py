@@ -106,7 +106,7 @@ def test_recommend_options(client, fitted):
     assert all(i["score"] == pytest.approx(share[i["item_id"]], rel=1e-5) for i in got["items"])
 
 
-def test_explanations_only_when_asked(client):
+def test_explanations_only_when_asked(client, fitted):
     got = client.post("/v1/recommend", json={"user_id": 5, "k": 3, "explain": True}).json()
     items = {i["item_id"] for i in got["items"]}
     assert len(got["rationales"]) == 3 and {r["item_id"] for r in got["rationales"]} == items
@@ -115,11 +115,27 @@ def test_explanations_only_when_asked(client):
         assert isinstance(r["evidence"], list) and len(r["evidence"]) >= 1, r
     attributed = [r for r in got["rationales"] if r["attributed"]]
     assert attributed  # the model's own reasons come back with the rationale, and the rationale cites them
+    history = fitted[0].df.filter(pl.col("user_id") == 5).sort("timestamp")
     for r in attributed:
         contributions = [a["contribution"] for a in r["attributed"]]
         assert contributions == sorted(contributions, reverse=True) and r["attributed"][0]["event"] in r["evidence"]
+        for a in r["attributed"]:  # each entry is the user's event at that index, not a look-alike
+            e = history.row(a["event_index"], named=True)
+            assert (a["item_id"], a["action"]) == (str(e["item_id"]), e["event_type"])
+            assert datetime.fromisoformat(a["timestamp"]) == e["timestamp"]
     plain = client.post("/v1/recommend", json={"user_id": 5, "k": 3}).json()
     assert plain["rationales"] is None and plain["items"] == got["items"]
+    # an anonymous request viewing the same item three times: its events are attributed (under
+    # the id they were read with), and each attributed entry is its own event, not a look-alike
+    events = [{"item_id": "i7", "event_type": "view", "timestamp": 1_700_000_000 + 60 * m} for m in range(3)]
+    again = client.post("/v1/recommend", json={"events": events, "k": 3, "explain": True})
+    assert again.status_code == 200, again.text
+    several = [r for r in again.json()["rationales"] if len(r["attributed"]) >= 2]
+    assert several
+    for r in several:
+        assert sorted({a["event_index"] for a in r["attributed"]}) == sorted(a["event_index"] for a in r["attributed"])
+        for a in r["attributed"]:
+            assert datetime.fromisoformat(a["timestamp"]).timestamp() == events[a["event_index"]]["timestamp"]
 
 
 def test_next_actions(client, fitted):

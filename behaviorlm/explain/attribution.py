@@ -116,6 +116,8 @@ def occlusion(
         raise ConfigurationError(f"unit must be 'event' or 'session', got {unit!r}")
     engine = model.engine
     ev, recs, cols = _inputs(model, recommendations, events, as_of, new_items=True)
+    if recs.height == 0:  # no recommended user has an input event: nothing to attribute
+        return Attributions(pl.DataFrame(), pl.DataFrame())
     ev = ev.with_columns(_unit_of(unit, session_gap))
     tail, removable = _tail(ev, engine.max_len)
     variants, key = _variants(tail, removable)

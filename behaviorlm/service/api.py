@@ -689,6 +689,8 @@ def _explain(
     if events is None:
         known = model.history_events()
         events = known.derive(known.df.filter(pl.col("user_id") == uid), "the user's remembered history")
+    elif events.df.height:  # the request's own events: explained under the id they were read with
+        uid = events.df["user_id"][0]  # ("request" when the body names no user)
     history = events.df
     recs = ranked_frame(ranked, uid).with_columns(pl.col("user_id").cast(history["user_id"].dtype))
     grounded = grounded_contexts(model, recs, events)
@@ -708,25 +710,22 @@ def _explain(
 
 
 def _attributed_out(ctx: Any, attributions: Any, item: str) -> list[AttributedEventOut]:
-    """The item's top attributed events as the context numbered them, strongest first."""
+    """The item's top attributed events, strongest first, as the context numbered them (``E7``)
+    and as the attributions hold them (read by event index: one row per event, even when the
+    user did the same thing to the same item twice)."""
     rec = next(r for r in ctx.recommendations if r["item_id"] == item)
-    ids = ctx.attributed(rec)
-    if not ids or attributions is None:
+    if attributions is None:
         return []
     rows = attributions.events.filter(pl.col("item_id").cast(pl.String) == item)
     out = []
-    for eid in ids:
-        fact = ctx.event(eid)
-        match = rows.filter(
-            (pl.col("event_item").cast(pl.String) == fact["item_id"]) & (pl.col("event_action") == fact["action"])
-        ).sort("contribution", descending=True)
-        r = match.row(0, named=True)
+    for a in rec.get("attributed", []):
+        r = rows.filter(pl.col("event_index") == a["event_index"]).row(0, named=True)
         out.append(
             AttributedEventOut(
-                event=eid,
+                event=a["event"],
                 event_index=r["event_index"],
-                item_id=fact["item_id"],
-                action=fact["action"],
+                item_id=str(r["event_item"]),
+                action=r["event_action"],
                 timestamp=r["event_time"],
                 contribution=r["contribution"],
                 copy_weight=r["copy_weight"],
