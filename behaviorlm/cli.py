@@ -214,7 +214,10 @@ def train(
     ] = None,
     holdout: Annotated[
         str | None,
-        Opt(help="loo | temporal: hold out validation+test; none: train on all (default loo; none with --prepared)"),
+        Opt(
+            help="loo | temporal | purchase: hold out validation+test; none: train on all "
+            "(default loo; none with --prepared)"
+        ),
     ] = None,
     recipe: Annotated[str, Opt(help=RECIPE_HELP)] = "ml-1m",
     epochs: Annotated[int | None, Opt(help="default: the recipe's")] = None,
@@ -320,10 +323,75 @@ def _fit_for_cli(data: EventsInput, prepared, init_from, holdout, recipe: str, o
 @app.command()
 @cli_errors
 @events_input()
+def finetune(
+    model_dir: Annotated[Path, Opt("--model", help="the pretrained model directory (`behaviorlm train`)")],
+    out_dir: Annotated[Path, Opt("--out", help="model directory to write (the fine-tuned copy)")],
+    data: EventsInput,
+    method: Annotated[str, Opt(help="dpo | sdpo | grpo | sft (supervised control)")] = "dpo",
+    action: Annotated[str, Opt(help="the action to prefer (the model's name for a purchase)")] = "purchase",
+    beta: Annotated[float, Opt(help="DPO temperature: how far the model may move from the pretrained one")] = 0.1,
+    negatives: Annotated[
+        str, Opt(help="rejected items: window (touched before the purchase, never bought) | topk | hard | mixed")
+    ] = "window",
+    pairs_per_user: Annotated[int, Opt(help="each user's newest purchases used as contexts")] = 8,
+    rejected: Annotated[int, Opt(help="rejected items per context")] = 8,
+    window: Annotated[
+        str, Opt(help="how long before a purchase a touched item counts as passed over: 30m, 12h, 1d")
+    ] = "1d",
+    epochs: Annotated[int, Opt(help="passes over the contexts (the best on validation is kept)")] = 4,
+    lr: Annotated[float, Opt(help="learning rate")] = 1e-4,
+    seed: Annotated[int | None, Opt(help="default: the model's")] = None,
+    force: Annotated[
+        bool, Opt("--force", help="replace --out even if it is not a folder this command wrote (its contents are lost)")
+    ] = False,
+    verbose: bool = True,
+) -> None:
+    """Fine-tune a pretrained model toward purchases (preference or reward stage) and save the copy.
+
+    Contexts, chosen and rejected items come from the events of the model's own training period:
+    the holdout the model was trained with is applied to --events again, and its held-out
+    purchases choose the epoch (or keep the pretrained model when no epoch beats it).
+    """
+    from behaviorlm.data.io import check_output_dir
+    from behaviorlm.fitting import finetune_from_source
+    from behaviorlm.model_dir import MANIFEST
+
+    _setup_logging(verbose)
+    check_output_dir(out_dir, MANIFEST, "model folder", force)
+    model = _load_model(model_dir, retrieval="exact")
+    source = data.load(model.input_schema_)
+    stage = dict(
+        beta=beta, negatives=negatives, n_rejected=rejected, epochs=epochs, lr=lr, progress=sys.stderr.isatty()
+    )
+    if seed is not None:
+        stage["seed"] = seed
+    tuned = finetune_from_source(
+        model, source, method, action=action, contexts_per_user=pairs_per_user, window=window, **stage
+    )
+    tuned.save(out_dir, force=force)
+    st = tuned.stages_[-1]
+    val = (
+        ""
+        if st["best_score"] is None
+        else (
+            f"; validation purchase ndcg@10 {st['reference_score']:.4f} -> {st['best_score']:.4f} "
+            f"(epoch {st['best_epoch']} kept)"
+        )
+    )
+    out.print(
+        f"saved {method} model to {out_dir} (from {model.model_version}; {st['contexts']} contexts, "
+        f"{st['pairs']} pairs{val})",
+        highlight=False,
+    )
+
+
+@app.command()
+@cli_errors
+@events_input()
 def evaluate(
     model_dir: Annotated[Path, Opt("--model", help="model directory from `behaviorlm train`")],
     data: EventsInput,
-    split: Annotated[str, Opt(help="loo | temporal; must match the model's --holdout")] = "loo",
+    split: Annotated[str, Opt(help="loo | temporal | purchase; must match the model's --holdout")] = "loo",
     k: int = 10,
     exclude_seen: Annotated[bool | None, Opt(help="default: as in training")] = None,
     metrics_out: Annotated[

@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import polars as pl
+
 from behaviorlm.data.events import Events, events_digest
 from behaviorlm.data.loading import LoadedEvents
 from behaviorlm.errors import ConfigurationError
@@ -32,7 +34,7 @@ def held_out(events: Events, holdout: str) -> tuple[Events, Holdout | None]:
     if holdout not in HOLDOUTS:
         raise ConfigurationError(
             f"holdout must be one of {list(HOLDOUTS)}, got {holdout!r}",
-            cli_hint=f"--holdout must be loo, temporal or none, got {holdout!r}",
+            cli_hint=f"--holdout must be one of {', '.join(HOLDOUTS)}; got {holdout!r}",
         )
     if holdout == "none":
         return events, None
@@ -101,3 +103,22 @@ def _fit_prepared(
     model = BehaviorLM(recipe, progress=progress, **overrides)
     provenance = {"source": str(folder), "holdout": "none", "events_digest": None}
     return model.fit(shards, exclude_seen=exclude_seen, training_data=provenance, checkpoint=checkpoint)
+
+
+def finetune_from_source(
+    model: BehaviorLM, source: LoadedEvents, method: str = "dpo", *, action: str = "purchase", **stage: Any
+) -> BehaviorLM:
+    """``model`` fine-tuned on ``source`` (:meth:`BehaviorLM.finetune`), holding out what its
+    pretraining held out: the model's recorded holdout is applied to ``source`` again, so the
+    stage learns from the same training period and evaluation can still trust the split; its
+    validation purchases (the held-out ``action`` targets) choose the epoch."""
+    holdout = (model.training_data_ or {}).get("holdout") or "none"
+    train_ev, valid = held_out(source.events, holdout if holdout in HOLDOUTS else "none")
+    if valid is not None:
+        buys = valid.targets.filter(pl.col("event_type") == action)
+        inputs = valid.inputs.derive(
+            valid.inputs.df.filter(pl.col("user_id").is_in(buys["user_id"].implode())),
+            f"validation inputs of {action} targets",
+        )
+        valid = Holdout(inputs, buys) if buys.height else None
+    return model.finetune(train_ev, method, validation=valid, action=action, **stage)

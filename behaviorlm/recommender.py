@@ -15,6 +15,7 @@ cold-start answer: the most popular training items.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import asdict
@@ -110,6 +111,8 @@ class BehaviorLM:
     #: how top-k lists are found until :meth:`use_retrieval` says otherwise (see there)
     retrieval_: str = "auto"
     retrieval_params_: IndexParams | None = None
+    #: the training stages after pretraining, oldest first (:meth:`finetune`)
+    stages_: list[dict[str, Any]] = []  # noqa: RUF012 - never mutated: finetune assigns a new list
 
     name = "behaviorlm"
 
@@ -314,6 +317,65 @@ class BehaviorLM:
         self.context_ = self.context_.filter(~pl.col("user_id").is_in(trained))
         self._finish(self.n_train_events_ + len(new))
         return self
+
+    def finetune(
+        self,
+        events: Events | Any,
+        method: str = "dpo",
+        *,
+        validation: Holdout | None = None,
+        action: str = "purchase",
+        window: str = "1d",
+        contexts_per_user: int = 8,
+        k_val: int = 10,
+        **stage: Any,
+    ) -> BehaviorLM:
+        """A copy of this model fine-tuned toward ``action`` (purchases) on ``events``; this one is unchanged.
+
+        ``method``: ``dpo``, ``sdpo``, ``grpo`` or ``sft`` (the control); see
+        :mod:`behaviorlm.finetune`. Contexts are each user's newest ``contexts_per_user``
+        ``action`` events in ``events`` -- give training-period events only: nothing later than
+        what the model may learn from -- with the items touched within ``window`` of them and
+        never bought as rejected ones. ``stage`` takes :class:`~behaviorlm.finetune.stages.StageConfig`
+        fields (``beta``, ``negatives``, ``n_rejected``, ``epochs``, ``lr``, ...). With a
+        ``validation`` holdout (held-out purchases) the epoch -- or the unchanged model -- with
+        the best purchase-target NDCG@``k_val`` is kept. The copy records its parent version and
+        the stage (``stages_``).
+        """
+        from behaviorlm.finetune.pairs import mine_pairs
+        from behaviorlm.finetune.stages import StageConfig, finetune
+
+        engine = self.engine
+        cfg = StageConfig(method=method, **{"seed": self.params["seed"], "progress": self.params["progress"], **stage})
+        action_id = engine.action_id(action)
+        assert action_id is not None
+        ev = self._in_model_ids(self.validate_input(events))
+        pairs = mine_pairs(
+            ev, self.tokenizer_, action=action, window=window, contexts_per_user=contexts_per_user,
+            n_rejected=cfg.n_rejected, seed=cfg.seed,
+        )  # fmt: skip
+        tuned = copy.deepcopy(self)
+        validate = None
+        if validation is not None and validation.n_users:
+            from behaviorlm.evaluation.purchase import ActionScorer
+
+            catalog = pl.Series("item_id", self.tokenizer_.items_)
+
+            def validate(model: BehaviorTransformer) -> float:
+                tuned.engine_ = InferenceEngine(model, tuned.tokenizer_, version="finetuning")
+                ranks = rank_targets(ActionScorer(tuned, action), validation, catalog, k_val, False).ranks
+                return float(per_user_metrics(ranks, k_val)[f"ndcg@{k_val}"].mean())
+
+        hist = finetune(tuned.model_, pairs, action_id, cfg, validate)
+        log.info(
+            "%s: %d contexts, %d pairs; validation %s -> %s (epoch %d kept)",
+            method, hist.contexts, hist.pairs, hist.reference_score, hist.best_score, hist.best_epoch,
+        )  # fmt: skip
+        tuned.parent_version_ = engine.version
+        tuned.stages_ = [*self.stages_, {**asdict(hist), "action": action, "parent_version": engine.version}]
+        tuned.engine_ = InferenceEngine(tuned.model_, tuned.tokenizer_, version="finetuned")
+        tuned._finish(tuned.n_train_events_)
+        return tuned
 
     def remember(self, events: Events | Any, source: str | None = None) -> BehaviorLM:
         """Know users' events up to now without training on them: what ``recommend(users=...)``,
@@ -639,8 +701,9 @@ class BehaviorLM:
         enc, _, _ = self._encode_users(users, events)
         return self._frame(decode(self.engine, enc, cfg))
 
-    def score(self, inputs: Events, users: list[Any], catalog: pl.Series, chunk: int = 256):
-        """Scorer protocol for :mod:`behaviorlm.evaluation`: log-probs over ``catalog``."""
+    def score(self, inputs: Events, users: list[Any], catalog: pl.Series, chunk: int = 256, action: str | None = None):
+        """Scorer protocol for :mod:`behaviorlm.evaluation`: log-probs over ``catalog``
+        (marginal over next actions, or given ``action``: the purchase protocol's ranking)."""
         engine = self.engine
         enc = engine.encode(inputs)
         pos = {u: i for i, u in enumerate(enc.user_ids)}
@@ -652,7 +715,7 @@ class BehaviorLM:
         for i in range(0, len(users), chunk):
             part = users[i : i + chunk]
             sub = enc.subset([pos[u] for u in part])
-            for rows, lp, _ in engine.iter_scores(sub, None, chunk, new_items=True):
+            for rows, lp, _ in engine.iter_scores(sub, action, chunk, new_items=True):
                 yield part, _with_new_columns(lp[:, cols], lp, sub, rows, new_cols, engine.n_items)
 
     # ------------------------------------------------------------------ persistence
@@ -671,6 +734,7 @@ class BehaviorLM:
             "training_data": self.training_data_,
             "prepared_from": self.prepared_from_,
             "parent_version": self.parent_version_,
+            "stages": self.stages_,
         }
         files = ModelFiles(
             self.model_, self.tokenizer_, self.histories_, self.seen_, self.items_, manifest, self.context_
@@ -726,6 +790,7 @@ class BehaviorLM:
         est.exclude_seen_ = meta.get("exclude_seen", True)
         est.training_data_ = meta.get("training_data")
         est.prepared_from_, est.parent_version_ = meta.get("prepared_from"), meta.get("parent_version")
+        est.stages_ = meta.get("stages", [])
         est.model_version_ = meta["model_version"]
         est.engine_ = InferenceEngine(est.model_, est.tokenizer_, est.model_version_)
         return est.use_retrieval(retrieval, directory=directory)

@@ -26,6 +26,7 @@ ALLOWED = {
     "propensity": {"data", "sequence", "nn", "inference"},
     "segments": {"data", "plots", "propensity"},
     "explain": {"data", "sequence", "nn"},  # attribution: the vocabulary's specials, the copy mixture
+    "finetune": {"data", "sequence", "nn"},  # the stages after pretraining: token contexts and the network
     "model_dir": {"data", "sequence", "nn"},
     "recipes": set(),
 }

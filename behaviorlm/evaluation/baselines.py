@@ -9,7 +9,10 @@ The rules a practitioner would try before any model, each fitted on training eve
   continue shopping"); its action weights and half-life are fitted on the training events;
 * ``sknn`` -- V-SKNN, session-based k-nearest neighbours with a linearly decaying query, and
   ``itemknn`` -- session co-occurrence cosine neighbours of the last item; the strongest
-  simple rules of session-based recommendation (Ludewig & Jannach, UMUAI 2018).
+  simple rules of session-based recommendation (Ludewig & Jannach, UMUAI 2018);
+* for purchase targets (:mod:`behaviorlm.evaluation.purchase`): ``cart`` ("in your cart":
+  carted and not bought since, newest first, then recent items), ``purchase_popularity`` and
+  ``purchase_cooccurrence`` (what was bought next after the user's last item).
 
 Every scorer ranks the items its rule scores first (popularity only breaking exact ties), then
 the rest by popularity, so a user whose history gives the rule nothing still gets a sensible
@@ -326,6 +329,88 @@ def _above_tiebreak(scores: torch.Tensor, tiebreak: torch.Tensor) -> torch.Tenso
     return torch.where(scores > 0, lifted, tiebreak)
 
 
+#: the canonical action names the purchase rules read (:mod:`behaviorlm.data.events` maps aliases to them)
+PURCHASE = "purchase"
+CART = "add_to_cart"
+
+
+class CartBaseline:
+    """ "In your cart": items carted and not bought since, newest first; then the user's other
+    items, newest first; then popularity."""
+
+    name = "cart"
+
+    def fit(self, train: Events, catalog: pl.Series) -> CartBaseline:
+        self.tiebreak_ = popularity_tiebreak(train, catalog)
+        return self
+
+    def score(self, inputs, users, catalog, chunk: int = 1024):
+        h = _history(inputs, catalog).filter(pl.col("c") >= 0)
+        bought_after = (
+            h.filter(pl.col("event_type") == PURCHASE).group_by("user_id", "c").agg(pl.col("age").min().alias("b"))
+        )
+        carts = h.filter(pl.col("event_type") == CART).group_by("user_id", "c").agg(pl.col("age").min())
+        open_carts = carts.join(bought_after, on=["user_id", "c"], how="left").filter(
+            pl.col("b").is_null() | (pl.col("b") > pl.col("age"))  # no purchase since the cart event
+        )
+        recent = h.group_by("user_id", "c").agg(pl.col("age").min())
+        s = recent.join(open_carts.select("user_id", "c", pl.lit(2.0).alias("bonus")), on=["user_id", "c"], how="left")
+        s = s.with_columns(s=1.0 + pl.col("bonus").fill_null(0.0) + 1.0 / (2.0 + pl.col("age")))
+        for part in _user_chunks(users, chunk):
+            yield part, _dense_rows(part, s, "s", widen(self.tiebreak_, len(catalog)), inputs.df["user_id"].dtype)
+
+
+class PurchasePopularityBaseline:
+    """The most bought items in training, the same list for everyone (all-event popularity breaks ties)."""
+
+    name = "purchase_popularity"
+
+    def fit(self, train: Events, catalog: pl.Series) -> PurchasePopularityBaseline:
+        idx = catalog_index(catalog, train.df.filter(pl.col("event_type") == PURCHASE)["item_id"])
+        bought = torch.from_numpy(np.bincount(idx[idx >= 0], minlength=len(catalog)).astype(np.float32))
+        self.scores_ = _above_tiebreak(bought[None, :], popularity_tiebreak(train, catalog)[None, :])[0]
+        return self
+
+    def score(self, inputs, users, catalog, chunk: int = 1024):
+        s = widen(self.scores_, len(catalog))
+        for part in _user_chunks(users, chunk):
+            yield part, s.expand(len(part), -1).clone()
+
+
+class PurchaseCooccurrenceBaseline:
+    """What was bought next after the user's last item: counts of (item touched, the user's
+    next purchase after it) over the training events; purchase popularity breaks ties."""
+
+    name = "purchase_cooccurrence"
+
+    def fit(self, train: Events, catalog: pl.Series) -> PurchaseCooccurrenceBaseline:
+        df = train.df.select("user_id", "event_type", pl.Series("c", catalog_index(catalog, train.df["item_id"])))
+        bought = pl.when(pl.col("event_type") == PURCHASE).then(pl.col("c"))
+        # the next purchase strictly after each event: shift by one, then fill backwards within the user
+        nxt = df.with_columns(bought.shift(-1).backward_fill().over("user_id").alias("next"))
+        pairs = nxt.filter((pl.col("c") >= 0) & pl.col("next").is_not_null() & (pl.col("next") >= 0))
+        counts = pairs.group_by("c", "next").len()
+        self.matrix_ = sp.csr_matrix(
+            (counts["len"].to_numpy().astype(np.float32), (counts["c"].to_numpy(), counts["next"].to_numpy())),
+            shape=(len(catalog), len(catalog)),
+        )
+        self.fallback_ = PurchasePopularityBaseline().fit(train, catalog).scores_
+        return self
+
+    def score(self, inputs, users, catalog, chunk: int = 1024):
+        last = inputs.df.group_by("user_id", maintain_order=True).last()
+        last_idx = dict(zip(last["user_id"].to_list(), catalog_index(catalog, last["item_id"]), strict=True))
+        n = self.matrix_.shape[0]
+        for part in _user_chunks(users, chunk):
+            rows = torch.tensor([last_idx.get(u, -1) for u in part], dtype=torch.long)
+            known = (rows >= 0) & (rows < n)
+            counts = torch.zeros(len(part), n)
+            if known.any():
+                counts[known] = torch.from_numpy(self.matrix_[rows[known].numpy()].toarray())
+            fallback = self.fallback_ / (self.fallback_.max() + 1.0)
+            yield part, widen(_above_tiebreak(counts, fallback[None, :].expand(len(part), -1)), len(catalog))
+
+
 FACTORIES: dict[str, type[Any]] = {
     "popularity": PopularityBaseline,
     "cooccurrence": CooccurrenceBaseline,
@@ -333,4 +418,7 @@ FACTORIES: dict[str, type[Any]] = {
     "repeat": RepeatBaseline,
     "sknn": SessionKNNBaseline,
     "itemknn": ItemKNNBaseline,
+    "cart": CartBaseline,
+    "purchase_popularity": PurchasePopularityBaseline,
+    "purchase_cooccurrence": PurchaseCooccurrenceBaseline,
 }

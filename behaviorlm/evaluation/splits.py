@@ -95,6 +95,56 @@ def temporal_split(events: Events | Any, test_start: Any = None, val_start: Any 
     )
 
 
+def purchase_split(events: Events | Any, action: str = "purchase") -> Split:
+    """Each buyer's last ``action`` event is the test target, the one before it validates (the
+    purchase protocol: :mod:`behaviorlm.evaluation.purchase`);
+    inputs are the events strictly before each target's time; training is every user's
+    events strictly before their first target (all events of users who never bought)."""
+    ev = as_events(events)
+    df = ev.df.with_columns(pl.int_range(pl.len()).over("user_id").alias("__pos"))
+    buys = df.filter(pl.col("event_type") == action)
+    if buys.height == 0:
+        raise InputDataError(f"no {action!r} events: the purchase protocol needs buyers (column event_type)")
+    last_two = (
+        buys.group_by("user_id", maintain_order=True)
+        .tail(2)
+        .with_columns(pl.int_range(pl.len()).over("user_id").alias("__k"), pl.len().over("user_id").alias("__n"))
+    )
+    test_t = last_two.filter(pl.col("__k") == pl.col("__n") - 1)
+    val_t = last_two.filter((pl.col("__n") == 2) & (pl.col("__k") == 0))
+    test_in, test_t = inputs_before(df, test_t)
+    val_in, val_t = inputs_before(df, val_t)
+    first_cut = pl.concat([val_t, test_t.join(val_t.select("user_id"), on="user_id", how="anti")])
+    cut = first_cut.select("user_id", pl.col("timestamp").alias("__cut"))
+    train = df.join(cut, on="user_id", how="left", maintain_order="left").filter(
+        pl.col("__cut").is_null() | (pl.col("timestamp") < pl.col("__cut"))
+    )
+    cols = ev.df.columns
+    info = {
+        "split": "purchase",
+        "action": action,
+        "users_evaluated": test_t.height,
+        "users_validated": val_t.height,
+        "inputs": "events strictly before the target's timestamp; seen items kept",
+    }
+    return Split(
+        "purchase",
+        train=ev.derive(train.select(cols), f"purchase split train: events before each buyer's first {action} target"),
+        valid=Holdout(ev.derive(val_in.select(cols), "purchase validation inputs"), val_t.select(cols)),
+        test=Holdout(ev.derive(test_in.select(cols), "purchase test inputs"), test_t.select(cols)),
+        info=info,
+    )
+
+
+def inputs_before(df: pl.DataFrame, targets: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Each target user's events strictly before the target's time, and the targets with at
+    least one such event (a purchase with nothing before it has no input to rank from)."""
+    cut = targets.select("user_id", pl.col("timestamp").alias("__cut"))
+    inputs = df.join(cut, on="user_id", maintain_order="left").filter(pl.col("timestamp") < pl.col("__cut"))
+    kept = targets.join(inputs.select("user_id").unique(), on="user_id", how="semi")
+    return inputs, kept
+
+
 def _next_event_targets(df: pl.DataFrame, start: Any, end: Any) -> tuple[pl.DataFrame, pl.DataFrame]:
     before = df.filter(pl.col("timestamp") < start)
     window = df.filter(pl.col("timestamp") >= start)
@@ -106,17 +156,19 @@ def _next_event_targets(df: pl.DataFrame, start: Any, end: Any) -> tuple[pl.Data
     return inputs, targets.select(df.columns)
 
 
-SPLITS = ("loo", "temporal")
+SPLITS = ("loo", "temporal", "purchase")
 
 
 def make_split(events: Events | Any, name: str) -> Split:
-    """The split called ``name`` (``loo`` or ``temporal``) with its default settings: what
+    """The split called ``name`` (``loo``, ``temporal`` or ``purchase``) with its default settings: what
     ``--holdout`` and ``--split`` mean in the CLI and the pipelines."""
     if name == "loo":
         return leave_one_out(events)
     if name == "temporal":
         return temporal_split(events)
+    if name == "purchase":
+        return purchase_split(events)
     raise ConfigurationError(
         f"split must be one of {list(SPLITS)}, got {name!r}",
-        cli_hint=f"--split must be 'loo' or 'temporal', got {name!r}",
+        cli_hint=f"--split must be one of {', '.join(SPLITS)}; got {name!r}",
     )

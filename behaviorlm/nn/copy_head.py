@@ -41,6 +41,8 @@ from behaviorlm.sequence.tokenizer import N_SPECIAL, UNK
 N_RECENCY = 16
 #: vocabulary ids ride in a float32 tensor: exact below 2**24
 MAX_COPY_ITEMS = 2**24
+#: copy probability floor where a log's gradient would be taken at 0 (see copy_logp_columns)
+COPY_FLOOR = 1e-30
 
 
 def recency_bucket(distance: torch.Tensor) -> torch.Tensor:
@@ -251,10 +253,13 @@ class CopyState:
         return out
 
     def copy_logp_columns(self, state: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        """``log P_copy`` of given vocabulary ids per row, (B, C) for ``cols`` (B, C)."""
+        """``log P_copy`` of given vocabulary ids per row, (B, C) for ``cols`` (B, C). An item not
+        in the context gets a floor of ``log 1e-30`` rather than ``-inf``: the log's gradient at
+        0 is infinite, and times the mixture's zero weight it would be NaN for every parameter
+        (the training loss floors it the same way); the mixture's value moves by < 1e-30."""
         alpha = self.log_alpha(state).exp()  # (B, L)
         same = cols[:, :, None] == self.items(state)[:, None, :]  # (B, C, L)
-        return (same.to(alpha.dtype) * alpha[:, None, :]).sum(-1).log()
+        return (same.to(alpha.dtype) * alpha[:, None, :]).sum(-1).clamp_min(COPY_FLOOR).log()
 
     def without_new_items(self, state: torch.Tensor, n_items: int) -> torch.Tensor:
         """The state with its new items' names dropped (back to ``[UNK]``): for a ranking that

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from behaviorlm.errors import ConfigurationError, InputDataError
 from behaviorlm.nn import checkpoint, distributed
 from behaviorlm.nn.checkpoint import Checkpointing
-from behaviorlm.nn.copy_head import COPY_LR_MULT, gate_logps
+from behaviorlm.nn.copy_head import COPY_FLOOR, COPY_LR_MULT, gate_logps
 from behaviorlm.nn.model import BehaviorTransformer
 from behaviorlm.recipes import BASE_PARAMS
 from behaviorlm.sequence.corpus import Corpus
@@ -301,7 +301,7 @@ def _mixture_target_logp(
     copy_p = (log_alpha.exp() * same).sum(-1)[mask]
     has_copy = torch.isfinite(log_alpha).any(-1)[mask]
     log_g, log_1mg = gate_logps(model.copy_head.gate_logits(q, shifted=False), has_copy)
-    return torch.logaddexp(log_g + copy_p.clamp_min(1e-30).log(), log_1mg + gen_lp)
+    return torch.logaddexp(log_g + copy_p.clamp_min(COPY_FLOOR).log(), log_1mg + gen_lp)
 
 
 def _sampled_softmax_ce(model, q, target, n_neg, gen, corrected: bool = False) -> torch.Tensor:
