@@ -146,6 +146,7 @@ def _load_model(model_dir: Path, retrieval: str = "auto", engine: str = "torch")
     return BehaviorLM.load(model_dir, retrieval=retrieval).use_engine(engine, model_dir)
 
 
+ADAPTER_HELP = "score with this low-rank adapter of the model (`behaviorlm adapt`), e.g. tier=High"
 ENGINE_HELP = "torch | onnx | onnx-int8 (onnxruntime, the export kept in the model folder)"
 RETRIEVAL_HELP = "auto (ANN from 20,000 items) | exact (full catalog) | ann (HNSW candidates, re-scored exactly)"
 
@@ -388,6 +389,37 @@ def finetune(
 @app.command()
 @cli_errors
 @events_input()
+def adapt(
+    model_dir: Annotated[Path, Opt("--model", help="the model directory; its adapters are saved into it")],
+    data: EventsInput,
+    users: Annotated[Path, Opt(help="user table with user_id and the --by column, e.g. segments' users.parquet")],
+    by: Annotated[str, Opt(help="the column whose values get one adapter each, e.g. tier, cluster, market")],
+    rank: Annotated[int, Opt(help="adapter rank r")] = 8,
+    alpha: Annotated[float, Opt(help="adapter scale alpha (the update is alpha / r * B A)")] = 16.0,
+    epochs: int = 3,
+    lr: float = 1e-3,
+    min_users: Annotated[int, Opt(help="skip values with fewer users with events")] = 20,
+    verbose: bool = True,
+) -> None:
+    """Train one low-rank adapter per segment (or market, or any user column) on a model, its
+    weights frozen; recommend, score and the API select one with --adapter / adapter=."""
+    from behaviorlm.data.events import read_table
+    from behaviorlm.fitting import fit_adapters_by
+
+    _setup_logging(verbose)
+    model = _load_model(model_dir, retrieval="exact")
+    ev = data.load(model.input_schema_).events
+    names = fit_adapters_by(
+        model, ev, read_table(users, "--users"), by, min_users=min_users, rank=rank, alpha=alpha, epochs=epochs, lr=lr
+    )
+    model.save(model_dir)
+    sizes = ", ".join(f"{n} ({model.adapters_[n].meta['parameters']:,} parameters)" for n in names)
+    out.print(f"saved {len(names)} adapter(s) into {model_dir}: {sizes or 'none'}", highlight=False)
+
+
+@app.command()
+@cli_errors
+@events_input()
 def evaluate(
     model_dir: Annotated[Path, Opt("--model", help="model directory from `behaviorlm train`")],
     data: EventsInput,
@@ -441,9 +473,10 @@ def recommend(
     k: int = 10,
     action: Annotated[str | None, Opt(help=OPTION_HELP["action"])] = None,
     exclude_seen: bool = True,
+    adapter: Annotated[str | None, Opt(help=ADAPTER_HELP)] = None,
 ) -> None:
     """Print top-K recommendations for known users or for users in an events file."""
-    model = _load_model(model_dir)
+    model = _load_model(model_dir).with_adapter(adapter)
     events = data.load(model.input_schema_).events if data.events or data.dataset else None
     users = _cast_users(model, user) if user else None
     recs = model.recommend(users, events=events, k=k, exclude_seen=exclude_seen, action=action)
@@ -486,6 +519,7 @@ def score(
     action: Annotated[str | None, Opt(help=OPTION_HELP["action"])] = None,
     allowed_items: Annotated[Path | None, Opt(help="only these items: .txt (one per line) or a table")] = None,
     threads: Annotated[int | None, Opt(help=OPTION_HELP["threads"])] = None,
+    adapter: Annotated[str | None, Opt(help=ADAPTER_HELP)] = None,
     as_of: Annotated[
         str | None,
         Opt(
@@ -502,7 +536,9 @@ def score(
     set_threads(threads)
     if quantize is not None and engine != "torch":
         raise ConfigurationError("--quantize is torch's int8; with onnxruntime use --engine onnx-int8")
-    model = _load_model(model_dir, retrieval, engine)
+    if adapter is not None and engine != "torch":
+        raise ConfigurationError("--adapter runs on --engine torch (the exported graphs hold the base weights)")
+    model = _load_model(model_dir, retrieval, engine).with_adapter(adapter)
     schema = data.schema(model.input_schema_)
     options = ScoringOptions(
         k, exclude_seen, action, _allowed_items(allowed_items, schema.columns.item or "item_id"), batch_size

@@ -122,3 +122,33 @@ def finetune_from_source(
         )
         valid = Holdout(inputs, buys) if buys.height else None
     return model.finetune(train_ev, method, validation=valid, action=action, **stage)
+
+
+def fit_adapters_by(
+    model: BehaviorLM, events: Events, groups: pl.DataFrame, column: str, *, min_users: int = 20, **adapter: Any
+) -> list[str]:
+    """One adapter per value of ``column`` in ``groups`` (``user_id`` + ``column``: a segment
+    table such as the segments step's ``users.parquet`` with ``tier``, or a market per user),
+    each trained on its users' ``events`` and named ``column=value``; values with fewer than
+    ``min_users`` users with events are skipped (said in the log). Returns the names fitted."""
+    import logging
+
+    for col in ("user_id", column):
+        if col not in groups.columns:
+            raise ConfigurationError(
+                f"the user table has no column {col!r} (columns: {groups.columns})",
+                cli_hint=f"--users needs columns user_id and {column!r}; it has {groups.columns}",
+            )
+    ids = groups.select(pl.col("user_id").cast(events.df["user_id"].dtype, strict=False), column).drop_nulls()
+    fitted = []
+    for value in sorted(ids[column].unique().to_list(), key=str):
+        users = ids.filter(pl.col(column) == value)["user_id"].implode()
+        part = events.derive(events.df.filter(pl.col("user_id").is_in(users)), f"{column}={value}")
+        if part.n_users < min_users:
+            logging.getLogger(__name__).info("%s=%s: %d users with events, fewer than %d: no adapter", column, value,
+                                             part.n_users, min_users)  # fmt: skip
+            continue
+        name = f"{column}={value}"
+        model.fit_adapter(part, name, describe={"column": column, "value": value}, **adapter)
+        fitted.append(name)
+    return fitted

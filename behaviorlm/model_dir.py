@@ -11,6 +11,9 @@ itself::
     items.parquet       item metadata, when the model was fitted with it
     context.parquet     events remembered after training, not trained on (``BehaviorLM.remember``),
                         when there are any
+    adapters/NAME/      low-rank adapters trained on this model (``BehaviorLM.fit_adapter``):
+                        adapter.json (name, base_version, rank, alpha, targets, what it was
+                        trained on) and adapter.pt (the adapter's tensors only, weights_only)
 
 It is written atomically (a temporary folder renamed into place), so a reader never sees a
 half-written model. Older formats are migrated on load -- 1 (behaviorlm 0.1: no format
@@ -24,8 +27,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -57,10 +61,65 @@ class ModelFiles:
     items: pl.DataFrame | None
     manifest: dict[str, Any]
     context: pl.DataFrame | None = None
+    adapters: dict[str, Adapter] = field(default_factory=dict)
 
     @property
     def input_schema(self) -> InputSchema:
         return InputSchema.from_dict(self.manifest["input_schema"])
+
+
+@dataclass
+class Adapter:
+    """A low-rank adapter: its tensors and its description (``base_version`` names the weights
+    it was trained on; :func:`check_adapter` refuses it on any other)."""
+
+    state: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return str(self.meta["name"])
+
+
+ADAPTERS = "adapters"
+ADAPTER_META, ADAPTER_WEIGHTS = "adapter.json", "adapter.pt"
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=-]{0,99}$")
+
+
+def check_adapter_name(name: str) -> str:
+    """Adapter names become folder names: letters, digits and ``_ . = -``, at most 100."""
+    if not isinstance(name, str) or not ADAPTER_NAME.match(name):
+        raise ModelFormatError(
+            f"adapter name {name!r} is not usable: letters, digits and _ . = - only (e.g. 'segment=high')"
+        )
+    return name
+
+
+def check_adapter(adapter: Adapter, base_version: str) -> Adapter:
+    """``adapter`` if it was trained on the weights ``base_version`` names; else a clear refusal."""
+    trained_on = adapter.meta.get("base_version")
+    if trained_on != base_version:
+        raise ModelFormatError(
+            f"adapter {adapter.name!r} was trained on base model {trained_on}, not on this model "
+            f"({base_version}): an adapter only works on the weights it was trained with"
+        )
+    return adapter
+
+
+def write_adapter(directory: str | Path, adapter: Adapter) -> Path:
+    """One adapter folder (atomically): ``adapter.json`` and ``adapter.pt``."""
+    path = Path(directory)
+    with atomic_dir(path, ADAPTER_META, "adapter folder") as tmp:
+        torch.save(adapter.state, tmp / ADAPTER_WEIGHTS)
+        (tmp / ADAPTER_META).write_text(json.dumps(adapter.meta, indent=2, default=str))
+    return path
+
+
+def read_adapter(directory: str | Path) -> Adapter:
+    d = Path(directory)
+    meta = _read(d, ADAPTER_META, lambda: json.loads((d / ADAPTER_META).read_text()))
+    state = _read(d, ADAPTER_WEIGHTS, lambda: torch.load(d / ADAPTER_WEIGHTS, weights_only=True, map_location="cpu"))
+    return Adapter(state, meta)
 
 
 def is_model_dir(path: str | Path) -> bool:
@@ -79,6 +138,8 @@ def write_model_dir(directory: str | Path, files: ModelFiles, force: bool = Fals
             files.items.write_parquet(tmp / "items.parquet")
         if files.context is not None and files.context.height:
             files.context.write_parquet(tmp / "context.parquet")
+        for name, adapter in files.adapters.items():
+            write_adapter(tmp / ADAPTERS / check_adapter_name(name), adapter)
         manifest = {
             **files.manifest,
             "format_version": FORMAT_VERSION,
@@ -138,6 +199,7 @@ def read_model_dir(directory: str | Path) -> ModelFiles:
         items=_read(d, "items.parquet", lambda: pl.read_parquet(d / "items.parquet")) if has_items else None,
         manifest=manifest,
         context=_read(d, "context.parquet", lambda: pl.read_parquet(d / "context.parquet")) if has_context else None,
+        adapters={p.name: read_adapter(p) for p in sorted((d / ADAPTERS).glob("*")) if (p / ADAPTER_META).is_file()},
     )
 
 

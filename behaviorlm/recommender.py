@@ -36,7 +36,7 @@ from behaviorlm.evaluation.metrics import per_user_metrics, rank_targets, seen_l
 from behaviorlm.evaluation.splits import Holdout
 from behaviorlm.inference.engine import FRAME_SCHEMA, NO_SEEN, InferenceEngine, first_positions
 from behaviorlm.inference.retrieval import IndexParams, open_index, wants_ann
-from behaviorlm.model_dir import ModelFiles, model_version, read_model_dir, write_model_dir
+from behaviorlm.model_dir import Adapter, ModelFiles, model_version, read_model_dir, write_model_dir
 from behaviorlm.nn import distributed
 from behaviorlm.nn.checkpoint import Checkpointing
 from behaviorlm.nn.copy_head import GATE_SHIFTS_COARSE, calibrate_gate
@@ -113,6 +113,9 @@ class BehaviorLM:
     retrieval_params_: IndexParams | None = None
     #: the training stages after pretraining, oldest first (:meth:`finetune`)
     stages_: list[dict[str, Any]] = []  # noqa: RUF012 - never mutated: finetune assigns a new list
+    #: low-rank adapters by name (:meth:`fit_adapter`), and their merged networks (:meth:`with_adapter`)
+    adapters_: dict[str, Adapter] = {}  # noqa: RUF012 - never mutated: fit_adapter assigns a new dict
+    _adapted: dict[str, BehaviorTransformer] = {}  # noqa: RUF012 - replaced, never mutated, on the class
 
     name = "behaviorlm"
 
@@ -376,6 +379,76 @@ class BehaviorLM:
         tuned.engine_ = InferenceEngine(tuned.model_, tuned.tokenizer_, version="finetuned")
         tuned._finish(tuned.n_train_events_)
         return tuned
+
+    def fit_adapter(
+        self,
+        events: Events | Any,
+        name: str,
+        *,
+        rank: int = 8,
+        alpha: float = 16.0,
+        epochs: int = 3,
+        lr: float = 1e-3,
+        describe: dict[str, Any] | None = None,
+    ) -> BehaviorLM:
+        """Train a low-rank adapter called ``name`` on ``events`` (one segment's, one market's)
+        with the pretraining objective, the base weights frozen (:mod:`behaviorlm.nn.lora`).
+
+        The adapter is kept with the model (``adapters_``; saved beside the weights) and used by
+        ``with_adapter(name)`` / ``recommend(adapter=name)``. ``describe`` (e.g. the segment
+        column and value) is stored in its metadata; items the base does not know are ``[UNK]``
+        to it, as to the base."""
+        from behaviorlm.model_dir import Adapter, check_adapter_name
+        from behaviorlm.nn.lora import adapter_state, add_adapters, count
+
+        check_adapter_name(name)
+        engine = self.engine
+        ev = self._in_model_ids(self.validate_input(events))
+        net = copy.deepcopy(self.model_)
+        targets = add_adapters(net, rank, alpha)
+        fixed = {"epochs": epochs, "lr": lr, "patience": epochs, "max_time_s": None, "max_steps": None}
+        tcfg = TrainConfig(**{**{k: self.params[k] for k in _TRAIN_PARAMS}, **fixed})
+        hist = train(net, self.tokenizer_.encode(ev, truncate=False), tcfg)
+        state = adapter_state(net)
+        meta = {
+            "name": name, "base_version": engine.version, "rank": rank, "alpha": alpha, "targets": targets,
+            "parameters": count(state), "base_parameters": self.model_.num_parameters(),
+            "events": len(ev), "users": ev.n_users, "epochs": epochs, "lr": lr,
+            "train_time_s": hist.train_time_s, "loss": [e["loss"] for e in hist.epochs],
+            "fitted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(describe or {}),
+        }  # fmt: skip
+        self.adapters_ = {**self.adapters_, name: Adapter(state, meta)}
+        self._adapted = {}
+        return self
+
+    def with_adapter(self, name: str | None) -> BehaviorLM:
+        """This model with adapter ``name`` merged into a copy of its weights (``None``: itself).
+
+        The copy shares everything else -- vocabulary, known users, retrieval index (adapters do
+        not touch item embeddings) -- and scores at the base's cost; its version is
+        ``<base version>+<name>``. Merged networks are cached per name."""
+        if name is None:
+            return self
+        from behaviorlm.model_dir import check_adapter
+        from behaviorlm.nn.lora import add_adapters, load_adapter_state, merged
+
+        engine = self.engine
+        if name not in self.adapters_:
+            known = sorted(self.adapters_) or "none"
+            raise ConfigurationError(
+                f"unknown adapter {name!r}; this model has: {known}", cli_hint=f"--adapter must be one of: {known}"
+            )
+        if name not in self._adapted:
+            adapter = check_adapter(self.adapters_[name], engine.version)
+            net = copy.deepcopy(self.model_)
+            add_adapters(net, adapter.meta["rank"], adapter.meta["alpha"], adapter.meta["targets"])
+            load_adapter_state(net, adapter.state)
+            self._adapted = {**self._adapted, name: merged(net).eval()}
+        cached = self._adapted[name]
+        other = copy.copy(self)
+        other.model_ = cached
+        other.engine_ = InferenceEngine(cached, self.tokenizer_, f"{engine.version}+{name}", engine.index)
+        return other
 
     def remember(self, events: Events | Any, source: str | None = None) -> BehaviorLM:
         """Know users' events up to now without training on them: what ``recommend(users=...)``,
@@ -646,6 +719,7 @@ class BehaviorLM:
         allowed_items: list[Any] | None = None,
         action: str | None = None,
         batch_size: int = 128,
+        adapter: str | None = None,
     ) -> pl.DataFrame:
         """Top-``k`` items per user as ``user_id, item_id, score, rank`` (score = probability).
 
@@ -653,10 +727,15 @@ class BehaviorLM:
         users, seen in training or not) are encoded on the fly. ``action`` ranks by
         ``P(item | next action = action)``; the default marginalises over action types.
         Users without events get the most popular items (cold start) with ``score`` = their
-        training share.
+        training share. ``adapter`` scores with that low-rank adapter (:meth:`with_adapter`).
         """
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ConfigurationError(f"k must be a positive integer, got {k!r}")
+        if adapter is not None:
+            return self.with_adapter(adapter).recommend(
+                users, events=events, k=k, exclude_seen=exclude_seen, allowed_items=allowed_items, action=action,
+                batch_size=batch_size,
+            )  # fmt: skip
         engine = self.engine
         enc, seen, cold = self._encode_users(users, events)
         allowed = engine.allowed_mask(allowed_items)
@@ -737,8 +816,9 @@ class BehaviorLM:
             "stages": self.stages_,
         }
         files = ModelFiles(
-            self.model_, self.tokenizer_, self.histories_, self.seen_, self.items_, manifest, self.context_
-        )
+            self.model_, self.tokenizer_, self.histories_, self.seen_, self.items_, manifest, self.context_,
+            self.adapters_,
+        )  # fmt: skip
         written = write_model_dir(directory, files, force)
         self.model_version_ = written["model_version"]
         if self.engine_.version != self.model_version_:  # loaded from a format that named versions otherwise
@@ -791,6 +871,7 @@ class BehaviorLM:
         est.training_data_ = meta.get("training_data")
         est.prepared_from_, est.parent_version_ = meta.get("prepared_from"), meta.get("parent_version")
         est.stages_ = meta.get("stages", [])
+        est.adapters_, est._adapted = files.adapters, {}
         est.model_version_ = meta["model_version"]
         est.engine_ = InferenceEngine(est.model_, est.tokenizer_, est.model_version_)
         return est.use_retrieval(retrieval, directory=directory)

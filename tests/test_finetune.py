@@ -260,3 +260,112 @@ def test_bad_stage_settings_and_data_get_clear_errors(shop, base):
         base.finetune(shop, "dpo", window="yesterday", progress=False)
     with pytest.raises(InputDataError, match="unknown action 'checkout'"):
         base.finetune(shop, "dpo", action="checkout", progress=False)
+
+
+# ----------------------------------------------------------------------------- adapters
+
+
+def _logits(net, batch):
+    state = net(batch["items"], batch["actions"], batch["gaps"], last=batch["last"])
+    actions = torch.full((len(state),), 3, dtype=torch.long)
+    return net.item_logp(state, actions), net.action_logits(state)
+
+
+def test_a_lora_adapter_at_initialisation_changes_no_logit_and_merging_changes_nothing(shop, base):
+    import copy
+
+    from behaviorlm.nn.lora import add_adapters, merged
+
+    split = purchase_split(shop)
+    batch = mine_pairs(split.train, base.tokenizer_).batch(np.arange(20))
+    net = copy.deepcopy(base.model_)
+    names = add_adapters(net, rank=4, alpha=8.0)
+    assert len(names) == 4 * base.model_.config.n_layers
+    with torch.no_grad():
+        for a, b in zip(_logits(net, batch), _logits(base.model_, batch), strict=True):
+            assert torch.equal(a, b)
+        for m in net.modules():  # a trained adapter: B no longer zero
+            if hasattr(m, "lora_b"):
+                m.lora_b.normal_(0, 0.1)
+        adapted, folded = _logits(net, batch), _logits(merged(net), batch)
+    assert not torch.allclose(adapted[0], _logits(base.model_, batch)[0])
+    for a, b in zip(adapted, folded, strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_training_an_adapter_leaves_the_base_weights_alone_and_it_travels_with_the_model(shop, base, tmp_path):
+    model = BehaviorLM.load(_saved(base, tmp_path / "base"), retrieval="exact")
+    before = {k: v.clone() for k, v in model.model_.state_dict().items()}
+    segment = validate_events(make_shop(n_users=20, seed=1))
+    model.fit_adapter(segment, "segment=a", rank=4, epochs=1, describe={"segment": "a"})
+    assert all(torch.equal(v, model.model_.state_dict()[k]) for k, v in before.items())
+    meta = model.adapters_["segment=a"].meta
+    assert meta["base_version"] == model.model_version and meta["segment"] == "a"
+    assert 0 < meta["parameters"] < meta["base_parameters"]
+    adapted = model.with_adapter("segment=a")
+    assert adapted.model_version == f"{model.model_version}+segment=a"
+    with_adapter = model.recommend(events=segment.df, k=5, adapter="segment=a")
+    assert with_adapter.equals(adapted.recommend(events=segment.df, k=5))
+    assert not with_adapter.equals(model.recommend(events=segment.df, k=5))
+    model.save(tmp_path / "base")
+    again = BehaviorLM.load(tmp_path / "base", retrieval="exact")
+    assert again.recommend(events=segment.df, k=5, adapter="segment=a").equals(with_adapter)
+
+
+def _saved(model, path):
+    model.save(path)
+    return path
+
+
+def test_an_unknown_adapter_and_one_of_another_base_get_clear_errors(shop, base, tmp_path):
+    from behaviorlm.errors import ModelFormatError
+
+    model = BehaviorLM.load(_saved(base, tmp_path / "m"), retrieval="exact")
+    model.fit_adapter(validate_events(make_shop(n_users=10, seed=2)), "north", rank=2, epochs=1)
+    with pytest.raises(ConfigurationError, match=r"unknown adapter 'south'; this model has: \['north'\]"):
+        model.recommend(users=[0], adapter="south")
+    other = base.finetune(purchase_split(shop).train, "sft", epochs=1, lr=1e-2, progress=False)
+    other.adapters_ = model.adapters_  # the north adapter moved onto different weights
+    with pytest.raises(ModelFormatError, match="'north' was trained on base model .* not on this model"):
+        other.with_adapter("north")
+    with pytest.raises(ModelFormatError, match="adapter name"):
+        model.fit_adapter(make_shop(n_users=2), "../escape")
+
+
+def test_the_cli_fine_tunes_on_the_models_own_training_period_and_fits_adapters_per_segment(tmp_path):
+    from typer.testing import CliRunner
+
+    from behaviorlm.cli import app
+    from tests.conftest import cli_failed
+
+    runner = CliRunner()
+    events = tmp_path / "shop.csv"
+    make_shop(n_users=40).write_csv(events)
+    small = ["--epochs", "2", "--dim", "16", "--layers", "1", "--heads", "1", "--max-len", "30", "--copy-head"]
+    base, tuned = tmp_path / "base", tmp_path / "tuned"
+    res = runner.invoke(app, ["train", "--events", str(events), "--holdout", "purchase", "--out", str(base), *small])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(
+        app, ["finetune", "--model", str(base), "--events", str(events), "--out", str(tuned), "--epochs", "1"]
+    )
+    assert res.exit_code == 0, res.output
+    assert "saved dpo model" in res.output and "validation purchase ndcg@10" in res.output
+    model = BehaviorLM.load(tuned, retrieval="exact")
+    assert model.stages_[0]["method"] == "dpo" and model.training_data_["holdout"] == "purchase"
+    split = purchase_split(validate_events(make_shop(n_users=40)))
+    assert model.stages_[0]["contexts"] <= split.train.df.filter(pl.col("event_type") == "purchase").height
+    users = tmp_path / "users.csv"
+    pl.DataFrame({"user_id": list(range(40)), "tier": ["High"] * 25 + ["Low"] * 15}).write_csv(users)
+    res = runner.invoke(
+        app, ["adapt", "--model", str(tuned), "--events", str(events), "--users", str(users), "--by", "tier",
+              "--rank", "2", "--epochs", "1", "--min-users", "20"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "saved 1 adapter(s)" in res.output and "tier=High" in res.output  # Low: 15 users, skipped
+    res = runner.invoke(app, ["recommend", "--model", str(tuned), "--user", "1", "--adapter", "tier=High"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["recommend", "--model", str(tuned), "--user", "1", "--adapter", "tier=Mid"])
+    assert "--adapter must be one of: ['tier=High']" in cli_failed(res)
+    res = runner.invoke(app, ["finetune", "--model", str(base), "--events", str(events), "--out", str(tmp_path / "x"),
+                              "--method", "ppo"])  # fmt: skip
+    assert "--method one of" in cli_failed(res)
