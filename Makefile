@@ -70,7 +70,8 @@ BENCH_TARGETS := bench-pretrain-ml1m bench-pretrain-taobao bench-tokenizer bench
 	bench-propensity bench-segments bench-explain bench-pipeline bench-api bench-notebooks bench-bad-input \
 	bench-scale bench-scale-large bench-scale-train bench-scale-train-large bench-incremental \
 	bench-retrieval bench-engines bench-api-production bench-propensity-cdnow bench-side-features \
-	bench-clickstream bench-clickstream-ml1m bench-clickstream-cost bench-served-vs-batch bench-attribution bench-ig-captum
+	bench-clickstream bench-clickstream-ml1m bench-clickstream-cost bench-served-vs-batch bench-attribution bench-ig-captum \
+	bench-finetune bench-adapters
 ML1M_MODEL := data/models/ml-1m-loo-d01
 
 bench: $(BENCH_TARGETS)
@@ -287,3 +288,12 @@ bench-attribution: install
 	$(BIN)/python benchmarks/attribution.py --exclude-seen
 	test -d $(ML1M_MODEL) || $(MAKE) bench-pretrain-ml1m
 	$(BIN)/python benchmarks/attribution.py --dataset ml-1m --model $(ML1M_MODEL) --users 200
+
+# section 25 [~45 min; base models kept in data/models]: purchase-target fine-tuning (SFT control, DPO with window / top-K / mixed negatives, S-DPO, GRPO) against the shop's rules on RetailRocket, Taobao-31k and the Taobao / REES46 samples (issue 27)
+bench-finetune: install
+	$(BIN)/python benchmarks/finetune.py
+	$(BIN)/python benchmarks/finetune.py --dataset taobao --dataset rees46 --tag samples
+
+# section 25 [~12 min]: LoRA adapters per segment against base, base + segment token and a fully fine-tuned copy; adapter size and serving latency with and without one (RetailRocket)
+bench-adapters: install
+	$(BIN)/python benchmarks/adapters.py

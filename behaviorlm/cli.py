@@ -333,14 +333,14 @@ def finetune(
     beta: Annotated[float, Opt(help="DPO temperature: how far the model may move from the pretrained one")] = 0.1,
     negatives: Annotated[
         str, Opt(help="rejected items: window (touched before the purchase, never bought) | topk | hard | mixed")
-    ] = "window",
+    ] = "mixed",
     pairs_per_user: Annotated[int, Opt(help="each user's newest purchases used as contexts")] = 8,
     rejected: Annotated[int, Opt(help="rejected items per context")] = 8,
     window: Annotated[
         str, Opt(help="how long before a purchase a touched item counts as passed over: 30m, 12h, 1d")
     ] = "1d",
-    epochs: Annotated[int, Opt(help="passes over the contexts (the best on validation is kept)")] = 4,
-    lr: Annotated[float, Opt(help="learning rate")] = 1e-4,
+    epochs: Annotated[int, Opt(help="passes over the contexts (the best on validation is kept)")] = 6,
+    lr: Annotated[float | None, Opt(help="learning rate (default: 3e-4; grpo 3e-3)")] = None,
     seed: Annotated[int | None, Opt(help="default: the model's")] = None,
     force: Annotated[
         bool, Opt("--force", help="replace --out even if it is not a folder this command wrote (its contents are lost)")

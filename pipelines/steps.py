@@ -3,7 +3,8 @@
     python -m pipelines.steps all --dataset taobao --date 2017-12-03        # every step, nested runs
     python -m pipelines.steps segment --dataset taobao --date 2017-12-03    # one step again
 
-Outputs live under ``--out`` (default ``data/outputs``): ``model/`` (train), ``metrics.json``
+Outputs live under ``--out`` (default ``data/outputs``): ``model/`` (train; replaced by the
+fine-tuned copy when ``--finetune`` gives a method and its gate passes), ``metrics.json``
 (evaluate), ``scores/date=D/`` (score), ``segments/date=D/`` (segment), ``rationales/date=D.parquet``
 (explain). Each step logs its parameters, metrics, artifacts, the input dataset (``mlflow.data``
 with digest) and the code version (git commit), so any step can be rerun alone and traced.
@@ -19,14 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from behaviorlm import __version__
-from pipelines import evaluate, explain, score, segment, train
+from pipelines import evaluate, explain, finetune, score, segment, train
 from pipelines.common import add_source_args, cli_main, code_version, load_events
 
-STEPS = ("train", "evaluate", "score", "segment", "explain")
+STEPS = ("train", "finetune", "evaluate", "score", "segment", "explain")
 
 
 RUNNERS: dict[str, Callable[..., dict[str, Any]]] = {
     "train": train.run_step,
+    "finetune": finetune.run_step,  # skipped unless --finetune METHOD
     "evaluate": evaluate.run_step,
     "score": score.run_step,
     "segment": segment.run_step,
@@ -79,6 +81,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--init-from", default=None, help="continue this model (models:/NAME@ALIAS or a folder) on --date's events"
     )
     segment.add_segment_args(ap)
+    finetune.add_finetune_args(ap)
     ap.add_argument("--explain-users", type=int, default=50)
     return ap.parse_args(argv)
 

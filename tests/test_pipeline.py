@@ -33,6 +33,7 @@ def test_all_steps_as_nested_runs_then_one_step_again(workspace):
     assert set(res) == {*steps.STEPS, "input"}
     _assert_gate_follows_the_evaluation(res["evaluate"], out)
     assert res["input"]["users"] == 60 and all(res[s]["wall_s"] >= 0 for s in steps.STEPS)
+    assert res["finetune"]["skipped"] == "no --finetune method given"
     assert (out / "model" / "weights.pt").exists() and (out / "metrics.json").exists()
     assert (out / "scores" / "date=2023-11-19" / "_SUCCESS").exists()
     users = pl.read_parquet(out / "segments" / "date=2023-11-19" / "users.parquet")
@@ -154,9 +155,15 @@ def test_taobao_pipeline_then_champion_batch_scoring(workspace):
     out, date = workspace / "outputs", "2017-12-02"
     fast = ["--epochs", "1", "--max-len", "32", "--n-windows", "2", "--explain-users", "5", "--experiment", "tb"]
     res = steps.run(
-        steps.parse(["all", "--dataset", "taobao", "--date", date, "--out", str(out), "--keep-seen", *fast])
+        steps.parse(
+            ["all", "--dataset", "taobao", "--date", date, "--out", str(out), "--keep-seen", "--finetune", "dpo", *fast]
+        )
     )
     assert res["segment"]["users"] == 814
+    tuned = res["finetune"]  # the gate's decision, with the figures it rests on
+    assert tuned["contexts"] > 0 and "NDCG@10" in tuned["reason"]
+    registered = json.loads((out / "registration.json").read_text())
+    assert (registered["version"] == tuned.get("version")) == tuned["kept"]  # only a kept copy is registered
     _assert_gate_follows_the_evaluation(res["evaluate"], out)
     assert 0.0 < json.loads((out / "metrics.json").read_text())["ndcg@10"] and "cooccurrence_ndcg@10" in res["evaluate"]
 
