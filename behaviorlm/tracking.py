@@ -7,6 +7,8 @@ No business logic lives here -- the pyfunc only calls :class:`~behaviorlm.recomm
   ``export MLFLOW_TRACKING_URI=http://mlflow.internal:5000``.
 * :class:`BehaviorLMPyfunc` -- ``predict(DataFrame of user ids, or raw events)`` with
   ``params={"k", "exclude_seen"}`` returns ``user_id, item_id, score, rank``; with
+  ``params={"adapter": "tier=High"}`` ranks with one of the model's low-rank adapters (they
+  travel inside the logged model folder, each naming the base version it belongs to); with
   ``params={"format": "items"}`` one list of item ids per input row, the shape Spark's
   ``mlflow.pyfunc.spark_udf`` needs (see ``pipelines/spark_score.py``). Its artifacts are
   the saved model directory (weights, tokenizer vocabulary, id maps, config), loaded with
@@ -32,7 +34,7 @@ from behaviorlm.model_dir import is_model_dir
 
 MODEL_NAME = "behaviorlm"
 CHAMPION_URI = f"models:/{MODEL_NAME}@champion"
-PREDICT_PARAMS: dict[str, Any] = {"k": 10, "exclude_seen": True, "format": "long", "explain": False}
+PREDICT_PARAMS: dict[str, Any] = {"k": 10, "exclude_seen": True, "format": "long", "explain": False, "adapter": ""}
 EVENT_COLUMNS = ("user_id", "item_id", "event_type", "timestamp")
 MODEL_DIR_ARTIFACT = "model_dir"  # the logged model folder, which the service and the batch job load
 
@@ -87,6 +89,7 @@ def predict_frame(model: Any, model_input: pd.DataFrame, params: dict[str, Any] 
 
     p = PREDICT_PARAMS | dict(params or {})
     k, exclude_seen = int(p["k"]), bool(p["exclude_seen"])
+    model = model.with_adapter(p["adapter"] or None)  # "" (the default): the base model
     if p["format"] not in ("long", "items"):
         raise InputDataError(
             f"params.format must be 'long' (user_id, item_id, score, rank) or 'items', got {p['format']!r}"
@@ -175,6 +178,10 @@ def log_model(model: Any, model_dir: str | Path, name: str = "model", registered
     signature = infer_signature(example, output, params=PREDICT_PARAMS)
     if mlflow.active_run() is not None:  # which library wrote the run, beside the model's own manifest
         mlflow.set_tag("behaviorlm_version", __version__)
+        if model.adapters_:  # logged inside the model folder; each belongs to this base version
+            mlflow.set_tags(
+                {"adapters": ",".join(sorted(model.adapters_)), "adapters_base_version": model.model_version}
+            )
     return mlflow.pyfunc.log_model(
         name=name,
         python_model=BehaviorLMPyfunc(),

@@ -369,3 +369,37 @@ def test_the_cli_fine_tunes_on_the_models_own_training_period_and_fits_adapters_
     res = runner.invoke(app, ["finetune", "--model", str(base), "--events", str(events), "--out", str(tmp_path / "x"),
                               "--method", "ppo"])  # fmt: skip
     assert "--method one of" in cli_failed(res)
+
+
+def test_the_api_ranks_with_an_adapter_when_asked_and_names_the_known_ones_otherwise(shop, base, tmp_path):
+    import httpx
+
+    from behaviorlm.service.api import create_app
+    from behaviorlm.testing import UvicornThread
+
+    model = BehaviorLM.load(_saved(base, tmp_path / "m"), retrieval="exact")
+    model.fit_adapter(validate_events(make_shop(n_users=20, seed=3)), "market=de", rank=4, epochs=2, lr=1e-2)
+    user = int(model.histories_["user_id"][0])
+    with UvicornThread(create_app(model, api_key="")) as url, httpx.Client(base_url=url, timeout=30) as c:
+        plain = c.post("/v1/recommend", json={"user_id": user, "k": 5}).json()
+        adapted = c.post("/v1/recommend", json={"user_id": user, "k": 5, "adapter": "market=de"}).json()
+        bad = c.post("/v1/recommend", json={"user_id": user, "adapter": "market=fr"})
+    want = model.recommend([user], k=5, adapter="market=de", exclude_seen=model.exclude_seen_)
+    assert [i["item_id"] for i in adapted["items"]] == want["item_id"].to_list()
+    assert adapted["model_version"].endswith("+ adapter market=de") and "adapter" not in plain["model_version"]
+    assert bad.status_code == 422 and "unknown adapter 'market=fr'; this model has: ['market=de']" in bad.text
+
+
+def test_the_pyfunc_selects_an_adapter_per_call(shop, base, tmp_path):
+    import pandas as pd
+
+    from behaviorlm import tracking
+
+    model = BehaviorLM.load(_saved(base, tmp_path / "m"), retrieval="exact")
+    model.fit_adapter(validate_events(make_shop(n_users=20, seed=4)), "market=nl", rank=4, epochs=2, lr=1e-2)
+    users = pd.DataFrame({"user_id": model.histories_["user_id"].head(3).to_list()})
+    out = tracking.predict_frame(model, users, {"k": 4, "adapter": "market=nl"})
+    want = model.recommend(users["user_id"].tolist(), k=4, adapter="market=nl").to_pandas()
+    assert out["item_id"].tolist() == want["item_id"].tolist()
+    with pytest.raises(ConfigurationError, match="unknown adapter 'market=be'"):
+        tracking.predict_frame(model, users, {"adapter": "market=be"})

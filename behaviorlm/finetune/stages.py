@@ -130,9 +130,8 @@ def finetune(
             raise InputDataError("no context has a rejected item: try --negatives topk or a wider --window")
     hist = StageHistory(cfg.method, asdict(cfg), len(data), int(data.n_rejected.sum()))
     ref_lp = _reference_logps(reference, data, action_id) if cfg.method != "grpo" else None
-    opt = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
-    )
+    lr = cfg.lr if cfg.lr is not None else LEARNING_RATES[cfg.method]
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=cfg.weight_decay)
     best_state = copy.deepcopy(model.state_dict()) if validate else None
     if validate:
         hist.reference_score = hist.best_score = float(validate(model))

@@ -134,6 +134,7 @@ class RecommendRequest(UserInput):
     exclude_seen: bool | None = Field(None, description="default: what the model was trained/evaluated with")
     allowed_items: Annotated[list[Id], Field(min_length=1, max_length=MAX_ALLOWED_ITEMS)] | None = None
     explain: bool = Field(False, description="add grounded rationales (slower; LLM if configured, else templates)")
+    adapter: str | None = Field(None, description="rank with this low-rank adapter of the model, e.g. 'tier=High'")
 
 
 class ItemOut(BaseModel):
@@ -241,11 +242,33 @@ class Serving:
     loaded_at: str
     inflight: int = 0
     retired: bool = False
+    #: per adapter, its own recommender (merged weights, cached user states) and batcher, built on first use
+    adapted: dict[str, tuple[OnlineRecommender, MicroBatcher]] = field(default_factory=dict)
+    _adapting: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def version(self) -> str:
         reg = self.provenance.get("registry_version")
         return f"{self.model.model_version}" + (f" (registry v{reg})" if reg else "")
+
+    def route(self, adapter: str) -> tuple[OnlineRecommender, MicroBatcher]:
+        """The recommender and batcher that answer with ``adapter``; an unknown name is a 422
+        naming the model's adapters."""
+        if adapter not in self.model.adapters_:
+            raise HTTPException(
+                422, f"field 'adapter': unknown adapter {adapter!r}; this model has: {sorted(self.model.adapters_)}"
+            )
+        with self._adapting:  # one build per adapter, however many requests ask at once
+            if adapter not in self.adapted:
+                online = OnlineRecommender.from_model(self.model.with_adapter(adapter))
+                batcher = MicroBatcher(online.recommend, max_batch=self.batcher.max_batch, name=f"recommend-{adapter}")
+                self.adapted[adapter] = (online, batcher)
+            return self.adapted[adapter]
+
+    def close(self, wait: bool = True) -> None:
+        """Close every batcher of this version (the base model's and each adapter's)."""
+        for batcher in (self.batcher, *(b for _, b in self.adapted.values())):
+            batcher.close(wait=wait)
 
 
 @dataclass
@@ -274,7 +297,7 @@ class ServiceState:
                 serving.inflight -= 1
                 last_out = serving.retired and serving.inflight == 0
             if last_out:
-                serving.batcher.close(wait=False)
+                serving.close(wait=False)
 
     def swap(self, new: Serving) -> Serving | None:
         """Make ``new`` current; the old version retires once its requests have finished."""
@@ -284,7 +307,7 @@ class ServiceState:
                 old.retired = True
             idle = old is not None and old.inflight == 0
         if idle:
-            old.batcher.close(wait=False)  # type: ignore[union-attr]
+            old.close(wait=False)  # type: ignore[union-attr]
         self.metrics.model_loaded(new.version, old.version if old else None)
         return old
 
@@ -324,7 +347,7 @@ def create_app(
         if state.watcher is not None:
             state.watcher.stop()
         if state.current is not None:  # uvicorn has let in-flight requests finish by now
-            state.current.batcher.close()
+            state.current.close()
 
     app = FastAPI(
         title="behaviorlm",
@@ -561,7 +584,13 @@ def _add_routes(app: FastAPI, state: ServiceState) -> None:
 
 
 async def _recommend(state: ServiceState, serving: Serving, req: RecommendRequest) -> RecommendResponse:
-    online = serving.online
+    if req.adapter is not None and req.explain:
+        raise HTTPException(422, "field 'explain': rationales explain the base model; ask without 'adapter'")
+    online, batcher = (
+        (serving.online, serving.batcher)
+        if req.adapter is None
+        else await run_in_threadpool(serving.route, req.adapter)
+    )
     exclude = serving.model.exclude_seen_ if req.exclude_seen is None else req.exclude_seen
     allowed = online.allowed_index(req.allowed_items) if req.allowed_items is not None else None
     if allowed is not None and len(allowed) == 0:
@@ -584,10 +613,11 @@ async def _recommend(state: ServiceState, serving: Serving, req: RecommendReques
         ranked = online.popular(req.k, allowed)
         ranked.user_id = query.user_id
     else:
-        ranked = await asyncio.wrap_future(serving.batcher.submit(query))
+        ranked = await asyncio.wrap_future(batcher.submit(query))
     pairs = zip(ranked.item_ids, ranked.scores, strict=True)
     items = [ItemOut(item_id=i, score=s, rank=r) for r, (i, s) in enumerate(pairs, 1)]
-    res = RecommendResponse(user_id=req.user_id, model_version=serving.version, cold_start=cold, items=items)
+    version = serving.version if req.adapter is None else f"{serving.version} + adapter {req.adapter}"
+    res = RecommendResponse(user_id=req.user_id, model_version=version, cold_start=cold, items=items)
     if req.explain:
         res.rationales = await run_in_threadpool(_explain, state, serving, req.user_id, ranked, events)
     return res
