@@ -6,8 +6,9 @@ frozen projection ``W x`` -- ``A`` (r x in) random, ``B`` (out x r) zero, so at 
 the model computes exactly what the base computes -- and trains only ``A`` and ``B``: a few
 thousand parameters per segment, saved as a small file beside the base model.
 
-Why not ``peft``: it wraps this model's Linear layers fine, but it installs ``transformers`` and
-``accelerate`` with it, and this model needs only the dozen lines below; the serving path merges
+Why not ``peft``: its wheel (0.21.2) requires ``transformers``, ``accelerate``,
+``huggingface_hub`` and ``safetensors``, for what is here a dozen lines; the wrapping itself was
+not measured, as the dependencies alone rule it out for a core feature. The serving path merges
 the adapter into a copy of the weights (:func:`merged`), so an adapted model scores exactly as
 fast as the base.
 
