@@ -297,3 +297,4 @@ bench-finetune: install
 # section 25 [~12 min]: LoRA adapters per segment against base, base + segment token and a fully fine-tuned copy; adapter size and serving latency with and without one (RetailRocket)
 bench-adapters: install
 	$(BIN)/python benchmarks/adapters.py
+	$(BIN)/python benchmarks/adapters.py --latency-only --rounds 30

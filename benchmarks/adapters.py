@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--retrain", action="store_true")
+    ap.add_argument("--latency-only", action="store_true", help="fit the heavy tier's adapter and time serving only")
     ap.add_argument("--tag", default="")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
@@ -128,6 +129,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     base = pretrained(args.dataset, data, split, valid, args)
     catalog = split.train.df["item_id"].unique(maintain_order=True)
     seg = tiers(split.train.df)
+    if args.latency_only:
+        return latency_run(base, split, seg, args)
     token_model = segment_token_model(data, seg, args)
     rows: dict[str, Any] = {}
     for tier in TIERS:
@@ -167,6 +170,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     })  # fmt: skip
     print(f"wrote {path}")
     return rows
+
+
+def latency_run(base: BehaviorLM, split, seg: pl.DataFrame, args: argparse.Namespace) -> dict[str, Any]:
+    """The serving comparison alone (on a quiet machine): one adapter, alternated rounds."""
+    users = seg.filter(pl.col("tier") == "heavy")["user_id"]
+    base.fit_adapter(split.train.derive(split.train.df.filter(pl.col("user_id").is_in(users.implode())), "heavy"),
+                     "tier=heavy", rank=args.rank, epochs=args.epochs, lr=args.lr)  # fmt: skip
+    known = base.histories_["user_id"].unique().sort().head(256).to_list()
+    lat = latency(base, known, "tier=heavy", args.rounds)
+    print(f"recommend for 256 known users: {lat['base_s'] * 1e3:.1f} ms without, {lat['adapter_s'] * 1e3:.1f} ms "
+          f"with the adapter (x{lat['ratio']:.3f}, medians of {lat['rounds']} alternated rounds)")  # fmt: skip
+    OUT.mkdir(exist_ok=True)
+    write_json(
+        OUT / f"adapters_latency{'_' + args.tag if args.tag else ''}.json", {"latency": lat, "hardware": hardware()}
+    )
+    return lat
 
 
 def segment_token_model(data, seg: pl.DataFrame, args: argparse.Namespace) -> BehaviorLM:
