@@ -26,6 +26,7 @@ BASE_PARAMS: Mapping[str, Any] = MappingProxyType(
         "ffn_mult": 1,
         "dropout": 0.1,
         "copy_head": False,  # repeat-aware output: catalog softmax mixed with a copy over the context
+        "copy_since": False,  # the copy head also sees "touched again since, with action a" per context item
         "min_item_count": 1,
         "n_time_buckets": 24,
         "value_buckets": 0,  # per-event amount/quantity buckets (0: off); see the tokenizer
@@ -124,6 +125,15 @@ _RECIPES: tuple[Recipe, ...] = (
         "memorises the training sequences, so 8 epochs with patience 3 lose nothing.",
         {**_CLICKSTREAM_SMALL, "copy_head": True, "epochs": 8, "patience": 3},
         "benchmarks/RESULTS.md section 20: make demo",
+    ),
+    Recipe(
+        "clickstream-small",
+        3,
+        "clickstream-small@2 whose copy head also sees, for each item of the context, whether the user "
+        "touched it again later and with which action (a cart later bought, a view later carted): what the "
+        "shop's 'in your cart' rule knows, which attention over item and action vectors cannot see.",
+        {**_CLICKSTREAM_SMALL, "copy_head": True, "copy_since": True},
+        "benchmarks/RESULTS.md section 25 (make bench-finetune)",
     ),
     Recipe(
         "quick",

@@ -49,7 +49,7 @@ from behaviorlm.sequence.tokenizer import N_SPECIAL, ActionTokenizer, EncodedSeq
 
 log = logging.getLogger(__name__)
 
-_ARCH_PARAMS = ("dim", "n_layers", "n_heads", "ffn_mult", "dropout", "copy_head")
+_ARCH_PARAMS = ("dim", "n_layers", "n_heads", "ffn_mult", "dropout", "copy_head", "copy_since")
 _TOKENIZER_PARAMS = ("max_len", "min_item_count", "n_time_buckets", "value_buckets")
 _TRAIN_PARAMS = tuple(TrainConfig.__dataclass_fields__)
 
@@ -74,6 +74,10 @@ class BehaviorLM:
         the catalog softmax with a copy over the items of the user's own context, with a
         learned gate, so an item the user touched is ranked from its place in their history
         even when its embedding is barely trained. The clickstream recipes turn it on.
+    copy_since:
+        The copy head also reads, for each context item, whether the user touched it again
+        later -- and with which action (a cart later bought, a view later carted): a learned
+        bias per action, what the "in your cart" rule knows (``clickstream-small@3``).
     min_item_count:
         Items seen fewer times in training become ``[UNK]`` (inputs only; never targets).
     n_time_buckets:
@@ -130,6 +134,7 @@ class BehaviorLM:
         ffn_mult: int | None = None,
         dropout: float | None = None,
         copy_head: bool | None = None,
+        copy_since: bool | None = None,
         min_item_count: int | None = None,
         n_time_buckets: int | None = None,
         value_buckets: int | None = None,

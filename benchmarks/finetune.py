@@ -97,12 +97,13 @@ def run_dataset(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def pretrained(name: str, data, split, valid, args: argparse.Namespace) -> BehaviorLM:
     """The base model for this split, trained once and kept in data/models (``--retrain`` redoes it)."""
-    folder = data_dir() / "models" / f"finetune-base-{name}-s{args.seed}"
+    recipe = getattr(args, "recipe", "clickstream-small@2")
+    folder = data_dir() / "models" / f"finetune-base-{name}-s{args.seed}{'' if recipe.endswith('@2') else '-' + recipe}"
     if folder.exists() and not args.retrain:
         return BehaviorLM.load(folder, retrieval="exact")
     sides = SIDES.get(name, ())
     model = BehaviorLM(
-        "clickstream-small@2", progress=False, seed=args.seed, epochs=EPOCHS.get(name), batch_size=BATCH.get(name),
+        recipe, progress=False, seed=args.seed, epochs=EPOCHS.get(name), batch_size=BATCH.get(name),
         side_features=sides,
     )  # fmt: skip
     model.fit(split.train, valid, exclude_seen=False, items=data.items if sides else None,
@@ -175,6 +176,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--beta", type=float, default=None)
     ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--recipe", default="clickstream-small@2", help="the base model's recipe")
     ap.add_argument("--n-boot", type=int, default=1000)
     ap.add_argument("--retrain", action="store_true", help="pretrain the base again even if data/models has it")
     ap.add_argument("--tag", default="")

@@ -32,9 +32,14 @@ def model(events):
     return m
 
 
-def _net(n_items: int = 30, max_len: int = 12) -> BehaviorTransformer:
+def _net(n_items: int = 30, max_len: int = 12, since: bool = False) -> BehaviorTransformer:
     torch.manual_seed(0)
-    return BehaviorTransformer(ModelConfig(n_items, 6, 10, max_len=max_len, dim=16, n_heads=2, copy_head=True)).eval()
+    cfg = ModelConfig(n_items, 6, 10, max_len=max_len, dim=16, n_heads=2, copy_head=True, copy_since=since)
+    net = BehaviorTransformer(cfg).eval()
+    if since:  # trained values, so that the "touched again since" term is not trivially zero
+        with torch.no_grad():
+            net.copy_head.since_bias.copy_(torch.linspace(-2.0, 3.0, 6))
+    return net
 
 
 def _batch(net: BehaviorTransformer, length: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -47,8 +52,9 @@ def _batch(net: BehaviorTransformer, length: int, seed: int = 0) -> tuple[torch.
     return items, actions, gaps
 
 
-def test_mixture_is_a_distribution_per_position_and_action():
-    net = _net()
+@pytest.mark.parametrize("since", [False, True])
+def test_mixture_is_a_distribution_per_position_and_action(since):
+    net = _net(since=since)
     items, actions, gaps = _batch(net, 10)
     state = net(items, actions, gaps, last=torch.tensor([9, 5, 0]))
     for a in range(N_SPECIAL, net.config.n_actions):
@@ -69,12 +75,14 @@ def test_copy_mass_stays_on_the_context_window_up_to_the_scoring_position():
         assert set(torch.nonzero(copy[r] > 0).flatten().tolist()) <= allowed
 
 
-def test_a_canary_after_the_cut_changes_nothing():
+@pytest.mark.parametrize("since", [False, True])
+def test_a_canary_after_the_cut_changes_nothing(since):
     """Training: every position's copy weights over earlier positions ignore later tokens.
-    Scoring: tokens after ``last`` (a canary event) leave the state unchanged."""
-    net = _net()
+    Scoring: tokens after ``last`` (a canary event) leave the state unchanged -- also a canary
+    that touches a context item again (what "touched again since" reads)."""
+    net = _net(since=since)
     items, actions, gaps = _batch(net, 10)
-    canary_items = torch.cat([items, torch.full((3, 2), 7)], 1)
+    canary_items = torch.cat([items, items[:, 3:5]], 1)  # the canary repeats context items
     canary_actions, canary_gaps = torch.cat([actions, actions[:, :2]], 1), torch.cat([gaps, gaps[:, :2]], 1)
     with torch.no_grad():
         h0, h1 = net(items, actions, gaps), net(canary_items, canary_actions, canary_gaps)
@@ -88,8 +96,9 @@ def test_a_canary_after_the_cut_changes_nothing():
         )
 
 
-def test_training_loss_is_finite_and_differentiable_both_softmaxes():
-    net = _net().train()
+@pytest.mark.parametrize("since", [False, True])
+def test_training_loss_is_finite_and_differentiable_both_softmaxes(since):
+    net = _net(since=since).train()
     items, actions, gaps = _batch(net, 10)
     batch = {
         "items": items[:, :-1],
@@ -104,7 +113,24 @@ def test_training_loss_is_finite_and_differentiable_both_softmaxes():
         assert torch.isfinite(value) and n == 27
         assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
         assert net.copy_head.recency_bias.grad.abs().sum() > 0
+        if since:
+            assert net.copy_head.since_bias.grad.abs().sum() > 0
         net.zero_grad()
+
+
+def test_touched_again_since_is_read_by_action_and_only_up_to_the_query():
+    from behaviorlm.nn.copy_head import CopyHead
+
+    head = CopyHead(8, 6, since=True)
+    with torch.no_grad():
+        head.since_bias.copy_(torch.arange(6.0))
+    items = torch.tensor([[2, 7, 8, 7, 9, 8]])  # BOS, then item 7 again at 3 (action 5), item 8 again at 5 (action 4)
+    actions = torch.tensor([[2, 4, 4, 5, 4, 4]])
+    got = head.touched_since(items, actions, torch.arange(6))[0]
+    want = torch.zeros(6, 6)
+    want[3:, 1] = 5.0  # from query 3 on, position 1's item was touched again with action 5
+    want[5, 2] = 4.0  # from query 5, position 2's item with action 4
+    torch.testing.assert_close(got, want)
 
 
 def test_recency_buckets_are_exact_near_and_coarse_far():

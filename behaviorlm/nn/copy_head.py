@@ -75,7 +75,7 @@ def copyable(items: torch.Tensor) -> torch.Tensor:
 class CopyHead(nn.Module):
     """Copy attention over context positions and the repeat/explore gate."""
 
-    def __init__(self, dim: int, n_actions: int):
+    def __init__(self, dim: int, n_actions: int, since: bool = False):
         super().__init__()
         self.query = nn.Linear(dim, dim)
         self.key = nn.Linear(dim, dim)
@@ -83,6 +83,10 @@ class CopyHead(nn.Module):
         self.recency_bias = nn.Parameter(recency_prior())
         self.action_bias = nn.Parameter(torch.zeros(n_actions))
         self.gate = nn.Linear(dim, 1)
+        # "touched again since": a bias per action for a position whose item the user touched again
+        # later (before the query) with that action -- a cart later bought, a view later carted;
+        # what the "in your cart" rule knows and attention over item + action vectors cannot see
+        self.since_bias = nn.Parameter(torch.zeros(n_actions)) if since else None
         self.scale = 1.0 / math.sqrt(dim)
         # added to the gate logit; 0 in training, fitted on validation afterwards (calibrate_gate)
         self.gate_shift: torch.Tensor
@@ -126,11 +130,29 @@ class CopyHead(nn.Module):
         dist = (t_pos[..., :, None] - j).expand(scores.shape)  # (B, T, L)
         scores = scores + self.recency_bias[recency_bucket(dist)]
         scores = scores + self.action_bias[actions][:, None, :]
+        if self.since_bias is not None:
+            scores = scores + self.touched_since(items, actions, t_pos)
         ok = (dist >= 0) & copyable(items)[:, None, :]
         scores = scores.masked_fill(~ok, float("-inf"))
         # rows without a copyable position: a softmax of all -inf is NaN; keep them -inf instead
         any_ok = ok.any(-1, keepdim=True)
         return torch.where(any_ok, torch.log_softmax(scores.masked_fill(~any_ok, 0.0), -1), scores)
+
+    def touched_since(self, items: torch.Tensor, actions: torch.Tensor, t_pos: torch.Tensor) -> torch.Tensor:
+        """``sum_a since_bias[a] * [item_j touched again with action a at some k, j < k <= t]``
+        for every query position ``t`` and context position ``j``: (B, T, L). Causal: only events
+        up to the query count. Specials and ``[UNK]`` (different items under one id) never match."""
+        bias = self.since_bias
+        assert bias is not None, "a copy head built with since=True"
+        n = items.shape[1]
+        pos = torch.arange(n, device=items.device)
+        real = items >= N_SPECIAL
+        again = (items[:, :, None] == items[:, None, :]) & (pos[:, None] < pos[None, :]) & real[:, :, None]  # (B, j, k)
+        by_action = nn.functional.one_hot(actions, bias.shape[0]).bool()  # (B, k, A)
+        hit = again[..., None] & by_action[:, None, :, :]  # (B, j, k, A)
+        first = torch.where(hit, pos[None, None, :, None], n).amin(2)  # (B, j, A): first k, or n for none
+        seen = first[:, None, :, :] <= t_pos[..., :, None, None]  # (B, T, j, A)
+        return (seen.to(bias.dtype) * bias).sum(-1)
 
     def gate_logits(self, query: torch.Tensor, shifted: bool = True) -> torch.Tensor:
         """Logit of the copy gate for next-action queries ``h + e_a`` (..., d) -> (...); the

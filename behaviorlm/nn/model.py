@@ -50,6 +50,8 @@ class ModelConfig:
     side_sizes: tuple[int, ...] = ()  # item side-feature vocabularies (category, brand, ...)
     # repeat-aware output: mix the catalog softmax with a copy over the context (nn.copy_head)
     copy_head: bool = BASE_PARAMS["copy_head"]
+    # the copy head also sees whether each context item was touched again since, by action (nn.copy_head)
+    copy_since: bool = BASE_PARAMS["copy_since"]
 
     def __post_init__(self) -> None:
         self.value_sizes, self.side_sizes = tuple(self.value_sizes), tuple(self.side_sizes)  # from JSON lists
@@ -153,7 +155,7 @@ class BehaviorTransformer(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.dim)
         self.action_head = nn.Linear(cfg.dim, cfg.n_actions)
         self.next_action_emb = nn.Embedding(cfg.n_actions, cfg.dim)
-        self.copy_head = CopyHead(cfg.dim, cfg.n_actions) if cfg.copy_head else None
+        self.copy_head = CopyHead(cfg.dim, cfg.n_actions, cfg.copy_since) if cfg.copy_head else None
         self.state_layout = CopyState(cfg.dim, cfg.max_len) if cfg.copy_head else None
         self.apply(self._init_weights)
 

@@ -330,7 +330,7 @@ def _optimizer(model: BehaviorTransformer, cfg: TrainConfig) -> torch.optim.Opti
     no_decay: list[torch.nn.Parameter] = []
     fast: list[torch.nn.Parameter] = []  # the copy head's scalars (nn.copy_head.COPY_LR_MULT)
     for name, p in model.named_parameters():
-        if name.startswith(("copy_head.recency_bias", "copy_head.action_bias", "copy_head.gate")):
+        if name.startswith(("copy_head.recency_bias", "copy_head.action_bias", "copy_head.gate", "copy_head.since")):
             fast.append(p)
         else:
             (decay if p.dim() >= 2 and "emb" not in name else no_decay).append(p)
