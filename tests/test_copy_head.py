@@ -327,3 +327,17 @@ def test_a_remembered_new_item_is_returned_to_a_known_user(model):
     got = online.recommend([online.query_for_user(user, k=5, exclude_seen=False)])[0].item_ids
     assert "fresh-2" in want and got == want
     assert knowing.recommend([user], k=5, exclude_seen=False)["item_id"].to_list() == want
+
+
+def test_touched_again_since_survives_saving_and_the_onnx_export(events, tmp_path):
+    pytest.importorskip("onnxruntime")
+    m = BehaviorLM(max_len=16, dim=16, n_layers=1, n_heads=2, epochs=1, copy_head=True, copy_since=True, seed=0)
+    m.set_params(progress=False).fit(events)
+    with torch.no_grad():
+        m.model_.copy_head.since_bias.copy_(torch.linspace(-2.0, 3.0, m.model_.copy_head.since_bias.shape[0]))
+    want = m.recommend(k=10, exclude_seen=False)
+    m.save(tmp_path / "m")
+    _same_lists(BehaviorLM.load(tmp_path / "m").recommend(k=10, exclude_seen=False), want)
+    _same_lists(
+        BehaviorLM.load(tmp_path / "m").use_engine("onnx", tmp_path / "m").recommend(k=10, exclude_seen=False), want
+    )
