@@ -341,3 +341,11 @@ def test_touched_again_since_survives_saving_and_the_onnx_export(events, tmp_pat
     _same_lists(
         BehaviorLM.load(tmp_path / "m").use_engine("onnx", tmp_path / "m").recommend(k=10, exclude_seen=False), want
     )
+
+
+def test_the_copy_since_recipe_is_a_preview_used_only_when_named():
+    from behaviorlm.recipes import get_recipe
+
+    assert get_recipe("clickstream-small").ref == "clickstream-small@2"
+    assert get_recipe("clickstream-small@3").params["copy_since"] is True
+    assert BehaviorLM("clickstream-small").params["copy_since"] is False
