@@ -32,6 +32,7 @@ from pretrain import hardware
 from provenance import write_json
 
 from behaviorlm.data.datasets import data_dir, load_dataset
+from behaviorlm.errors import InputDataError
 from behaviorlm.evaluation import evaluate, paired_difference, per_user_metrics, rank_targets
 from behaviorlm.evaluation.metrics import ContextCatalog
 from behaviorlm.evaluation.purchase import PURCHASE_BASELINES, ActionScorer, next_event_holdout
@@ -64,12 +65,18 @@ def run_dataset(name: str, args: argparse.Namespace) -> dict[str, Any]:
     catalog = split.train.df["item_id"].unique(maintain_order=True)
     rows = {"base": measure(base, split, nxt, catalog, args, baselines=PURCHASE_BASELINES)}
     base_ndcg = rows["base"]["per_user"]
+    skipped: dict[str, str] = {}
     for variant in args.variant or list(VARIANTS):
         t1 = time.perf_counter()
         given = {"epochs": STAGE_EPOCHS.get(name), **stage_overrides(args)}
-        tuned = base.finetune(
-            split.train, validation=valid, **VARIANTS[variant], **{k: v for k, v in given.items() if v is not None}
-        )
+        try:
+            tuned = base.finetune(
+                split.train, validation=valid, **VARIANTS[variant], **{k: v for k, v in given.items() if v is not None}
+            )
+        except InputDataError as e:  # too few purchases for this stage (REES46's head): said, not hidden
+            print(f"  {variant}: not run -- {e}")
+            skipped[variant] = str(e)
+            continue
         stage = tuned.stages_[-1]
         row = measure(tuned, split, nxt, catalog, args, baselines=())
         row["vs_base"] = paired_difference(row["per_user"], base_ndcg, args.n_boot)
@@ -90,6 +97,7 @@ def run_dataset(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "protocol": {**split.info, "test_users": split.test.n_users, "valid_users_used": valid.n_users,
                      "next_event_users": nxt.n_users, "catalog": len(catalog)},
         "best_rule": best_rule,
+        "not_run": skipped,
         "rows": {k: {kk: vv for kk, vv in v.items() if not kk.endswith("per_user")} for k, v in rows.items()},
         "wall_s": time.perf_counter() - t0,
     }  # fmt: skip
