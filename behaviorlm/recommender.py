@@ -32,7 +32,7 @@ from behaviorlm.data.schema import InputSchema
 from behaviorlm.errors import ConfigurationError, InputDataError, NotFittedError
 from behaviorlm.evaluation.baselines import RepeatBaseline, catalog_index
 from behaviorlm.evaluation.leakage import stage_record, with_increment
-from behaviorlm.evaluation.metrics import per_user_metrics, rank_targets, seen_lists
+from behaviorlm.evaluation.metrics import mean_ndcg, seen_lists
 from behaviorlm.evaluation.splits import Holdout
 from behaviorlm.inference.engine import FRAME_SCHEMA, NO_SEEN, InferenceEngine, first_positions
 from behaviorlm.inference.retrieval import IndexParams, open_index, wants_ann
@@ -371,8 +371,7 @@ class BehaviorLM:
 
             def validate(model: BehaviorTransformer) -> float:
                 tuned.engine_ = InferenceEngine(model, tuned.tokenizer_, version="finetuning")
-                ranks = rank_targets(ActionScorer(tuned, action), validation, catalog, k_val, False).ranks
-                return float(per_user_metrics(ranks, k_val)[f"ndcg@{k_val}"].mean())
+                return mean_ndcg(ActionScorer(tuned, action), validation, catalog, k_val, exclude_seen=False)
 
         hist = finetune(tuned.model_, pairs, action_id, cfg, validate)
         log.info(
@@ -582,8 +581,7 @@ class BehaviorLM:
             seen = seen_lists(validation.inputs, catalog) if exclude_seen else {}
 
             def score() -> float:
-                ranks = rank_targets(self, validation, catalog, k_val, exclude_seen, seen).ranks
-                return float(per_user_metrics(ranks, k_val)[metric].mean())
+                return mean_ndcg(self, validation, catalog, k_val, exclude_seen, seen)
 
             def validate(model: BehaviorTransformer) -> float:
                 if model.copy_head is None:

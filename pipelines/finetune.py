@@ -83,10 +83,9 @@ def _gate(stage: dict[str, Any], before: float, after: float, max_drop: float) -
 
 
 def _next_event_ndcg(model: Any, valid: Any, catalog: Any) -> float:
-    from behaviorlm.evaluation import per_user_metrics, rank_targets
+    from behaviorlm.evaluation.metrics import mean_ndcg
 
-    ranks = rank_targets(model, valid, catalog, 10, model.exclude_seen_).ranks
-    return float(per_user_metrics(ranks, 10)["ndcg@10"].mean())
+    return mean_ndcg(model, valid, catalog, 10, model.exclude_seen_)
 
 
 def add_finetune_args(ap: Any) -> None:

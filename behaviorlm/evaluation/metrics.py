@@ -158,6 +158,20 @@ def list_ranks(top: np.ndarray, target: np.ndarray) -> np.ndarray:
     return np.where(hit.any(1), hit.argmax(1) + 1.0, np.inf)
 
 
+def mean_ndcg(
+    scorer: Scorer,
+    holdout: Holdout,
+    catalog: pl.Series,
+    k: int = 10,
+    exclude_seen: bool = True,
+    seen: dict[Any, np.ndarray] | None = None,
+) -> float:
+    """Mean NDCG@k of ``scorer`` on ``holdout``: the one number early stopping, a stage's
+    validation and a pipeline gate compare."""
+    ranks = rank_targets(scorer, holdout, catalog, k, exclude_seen, seen).ranks
+    return float(per_user_metrics(ranks, k)[f"ndcg@{k}"].mean())
+
+
 def per_user_metrics(ranks: np.ndarray, k: int) -> dict[str, np.ndarray]:
     hit = ranks <= k
     with np.errstate(divide="ignore"):
