@@ -14,7 +14,7 @@ import polars as pl
 
 from behaviorlm.data.events import Events, events_digest
 from behaviorlm.data.loading import LoadedEvents
-from behaviorlm.errors import ConfigurationError
+from behaviorlm.errors import ConfigurationError, InputDataError
 from behaviorlm.evaluation.splits import SPLITS, Holdout, make_split
 from behaviorlm.nn.checkpoint import Checkpointing
 from behaviorlm.recipes import DEFAULT_RECIPE
@@ -139,7 +139,7 @@ def fit_adapters_by(
                 f"the user table has no column {col!r} (columns: {groups.columns})",
                 cli_hint=f"--users needs columns user_id and {column!r}; it has {groups.columns}",
             )
-    ids = groups.select(pl.col("user_id").cast(events.df["user_id"].dtype, strict=False), column).drop_nulls()
+    ids = _user_groups(groups, column, events.df["user_id"].dtype)
     fitted = []
     for value in sorted(ids[column].unique().to_list(), key=str):
         users = ids.filter(pl.col(column) == value)["user_id"].implode()
@@ -152,3 +152,29 @@ def fit_adapters_by(
         model.fit_adapter(part, name, describe={"column": column, "value": value}, **adapter)
         fitted.append(name)
     return fitted
+
+
+def _user_groups(groups: pl.DataFrame, column: str, id_dtype: pl.DataType) -> pl.DataFrame:
+    """``user_id`` (cast to the events' id type) and ``column`` of the user table, refused --
+    naming the rows -- where an id does not cast, a value is missing or a user has two values:
+    each of those would otherwise drop users from an adapter without a word."""
+    hint = f"every row of --users needs a user_id of the events' type and a value in {column!r}"
+    table = groups.with_row_index("row").select(
+        "row", pl.col("user_id").alias("raw"), pl.col("user_id").cast(id_dtype, strict=False), column
+    )
+    problems = {
+        f"user_id that is not a {id_dtype} user id": table.filter(pl.col("user_id").is_null()),
+        f"no value in column {column!r}": table.filter(pl.col(column).is_null()),
+    }
+    for what, bad in problems.items():
+        if bad.height:
+            rows = ", ".join(f"row {r} (user_id {u!r})" for r, u in bad.select("row", "raw").head(5).iter_rows())
+            raise InputDataError(f"{bad.height} row(s) of the user table have {what}: {rows}", cli_hint=hint)
+    twice = table.group_by("user_id").agg(pl.col(column).n_unique().alias("n")).filter(pl.col("n") > 1)
+    if twice.height:
+        raise InputDataError(
+            f"{twice.height} user(s) have more than one {column!r} value in the user table "
+            f"(e.g. user_id {twice['user_id'][0]!r}): an adapter per value needs one value per user",
+            cli_hint=hint,
+        )
+    return table.select("user_id", column).unique(maintain_order=True)

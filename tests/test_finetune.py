@@ -331,6 +331,22 @@ def test_an_unknown_adapter_and_one_of_another_base_get_clear_errors(shop, base,
         model.fit_adapter(make_shop(n_users=2), "../escape")
 
 
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ({"user_id": ["1", "x7"], "tier": ["a", "b"]}, r"1 row\(s\) .* user_id that is not .*row 1 \(user_id 'x7'\)"),
+        ({"user_id": [1, 2], "tier": ["a", None]}, r"no value in column 'tier': row 1 \(user_id 2\)"),
+        ({"user_id": [1, 1], "tier": ["a", "b"]}, r"1 user\(s\) have more than one 'tier' value .*user_id 1"),
+    ],
+)
+def test_adapters_per_segment_refuse_a_user_table_that_would_drop_users(shop, base, table, message):
+    """Ids that do not cast, missing values and two values for a user are named, not dropped."""
+    from behaviorlm.fitting import fit_adapters_by
+
+    with pytest.raises(InputDataError, match=message):
+        fit_adapters_by(base, shop, pl.DataFrame(table), "tier", rank=2, epochs=1)
+
+
 def test_the_cli_fine_tunes_on_the_models_own_training_period_and_fits_adapters_per_segment(tmp_path):
     from typer.testing import CliRunner
 
