@@ -27,6 +27,7 @@ BASE_PARAMS: Mapping[str, Any] = MappingProxyType(
         "dropout": 0.1,
         "copy_head": False,  # repeat-aware output: catalog softmax mixed with a copy over the context
         "copy_since": False,  # the copy head also sees "touched again since, with action a" per context item
+        "time_context": "history",  # or "request": a prediction also sees the time from the last event to the request
         "min_item_count": 1,
         "n_time_buckets": 24,
         "value_buckets": 0,  # per-event amount/quantity buckets (0: off); see the tokenizer

@@ -45,11 +45,11 @@ from behaviorlm.nn.training import TrainConfig, TrainHistory, train
 from behaviorlm.recipes import BASE_PARAMS, DEFAULT_RECIPE, get_recipe
 from behaviorlm.sequence.corpus import Corpus
 from behaviorlm.sequence.shards import PreparedShards
-from behaviorlm.sequence.tokenizer import N_SPECIAL, ActionTokenizer, EncodedSequences
+from behaviorlm.sequence.tokenizer import N_SPECIAL, ActionTokenizer, EncodedSequences, with_request_times
 
 log = logging.getLogger(__name__)
 
-_ARCH_PARAMS = ("dim", "n_layers", "n_heads", "ffn_mult", "dropout", "copy_head", "copy_since")
+_ARCH_PARAMS = ("dim", "n_layers", "n_heads", "ffn_mult", "dropout", "copy_head", "copy_since", "time_context")
 _TOKENIZER_PARAMS = ("max_len", "min_item_count", "n_time_buckets", "value_buckets")
 _TRAIN_PARAMS = tuple(TrainConfig.__dataclass_fields__)
 
@@ -78,6 +78,12 @@ class BehaviorLM:
         The copy head also reads, for each context item, whether the user touched it again
         later -- and with which action (a cart later bought, a view later carted): a learned
         bias per action, what the "in your cart" rule knows (``clickstream-small@3``).
+    time_context:
+        ``"history"`` (default): a prediction sees the gaps between past events only.
+        ``"request"``: it also sees the time from the user's last event to the moment it is
+        asked for -- in training the target event's time, in evaluation the test event's, in
+        ``recommend``/``score`` the ``as_of`` time (default: now) -- so it can tell "back after
+        a minute" from "back after a month". Every consumer of such a model supplies a time.
     min_item_count:
         Items seen fewer times in training become ``[UNK]`` (inputs only; never targets).
     n_time_buckets:
@@ -135,6 +141,7 @@ class BehaviorLM:
         dropout: float | None = None,
         copy_head: bool | None = None,
         copy_since: bool | None = None,
+        time_context: str | None = None,
         min_item_count: int | None = None,
         n_time_buckets: int | None = None,
         value_buckets: int | None = None,
@@ -723,6 +730,7 @@ class BehaviorLM:
         action: str | None = None,
         batch_size: int = 128,
         adapter: str | None = None,
+        as_of: Any = None,
     ) -> pl.DataFrame:
         """Top-``k`` items per user as ``user_id, item_id, score, rank`` (score = probability).
 
@@ -731,16 +739,19 @@ class BehaviorLM:
         ``P(item | next action = action)``; the default marginalises over action types.
         Users without events get the most popular items (cold start) with ``score`` = their
         training share. ``adapter`` scores with that low-rank adapter (:meth:`with_adapter`).
+        ``as_of``: the request time a request-time model conditions on (default: now); it must
+        not precede a user's last event.
         """
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ConfigurationError(f"k must be a positive integer, got {k!r}")
         if adapter is not None:
             return self.with_adapter(adapter).recommend(
                 users, events=events, k=k, exclude_seen=exclude_seen, allowed_items=allowed_items, action=action,
-                batch_size=batch_size,
+                batch_size=batch_size, as_of=as_of,
             )  # fmt: skip
         engine = self.engine
         enc, seen, cold = self._encode_users(users, events)
+        enc = with_request_times(enc, as_of)
         allowed = engine.allowed_mask(allowed_items)
         seen_rc = engine.seen_pairs(seen, enc.user_ids) if exclude_seen else NO_SEEN
         # seen items kept: a repeat-aware model may return a new item the user just touched
@@ -783,11 +794,26 @@ class BehaviorLM:
         enc, _, _ = self._encode_users(users, events)
         return self._frame(decode(self.engine, enc, cfg))
 
-    def score(self, inputs: Events, users: list[Any], catalog: pl.Series, chunk: int = 256, action: str | None = None):
+    @property
+    def time_context_(self) -> str:
+        """What the fitted network knows about time: ``"history"`` or ``"request"`` (``time_context``)."""
+        return self.engine.time_context
+
+    def score(
+        self,
+        inputs: Events,
+        users: list[Any],
+        catalog: pl.Series,
+        chunk: int = 256,
+        action: str | None = None,
+        as_of: Any = None,
+    ):
         """Scorer protocol for :mod:`behaviorlm.evaluation`: log-probs over ``catalog``
-        (marginal over next actions, or given ``action``: the purchase protocol's ranking)."""
+        (marginal over next actions, or given ``action``: the purchase protocol's ranking).
+        ``as_of``: the request time of a request-time model (one time, or one per user as a
+        ``{user_id: time}`` mapping: the evaluation passes each target's own time)."""
         engine = self.engine
-        enc = engine.encode(inputs)
+        enc = with_request_times(engine.encode(inputs), as_of)
         pos = {u: i for i, u in enumerate(enc.user_ids)}
         missing = [u for u in users if u not in pos]
         if missing:

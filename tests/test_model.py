@@ -119,3 +119,48 @@ def test_last_position_forward_equals_full_forward():
     items[1, 4:] = PAD  # right padding after each row's last position
     full = m(items, actions, gaps)[torch.arange(4), last]
     torch.testing.assert_close(m(items, actions, gaps, last=last), full)
+
+
+# ----------------------------------------------------------------------------- request time
+def test_a_request_time_model_reads_only_the_next_events_time_and_nothing_later():
+    """Position t sees the gap bucket of token t + 1 (its target's time) and nothing else of it:
+    changing token t + 1's item, action or packed value leaves h_t alone; changing its time
+    does not. The last position reads the request's bucket instead."""
+    m = _model(time_context="request", value_sizes=(3,))
+    items, actions, gaps = _batch()
+    h = m(items, actions, gaps)
+    items2, actions2, gaps2 = items.clone(), actions.clone(), gaps.clone()
+    items2[:, 6:] = (items2[:, 6:] + 5) % 26 + 4
+    actions2[:, 6:] = 4
+    gaps2[:, 6:] += 10 * 2  # a value packed above the gap id: the request part drops it
+    torch.testing.assert_close(m(items2, actions2, gaps2)[:, :6], h[:, :6])
+    later = gaps.clone()
+    later[:, 6] = torch.where(later[:, 6] == 9, 2, 9)
+    moved = m(items, actions, later)
+    torch.testing.assert_close(moved[:, :5], h[:, :5])
+    assert not torch.allclose(moved[:, 5], h[:, 5])  # the time of event 6 is position 5's request time
+
+
+def test_a_request_time_model_scored_at_last_uses_the_request_and_equals_the_full_pass():
+    m = _model(time_context="request")
+    items, actions, gaps = _batch()
+    last = torch.tensor([8, 4, 7])
+    request = gaps[torch.arange(3), last + 1]  # the request at the next event's time ...
+    full = m(items, actions, gaps)
+    at_last = m(items, actions, gaps, last=last, request=request)
+    torch.testing.assert_close(at_last, full[torch.arange(3), last], atol=1e-5, rtol=1e-5)  # ... is training's view
+    other = m(items, actions, gaps, last=last, request=torch.where(request == 9, 2, 9))
+    assert not torch.allclose(other, at_last)
+
+
+def test_a_request_time_model_refuses_to_score_without_a_request_time():
+    import pytest
+
+    from behaviorlm.errors import ConfigurationError
+
+    m = _model(time_context="request")
+    items, actions, gaps = _batch()
+    with pytest.raises(ConfigurationError, match="trained with time_context='request'.*--as-of"):
+        m(items, actions, gaps, last=torch.tensor([9, 4, 7]))
+    with pytest.raises(ConfigurationError, match="time_context must be one of"):
+        _model(time_context="tomorrow")

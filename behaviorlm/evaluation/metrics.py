@@ -81,7 +81,7 @@ def rank_targets(
     elif seen is None:
         seen = seen_lists(holdout.inputs, full)
     ranks, ranks_ctx, tops, order = [], [], [], []
-    for part, scores in scorer.score(holdout.inputs, users, full):
+    for part, scores in scores_of(scorer, holdout, users, full):
         scores = scores.float().clone()
         t_idx = torch.tensor([tgt[u] for u in part], dtype=torch.long)
         target_seen = (
@@ -101,6 +101,16 @@ def rank_targets(
         ranks_context=np.concatenate(ranks_ctx) if ctx is not None else None,
         repeat=repeat_targets(holdout, order),
     )
+
+
+def scores_of(scorer: Scorer, holdout: Holdout, users: list[Any], catalog: pl.Series):
+    """The scorer's chunks for the holdout's users. A model that reads the request time
+    (``time_context_ == "request"``) is asked at each target's own timestamp -- the time the
+    request would have come -- and given nothing else of the target."""
+    if getattr(scorer, "time_context_", "history") != "request":
+        return scorer.score(holdout.inputs, users, catalog)
+    when = dict(zip(holdout.targets["user_id"].to_list(), holdout.targets["timestamp"].to_list(), strict=True))
+    return scorer.score(holdout.inputs, users, catalog, as_of=when)  # type: ignore[call-arg]
 
 
 def _mask_seen(scores: torch.Tensor, part: list[Any], t_idx: torch.Tensor, seen: dict[Any, np.ndarray]) -> torch.Tensor:

@@ -47,8 +47,14 @@ class ActionScorer:
     def training_data_(self) -> Any:  # the leak check reads the wrapped model's record
         return self.model.training_data_
 
-    def score(self, inputs: Events, users: list[Any], catalog: pl.Series):
-        return self.model.score(inputs, users, catalog, action=self.action)
+    @property
+    def time_context_(self) -> str:  # a request-time model is asked at each target's time
+        return getattr(self.model, "time_context_", "history")
+
+    def score(self, inputs: Events, users: list[Any], catalog: pl.Series, as_of: Any = None):
+        if as_of is None:
+            return self.model.score(inputs, users, catalog, action=self.action)
+        return self.model.score(inputs, users, catalog, action=self.action, as_of=as_of)
 
 
 def next_event_holdout(events: Events | Any, split: Split) -> Holdout:

@@ -15,6 +15,7 @@ over the action types seen in training.
 from __future__ import annotations
 
 import copy
+import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -130,11 +131,17 @@ class InferenceEngine:
     # ------------------------------------------------------------------ heads
     @torch.inference_mode()
     def heads_from_tensors(
-        self, items: torch.Tensor, actions: torch.Tensor, gaps: torch.Tensor, last: torch.Tensor
+        self,
+        items: torch.Tensor,
+        actions: torch.Tensor,
+        gaps: torch.Tensor,
+        last: torch.Tensor,
+        request: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Inference state at each row's position ``last`` (the hidden state, plus the copy part of
-        a repeat-aware model: :mod:`behaviorlm.nn.copy_head`), and next-action log-probs (specials -inf)."""
-        h = self.network(items, actions, gaps, last=last)
+        a repeat-aware model: :mod:`behaviorlm.nn.copy_head`), and next-action log-probs (specials
+        -inf). ``request``: each row's request-gap bucket (a request-time model only)."""
+        h = self.network(items, actions, gaps, last=last, request=request)
         a_logits = self.network.action_logits(h)
         a_logits[:, :N_SPECIAL] = float("-inf")
         return h, torch.log_softmax(a_logits, -1)
@@ -143,13 +150,34 @@ class InferenceEngine:
         """:meth:`heads_from_tensors` at each user's last token, for some rows of ``enc``; for a
         repeat-aware model the context's new items (outside the vocabulary) are named by their
         first position, so the copy part can rank them (:meth:`item_logp` with ``new_items``)."""
-        state, a_logp = self.heads_from_tensors(*(torch.from_numpy(a) for a in enc.padded(rows)))
+        state, a_logp = self.heads_from_tensors(
+            *(torch.from_numpy(a) for a in enc.padded(rows)), request=self.request_gaps(enc, rows)
+        )
         layout, codes = self.network.state_layout, enc.padded_new_codes(rows)
         if layout is None or codes is None or not (codes >= 0).any():
             return state, a_logp
         first = np.full((len(codes), self.max_len), -1, np.int64)
         first[:, : codes.shape[1]] = first_positions(codes)
         return layout.with_new_items(state, torch.from_numpy(first), self.n_items), a_logp
+
+    @property
+    def time_context(self) -> str:
+        """``"request"`` when the network reads the request time (:meth:`request_gaps`), else ``"history"``."""
+        return self.network.config.time_context
+
+    def request_gaps(self, enc: EncodedSequences, rows: slice | np.ndarray) -> torch.Tensor | None:
+        """Gap buckets from each row's last event to its request time (``enc.request_times``,
+        default now) for a request-time model; ``None`` for any other."""
+        if self.time_context != "request":
+            return None
+        if enc.last_times is None:
+            raise ConfigurationError(
+                "this model reads the request time, and this path does not carry event times "
+                "(encode the users' events with the tokenizer)"
+            )
+        last = enc.last_times[rows]
+        now = enc.request_times[rows] if enc.request_times is not None else np.full(len(last), time.time())
+        return torch.from_numpy(self.tokenizer.gap_bucket(now - last))
 
     @torch.inference_mode()
     def item_logp(

@@ -71,6 +71,11 @@ def export_onnx(engine: InferenceEngine, out_dir: str | Path, quantize: str | No
     if quantize not in (None, "none", "int8"):
         raise ConfigurationError(f"quantize must be 'int8' or None, got {quantize!r}", cli_hint="use --quantize int8")
     net = engine.network
+    if net.config.time_context != "history":
+        raise ConfigurationError(
+            "ONNX export covers history-only models; this one reads the request time (time_context="
+            f"{net.config.time_context!r}): serve it with the torch engine"
+        )
     example = tuple(torch.ones(3, 5, dtype=torch.long) for _ in range(3)) + (torch.tensor([4, 2, 0]),)
     batch = torch.export.Dim("batch")
     length = torch.export.Dim("length", min=1, max=net.config.max_len)
@@ -157,7 +162,12 @@ class OnnxEngine(InferenceEngine):
         )
 
     def heads_from_tensors(
-        self, items: torch.Tensor, actions: torch.Tensor, gaps: torch.Tensor, last: torch.Tensor
+        self,
+        items: torch.Tensor,
+        actions: torch.Tensor,
+        gaps: torch.Tensor,
+        last: torch.Tensor,
+        request: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         feeds = {name: t.numpy() for name, t in zip(INPUTS, (items, actions, gaps, last), strict=True)}
         h, a_logp = self.session.run(list(OUTPUTS), feeds)

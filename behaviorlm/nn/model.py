@@ -31,6 +31,10 @@ from behaviorlm.nn.copy_head import MAX_COPY_ITEMS, CopyHead, CopyState, gate_lo
 from behaviorlm.recipes import BASE_PARAMS
 from behaviorlm.sequence.tokenizer import N_SPECIAL, PAD
 
+#: what a prediction may know about time: the gaps between past events only, or also the gap
+#: from the last event to the moment the prediction is asked for (the request time)
+TIME_CONTEXTS = ("history", "request")
+
 
 @dataclass
 class ModelConfig:
@@ -52,6 +56,9 @@ class ModelConfig:
     copy_head: bool = BASE_PARAMS["copy_head"]
     # the copy head also sees whether each context item was touched again since, by action (nn.copy_head)
     copy_since: bool = BASE_PARAMS["copy_since"]
+    # "request": each position also embeds the time from its event to the one it predicts -- at
+    # serving, the request time -- so a model knows *when* it is asked (see request_vectors)
+    time_context: str = BASE_PARAMS["time_context"]
 
     def __post_init__(self) -> None:
         self.value_sizes, self.side_sizes = tuple(self.value_sizes), tuple(self.side_sizes)  # from JSON lists
@@ -62,6 +69,8 @@ class ModelConfig:
                 raise ConfigurationError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigurationError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.time_context not in TIME_CONTEXTS:
+            raise ConfigurationError(f"time_context must be one of {TIME_CONTEXTS}, got {self.time_context!r}")
         if self.copy_head and self.n_items >= MAX_COPY_ITEMS:
             raise ConfigurationError(
                 f"copy_head supports catalogs below {MAX_COPY_ITEMS:,} items, got {self.n_items:,}"
@@ -143,6 +152,7 @@ class BehaviorTransformer(nn.Module):
         self.item_emb = nn.Embedding(cfg.n_items, cfg.dim, padding_idx=PAD)
         self.action_emb = nn.Embedding(cfg.n_actions, cfg.dim, padding_idx=PAD)
         self.gap_emb = nn.Embedding(cfg.n_gaps, cfg.dim, padding_idx=PAD)
+        self.request_emb = nn.Embedding(cfg.n_gaps, cfg.dim, padding_idx=PAD) if cfg.time_context == "request" else None
         self.pos_emb = nn.Embedding(cfg.max_len, cfg.dim)
         self.value_embs = nn.ModuleList(nn.Embedding(n, cfg.dim, padding_idx=0) for n in cfg.value_sizes)
         self.side_embs = nn.ModuleList(nn.Embedding(n, cfg.dim, padding_idx=0) for n in cfg.side_sizes)
@@ -177,8 +187,10 @@ class BehaviorTransformer(nn.Module):
         gaps: torch.Tensor,
         last: torch.Tensor | None = None,
         inputs: torch.Tensor | None = None,
+        request: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """(B, L) token ids -> (B, L, dim) hidden states; row t depends only on tokens <= t.
+        """(B, L) token ids -> (B, L, dim) hidden states; row t depends only on tokens <= t
+        (and, for a request-time model, on the time of event t + 1: :meth:`request_vectors`).
 
         With ``last`` (one position per row) only those positions' states are returned, and the
         final block computes queries, attention and MLP for them alone -- what scoring needs, at
@@ -186,11 +198,12 @@ class BehaviorTransformer(nn.Module):
         followed, for a repeat-aware model, by the copy part (:class:`CopyState`), so that
         :meth:`item_logp` needs nothing else. ``inputs`` replaces :meth:`input_vectors` (the
         token content the transformer reads; gradient attribution scales it), the ids still
-        naming what the copy head can copy.
+        naming what the copy head can copy. ``request``: each row's request-gap bucket, which a
+        request-time model needs with ``last``.
         """
         if last is None:
             return self.hidden_states(items, actions, gaps, inputs=inputs)
-        h = self.hidden_states(items, actions, gaps, last, inputs)
+        h = self.hidden_states(items, actions, gaps, last, inputs, request)
         if self.copy_head is None or self.state_layout is None:
             return h
         log_alpha = self.copy_head.position_logits_at(h, self.event_vectors(items, actions), items, actions, last)
@@ -203,6 +216,7 @@ class BehaviorTransformer(nn.Module):
         gaps: torch.Tensor,
         last: torch.Tensor | None = None,
         inputs: torch.Tensor | None = None,
+        request: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The transformer proper: (B, L, dim), or (B, dim) at the positions ``last``."""
         n = items.shape[1]
@@ -210,6 +224,8 @@ class BehaviorTransformer(nn.Module):
             raise ValueError(f"sequence length {n} exceeds max_len {self.config.max_len}")
         pos = torch.arange(n, device=items.device)
         content = self.input_vectors(items, actions, gaps) if inputs is None else inputs
+        if self.request_emb is not None:
+            content = content + self.request_vectors(gaps, last, request)
         x = self.drop(content + self.pos_emb(pos))
         if last is None:
             for block in self.blocks:
@@ -224,6 +240,28 @@ class BehaviorTransformer(nn.Module):
         """What each token tells the transformer before its position is added: the item, the
         action and the time gap (with any per-event values), (B, L, dim)."""
         return self.item_vectors(items) + self.action_emb(actions) + self.context_vectors(gaps)
+
+    def request_vectors(
+        self, gaps: torch.Tensor, last: torch.Tensor | None, request: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The request-time input of a ``time_context="request"`` model, (B, L, dim): at each
+        position the gap bucket from its event to the event it predicts -- in training the next
+        token's own gap (the target's timestamp plays the request time), at ``last`` the
+        request's (``request``: (B,) buckets from the tokenizer's ``gap_bucket``).
+
+        Causal by construction: position t gets the gap of token t + 1, which every later
+        position already reads as that token's gap input, and it carries a time only -- never
+        the next item, action or value (the values packed above the gap id are dropped)."""
+        n_gaps = self.config.n_gaps
+        after = torch.cat([gaps[:, 1:] % n_gaps, torch.full_like(gaps[:, :1], PAD)], 1)
+        if last is not None:
+            if request is None:
+                raise ConfigurationError(
+                    "this model was trained with time_context='request': scoring it needs the request "
+                    "time (as_of=...; the CLI's --as-of, the API's request time)"
+                )
+            after = after.scatter(1, last[:, None], request[:, None].to(after.dtype))
+        return self.request_emb(after)  # type: ignore[misc]  # only called when it exists
 
     def event_vectors(self, items: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """What each context event was (item + action), the copy head's keys."""

@@ -38,7 +38,8 @@ Side features, both optional and both vocabularies saved with the tokenizer:
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from itertools import repeat
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,8 @@ import polars as pl
 from behaviorlm.data.events import Events, EventsError, require_events
 from behaviorlm.data.ids import index_of
 from behaviorlm.data.io import write_text_atomic
-from behaviorlm.errors import ConfigurationError, ModelFormatError, NotFittedError
+from behaviorlm.data.timestamps import to_utc, unix_micros
+from behaviorlm.errors import ConfigurationError, InputDataError, ModelFormatError, NotFittedError
 
 SPECIAL_TOKENS = ("[PAD]", "[BOS]", "[UNK]", "[MASK]")
 PAD, BOS, UNK, MASK = range(4)
@@ -77,6 +79,10 @@ class EncodedSequences:
     #: what lets a repeat-aware model return a new item the user just touched (encoded from events only)
     new_codes: np.ndarray | None = None
     new_ids: pl.Series | None = None  # code -> original item id
+    #: per user, the time of their last event (epoch seconds; filled by :meth:`ActionTokenizer.encode`)
+    #: and the time the prediction is asked for (``None``: now) -- what a request-time model reads
+    last_times: np.ndarray | None = None
+    request_times: np.ndarray | None = None
 
     @classmethod
     def empty(cls) -> EncodedSequences:
@@ -117,6 +123,8 @@ class EncodedSequences:
             gaps=self.gaps[idx],
             new_codes=None if self.new_codes is None else self.new_codes[idx],
             new_ids=self.new_ids,
+            last_times=None if self.last_times is None else self.last_times[rows],
+            request_times=None if self.request_times is None else self.request_times[rows],
         )
 
     def padded_new_codes(self, rows: slice | np.ndarray) -> np.ndarray | None:
@@ -127,6 +135,33 @@ class EncodedSequences:
         idx = self.offsets[:-1][rows][:, None] + np.arange(int(part.max()))[None, :]
         valid = np.arange(int(part.max()))[None, :] < part[:, None]
         return np.where(valid, self.new_codes[np.where(valid, idx, 0)], -1)
+
+
+def with_request_times(enc: EncodedSequences, as_of: Any) -> EncodedSequences:
+    """``enc`` with each user's request time set from ``as_of`` -- one time (a datetime, date,
+    ISO string or unix time) or a ``{user_id: time}`` mapping covering every user -- or left
+    unset (``None``: now, read when scored). A time before a user's last event is refused: those
+    events would be the future of the request."""
+    if as_of is None or not len(enc):
+        return enc
+    if isinstance(as_of, Mapping):
+        missing = [u for u in enc.user_ids if u not in as_of]
+        if missing:
+            raise InputDataError(f"as_of gives no request time for {len(missing)} user(s), e.g. {missing[0]!r}")
+        times = np.array([unix_micros(to_utc(as_of[u], "as_of")) for u in enc.user_ids], np.float64) / 1e6
+    else:
+        times = np.full(len(enc), unix_micros(to_utc(as_of, "as_of")) / 1e6)
+    if enc.last_times is not None:
+        early = np.flatnonzero(times < enc.last_times)
+        if len(early):
+            u = early[0]
+            raise InputDataError(
+                f"as_of is before the last event of {len(early)} user(s), e.g. user {enc.user_ids[u]!r} "
+                f"(last event at unix time {enc.last_times[u]:.0f}, as_of {times[u]:.0f}): pass only events "
+                "before the request time",
+                cli_hint="--as-of must not precede any scored user's last event",
+            )
+    return replace(enc, request_times=times)
 
 
 class ActionTokenizer:
@@ -401,6 +436,8 @@ class ActionTokenizer:
         counts = np.diff(np.r_[starts, len(users)])
         enc = self._assemble(user_ids, counts, items, actions, gaps, truncate, codes)
         enc.new_ids = new_ids
+        ends = starts + counts - 1
+        enc.last_times = df["timestamp"].dt.epoch("us").gather(ends).to_numpy().astype(np.float64) / 1e6
         return enc
 
     def _assemble(self, user_ids, counts, items, actions, gaps, truncate, codes=None) -> EncodedSequences:
