@@ -16,7 +16,9 @@ from behaviorlm.evaluation import evaluate, leave_one_out
 from behaviorlm.recommender import BehaviorLM
 
 T0 = 1_700_000_000
-SMALL = dict(dim=32, n_layers=1, n_heads=2, max_len=24, epochs=40, batch_size=8, lr=5e-3, progress=False, seed=0, patience=30)
+SMALL = dict(
+    dim=32, n_layers=1, n_heads=2, max_len=24, epochs=40, batch_size=8, lr=5e-3, progress=False, seed=0, patience=30
+)
 
 
 def when_matters(n_users: int = 80, n_events: int = 16, seed: int = 0) -> pl.DataFrame:
