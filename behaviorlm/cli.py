@@ -147,6 +147,7 @@ def _load_model(model_dir: Path, retrieval: str = "auto", engine: str = "torch")
 
 
 ADAPTER_HELP = "score with this low-rank adapter of the model (`behaviorlm adapt`), e.g. tier=High"
+AS_OF_HELP = "the request time a --time-context request model reads, e.g. 2017-12-03T12:00:00Z (default: now)"
 ENGINE_HELP = "torch | onnx | onnx-int8 (onnxruntime, the export kept in the model folder)"
 RETRIEVAL_HELP = "auto (ANN from 20,000 items) | exact (full catalog) | ann (HNSW candidates, re-scored exactly)"
 
@@ -248,6 +249,13 @@ def train(
             "(default: the recipe's; on in clickstream-small@2 and clickstream-quick@2)",
         ),
     ] = None,
+    time_context: Annotated[
+        str | None,
+        Opt(
+            help="history | request: 'request' also embeds the time from the last event to the moment each "
+            "prediction is asked for (scoring then takes --as-of, default now); default: the recipe's"
+        ),
+    ] = None,
     checkpoint_dir: Annotated[Path | None, Opt(help="save resumable state here; a rerun resumes from it")] = None,
     checkpoint_every: Annotated[int, Opt(help="steps between checkpoints")] = 1000,
     nproc: Annotated[int, Opt(help="data-parallel processes on this machine (PyTorch DDP, gloo)")] = 1,
@@ -279,7 +287,7 @@ def train(
         epochs=epochs, max_len=max_len, dim=dim, n_layers=layers, n_heads=heads, ffn_mult=ffn_mult,
         batch_size=batch_size, lr=lr, dropout=dropout, patience=patience, seed=seed, max_steps=max_steps,
         min_item_count=min_item_count, value_buckets=value_buckets,
-        side_features=sides, copy_head=copy_head,
+        side_features=sides, copy_head=copy_head, time_context=time_context,
     )  # fmt: skip
     ckpt = _checkpointing(checkpoint_dir, checkpoint_every)
     model = _fit_for_cli(data, prepared, init_from, holdout, recipe, overrides, ckpt, exclude_seen)
@@ -474,12 +482,16 @@ def recommend(
     action: Annotated[str | None, Opt(help=OPTION_HELP["action"])] = None,
     exclude_seen: bool = True,
     adapter: Annotated[str | None, Opt(help=ADAPTER_HELP)] = None,
+    as_of: Annotated[str | None, Opt("--as-of", help=AS_OF_HELP)] = None,
 ) -> None:
     """Print top-K recommendations for known users or for users in an events file."""
+    from behaviorlm.data.timestamps import to_utc
+
     model = _load_model(model_dir).with_adapter(adapter)
     events = data.load(model.input_schema_).events if data.events or data.dataset else None
     users = _cast_users(model, user) if user else None
-    recs = model.recommend(users, events=events, k=k, exclude_seen=exclude_seen, action=action)
+    when = None if as_of is None else to_utc(as_of, "--as-of")
+    recs = model.recommend(users, events=events, k=k, exclude_seen=exclude_seen, action=action, as_of=when)
     with pl.Config(tbl_rows=min(recs.height, 200)):
         out.print(recs)
 
@@ -524,8 +536,8 @@ def score(
         str | None,
         Opt(
             "--as-of",
-            help="the scored_at time of every row, e.g. 2017-12-03 (default: now; with --prepared, that of the "
-            "unfinished run in --out this command resumes)",
+            help="the scored_at time of every row, e.g. 2017-12-03, and the request time a --time-context request "
+            "model reads (default: now; with --prepared, that of the unfinished run in --out this command resumes)",
         ),
     ] = None,
 ) -> None:

@@ -59,6 +59,10 @@ def main(argv: list[str] | None = None) -> dict:
         "--shuffle-sides", action="store_true", help="control: permute the side-feature values across items (seeded)"
     )
     ap.add_argument("--copy-head", choices=["on", "off"], default=None, help="override the recipe's copy_head")
+    ap.add_argument(
+        "--time-context", choices=["history", "request"], default=None,
+        help="'request': the model also reads the time from the last event to the target's (the request time)",
+    )  # fmt: skip
     ap.add_argument("--tag", default="", help="suffix of the output JSON (to keep A/B runs apart)")
     ap.add_argument("--save", type=Path, default=None, help="model dir (default data/models/<dataset>-<split>)")
     args = ap.parse_args(argv)
@@ -88,6 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
         max_time_s=args.max_minutes * 60,
         side_features=tuple(c for c in args.side_features.split(",") if c),
         copy_head={"on": True, "off": False}.get(args.copy_head or "", None),
+        time_context=args.time_context,
     )
     provenance = {"source": args.dataset, "holdout": args.split}
     items = data.items

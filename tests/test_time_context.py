@@ -67,3 +67,26 @@ def test_recommend_takes_the_request_time_and_refuses_one_before_the_history(spl
     loaded = BehaviorLM.load(request_model.save(tmp_path / "m"), retrieval="exact")
     assert loaded.time_context_ == "request"
     assert loaded.recommend(events=df, k=1, exclude_seen=False, as_of=last.timestamp() + 30).equals(soon)
+
+
+def test_the_api_asks_a_request_time_model_at_the_time_of_the_request(split, request_model):
+    """Raw events a minute old and two days old: the API's answer follows the clock."""
+    import httpx
+
+    from behaviorlm.service.api import create_app
+    from behaviorlm.testing import UvicornThread
+
+    history = split.test.inputs.df.filter(pl.col("user_id") == 3)
+    items = history["item_id"].to_list()[-5:]
+
+    def events(ago: float) -> list[dict]:
+        now = time.time()
+        return [{"item_id": i, "event_type": "view", "timestamp": now - ago - 60 * (4 - n)} for n, i in enumerate(items)]
+
+    with UvicornThread(create_app(request_model, api_key="")) as url, httpx.Client(base_url=url, timeout=30) as c:
+        answers = {
+            ago: c.post("/v1/recommend", json={"events": events(ago), "k": 1, "exclude_seen": False}).json()
+            for ago in (30, 2 * 86_400)
+        }
+    step = {ago: (int(a["items"][0]["item_id"][1:]) - int(items[-1][1:])) % 20 for ago, a in answers.items()}
+    assert step == {30: 1, 2 * 86_400: 10}, answers

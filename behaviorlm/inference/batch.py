@@ -37,7 +37,7 @@ from behaviorlm.inference.engine import NO_SEEN, InferenceEngine
 from behaviorlm.nn.training import peak_rss_mb
 from behaviorlm.sequence import shards
 from behaviorlm.sequence.shards import PreparedShards
-from behaviorlm.sequence.tokenizer import N_SPECIAL, EncodedSequences, concat_ranges
+from behaviorlm.sequence.tokenizer import N_SPECIAL, EncodedSequences, concat_ranges, with_request_times
 
 
 @dataclass
@@ -155,6 +155,8 @@ def _user_chunks(df: pl.DataFrame, chunk_users: int) -> Iterator[tuple[int, pl.D
 @torch.inference_mode()
 def _score_chunk(engine: InferenceEngine, chunk: pl.DataFrame, options: ScoringOptions, stamp: datetime) -> pa.Table:
     enc = engine.encode(Events.trusted(chunk, "scoring chunk"))
+    if engine.time_context == "request":  # asked at the scoring time, the rows' scored_at
+        enc = with_request_times(enc, stamp)
     enc = enc.subset(np.argsort(enc.lengths(), kind="stable"))  # similar lengths share a batch
     seen = engine.seen_pairs(chunk, enc.user_ids) if options.exclude_seen else NO_SEEN
     allowed = engine.allowed_mask(options.allowed_items)

@@ -45,6 +45,7 @@ class Query:
     known_row: int = -1  # row of a user seen at fit time (their hidden state can be cached)
     new_codes: np.ndarray | None = None  # per position: code of an item outside the vocabulary, else -1
     new_ids: Any = None  # code -> original id (a sequence), for the items a repeat-aware model may return
+    last_time: float | None = None  # the newest event's time (epoch seconds): a request-time model reads it
 
     def has_known_items(self) -> bool:
         return bool((self.items >= N_SPECIAL).any())
@@ -73,7 +74,9 @@ class OnlineRecommender:
         cuts = np.searchsorted(rows, np.arange(len(enc) + 1))
         self.seen_ = [cols[cuts[i] : cuts[i + 1]] for i in range(len(enc))]
         # A known user's history is fixed, so is their last hidden state: computed on first
-        # request, then only the output layer runs (exact, not an approximation).
+        # request, then only the output layer runs (exact, not an approximation). Not for a
+        # request-time model, whose state moves with the clock.
+        self.cache_states_ = engine.time_context != "request"
         self.hidden_ = torch.zeros(len(enc), engine.state_width)
         self.action_logp_ = torch.zeros(len(enc), self.tok.n_actions)
         self.cached_ = np.zeros(len(enc), dtype=bool)
@@ -105,6 +108,7 @@ class OnlineRecommender:
             **opts,
             new_codes=codes,
             new_ids=self.new_ids_,
+            last_time=_last_time(self.enc_, row),
         )
 
     def query_for_events(self, user_id: Any, events: Events, **opts: Any) -> Query:
@@ -123,13 +127,15 @@ class OnlineRecommender:
             **opts,
             new_codes=_codes(enc, 0),
             new_ids=enc.new_ids,
+            last_time=_last_time(enc, 0),
         )
 
     def query_for_request(self, user_id: Any, enc: EncodedRequest, **opts: Any) -> Query:
         """Raw recent events already read by the lean path (:mod:`behaviorlm.service.request_events`)."""
         return Query(
-            user_id, enc.items, enc.actions, enc.gaps, enc.seen, **opts, new_codes=enc.new_codes, new_ids=enc.new_ids
-        )
+            user_id, enc.items, enc.actions, enc.gaps, enc.seen, **opts, new_codes=enc.new_codes, new_ids=enc.new_ids,
+            last_time=enc.last_time,
+        )  # fmt: skip
 
     def allowed_index(self, item_ids: Sequence[Any]) -> np.ndarray:
         idx = self.tok.item_index(list(item_ids))
@@ -178,7 +184,7 @@ class OnlineRecommender:
     def _heads(self, queries: list[Query]) -> tuple[torch.Tensor, torch.Tensor]:
         """Last hidden state and next-action log-probs per query; cached rows skip the transformer."""
         rows = torch.tensor([q.known_row for q in queries])
-        hit = (rows >= 0) & torch.from_numpy(self.cached_[rows.clamp(min=0).numpy()])
+        hit = (rows >= 0) & torch.from_numpy(self.cached_[rows.clamp(min=0).numpy()] & self.cache_states_)
         h = self.hidden_[rows.clamp(min=0)]
         a_logp = self.action_logp_[rows.clamp(min=0)]
         todo = (~hit).nonzero().flatten()
@@ -187,7 +193,7 @@ class OnlineRecommender:
             h[todo], a_logp[todo] = self.engine.heads(enc, slice(0, len(todo)))
             known = todo[rows[todo] >= 0]
             self.hidden_[rows[known]], self.action_logp_[rows[known]] = h[known], a_logp[known]
-            self.cached_[rows[known].numpy()] = True
+            self.cached_[rows[known].numpy()] = self.cache_states_
         return h, a_logp
 
     def popular(self, k: int, allowed: np.ndarray | None = None) -> Ranked:
@@ -221,7 +227,14 @@ def _stack(queries: list[Query]) -> EncodedSequences:
     codes = np.concatenate([q.new_codes if q.new_codes is not None else np.full(len(q.items), -1) for q in queries])
     enc = EncodedSequences([q.user_id for q in queries], offsets, cat("items"), cat("actions"), cat("gaps"))
     enc.new_codes = codes.astype(np.int64)
+    if all(q.last_time is not None for q in queries):  # asked now (the engine's default request time)
+        enc.last_times = np.array([q.last_time for q in queries], np.float64)
     return enc
+
+
+def _last_time(enc: EncodedSequences, row: int) -> float | None:
+    """One sequence's newest event time (epoch seconds), when the encoding kept it."""
+    return None if enc.last_times is None else float(enc.last_times[row])
 
 
 def _codes(enc: EncodedSequences, row: int) -> np.ndarray | None:

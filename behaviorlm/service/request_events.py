@@ -54,6 +54,7 @@ class EncodedRequest:
     seen: np.ndarray  # vocabulary indices of the known items among the events, unique
     new_codes: np.ndarray | None = None  # per position: code of an item outside the vocabulary, else -1
     new_ids: list[Any] | None = None  # code -> original id
+    last_time: float | None = None  # the newest event's time (epoch seconds): a request-time model's input
 
 
 class RequestEncoder:
@@ -82,7 +83,8 @@ class RequestEncoder:
         codes, new_ids = _new_codes(ordered, item_idx)
         enc = self.tok.encode_one(user_id, item_idx, action_idx, seconds, codes)
         seen = np.unique(item_idx)
-        return EncodedRequest(enc.items, enc.actions, enc.gaps, seen[seen >= N_SPECIAL], enc.new_codes, new_ids)
+        newest = float(micros[order[-1]]) / 1e6 if len(order) else None
+        return EncodedRequest(enc.items, enc.actions, enc.gaps, seen[seen >= N_SPECIAL], enc.new_codes, new_ids, newest)
 
     def _items(self, raw: tuple[Any, ...]) -> tuple[Any, ...] | list[Any] | None:
         """Ids as the file path cleans them: text stripped; blank or (with numeric ids) non-integer -> full path."""
