@@ -81,7 +81,9 @@ def test_the_api_asks_a_request_time_model_at_the_time_of_the_request(split, req
 
     def events(ago: float) -> list[dict]:
         now = time.time()
-        return [{"item_id": i, "event_type": "view", "timestamp": now - ago - 60 * (4 - n)} for n, i in enumerate(items)]
+        return [
+            {"item_id": i, "event_type": "view", "timestamp": now - ago - 60 * (4 - n)} for n, i in enumerate(items)
+        ]
 
     with UvicornThread(create_app(request_model, api_key="")) as url, httpx.Client(base_url=url, timeout=30) as c:
         answers = {
