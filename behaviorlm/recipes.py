@@ -27,6 +27,7 @@ BASE_PARAMS: Mapping[str, Any] = MappingProxyType(
         "dropout": 0.1,
         "copy_head": False,  # repeat-aware output: catalog softmax mixed with a copy over the context
         "copy_since": False,  # the copy head also sees "touched again since, with action a" per context item
+        "gap_head": False,  # also predict when: a softmax over (next action, time-gap bucket) pairs
         "time_context": "history",  # or "request": a prediction also sees the time from the last event to the request
         "min_item_count": 1,
         "n_time_buckets": 24,
@@ -42,6 +43,7 @@ BASE_PARAMS: Mapping[str, Any] = MappingProxyType(
         "loss": "full",
         "n_negatives": 1024,
         "action_loss_weight": 0.5,
+        "gap_loss_weight": 0.5,  # weight of the gap head's likelihood (a model with gap_head)
         "patience": 5,
         "validate_every": 1,
         "seed": 42,

@@ -29,6 +29,7 @@ import torch
 from behaviorlm.data.events import Events, as_events, validate_items
 from behaviorlm.data.ids import cast_ids
 from behaviorlm.data.schema import InputSchema
+from behaviorlm.data.timestamps import to_utc, unix_micros
 from behaviorlm.errors import ConfigurationError, InputDataError, NotFittedError
 from behaviorlm.evaluation.baselines import RepeatBaseline, catalog_index
 from behaviorlm.evaluation.leakage import stage_record, with_increment
@@ -49,7 +50,9 @@ from behaviorlm.sequence.tokenizer import N_SPECIAL, ActionTokenizer, EncodedSeq
 
 log = logging.getLogger(__name__)
 
-_ARCH_PARAMS = ("dim", "n_layers", "n_heads", "ffn_mult", "dropout", "copy_head", "copy_since", "time_context")
+_ARCH_PARAMS = (
+    "dim", "n_layers", "n_heads", "ffn_mult", "dropout", "copy_head", "copy_since", "gap_head", "time_context"
+)  # fmt: skip
 _TOKENIZER_PARAMS = ("max_len", "min_item_count", "n_time_buckets", "value_buckets")
 _TRAIN_PARAMS = tuple(TrainConfig.__dataclass_fields__)
 
@@ -78,6 +81,13 @@ class BehaviorLM:
         The copy head also reads, for each context item, whether the user touched it again
         later -- and with which action (a cart later bought, a view later carted): a learned
         bias per action, what the "in your cart" rule knows (``clickstream-small@3``).
+    gap_head:
+        Also predict *when*: a softmax over (next action, time-gap bucket) pairs trained with the
+        rest (:mod:`behaviorlm.nn.gap_head`); :meth:`next_event_within` reads it as a zero-shot
+        "P(purchase within h)". Give ``fit`` the data's ``observed_until`` so users' silence
+        after their last event counts too.
+    gap_loss_weight:
+        Weight of the gap head's likelihood beside the next-item one.
     time_context:
         ``"history"`` (default): a prediction sees the gaps between past events only.
         ``"request"``: it also sees the time from the user's last event to the moment it is
@@ -141,6 +151,7 @@ class BehaviorLM:
         dropout: float | None = None,
         copy_head: bool | None = None,
         copy_since: bool | None = None,
+        gap_head: bool | None = None,
         time_context: str | None = None,
         min_item_count: int | None = None,
         n_time_buckets: int | None = None,
@@ -156,6 +167,7 @@ class BehaviorLM:
         loss: str | None = None,
         n_negatives: int | None = None,
         action_loss_weight: float | None = None,
+        gap_loss_weight: float | None = None,
         patience: int | None = None,
         validate_every: int | None = None,
         seed: int | None = None,
@@ -222,6 +234,7 @@ class BehaviorLM:
         training_data: dict[str, Any] | None = None,
         *,
         checkpoint: Checkpointing | None = None,
+        observed_until: Any = None,
     ) -> BehaviorLM:
         """Pretrain on ``events``; with a ``validation`` holdout, early-stop on its NDCG@k_val.
 
@@ -234,7 +247,10 @@ class BehaviorLM:
         ``training_data`` (source, holdout, digest) is stored with the model so that evaluation
         can refuse a leaky split. The input schema of ``events`` is stored too, and applied to
         raw events everywhere the model is used later. ``checkpoint`` saves resumable training
-        state and resumes from it (:mod:`behaviorlm.nn.checkpoint`).
+        state and resumes from it (:mod:`behaviorlm.nn.checkpoint`). ``observed_until``: when
+        the log ends for every user (a split's cut-off; never a leave-one-out split's, whose
+        held-out events follow each history) -- a gap head then also learns from the silence
+        after each user's last event.
         """
         p = self.params
         self.items_ = validate_items(items) if items is not None else None
@@ -260,7 +276,9 @@ class BehaviorLM:
         self.training_data_: dict[str, Any] | None = stage_record(
             training_data, None if isinstance(events, PreparedShards) else ev
         )
-        self._train(data, validation, exclude_seen, k_val, TrainConfig(**{k: p[k] for k in _TRAIN_PARAMS}), checkpoint)
+        censor = self._censor(data, observed_until)
+        tcfg = TrainConfig(**{k: p[k] for k in _TRAIN_PARAMS})
+        self._train(data, validation, exclude_seen, k_val, tcfg, checkpoint, censor)
         self.prepared_from_ = str(events.folder) if isinstance(events, PreparedShards) else None
         self.parent_version_: str | None = None
         if isinstance(events, PreparedShards):
@@ -570,6 +588,20 @@ class BehaviorLM:
                     f"{name}={p[name]}: prepare again or pass {name}={getattr(tok, name)}"
                 )
 
+    def _censor(self, data: EncodedSequences | Corpus, observed_until: Any) -> np.ndarray | None:
+        """Per user, the gap bucket from their last event to ``observed_until`` (None: unknown)."""
+        if observed_until is None:
+            return None
+        if not isinstance(data, EncodedSequences) or data.last_times is None:
+            raise ConfigurationError("observed_until needs events, not prepared shards (they keep no event times)")
+        end = unix_micros(to_utc(observed_until, "observed_until")) / 1e6
+        late = np.flatnonzero(data.last_times > end)
+        if len(late):
+            raise InputDataError(
+                f"observed_until is before the last event of {len(late)} user(s), e.g. {data.user_ids[late[0]]!r}"
+            )
+        return self.tokenizer_.gap_bucket(end - data.last_times)
+
     def _train(
         self,
         data: EncodedSequences | Corpus,
@@ -578,6 +610,7 @@ class BehaviorLM:
         k_val: int,
         tcfg: TrainConfig,
         checkpoint: Checkpointing | None,
+        censor: np.ndarray | None = None,
     ) -> None:
         """Train ``self.model_`` on ``data``, early-stopping on ``validation``'s NDCG@k_val."""
         self.engine_ = InferenceEngine(self.model_, self.tokenizer_, version="training")
@@ -596,7 +629,9 @@ class BehaviorLM:
                 return calibrate_gate(model.copy_head, score, GATE_SHIFTS_COARSE)[1]  # kept with the epoch
 
         distributed.init_from_env()
-        self.history_: TrainHistory = train(self.model_, data, tcfg, validate, self._log_epoch, checkpoint=checkpoint)
+        self.history_: TrainHistory = train(
+            self.model_, data, tcfg, validate, self._log_epoch, checkpoint=checkpoint, censor=censor
+        )
         if validate is not None and self.model_.copy_head is not None and distributed.current().is_main:
             shift, value = calibrate_gate(self.model_.copy_head, score)
             log.info("copy gate shift %.1f chosen on validation (%s %.4f)", shift, metric, value)
@@ -773,6 +808,27 @@ class BehaviorLM:
         out = out.with_columns(**{f"p_{a}": probs[:, j] for j, a in enumerate(names)})
         pred = [names[j] for j in probs.argmax(1)] if len(probs) else []
         return self._frame(out.with_columns(predicted_action=pl.Series(pred, dtype=pl.String)))
+
+    def next_event_within(
+        self,
+        horizon: Any,
+        users: list[Any] | None = None,
+        *,
+        events: Any = None,
+        action: str | None = None,
+        as_of: Any = None,
+    ) -> pl.DataFrame:
+        """``user_id, p``: the gap head's zero-shot probability that the user's next event --
+        of ``action`` (e.g. ``"purchase"``), or any -- comes within ``horizon`` (``"13w"``,
+        ``"30d"``, a timedelta or seconds) after ``as_of`` (default now), given that nothing
+        happened between their last event and ``as_of``. No labels, no fine-tuning: what the
+        pretrained model says about *when*."""
+        from behaviorlm.propensity.labels import parse_duration
+
+        enc, _, _ = self._encode_users(users, events)
+        enc = with_request_times(enc, as_of)
+        p = self.engine.within(enc, parse_duration(horizon).total_seconds(), action)
+        return self._frame(pl.DataFrame({"user_id": enc.user_ids, "p": p}))
 
     def embed(self, users: list[Any] | None = None, *, events: Any = None) -> pl.DataFrame:
         """``user_id`` plus the L2-normalised hidden state after each user's latest event."""

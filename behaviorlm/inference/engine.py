@@ -27,6 +27,7 @@ import torch
 from behaviorlm.data.events import Events
 from behaviorlm.errors import ConfigurationError, InputDataError
 from behaviorlm.inference.retrieval import ItemIndex, two_stage_top_k
+from behaviorlm.nn.gap_head import within as gap_within
 from behaviorlm.nn.model import BehaviorTransformer
 from behaviorlm.sequence.tokenizer import N_SPECIAL, ActionTokenizer, EncodedSequences
 
@@ -247,6 +248,29 @@ class InferenceEngine:
             return np.zeros((0, self.dim), np.float32)
         parts = [self.network.hidden(self.heads(enc, rows)[0]) for rows in self._batches(enc, batch_size)]
         return torch.nn.functional.normalize(torch.cat(parts), dim=1).numpy()
+
+    def within(
+        self, enc: EncodedSequences, horizon_s: float, action: str | None = None, batch_size: int = 256
+    ) -> np.ndarray:
+        """Zero-shot ``P(next event -- of ``action``, or any -- within horizon_s after the request
+        time | no event since the user's last)`` per user, from the gap head
+        (:func:`behaviorlm.nn.gap_head.within`); the request time is ``enc.request_times`` (default now)."""
+        head = self.network.gap_head
+        if head is None:
+            raise ConfigurationError(
+                "this model has no gap head: train it with gap_head=True (behaviorlm train --gap-head)"
+            )
+        if enc.last_times is None:
+            raise ConfigurationError("P(within a horizon) needs the events' times (encode the events)")
+        a_id, out = self.action_id(action), []
+        for rows in self._batches(enc, batch_size):
+            state, _ = self.heads(enc, rows)
+            last = enc.last_times[rows]
+            now = enc.request_times[rows] if enc.request_times is not None else np.full(len(last), time.time())
+            elapsed = torch.from_numpy(np.maximum(now - last, 0.0))
+            with torch.inference_mode():
+                out.append(gap_within(head.log_joint(self.network.hidden(state)), a_id, elapsed, horizon_s).numpy())
+        return np.concatenate(out) if out else np.zeros(0)
 
     def action_proba(self, enc: EncodedSequences, batch_size: int = 128) -> np.ndarray:
         """``P(next action)`` per user over :attr:`action_names`, (users, actions)."""

@@ -28,6 +28,7 @@ from torch import nn
 
 from behaviorlm.errors import ConfigurationError
 from behaviorlm.nn.copy_head import MAX_COPY_ITEMS, CopyHead, CopyState, gate_logps, mix
+from behaviorlm.nn.gap_head import GapHead
 from behaviorlm.recipes import BASE_PARAMS
 from behaviorlm.sequence.tokenizer import N_SPECIAL, PAD
 
@@ -59,6 +60,8 @@ class ModelConfig:
     # "request": each position also embeds the time from its event to the one it predicts -- at
     # serving, the request time -- so a model knows *when* it is asked (see request_vectors)
     time_context: str = BASE_PARAMS["time_context"]
+    # a head over (next action, next time-gap bucket) pairs: when, not only what (nn.gap_head)
+    gap_head: bool = BASE_PARAMS["gap_head"]
 
     def __post_init__(self) -> None:
         self.value_sizes, self.side_sizes = tuple(self.value_sizes), tuple(self.side_sizes)  # from JSON lists
@@ -166,6 +169,7 @@ class BehaviorTransformer(nn.Module):
         self.action_head = nn.Linear(cfg.dim, cfg.n_actions)
         self.next_action_emb = nn.Embedding(cfg.n_actions, cfg.dim)
         self.copy_head = CopyHead(cfg.dim, cfg.n_actions, cfg.copy_since) if cfg.copy_head else None
+        self.gap_head = GapHead(cfg.dim, cfg.n_actions, cfg.n_gaps) if cfg.gap_head else None
         self.state_layout = CopyState(cfg.dim, cfg.max_len) if cfg.copy_head else None
         self.apply(self._init_weights)
 

@@ -39,6 +39,7 @@ from behaviorlm.errors import ConfigurationError, InputDataError
 from behaviorlm.nn import checkpoint, distributed
 from behaviorlm.nn.checkpoint import Checkpointing
 from behaviorlm.nn.copy_head import COPY_FLOOR, COPY_LR_MULT, gate_logps
+from behaviorlm.nn.gap_head import FIRST_GAP, gap_nll
 from behaviorlm.nn.model import BehaviorTransformer
 from behaviorlm.recipes import BASE_PARAMS
 from behaviorlm.sequence.corpus import Corpus
@@ -58,6 +59,7 @@ class TrainConfig:
     loss: str = BASE_PARAMS["loss"]  # "full" | "sampled" | "auto" (full up to AUTO_FULL_MAX_ITEMS items, else sampled)
     n_negatives: int = BASE_PARAMS["n_negatives"]
     action_loss_weight: float = BASE_PARAMS["action_loss_weight"]
+    gap_loss_weight: float = BASE_PARAMS["gap_loss_weight"]  # the gap head's term (nn.gap_head), when it has one
     patience: int = BASE_PARAMS["patience"]  # epochs without validation improvement before stopping
     validate_every: int = BASE_PARAMS["validate_every"]
     seed: int = BASE_PARAMS["seed"]
@@ -100,44 +102,67 @@ class TrainHistory:
 
 @dataclass
 class Windows:
-    """Training examples: inputs are tokens[s:e], targets are tokens[s+1:e+1] (global positions)."""
+    """Training examples: inputs are tokens[s:e], targets are tokens[s+1:e+1] (global positions).
+
+    ``censor``: per window, the gap bucket of the silence after the user's last event when the
+    window ends with that event as an input (a censored "when" for the gap head), else PAD."""
 
     starts: np.ndarray
     ends: np.ndarray
+    censor: np.ndarray | None = None
 
 
-def make_windows(corpus: Corpus, max_len: int) -> Windows:
+def make_windows(corpus: Corpus, max_len: int, censor: np.ndarray | None = None) -> Windows:
     """Cut each user's span (BOS + events) into windows of <= max_len inputs, newest first.
 
     Vectorised over users (3M users take well under a second); windows are listed in the
     corpus's canonical user order, so the batches do not depend on how the data is stored.
+    ``censor`` (per user, canonical order: the bucket of the time from their last event to the
+    observation end, PAD where unknown) makes a user's last event an input too, whose only
+    target is that censored gap.
     """
-    lo, hi = corpus.starts, corpus.ends - 1  # the last token has no target
+    lo, hi = corpus.starts, corpus.ends - 1  # the last token has no target ...
+    if censor is not None:
+        hi = hi + (censor >= FIRST_GAP)  # ... but a censored silence after it
     n = np.maximum(0, -(-(hi - lo) // max_len))
     user = np.repeat(np.arange(len(lo)), n)
     k = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
     ends = hi[user] - k * max_len
-    return Windows(np.maximum(lo[user], ends - max_len).astype(np.int64), ends.astype(np.int64))
+    starts = np.maximum(lo[user], ends - max_len).astype(np.int64)
+    per_window = None
+    if censor is not None:
+        per_window = np.where((k == 0) & (censor[user] >= FIRST_GAP), censor[user], PAD).astype(np.int64)
+    return Windows(starts, ends.astype(np.int64), per_window)
 
 
-def batch_from_windows(corpus: Corpus, starts: np.ndarray, ends: np.ndarray) -> dict[str, torch.Tensor]:
-    """Right-padded input/target tensors for a set of windows."""
+def batch_from_windows(
+    corpus: Corpus, starts: np.ndarray, ends: np.ndarray, censor: np.ndarray | None = None
+) -> dict[str, torch.Tensor]:
+    """Right-padded input/target tensors for a set of windows (``censor``: :class:`Windows`'s)."""
     lens = ends - starts
     n, width = len(lens), int(lens.max())
     idx = starts[:, None] + np.arange(width)[None, :]
     valid = np.arange(width)[None, :] < lens[:, None]
     idx = np.where(valid, idx, 0)
-    tgt_idx = np.where(valid, idx + 1, 0)
+    tgt_idx = np.where(valid, np.minimum(idx + 1, corpus.n_tokens - 1), 0)
+    tgt_valid = valid.copy()
+    censored = np.zeros((n, width), np.int64)
+    if censor is not None:  # the last input of a censored window has no next token
+        rows = np.flatnonzero(censor >= FIRST_GAP)
+        tgt_valid[rows, lens[rows] - 1] = False
+        censored[rows, lens[rows] - 1] = censor[rows]
 
-    def take(name: str, ix: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.where(valid, corpus.take(name, ix), PAD))
+    def take(name: str, ix: np.ndarray, where: np.ndarray = valid) -> torch.Tensor:
+        return torch.from_numpy(np.where(where, corpus.take(name, ix), PAD))
 
     batch = {
         "items": take("items", idx),
         "actions": take("actions", idx),
         "gaps": take("gaps", idx),
-        "target_items": take("items", tgt_idx),
-        "target_actions": take("actions", tgt_idx),
+        "target_items": take("items", tgt_idx, tgt_valid),
+        "target_actions": take("actions", tgt_idx, tgt_valid),
+        "target_gaps": take("gaps", tgt_idx, tgt_valid),
+        "censor": torch.from_numpy(censored),
     }
     batch["target_items"][batch["target_items"] == UNK] = PAD  # rare items are not targets
     assert batch["items"].shape == (n, width)
@@ -182,8 +207,12 @@ class SequenceLoss(nn.Module):
         action_sum = F.cross_entropy(
             a_logits.reshape(-1, a_logits.shape[-1]), tgt_a.reshape(-1), ignore_index=PAD, reduction="sum"
         )
-        counts = torch.tensor([n_item, int((tgt_a != PAD).sum())], dtype=torch.float64)
-        return torch.stack([item_sum, action_sum]), counts
+        gap_sum, n_gap = h.new_zeros(()), 0
+        if model.gap_head is not None and "target_gaps" in batch:
+            tgt_g = batch["target_gaps"] % model.config.n_gaps  # values packed above the gap id dropped
+            gap_sum, n_gap = gap_nll(model.gap_head.log_joint(h), tgt_a, tgt_g, batch["censor"])
+        counts = torch.tensor([n_item, int((tgt_a != PAD).sum()), n_gap], dtype=torch.float64)
+        return torch.stack([item_sum, action_sum, gap_sum]), counts
 
 
 def sequence_loss(
@@ -192,14 +221,14 @@ def sequence_loss(
     """Mean next-item CE + ``action_loss_weight`` x mean next-action CE on one batch, and the
     number of item target tokens (the one-process objective)."""
     sums, counts = SequenceLoss(model, cfg, gen)(batch)
-    return objective(sums, counts, cfg.action_loss_weight), int(counts[0])
+    return objective(sums, counts, cfg), int(counts[0])
 
 
-def objective(sums: torch.Tensor, counts: torch.Tensor, action_loss_weight: float) -> torch.Tensor:
-    """Item and action CE sums -> mean next-item CE + weighted mean next-action CE, with the
-    means taken over ``counts`` (the batch's own, or the global ones under DDP)."""
-    n_item, n_action = max(float(counts[0]), 1.0), max(float(counts[1]), 1.0)
-    return sums[0] / n_item + action_loss_weight * sums[1] / n_action
+def objective(sums: torch.Tensor, counts: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """Item CE, action CE and gap-head NLL sums -> mean next-item CE + weighted means of the
+    other two, the means taken over ``counts`` (the batch's own, or the global ones under DDP)."""
+    n_item, n_action, n_gap = (max(float(c), 1.0) for c in counts)
+    return sums[0] / n_item + cfg.action_loss_weight * sums[1] / n_action + cfg.gap_loss_weight * sums[2] / n_gap
 
 
 class FusedLinearCrossEntropy(torch.autograd.Function):
@@ -367,6 +396,7 @@ def train(
     *,
     checkpoint: Checkpointing | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    censor: np.ndarray | None = None,
 ) -> TrainHistory:
     """Train in place; with ``validate`` keep the best epoch's weights and stop early.
 
@@ -375,21 +405,31 @@ def train(
     launcher (see :mod:`behaviorlm.nn.distributed`) each process trains on its share of every
     global batch. ``checkpoint`` saves every ``every_steps`` steps and at the end, and resumes
     from a checkpoint found there; ``on_step(step, loss)`` sees every step's global loss.
+    ``censor``: per user (the corpus's order), the gap bucket from their last event to the end
+    of observation -- the silence a gap head learns from (:func:`make_windows`).
     """
     corpus = data if isinstance(data, Corpus) else Corpus.from_sequences(data)
-    return _Trainer(model, corpus, cfg.resolved(model.config.n_items), checkpoint).run(validate, log, on_step)
+    trainer = _Trainer(model, corpus, cfg.resolved(model.config.n_items), checkpoint, censor)
+    return trainer.run(validate, log, on_step)
 
 
 class _Trainer:
     """One training run's moving parts; ``run`` is the loop, the rest are its steps."""
 
-    def __init__(self, model: BehaviorTransformer, corpus: Corpus, cfg: TrainConfig, ckpt: Checkpointing | None):
+    def __init__(
+        self,
+        model: BehaviorTransformer,
+        corpus: Corpus,
+        cfg: TrainConfig,
+        ckpt: Checkpointing | None,
+        censor: np.ndarray | None = None,
+    ):
         self.model, self.corpus, self.cfg, self.ckpt = model, corpus, cfg, ckpt
         self.dist = distributed.current()
         seed_everything(cfg.seed)
         self.rng = np.random.default_rng(cfg.seed)
         self.gen = torch.Generator().manual_seed(cfg.seed)
-        self.windows = make_windows(corpus, model.config.max_len)
+        self.windows = make_windows(corpus, model.config.max_len, censor if model.gap_head is not None else None)
         if len(self.windows.starts) == 0:
             raise InputDataError("no training examples: every user needs at least one event")
         self.steps_per_epoch = math.ceil(len(self.windows.starts) / cfg.batch_size)
@@ -474,21 +514,22 @@ class _Trainer:
         mine = self.dist.share(idx)
         empty = len(mine) == 0  # a tiny last batch can leave a rank without windows
         sel = idx[:1] if empty else mine
-        batch = batch_from_windows(self.corpus, self.windows.starts[sel], self.windows.ends[sel])
+        censor = None if self.windows.censor is None else self.windows.censor[sel]
+        batch = batch_from_windows(self.corpus, self.windows.starts[sel], self.windows.ends[sel], censor)
         if empty:
-            batch["target_items"].fill_(PAD)
-            batch["target_actions"].fill_(PAD)
+            for key in ("target_items", "target_actions", "target_gaps", "censor"):
+                batch[key].fill_(PAD)
         sums, counts = self.loss(batch)
         totals = self.dist.all_reduce_sum(torch.cat([sums.detach().double(), counts]))
-        w = self.cfg.action_loss_weight
-        loss = objective(sums, totals[2:], w) * self.dist.world  # DDP averages gradients over ranks
+        n, w = len(sums), self.cfg
+        loss = objective(sums, totals[n:], w) * self.dist.world  # DDP averages gradients over ranks
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if self.cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.opt.step()
         self.sched.step()
-        return float(objective(totals[:2], totals[2:], w)), int(totals[2])
+        return float(objective(totals[:n], totals[n:], w)), int(totals[n])
 
     def _epoch_stats(self) -> dict:
         st = self.state

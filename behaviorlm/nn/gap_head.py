@@ -1,0 +1,105 @@
+"""When, not only what: a head over (next action, time-gap bucket) pairs.
+
+The language-model objective says *what* comes next; a propensity question ("will this
+customer buy within 13 weeks?") is about *when*. This head reads the hidden state ``h_t`` and
+gives one softmax over every pair ``(a, b)`` of a real next action ``a`` and the log2 time-gap
+bucket ``b`` of the next event (the tokenizer's own buckets: what the next token's gap id says),
+so ``P(next event is a purchase within x)`` is a sum over its cells -- a zero-shot propensity
+score from the pretrained model, with no labels.
+
+Training sees each event's next (action, gap) pair, and -- where the data's observation end is
+known (``BehaviorLM.fit(..., observed_until=...)``) -- each user's *silence* after their last
+event as a censored observation: "no event within the time to the observation end", whose
+likelihood is the mass of every cell at or beyond that gap's bucket. Without it the head would
+learn only from users who came back (on CDNOW most never do) and overstate every return.
+
+Bucket ``b`` (ids ``FIRST_GAP..n_gaps-1``) holds gaps ``s`` with ``log2(1 + s)`` in
+``[b - FIRST_GAP, b - FIRST_GAP + 1)``; the last bucket is open-ended. Inside a bucket the
+probability is spread uniformly in ``log2(1 + s)`` (:func:`gap_cdf`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from behaviorlm.sequence.tokenizer import GAP_NONE, N_SPECIAL, PAD
+
+#: the first real gap-bucket id (below it: padding and "no previous event")
+FIRST_GAP = GAP_NONE + 1
+
+
+class GapHead(nn.Module):
+    """``log P(next action, next gap bucket | h)``: one linear layer, a joint softmax."""
+
+    def __init__(self, dim: int, n_actions: int, n_gaps: int):
+        super().__init__()
+        self.n_actions, self.n_gaps = n_actions, n_gaps
+        self.proj = nn.Linear(dim, n_actions * n_gaps)
+        cells = torch.zeros(n_actions, n_gaps, dtype=torch.bool)
+        cells[N_SPECIAL:, FIRST_GAP:] = True
+        self.register_buffer("cells", cells, persistent=False)
+
+    def log_joint(self, h: torch.Tensor) -> torch.Tensor:
+        """(..., dim) -> (..., n_actions, n_gaps) log-probabilities; special cells are -inf."""
+        logits = self.proj(h).view(*h.shape[:-1], self.n_actions, self.n_gaps)
+        logits = logits.masked_fill(~self.cells, float("-inf"))
+        flat = torch.log_softmax(logits.flatten(-2), -1)
+        return flat.view_as(logits)
+
+
+def gap_nll(
+    log_joint: torch.Tensor, target_actions: torch.Tensor, target_gaps: torch.Tensor, censor: torch.Tensor
+) -> tuple[torch.Tensor, int]:
+    """Summed negative log-likelihood and observation count of one batch.
+
+    ``log_joint``: (B, L, A, G); ``target_actions`` / ``target_gaps``: (B, L) the next token's
+    action and gap bucket (PAD where none); ``censor``: (B, L) the bucket of the silence after a
+    user's last event at that position (PAD elsewhere): the event, if any, came at or after it.
+    """
+    seen = (target_actions != PAD) & (target_gaps >= FIRST_GAP)
+    picked = (
+        log_joint[seen].flatten(-2).gather(1, (target_actions[seen] * log_joint.shape[-1] + target_gaps[seen])[:, None])
+    )
+    total = -picked.sum()
+    cut = censor >= FIRST_GAP
+    if cut.any():
+        lj = log_joint[cut]  # (n, A, G)
+        later = torch.arange(lj.shape[-1], device=lj.device)[None, :] >= censor[cut][:, None]  # (n, G)
+        total = total - torch.logsumexp(lj.masked_fill(~later[:, None, :], float("-inf")).flatten(1), 1).sum()
+    return total, int(seen.sum()) + int(cut.sum())
+
+
+def log_bucket_position(seconds: torch.Tensor, n_gaps: int) -> torch.Tensor:
+    """Where a gap falls on the bucket axis: ``FIRST_GAP + log2(1 + s)``, the integer part its
+    bucket id and the fraction how far into it (the last, open bucket absorbs everything past)."""
+    u = torch.log2(1.0 + seconds.clamp(min=0).double())
+    return (FIRST_GAP + u).clamp(max=float(n_gaps) - 1e-9)
+
+
+def gap_cdf(p_gaps: torch.Tensor, seconds: torch.Tensor) -> torch.Tensor:
+    """``P(gap <= seconds)`` per row from bucket probabilities ``p_gaps`` (B, G) -- mass spread
+    uniformly in ``log2(1 + s)`` inside a bucket; the open last bucket counts only as far as a
+    gap provably lies in it (its lower edge), i.e. its mass counts as *beyond* any horizon."""
+    n_gaps = p_gaps.shape[-1]
+    pos = log_bucket_position(seconds, n_gaps)
+    bucket = pos.floor().long()
+    frac = (pos - bucket).where(bucket < n_gaps - 1, torch.zeros_like(pos))
+    below = torch.arange(n_gaps, device=p_gaps.device)[None, :] < bucket[:, None]
+    p = p_gaps.double()
+    return (p * below).sum(1) + p.gather(1, bucket[:, None]).squeeze(1) * frac
+
+
+def within(log_joint: torch.Tensor, action: int | None, elapsed_s: torch.Tensor, horizon_s: float) -> torch.Tensor:
+    """``P(the next event is `action` (any, with None) within horizon_s after now | nothing
+    happened in the elapsed_s since the last event)``, (B,) from ``log_joint`` (B, A, G).
+
+    The survival form: ``(F_a(elapsed + h) - F_a(elapsed)) / (1 - F(elapsed))`` with ``F_a``
+    the gap CDF of events of action ``a`` and ``F`` that of any event (the silence so far rules
+    out every action's earlier events)."""
+    p = log_joint.exp().double()
+    p_any = p.sum(1)
+    p_act = p_any if action is None else p[:, action]
+    start, end = gap_cdf(p_act, elapsed_s), gap_cdf(p_act, elapsed_s + horizon_s)
+    alive = (1.0 - gap_cdf(p_any, elapsed_s)).clamp(min=1e-12)
+    return ((end - start) / alive).clamp(0.0, 1.0)
