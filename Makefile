@@ -71,7 +71,7 @@ BENCH_TARGETS := bench-pretrain-ml1m bench-pretrain-taobao bench-tokenizer bench
 	bench-scale bench-scale-large bench-scale-train bench-scale-train-large bench-incremental \
 	bench-retrieval bench-engines bench-api-production bench-propensity-cdnow bench-side-features \
 	bench-clickstream bench-clickstream-ml1m bench-clickstream-cost bench-served-vs-batch bench-attribution bench-ig-captum \
-	bench-finetune bench-adapters
+	bench-finetune bench-adapters bench-ml1m bench-ml1m-time
 ML1M_MODEL := data/models/ml-1m-loo-d01
 
 bench: $(BENCH_TARGETS)
@@ -83,6 +83,16 @@ bench-list:
 # section 1 [~30 min]: ML-1M leave-one-out pretraining, full-catalog NDCG@10 vs baselines
 bench-pretrain-ml1m: data
 	$(BIN)/python benchmarks/pretrain.py --dataset ml-1m --epochs 30 --dropout 0.1 --save $(ML1M_MODEL)
+
+# section 26 [~20 min idle]: ML-1M history only (time_context=history), the record's row
+bench-ml1m: data
+	$(BIN)/python benchmarks/pretrain.py --dataset ml-1m --epochs 30 --dropout 0.1 --time-context history \
+		--tag tc_history --save data/models/ml-1m-loo-tc-history
+
+# section 26 [~20 min idle]: ML-1M request-time aware (the target's time as the request time)
+bench-ml1m-time: data
+	$(BIN)/python benchmarks/pretrain.py --dataset ml-1m --epochs 30 --dropout 0.1 --time-context request \
+		--tag tc_request --save data/models/ml-1m-loo-tc-request
 
 # section 1b [~8 min]: Taobao next (action, item), seen items kept
 bench-pretrain-taobao: install

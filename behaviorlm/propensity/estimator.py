@@ -35,7 +35,13 @@ from behaviorlm.propensity.labels import (
     training_windows,
     user_halves,
 )
-from behaviorlm.propensity.scorers import HeuristicScorer, LightGBMScorer, TransformerScorer, ZeroShotScorer
+from behaviorlm.propensity.scorers import (
+    GapHeadScorer,
+    HeuristicScorer,
+    LightGBMScorer,
+    TransformerScorer,
+    ZeroShotScorer,
+)
 
 if TYPE_CHECKING:
     from behaviorlm.recommender import BehaviorLM
@@ -51,11 +57,12 @@ METHODS = (
     "paretonbd",
     "transformer",
     "zero_shot",
+    "next_gap",
     "fusion",
     "joint",
     "multitask",
 )
-NEEDS_BACKBONE = frozenset({"transformer", "zero_shot", "fusion", "joint", "multitask"})
+NEEDS_BACKBONE = frozenset({"transformer", "zero_shot", "next_gap", "fusion", "joint", "multitask"})
 #: what ``auto`` tries, cheapest first; the evidence for this list is benchmarks/RESULTS.md section 19
 AUTO_CANDIDATES = ("lightgbm", "bgnbd", "fusion", "transformer")
 _SEEDED = frozenset({"lightgbm", "lightgbm_seed", "lightgbm_rfm", "transformer", "fusion", "joint", "multitask"})
@@ -95,6 +102,8 @@ def make_scorer(
             return TransformerScorer(backbone, aux_targets=None, **kw)
         if method == "fusion":
             return LateFusionScorer(backbone, items, action=action, **kw)
+        if method == "next_gap":
+            return GapHeadScorer(backbone, horizon, action)
         return ZeroShotScorer(backbone, action=action, **kw)
     raise ConfigurationError(f"unknown propensity method {method!r}; choose from {METHODS}")
 

@@ -24,7 +24,7 @@ import torch
 from behaviorlm.inference.engine import InferenceEngine
 from behaviorlm.nn.model import BehaviorTransformer
 from behaviorlm.propensity.labels import ExampleSet
-from behaviorlm.propensity.scorers import LightGBMScorer, encode_examples
+from behaviorlm.propensity.scorers import LightGBMScorer, encode_examples, examples_within
 from behaviorlm.sequence.tokenizer import ActionTokenizer
 
 if TYPE_CHECKING:
@@ -51,7 +51,14 @@ def sequence_features(engine: InferenceEngine, ex: ExampleSet) -> pl.DataFrame:
     first = engine.tokenizer.n_actions - len(actions)  # the real actions follow the special ids
     cols = {f"emb_{j}": h[:, j] for j in range(h.shape[1])}
     cols |= {f"lm_p_{a}": np.exp(a_logp[:, first + k]) for k, a in enumerate(actions)}
+    if engine.network.gap_head is not None:  # when, from the gap head: P(next event within h | silence so far)
+        within = examples_within(engine, ex, tuple(d * 86_400.0 for d in GAP_FEATURE_DAYS), None)
+        cols |= {f"lm_within_{d}d": within[:, j] for j, d in enumerate(GAP_FEATURE_DAYS)}
     return pl.DataFrame({"example_id": ex.examples["example_id"], **cols})
+
+
+#: horizons (days) of the gap-head features a late fusion reads: a day to three quarters
+GAP_FEATURE_DAYS = (1, 7, 30, 91, 273)
 
 
 class LateFusionScorer(LightGBMScorer):

@@ -27,6 +27,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,10 +52,19 @@ from behaviorlm.propensity.features import (
     rich_features,
     seed_features,
 )
-from behaviorlm.propensity.labels import ExampleSet
-from behaviorlm.sequence.tokenizer import MASK, N_SPECIAL, PAD, VALUE_COLUMNS, ActionTokenizer, EncodedSequences
+from behaviorlm.propensity.labels import ExampleSet, parse_duration
+from behaviorlm.sequence.tokenizer import (
+    MASK,
+    N_SPECIAL,
+    PAD,
+    VALUE_COLUMNS,
+    ActionTokenizer,
+    EncodedSequences,
+    with_request_times,
+)
 
 if TYPE_CHECKING:
+    from behaviorlm.inference.engine import InferenceEngine
     from behaviorlm.recommender import BehaviorLM
 
 log = logging.getLogger(__name__)
@@ -461,6 +471,45 @@ def _transformer_name(features: str | None, aux: tuple[str, ...], lm_weight: flo
         tasks = ", ".join(aux) + (" + next action" if lm_weight > 0 else "")
         return f"transformer, multi-task ({tasks})"
     return "transformer (fine-tuned)"
+
+
+class GapHeadScorer:
+    """P(the next ``action`` event falls in ``[as_of, as_of + horizon)``) from a pretrained gap
+    head (:mod:`behaviorlm.nn.gap_head`): no labels, no fine-tuning -- *when*, as the language
+    model learned it, given that nothing happened between the last input event and ``as_of``.
+    A single-action log (CDNOW) has a real pretraining task here where the next-action one is void."""
+
+    def __init__(self, backbone: BehaviorLM, horizon: str | timedelta, action: str = "purchase"):
+        if backbone.model_.gap_head is None:
+            raise ConfigurationError(
+                "propensity method 'next_gap' needs a model pretrained with a gap head",
+                cli_hint="train the --model with --gap-head",
+            )
+        self.engine, self.action = backbone.engine, action
+        self.horizon_s = parse_duration(horizon).total_seconds()
+        self.engine.action_id(action)  # an unknown action is refused now, not at scoring
+        self.name = f"zero-shot gap head P({action} within {parse_duration(horizon)})"
+
+    def fit(self, train: ExampleSet, valid: ExampleSet) -> GapHeadScorer:
+        return self
+
+    def decision_function(self, ex: ExampleSet) -> np.ndarray:
+        return examples_within(self.engine, ex, (self.horizon_s,), self.action)[:, 0]
+
+
+def examples_within(
+    engine: InferenceEngine, ex: ExampleSet, horizons_s: tuple[float, ...], action: str | None
+) -> np.ndarray:
+    """(examples, horizons): the gap head's P(next ``action`` event within each horizon after
+    the example's ``as_of`` | silence since its last input event), in example order."""
+    values = [c for c in VALUE_COLUMNS if c in ex.inputs.columns]
+    df = ex.inputs.select(pl.col("example_id").alias("user_id"), "item_id", "event_type", "timestamp", *values)
+    enc = engine.encode(Events.trusted(df, "example inputs"))
+    if enc.user_ids != ex.examples["example_id"].to_list():
+        raise EventsError("every example needs at least one input event, in example order")
+    enc = with_request_times(enc, dict(zip(enc.user_ids, ex.examples["as_of"].to_list(), strict=True)))
+    cols = [engine.within(enc, h, action) for h in horizons_s]
+    return np.stack(cols, 1).astype(np.float64) if cols else np.zeros((len(enc), 0))
 
 
 class ZeroShotScorer:
