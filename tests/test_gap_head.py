@@ -79,14 +79,19 @@ def rhythms(n_users: int = 120, seed: int = 0) -> tuple[pl.DataFrame, float]:
     return df.with_columns(pl.col("timestamp").cast(pl.Int64)), end
 
 
-def test_a_pretrained_gap_head_knows_who_buys_within_two_days():
+@pytest.fixture(scope="module")
+def rhythm_model():
     df, end = rhythms()
     ev = validate_events(df)
     model = BehaviorLM(
         gap_head=True, dim=16, n_layers=1, n_heads=1, max_len=12, n_time_buckets=26, epochs=30, batch_size=16,
         lr=1e-2, progress=False, seed=0,
     )  # fmt: skip
-    model.fit(ev, observed_until=end)
+    return model.fit(ev, observed_until=end), ev, end
+
+
+def test_a_pretrained_gap_head_knows_who_buys_within_two_days(rhythm_model):
+    model, ev, end = rhythm_model
     p = model.next_event_within("2d", events=ev, action="purchase", as_of=end)
     daily = p.filter(pl.col("user_id") % 2 == 0)["p"]
     monthly = p.filter(pl.col("user_id") % 2 == 1)["p"]
@@ -94,3 +99,17 @@ def test_a_pretrained_gap_head_knows_who_buys_within_two_days():
     assert daily.mean() > 0.6 and monthly.mean() < 0.2
     with pytest.raises(ConfigurationError, match="no gap head"):
         BehaviorLM(dim=8, n_layers=1, n_heads=1, epochs=1, progress=False).fit(ev).next_event_within("2d", events=ev)
+
+
+def test_the_next_gap_propensity_method_is_the_same_zero_shot_probability(rhythm_model):
+    from behaviorlm.propensity.estimator import make_scorer
+    from behaviorlm.propensity.labels import cutoff_examples
+
+    model, ev, end = rhythm_model
+    ex = cutoff_examples(ev, end, "2d")
+    got = make_scorer("next_gap", model, horizon="2d").fit(ex, ex).decision_function(ex)
+    want = model.next_event_within("2d", events=ev, action="purchase", as_of=end)
+    by_user = dict(zip(want["user_id"].to_list(), want["p"].to_list(), strict=True))
+    np.testing.assert_allclose(got, [by_user[u] for u in ex.examples["user_id"].to_list()], rtol=1e-6)
+    with pytest.raises(ConfigurationError, match="needs a model pretrained with a gap head"):
+        make_scorer("next_gap", BehaviorLM(dim=8, n_layers=1, n_heads=1, epochs=1, progress=False).fit(ev))
