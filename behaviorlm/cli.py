@@ -249,6 +249,14 @@ def train(
             "(default: the recipe's; on in clickstream-small@2 and clickstream-quick@2)",
         ),
     ] = None,
+    gap_head: Annotated[
+        bool | None,
+        Opt(
+            "--gap-head/--no-gap-head",
+            help="also predict when: a head over (next action, time gap) pairs, for zero-shot P(purchase within "
+            "h) (propensity --method next_gap); with --holdout none or temporal it learns from users' silence too",
+        ),
+    ] = None,
     time_context: Annotated[
         str | None,
         Opt(
@@ -287,7 +295,7 @@ def train(
         epochs=epochs, max_len=max_len, dim=dim, n_layers=layers, n_heads=heads, ffn_mult=ffn_mult,
         batch_size=batch_size, lr=lr, dropout=dropout, patience=patience, seed=seed, max_steps=max_steps,
         min_item_count=min_item_count, value_buckets=value_buckets,
-        side_features=sides, copy_head=copy_head, time_context=time_context,
+        side_features=sides, copy_head=copy_head, gap_head=gap_head, time_context=time_context,
     )  # fmt: skip
     ckpt = _checkpointing(checkpoint_dir, checkpoint_every)
     model = _fit_for_cli(data, prepared, init_from, holdout, recipe, overrides, ckpt, exclude_seen)
@@ -635,7 +643,7 @@ def propensity(
         str,
         Opt(
             help="auto (the best on held-out validation users) | lightgbm | lightgbm_rfm | lightgbm_seed | bgnbd | "
-            "paretonbd | fusion | transformer | zero_shot | heuristic"
+            "paretonbd | fusion | transformer | zero_shot | next_gap (a --gap-head model's zero-shot P) | heuristic"
         ),
     ] = "auto",
     action: Annotated[str, Opt(help="the conversion action")] = "purchase",

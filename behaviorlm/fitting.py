@@ -78,7 +78,13 @@ def fit_from_source(
         kept = {k: overrides[k] for k in ("epochs", "lr") if k in overrides}
         return init_from.fit_partial(train_ev, valid, checkpoint=checkpoint, training_data=provenance, **kept)
     model = BehaviorLM(recipe, progress=progress, **overrides)
-    return model.fit(train_ev, valid, exclude_seen, items=source.items, training_data=provenance, checkpoint=checkpoint)
+    # every user is observed up to the training data's end when the holdout cuts at one time (or
+    # there is none): a gap head may read their silence; a per-user holdout hides what follows it
+    until = train_ev.end if model.params["gap_head"] and holdout in ("none", "temporal") else None
+    return model.fit(
+        train_ev, valid, exclude_seen, items=source.items, training_data=provenance, checkpoint=checkpoint,
+        observed_until=until,
+    )  # fmt: skip
 
 
 def _fit_prepared(
