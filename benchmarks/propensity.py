@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from sklearn.linear_model import LogisticRegression
 
 from behaviorlm import plots
 from behaviorlm.data.datasets import load_dataset
-from behaviorlm.data.events import Events, EventsError
+from behaviorlm.data.events import ColumnMapping, Events, EventsError, validate_events
 from behaviorlm.errors import ConfigurationError
 from behaviorlm.inference.batch import set_threads
 from behaviorlm.propensity import METHODS as ALL_METHODS
@@ -74,6 +74,7 @@ SETUPS = {
         "20m", 3, stride="10m", early_unit="session", notes=["3-hour slice: temporal windows hold too few buyers"]
     ),
     "tmall": Setup("30d", 3, churn_horizon=None, notes=["61 users: intervals are very wide"]),
+    "retailrocket": Setup("7d", 4, churn_horizon="7d", notes=["buyers' histories: every user buys at some point"]),
 }
 METHODS = tuple(m for m in ALL_METHODS if m != "auto")  # every scorer; auto picks among them
 
@@ -314,15 +315,24 @@ def print_early(name: str, r: dict) -> None:
         print(f"| {model} | " + " | ".join(cells) + " |")
 
 
+def event_only(ds):
+    """The dataset as a product-analytics log: the item column dropped, the event name the token."""
+    raw = ds.events.df.select("user_id", "event_type", "timestamp")
+    events = validate_events(raw, ColumnMapping(item=None), duplicates="keep")  # same-second repeats stay events
+    return replace(ds, name=f"{ds.name}-event-only", events=events, items=None)
+
+
 def run_dataset(name: str, args) -> dict:
     ds, setup = load_dataset(name), SETUPS[name]
-    result: dict[str, Any] = {"dataset": name, "notes": setup.notes, "temporal": {}}
+    if args.event_only:
+        ds = event_only(ds)
+    result: dict[str, Any] = {"dataset": ds.name, "notes": setup.notes, "temporal": {}}
     if setup.temporal and not args.skip_temporal:
         try:
             split = propensity_split(ds.events, setup.horizon, n_windows=setup.n_windows, stride=setup.stride)
             cutoff = pl.Series([split.info["test_cutoff"]]).str.to_datetime(time_zone="UTC").item()
             lm, pre_s = pretrain(
-                ds.events.derive(ds.events.df.filter(pl.col("timestamp") < cutoff), "before test"), args
+                ds.events.derive(ds.events.df.filter(pl.col("timestamp") < cutoff), "before test"), args, cutoff
             )
             result["pretrain_s"] = pre_s
             for target in ("conversion", "churn"):
@@ -407,6 +417,7 @@ def main() -> None:
     ap.add_argument("--zero-shot-samples", type=int, default=8)
     ap.add_argument("--gap-head", action="store_true", help="pretrain with a gap head (next_gap; fusion features)")
     ap.add_argument("--time-buckets", type=int, default=None, help="log2 gap buckets (27 reach two years)")
+    ap.add_argument("--event-only", action="store_true", help="drop the item column: the event name is the token")
     ap.add_argument("--n-boot", type=int, default=500)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-temporal", action="store_true")
