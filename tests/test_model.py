@@ -164,3 +164,12 @@ def test_a_request_time_model_refuses_to_score_without_a_request_time():
         m(items, actions, gaps, last=torch.tensor([9, 4, 7]))
     with pytest.raises(ConfigurationError, match="time_context must be one of"):
         _model(time_context="tomorrow")
+
+
+def test_a_gap_head_cannot_read_the_request_time_it_would_predict():
+    import pytest
+
+    from behaviorlm.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="gap_head and time_context='request' cannot be combined"):
+        _model(time_context="request", gap_head=True)

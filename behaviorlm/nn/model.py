@@ -74,6 +74,11 @@ class ModelConfig:
             raise ConfigurationError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.time_context not in TIME_CONTEXTS:
             raise ConfigurationError(f"time_context must be one of {TIME_CONTEXTS}, got {self.time_context!r}")
+        if self.gap_head and self.time_context == "request":  # its input would be the gap head's target
+            raise ConfigurationError(
+                "gap_head and time_context='request' cannot be combined: in training a position's request time "
+                "is its next event's time, exactly what the gap head must predict"
+            )
         if self.copy_head and self.n_items >= MAX_COPY_ITEMS:
             raise ConfigurationError(
                 f"copy_head supports catalogs below {MAX_COPY_ITEMS:,} items, got {self.n_items:,}"
