@@ -41,6 +41,7 @@ from behaviorlm.model_dir import Adapter, ModelFiles, model_version, read_model_
 from behaviorlm.nn import distributed
 from behaviorlm.nn.checkpoint import Checkpointing
 from behaviorlm.nn.copy_head import GATE_SHIFTS_COARSE, calibrate_gate
+from behaviorlm.nn.gap_head import censor_positions
 from behaviorlm.nn.model import BehaviorTransformer, ModelConfig
 from behaviorlm.nn.training import TrainConfig, TrainHistory, train
 from behaviorlm.recipes import BASE_PARAMS, DEFAULT_RECIPE, get_recipe
@@ -589,7 +590,8 @@ class BehaviorLM:
                 )
 
     def _censor(self, data: EncodedSequences | Corpus, observed_until: Any) -> np.ndarray | None:
-        """Per user, the gap bucket from their last event to ``observed_until`` (None: unknown)."""
+        """Per user, where the silence from their last event to ``observed_until`` ends on the gap
+        head's bucket axis (None: unknown)."""
         if observed_until is None:
             return None
         if not isinstance(data, EncodedSequences) or data.last_times is None:
@@ -600,7 +602,7 @@ class BehaviorLM:
             raise InputDataError(
                 f"observed_until is before the last event of {len(late)} user(s), e.g. {data.user_ids[late[0]]!r}"
             )
-        return self.tokenizer_.gap_bucket(end - data.last_times)
+        return censor_positions(end - data.last_times, self.tokenizer_.n_gaps)
 
     def _train(
         self,

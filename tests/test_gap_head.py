@@ -29,8 +29,10 @@ def test_the_likelihood_of_an_observed_gap_and_of_a_censored_silence_by_hand():
     lj = p.log()
     total, n = gap_nll(lj, torch.tensor([[5]]), torch.tensor([[3]]), torch.tensor([[PAD]]))
     assert n == 1 and math.isclose(float(total), -math.log(0.05), rel_tol=1e-6)
-    total, n = gap_nll(lj, torch.tensor([[PAD]]), torch.tensor([[PAD]]), torch.tensor([[3]]))
+    total, n = gap_nll(lj, torch.tensor([[PAD]]), torch.tensor([[PAD]]), torch.tensor([[3.0]]))
     assert n == 1 and math.isclose(float(total), -math.log(0.2 + 0.3 + 0.05 + 0.2), rel_tol=1e-6)  # buckets >= 3
+    total, _ = gap_nll(lj, torch.tensor([[PAD]]), torch.tensor([[PAD]]), torch.tensor([[3.5]]))  # half-way into 3
+    assert math.isclose(float(total), -math.log(0.5 * (0.2 + 0.05) + 0.3 + 0.2), rel_tol=1e-6)
 
 
 def test_the_cdf_spreads_a_bucket_uniformly_in_log_time_and_never_into_the_open_last_one():

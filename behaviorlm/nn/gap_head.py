@@ -20,6 +20,7 @@ probability is spread uniformly in ``log2(1 + s)`` (:func:`gap_cdf`).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -54,20 +55,42 @@ def gap_nll(
     """Summed negative log-likelihood and observation count of one batch.
 
     ``log_joint``: (B, L, A, G); ``target_actions`` / ``target_gaps``: (B, L) the next token's
-    action and gap bucket (PAD where none); ``censor``: (B, L) the bucket of the silence after a
-    user's last event at that position (PAD elsewhere): the event, if any, came at or after it.
+    action and gap bucket (PAD where none); ``censor``: (B, L) where the silence after a user's
+    last event ends on the bucket axis (:func:`censor_positions`; PAD elsewhere): the next event,
+    if any, came after it. Its likelihood is :func:`gap_cdf`'s survival at that point -- the
+    mass of later buckets plus the part of its own bucket past it -- so mass a model puts
+    *inside* the silence is penalised, not only mass in earlier buckets.
     """
     seen = (target_actions != PAD) & (target_gaps >= FIRST_GAP)
-    picked = (
-        log_joint[seen].flatten(-2).gather(1, (target_actions[seen] * log_joint.shape[-1] + target_gaps[seen])[:, None])
-    )
-    total = -picked.sum()
+    cells = target_actions[seen] * log_joint.shape[-1] + target_gaps[seen]
+    total = -log_joint[seen].flatten(-2).gather(1, cells[:, None]).sum()
     cut = censor >= FIRST_GAP
     if cut.any():
         lj = log_joint[cut]  # (n, A, G)
-        later = torch.arange(lj.shape[-1], device=lj.device)[None, :] >= censor[cut][:, None]  # (n, G)
-        total = total - torch.logsumexp(lj.masked_fill(~later[:, None, :], float("-inf")).flatten(1), 1).sum()
+        past = survival_weights(censor[cut], lj.shape[-1]).to(lj.dtype)  # (n, G)
+        total = total - torch.logsumexp((lj + past[:, None, :]).flatten(1), 1).sum()
     return total, int(seen.sum()) + int(cut.sum())
+
+
+def survival_weights(position: torch.Tensor, n_gaps: int) -> torch.Tensor:
+    """(n, G) log of the share of each bucket's mass that lies past ``position`` on the bucket
+    axis: 0 for later buckets, log(1 - fraction) for its own (0 for the open last one), -inf
+    before -- the within-bucket spread of :func:`gap_cdf`."""
+    pos = position.double().clamp(max=float(n_gaps) - 1e-9)
+    bucket = pos.floor().long()
+    frac = (pos - bucket).where(bucket < n_gaps - 1, torch.zeros_like(pos))
+    cols = torch.arange(n_gaps, device=position.device)[None, :]
+    share = (cols > bucket[:, None]).double()
+    share = torch.where(cols == bucket[:, None], (1.0 - frac)[:, None].clamp(min=1e-9), share)
+    return share.log()
+
+
+def censor_positions(seconds: np.ndarray, n_gaps: int) -> np.ndarray:
+    """Where silences (seconds from a user's last event to the end of observation) end on the
+    bucket axis, ``FIRST_GAP + log2(1 + s)`` capped inside the open last bucket: what
+    :func:`gap_nll` reads as a censored observation."""
+    pos = FIRST_GAP + np.log2(1.0 + np.clip(np.asarray(seconds, np.float64), 0.0, None))
+    return np.minimum(pos, n_gaps - 1e-9)
 
 
 def log_bucket_position(seconds: torch.Tensor, n_gaps: int) -> torch.Tensor:

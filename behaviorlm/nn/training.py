@@ -104,8 +104,8 @@ class TrainHistory:
 class Windows:
     """Training examples: inputs are tokens[s:e], targets are tokens[s+1:e+1] (global positions).
 
-    ``censor``: per window, the gap bucket of the silence after the user's last event when the
-    window ends with that event as an input (a censored "when" for the gap head), else PAD."""
+    ``censor``: per window, where the silence after the user's last event ends on the gap head's
+    bucket axis when the window ends with that event as an input (a censored "when"), else PAD."""
 
     starts: np.ndarray
     ends: np.ndarray
@@ -117,8 +117,8 @@ def make_windows(corpus: Corpus, max_len: int, censor: np.ndarray | None = None)
 
     Vectorised over users (3M users take well under a second); windows are listed in the
     corpus's canonical user order, so the batches do not depend on how the data is stored.
-    ``censor`` (per user, canonical order: the bucket of the time from their last event to the
-    observation end, PAD where unknown) makes a user's last event an input too, whose only
+    ``censor`` (per user, canonical order: where the time from their last event to the
+    observation end falls on the gap-bucket axis, PAD where unknown) makes a user's last event an input too, whose only
     target is that censored gap.
     """
     lo, hi = corpus.starts, corpus.ends - 1  # the last token has no target ...
@@ -131,7 +131,7 @@ def make_windows(corpus: Corpus, max_len: int, censor: np.ndarray | None = None)
     starts = np.maximum(lo[user], ends - max_len).astype(np.int64)
     per_window = None
     if censor is not None:
-        per_window = np.where((k == 0) & (censor[user] >= FIRST_GAP), censor[user], PAD).astype(np.int64)
+        per_window = np.where((k == 0) & (censor[user] >= FIRST_GAP), censor[user], PAD).astype(np.float64)
     return Windows(starts, ends.astype(np.int64), per_window)
 
 
@@ -146,7 +146,7 @@ def batch_from_windows(
     idx = np.where(valid, idx, 0)
     tgt_idx = np.where(valid, np.minimum(idx + 1, corpus.n_tokens - 1), 0)
     tgt_valid = valid.copy()
-    censored = np.zeros((n, width), np.int64)
+    censored = np.zeros((n, width), np.float64)
     if censor is not None:  # the last input of a censored window has no next token
         rows = np.flatnonzero(censor >= FIRST_GAP)
         tgt_valid[rows, lens[rows] - 1] = False
@@ -405,8 +405,8 @@ def train(
     launcher (see :mod:`behaviorlm.nn.distributed`) each process trains on its share of every
     global batch. ``checkpoint`` saves every ``every_steps`` steps and at the end, and resumes
     from a checkpoint found there; ``on_step(step, loss)`` sees every step's global loss.
-    ``censor``: per user (the corpus's order), the gap bucket from their last event to the end
-    of observation -- the silence a gap head learns from (:func:`make_windows`).
+    ``censor``: per user (the corpus's order), where the silence from their last event to the
+    end of observation falls on the gap-bucket axis -- the silence a gap head learns from (:func:`make_windows`).
     """
     corpus = data if isinstance(data, Corpus) else Corpus.from_sequences(data)
     trainer = _Trainer(model, corpus, cfg.resolved(model.config.n_items), checkpoint, censor)
