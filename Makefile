@@ -71,7 +71,7 @@ BENCH_TARGETS := bench-pretrain-ml1m bench-pretrain-taobao bench-tokenizer bench
 	bench-scale bench-scale-large bench-scale-train bench-scale-train-large bench-incremental \
 	bench-retrieval bench-engines bench-api-production bench-propensity-cdnow bench-side-features \
 	bench-clickstream bench-clickstream-ml1m bench-clickstream-cost bench-served-vs-batch bench-attribution bench-ig-captum \
-	bench-finetune bench-adapters bench-ml1m bench-ml1m-time
+	bench-finetune bench-adapters bench-ml1m bench-ml1m-time bench-ml1m-time-ab
 ML1M_MODEL := data/models/ml-1m-loo-d01
 
 bench: $(BENCH_TARGETS)
@@ -93,6 +93,12 @@ bench-ml1m: data
 bench-ml1m-time: data
 	$(BIN)/python benchmarks/pretrain.py --dataset ml-1m --epochs 30 --dropout 0.1 --time-context request \
 		--tag tc_request --save data/models/ml-1m-loo-tc-request
+
+# section 26 [<1 min, after bench-ml1m and bench-ml1m-time]: the two rows paired on the same users
+bench-ml1m-time-ab: data
+	test -d data/models/ml-1m-loo-tc-history || $(MAKE) bench-ml1m
+	test -d data/models/ml-1m-loo-tc-request || $(MAKE) bench-ml1m-time
+	$(BIN)/python benchmarks/time_context_ab.py
 
 # section 1b [~8 min]: Taobao next (action, item), seen items kept
 bench-pretrain-taobao: install
