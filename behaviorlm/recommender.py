@@ -278,6 +278,8 @@ class BehaviorLM:
             training_data, None if isinstance(events, PreparedShards) else ev
         )
         censor = self._censor(data, observed_until)
+        if self.model_.gap_head is not None and not isinstance(events, PreparedShards):
+            self.model_.gap_head.span_s.fill_(self._observed_span(ev, observed_until))
         tcfg = TrainConfig(**{k: p[k] for k in _TRAIN_PARAMS})
         self._train(data, validation, exclude_seen, k_val, tcfg, checkpoint, censor)
         self.prepared_from_ = str(events.folder) if isinstance(events, PreparedShards) else None
@@ -603,6 +605,13 @@ class BehaviorLM:
                 f"observed_until is before the last event of {len(late)} user(s), e.g. {data.user_ids[late[0]]!r}"
             )
         return censor_positions(end - data.last_times, self.tokenizer_.n_gaps)
+
+    @staticmethod
+    def _observed_span(ev: Events, observed_until: Any) -> float:
+        """Seconds from the first training event to the end of observation: no gap longer than
+        this could be seen, so the gap head does not extrapolate past it."""
+        end = to_utc(observed_until, "observed_until") if observed_until is not None else ev.end
+        return (end - ev.df["timestamp"].min()).total_seconds()
 
     def _train(
         self,

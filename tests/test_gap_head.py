@@ -46,6 +46,8 @@ def test_the_cdf_spreads_a_bucket_uniformly_in_log_time_and_never_into_the_open_
     lj[0, 4, 2:] = p[0, 2:].log()
     got = float(within(lj, 4, torch.tensor([1.0], dtype=torch.float64), 2.0))  # from s=1 to s=3
     assert math.isclose(got, (0.75 - 0.5) / (1 - 0.5))  # survival: given no event in the first second
+    cut = float(within(lj, 4, torch.tensor([1.0], dtype=torch.float64), 2.0, span_s=2.0))  # nothing seen past 2 s
+    assert math.isclose(cut, (0.5 + 0.25 * (math.log2(3) - 1) - 0.5) / (1 - 0.5))
 
 
 def test_censored_windows_make_the_last_event_an_input_whose_only_target_is_the_silence():
@@ -92,13 +94,17 @@ def rhythm_model():
     return model.fit(ev, observed_until=end), ev, end
 
 
-def test_a_pretrained_gap_head_knows_who_buys_within_two_days(rhythm_model):
+def test_a_pretrained_gap_head_knows_who_buys_within_two_days(rhythm_model, tmp_path):
     model, ev, end = rhythm_model
     p = model.next_event_within("2d", events=ev, action="purchase", as_of=end)
     daily = p.filter(pl.col("user_id") % 2 == 0)["p"]
     monthly = p.filter(pl.col("user_id") % 2 == 1)["p"]
     assert daily.min() > monthly.max(), (daily.describe(), monthly.describe())
     assert daily.mean() > 0.6 and monthly.mean() < 0.2
+    first = ev.df["timestamp"].min().timestamp()
+    assert math.isclose(float(model.model_.gap_head.span_s), end - first)  # the longest gap the data could show
+    again = BehaviorLM.load(model.save(tmp_path / "m"), retrieval="exact")
+    assert again.next_event_within("2d", events=ev, action="purchase", as_of=end).equals(p)
     with pytest.raises(ConfigurationError, match="no gap head"):
         BehaviorLM(dim=8, n_layers=1, n_heads=1, epochs=1, progress=False).fit(ev).next_event_within("2d", events=ev)
 

@@ -269,7 +269,8 @@ class InferenceEngine:
             now = enc.request_times[rows] if enc.request_times is not None else np.full(len(last), time.time())
             elapsed = torch.from_numpy(np.maximum(now - last, 0.0))
             with torch.inference_mode():
-                out.append(gap_within(head.log_joint(self.network.hidden(state)), a_id, elapsed, horizon_s).numpy())
+                lj = head.log_joint(self.network.hidden(state))
+                out.append(gap_within(lj, a_id, elapsed, horizon_s, float(head.span_s)).numpy())
         return np.concatenate(out) if out else np.zeros(0)
 
     def action_proba(self, enc: EncodedSequences, batch_size: int = 128) -> np.ndarray:

@@ -40,6 +40,10 @@ class GapHead(nn.Module):
         cells = torch.zeros(n_actions, n_gaps, dtype=torch.bool)
         cells[N_SPECIAL:, FIRST_GAP:] = True
         self.register_buffer("cells", cells, persistent=False)
+        # the longest gap the training data could show (its observation span, seconds; set by
+        # fit): past it the head's mass is unidentified -- censoring says only "later" -- so
+        # :func:`within` does not count it (saved with the weights)
+        self.register_buffer("span_s", torch.tensor(float("inf"), dtype=torch.float64))
 
     def log_joint(self, h: torch.Tensor) -> torch.Tensor:
         """(..., dim) -> (..., n_actions, n_gaps) log-probabilities; special cells are -inf."""
@@ -113,16 +117,26 @@ def gap_cdf(p_gaps: torch.Tensor, seconds: torch.Tensor) -> torch.Tensor:
     return (p * below).sum(1) + p.gather(1, bucket[:, None]).squeeze(1) * frac
 
 
-def within(log_joint: torch.Tensor, action: int | None, elapsed_s: torch.Tensor, horizon_s: float) -> torch.Tensor:
+def within(
+    log_joint: torch.Tensor,
+    action: int | None,
+    elapsed_s: torch.Tensor,
+    horizon_s: float,
+    span_s: float = float("inf"),
+) -> torch.Tensor:
     """``P(the next event is `action` (any, with None) within horizon_s after now | nothing
     happened in the elapsed_s since the last event)``, (B,) from ``log_joint`` (B, A, G).
 
     The survival form: ``(F_a(elapsed + h) - F_a(elapsed)) / (1 - F(elapsed))`` with ``F_a``
     the gap CDF of events of action ``a`` and ``F`` that of any event (the silence so far rules
-    out every action's earlier events)."""
+    out every action's earlier events). The window is cut at ``span_s``, the longest gap the
+    training data could show: beyond it the head only knows "later" (a censored silence), and
+    counting the mass it parks there would call the longest-silent customers likely returners."""
     p = log_joint.exp().double()
     p_any = p.sum(1)
     p_act = p_any if action is None else p[:, action]
-    start, end = gap_cdf(p_act, elapsed_s), gap_cdf(p_act, elapsed_s + horizon_s)
+    elapsed = elapsed_s.double()
+    stop = (elapsed + horizon_s).clamp(max=span_s)
+    start, end = gap_cdf(p_act, elapsed.clamp(max=span_s)), gap_cdf(p_act, stop)
     alive = (1.0 - gap_cdf(p_any, elapsed_s)).clamp(min=1e-12)
     return ((end - start) / alive).clamp(0.0, 1.0)
