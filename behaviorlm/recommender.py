@@ -611,7 +611,7 @@ class BehaviorLM:
         """Seconds from the first training event to the end of observation: no gap longer than
         this could be seen, so the gap head does not extrapolate past it."""
         end = to_utc(observed_until, "observed_until") if observed_until is not None else ev.end
-        return (end - ev.df["timestamp"].min()).total_seconds()
+        return (end - to_utc(ev.df["timestamp"].min(), "first event")).total_seconds()
 
     def _train(
         self,

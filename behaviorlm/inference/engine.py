@@ -151,9 +151,8 @@ class InferenceEngine:
         """:meth:`heads_from_tensors` at each user's last token, for some rows of ``enc``; for a
         repeat-aware model the context's new items (outside the vocabulary) are named by their
         first position, so the copy part can rank them (:meth:`item_logp` with ``new_items``)."""
-        state, a_logp = self.heads_from_tensors(
-            *(torch.from_numpy(a) for a in enc.padded(rows)), request=self.request_gaps(enc, rows)
-        )
+        items, actions, gaps, last = (torch.from_numpy(a) for a in enc.padded(rows))
+        state, a_logp = self.heads_from_tensors(items, actions, gaps, last, request=self.request_gaps(enc, rows))
         layout, codes = self.network.state_layout, enc.padded_new_codes(rows)
         if layout is None or codes is None or not (codes >= 0).any():
             return state, a_logp

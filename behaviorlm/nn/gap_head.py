@@ -33,6 +33,9 @@ FIRST_GAP = GAP_NONE + 1
 class GapHead(nn.Module):
     """``log P(next action, next gap bucket | h)``: one linear layer, a joint softmax."""
 
+    cells: torch.Tensor  # registered buffers
+    span_s: torch.Tensor
+
     def __init__(self, dim: int, n_actions: int, n_gaps: int):
         super().__init__()
         self.n_actions, self.n_gaps = n_actions, n_gaps
