@@ -138,6 +138,7 @@ def temporal(ds, target: str, setup: Setup, lm: BehaviorLM, args) -> dict:
     )
     single_action = ds.events.actions == ["purchase"]
     methods = [m for m in args.methods if not (m == "zero_shot" and (target == "churn" or single_action))]
+    methods = [m for m in methods if not (m == "next_gap" and target == "churn")]  # it scores a purchase, not silence
     methods = [m for m in methods if m != "multitask" or aux]
     return evaluate_split(f"{ds.name}_{target}", ds.items, split, target, horizon, lm, args, methods)
 
