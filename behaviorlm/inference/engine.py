@@ -170,14 +170,20 @@ class InferenceEngine:
         default now) for a request-time model; ``None`` for any other."""
         if self.time_context != "request":
             return None
+        return torch.from_numpy(self.tokenizer.gap_bucket(self._silence_s(enc, rows)))
+
+    @staticmethod
+    def _silence_s(enc: EncodedSequences, rows: slice | np.ndarray) -> np.ndarray:
+        """Seconds from each row's last event to its request time (``enc.request_times``, default
+        now): what a request-time model and the gap head read of the clock."""
         if enc.last_times is None:
             raise ConfigurationError(
-                "this model reads the request time, and this path does not carry event times "
-                "(encode the users' events with the tokenizer)"
+                "this model reads the time since each user's last event, and this path does not carry "
+                "event times (encode the users' events with the tokenizer)"
             )
         last = enc.last_times[rows]
         now = enc.request_times[rows] if enc.request_times is not None else np.full(len(last), time.time())
-        return torch.from_numpy(self.tokenizer.gap_bucket(now - last))
+        return now - last
 
     @torch.inference_mode()
     def item_logp(
@@ -259,14 +265,10 @@ class InferenceEngine:
             raise ConfigurationError(
                 "this model has no gap head: train it with gap_head=True (behaviorlm train --gap-head)"
             )
-        if enc.last_times is None:
-            raise ConfigurationError("P(within a horizon) needs the events' times (encode the events)")
         a_id, out = self.action_id(action), []
         for rows in self._batches(enc, batch_size):
             state, _ = self.heads(enc, rows)
-            last = enc.last_times[rows]
-            now = enc.request_times[rows] if enc.request_times is not None else np.full(len(last), time.time())
-            elapsed = torch.from_numpy(np.maximum(now - last, 0.0))
+            elapsed = torch.from_numpy(np.maximum(self._silence_s(enc, rows), 0.0))
             with torch.inference_mode():
                 lj = head.log_joint(self.network.hidden(state))
                 out.append(gap_within(lj, a_id, elapsed, horizon_s, float(head.span_s)).numpy())

@@ -10,7 +10,7 @@ score from the pretrained model, with no labels.
 Training sees each event's next (action, gap) pair, and -- where the data's observation end is
 known (``BehaviorLM.fit(..., observed_until=...)``) -- each user's *silence* after their last
 event as a censored observation: "no event within the time to the observation end", whose
-likelihood is the mass of every cell at or beyond that gap's bucket. Without it the head would
+likelihood is the mass past that point (:func:`gap_nll`). Without it the head would
 learn only from users who came back (on CDNOW most never do) and overstate every return.
 
 Bucket ``b`` (ids ``FIRST_GAP..n_gaps-1``) holds gaps ``s`` with ``log2(1 + s)`` in
@@ -83,9 +83,7 @@ def survival_weights(position: torch.Tensor, n_gaps: int) -> torch.Tensor:
     """(n, G) log of the share of each bucket's mass that lies past ``position`` on the bucket
     axis: 0 for later buckets, log(1 - fraction) for its own (0 for the open last one), -inf
     before -- the within-bucket spread of :func:`gap_cdf`."""
-    pos = position.double().clamp(max=float(n_gaps) - 1e-9)
-    bucket = pos.floor().long()
-    frac = (pos - bucket).where(bucket < n_gaps - 1, torch.zeros_like(pos))
+    bucket, frac = bucket_fraction(position.double().clamp(max=float(n_gaps) - 1e-9), n_gaps)
     cols = torch.arange(n_gaps, device=position.device)[None, :]
     share = (cols > bucket[:, None]).double()
     share = torch.where(cols == bucket[:, None], (1.0 - frac)[:, None].clamp(min=1e-9), share)
@@ -96,8 +94,7 @@ def censor_positions(seconds: np.ndarray, n_gaps: int) -> np.ndarray:
     """Where silences (seconds from a user's last event to the end of observation) end on the
     bucket axis, ``FIRST_GAP + log2(1 + s)`` capped inside the open last bucket: what
     :func:`gap_nll` reads as a censored observation."""
-    pos = FIRST_GAP + np.log2(1.0 + np.clip(np.asarray(seconds, np.float64), 0.0, None))
-    return np.minimum(pos, n_gaps - 1e-9)
+    return log_bucket_position(torch.from_numpy(np.asarray(seconds, np.float64)), n_gaps).numpy()
 
 
 def log_bucket_position(seconds: torch.Tensor, n_gaps: int) -> torch.Tensor:
@@ -107,14 +104,19 @@ def log_bucket_position(seconds: torch.Tensor, n_gaps: int) -> torch.Tensor:
     return (FIRST_GAP + u).clamp(max=float(n_gaps) - 1e-9)
 
 
+def bucket_fraction(position: torch.Tensor, n_gaps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A bucket-axis position as (bucket id, how far into it): the fraction is 0 in the open last
+    bucket, whose mass never counts as lying before any point (:func:`gap_cdf`, :func:`gap_nll`)."""
+    bucket = position.floor().long()
+    return bucket, (position - bucket).where(bucket < n_gaps - 1, torch.zeros_like(position))
+
+
 def gap_cdf(p_gaps: torch.Tensor, seconds: torch.Tensor) -> torch.Tensor:
     """``P(gap <= seconds)`` per row from bucket probabilities ``p_gaps`` (B, G) -- mass spread
     uniformly in ``log2(1 + s)`` inside a bucket; the open last bucket counts only as far as a
     gap provably lies in it (its lower edge), i.e. its mass counts as *beyond* any horizon."""
     n_gaps = p_gaps.shape[-1]
-    pos = log_bucket_position(seconds, n_gaps)
-    bucket = pos.floor().long()
-    frac = (pos - bucket).where(bucket < n_gaps - 1, torch.zeros_like(pos))
+    bucket, frac = bucket_fraction(log_bucket_position(seconds, n_gaps), n_gaps)
     below = torch.arange(n_gaps, device=p_gaps.device)[None, :] < bucket[:, None]
     p = p_gaps.double()
     return (p * below).sum(1) + p.gather(1, bucket[:, None]).squeeze(1) * frac
@@ -141,5 +143,5 @@ def within(
     elapsed = elapsed_s.double()
     stop = (elapsed + horizon_s).clamp(max=span_s)
     start, end = gap_cdf(p_act, elapsed.clamp(max=span_s)), gap_cdf(p_act, stop)
-    alive = (1.0 - gap_cdf(p_any, elapsed_s)).clamp(min=1e-12)
+    alive = (1.0 - gap_cdf(p_any, elapsed)).clamp(min=1e-12)
     return ((end - start) / alive).clamp(0.0, 1.0)

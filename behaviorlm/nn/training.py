@@ -118,8 +118,8 @@ def make_windows(corpus: Corpus, max_len: int, censor: np.ndarray | None = None)
     Vectorised over users (3M users take well under a second); windows are listed in the
     corpus's canonical user order, so the batches do not depend on how the data is stored.
     ``censor`` (per user, canonical order: where the time from their last event to the
-    observation end falls on the gap-bucket axis, PAD where unknown) makes a user's last event an input too, whose only
-    target is that censored gap.
+    observation end falls on the gap-bucket axis, PAD where unknown) makes a user's last event
+    an input too, whose only target is that censored silence.
     """
     lo, hi = corpus.starts, corpus.ends - 1  # the last token has no target ...
     if censor is not None:
@@ -521,15 +521,15 @@ class _Trainer:
                 batch[key].fill_(PAD)
         sums, counts = self.loss(batch)
         totals = self.dist.all_reduce_sum(torch.cat([sums.detach().double(), counts]))
-        n, w = len(sums), self.cfg
-        loss = objective(sums, totals[n:], w) * self.dist.world  # DDP averages gradients over ranks
+        n = len(sums)
+        loss = objective(sums, totals[n:], self.cfg) * self.dist.world  # DDP averages gradients over ranks
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if self.cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.opt.step()
         self.sched.step()
-        return float(objective(totals[:n], totals[n:], w)), int(totals[n])
+        return float(objective(totals[:n], totals[n:], self.cfg)), int(totals[n])
 
     def _epoch_stats(self) -> dict:
         st = self.state

@@ -184,7 +184,7 @@ class OnlineRecommender:
     def _heads(self, queries: list[Query]) -> tuple[torch.Tensor, torch.Tensor]:
         """Last hidden state and next-action log-probs per query; cached rows skip the transformer."""
         rows = torch.tensor([q.known_row for q in queries])
-        hit = (rows >= 0) & torch.from_numpy(self.cached_[rows.clamp(min=0).numpy()] & self.cache_states_)
+        hit = (rows >= 0) & torch.from_numpy(self.cached_[rows.clamp(min=0).numpy()])
         h = self.hidden_[rows.clamp(min=0)]
         a_logp = self.action_logp_[rows.clamp(min=0)]
         todo = (~hit).nonzero().flatten()
