@@ -71,7 +71,7 @@ BENCH_TARGETS := bench-pretrain-ml1m bench-pretrain-taobao bench-tokenizer bench
 	bench-scale bench-scale-large bench-scale-train bench-scale-train-large bench-incremental \
 	bench-retrieval bench-engines bench-api-production bench-propensity-cdnow bench-side-features \
 	bench-clickstream bench-clickstream-ml1m bench-clickstream-cost bench-served-vs-batch bench-attribution bench-ig-captum \
-	bench-finetune bench-adapters bench-ml1m bench-ml1m-time bench-ml1m-time-ab
+	bench-finetune bench-adapters bench-ml1m bench-ml1m-time bench-ml1m-time-ab bench-peer-rectools
 ML1M_MODEL := data/models/ml-1m-loo-d01
 
 bench: $(BENCH_TARGETS)
@@ -99,6 +99,16 @@ bench-ml1m-time-ab: data
 	test -d data/models/ml-1m-loo-tc-history || $(MAKE) bench-ml1m
 	test -d data/models/ml-1m-loo-tc-request || $(MAKE) bench-ml1m-time
 	$(BIN)/python benchmarks/time_context_ab.py
+
+# section 27 [~70 min]: RecTools' SASRec and behaviorlm's ml-1m recipe, 30 min of training each, one after
+# the other; RecTools lives in its own virtual environment (.venv-rectools), never in behaviorlm's
+RECTOOLS_VENV := .venv-rectools
+$(RECTOOLS_VENV)/bin/python:
+	$(PYTHON) -m venv $(RECTOOLS_VENV)
+	$(RECTOOLS_VENV)/bin/pip install -q -c constraints.txt "rectools[torch]==0.19.0"
+
+bench-peer-rectools: data $(RECTOOLS_VENV)/bin/python
+	$(BIN)/python benchmarks/peer_rectools.py --rectools-python $(RECTOOLS_VENV)/bin/python
 
 # section 1b [~8 min]: Taobao next (action, item), seen items kept
 bench-pretrain-taobao: install

@@ -228,6 +228,10 @@ def train(
     layers: Annotated[int | None, Opt(help="default: the recipe's")] = None,
     heads: Annotated[int | None, Opt(help="default: the recipe's")] = None,
     ffn_mult: Annotated[int | None, Opt(help="default: the recipe's")] = None,
+    positions: Annotated[
+        str | None, Opt(help="learned | rope: learned position vectors or rotary embeddings; default: the recipe's")
+    ] = None,
+    ffn: Annotated[str | None, Opt(help="gelu | swiglu: the blocks' feed-forward; default: the recipe's")] = None,
     batch_size: Annotated[int | None, Opt(help="global batch, split over --nproc; default: the recipe's")] = None,
     lr: Annotated[float | None, Opt(help="default: the recipe's")] = None,
     dropout: Annotated[float | None, Opt(help="default: the recipe's")] = None,
@@ -296,6 +300,7 @@ def train(
         batch_size=batch_size, lr=lr, dropout=dropout, patience=patience, seed=seed, max_steps=max_steps,
         min_item_count=min_item_count, value_buckets=value_buckets,
         side_features=sides, copy_head=copy_head, gap_head=gap_head, time_context=time_context,
+        positions=positions, ffn=ffn,
     )  # fmt: skip
     ckpt = _checkpointing(checkpoint_dir, checkpoint_every)
     model = _fit_for_cli(data, prepared, init_from, holdout, recipe, overrides, ckpt, exclude_seen)

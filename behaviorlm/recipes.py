@@ -28,6 +28,8 @@ BASE_PARAMS: Mapping[str, Any] = MappingProxyType(
         "copy_head": False,  # repeat-aware output: catalog softmax mixed with a copy over the context
         "copy_since": False,  # the copy head also sees "touched again since, with action a" per context item
         "gap_head": False,  # also predict when: a softmax over (next action, time-gap bucket) pairs
+        "positions": "learned",  # or "rope": rotary position embeddings in every attention layer
+        "ffn": "gelu",  # or "swiglu": the gated feed-forward
         "time_context": "history",  # or "request": a prediction also sees the time from the last event to the request
         "min_item_count": 1,
         "n_time_buckets": 24,

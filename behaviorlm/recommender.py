@@ -52,7 +52,8 @@ from behaviorlm.sequence.tokenizer import N_SPECIAL, ActionTokenizer, EncodedSeq
 log = logging.getLogger(__name__)
 
 _ARCH_PARAMS = (
-    "dim", "n_layers", "n_heads", "ffn_mult", "dropout", "copy_head", "copy_since", "gap_head", "time_context"
+    "dim", "n_layers", "n_heads", "ffn_mult", "dropout", "copy_head", "copy_since", "gap_head", "time_context",
+    "positions", "ffn",
 )  # fmt: skip
 _TOKENIZER_PARAMS = ("max_len", "min_item_count", "n_time_buckets", "value_buckets")
 _TRAIN_PARAMS = tuple(TrainConfig.__dataclass_fields__)
@@ -95,6 +96,13 @@ class BehaviorLM:
         asked for -- in training the target event's time, in evaluation the test event's, in
         ``recommend``/``score`` the ``as_of`` time (default: now) -- so it can tell "back after
         a minute" from "back after a month". Every consumer of such a model supplies a time.
+    positions:
+        ``"learned"`` (default): a learned vector per window position, added to the input
+        (SASRec). ``"rope"``: rotary embeddings on every layer's queries and keys, so attention
+        reads how far apart two events are.
+    ffn:
+        The feed-forward of each block: ``"gelu"`` (default) or ``"swiglu"`` (gated; its first
+        layer is twice as wide).
     min_item_count:
         Items seen fewer times in training become ``[UNK]`` (inputs only; never targets).
     n_time_buckets:
@@ -154,6 +162,8 @@ class BehaviorLM:
         copy_since: bool | None = None,
         gap_head: bool | None = None,
         time_context: str | None = None,
+        positions: str | None = None,
+        ffn: str | None = None,
         min_item_count: int | None = None,
         n_time_buckets: int | None = None,
         value_buckets: int | None = None,

@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> dict:
         "--time-context", choices=["history", "request"], default=None,
         help="'request': the model also reads the time from the last event to the target's (the request time)",
     )  # fmt: skip
+    ap.add_argument("--positions", choices=["learned", "rope"], default=None, help="default: the recipe's")
+    ap.add_argument("--ffn", choices=["gelu", "swiglu"], default=None, help="default: the recipe's")
     ap.add_argument("--tag", default="", help="suffix of the output JSON (to keep A/B runs apart)")
     ap.add_argument("--save", type=Path, default=None, help="model dir (default data/models/<dataset>-<split>)")
     args = ap.parse_args(argv)
@@ -93,6 +95,8 @@ def main(argv: list[str] | None = None) -> dict:
         side_features=tuple(c for c in args.side_features.split(",") if c),
         copy_head={"on": True, "off": False}.get(args.copy_head or "", None),
         time_context=args.time_context,
+        positions=args.positions,
+        ffn=args.ffn,
     )
     provenance = {"source": args.dataset, "holdout": args.split}
     items = data.items

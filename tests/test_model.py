@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -16,6 +17,15 @@ def _model(**kw) -> BehaviorTransformer:
     return BehaviorTransformer(cfg).eval()
 
 
+#: every block variant the leakage and equivalence properties must hold for
+ARCHS = [
+    pytest.param({}, id="learned-gelu"),
+    pytest.param({"positions": "rope"}, id="rope"),
+    pytest.param({"ffn": "swiglu"}, id="swiglu"),
+    pytest.param({"positions": "rope", "ffn": "swiglu", "copy_head": True}, id="rope-swiglu-copy"),
+]
+
+
 def _batch(b=3, n=10, seed=1):
     g = torch.Generator().manual_seed(seed)
     return (
@@ -25,8 +35,9 @@ def _batch(b=3, n=10, seed=1):
     )
 
 
-def test_causality_later_events_do_not_change_earlier_logits():
-    m = _model()
+@pytest.mark.parametrize("arch", ARCHS)
+def test_causality_later_events_do_not_change_earlier_logits(arch):
+    m = _model(**arch)
     items, actions, gaps = _batch()
     h = m(items, actions, gaps)
     items2, actions2 = items.clone(), actions.clone()
@@ -37,8 +48,9 @@ def test_causality_later_events_do_not_change_earlier_logits():
     assert not torch.allclose(h[:, 6:], h2[:, 6:])
 
 
-def test_padding_does_not_change_logits_or_loss():
-    m = _model()
+@pytest.mark.parametrize("arch", ARCHS)
+def test_padding_does_not_change_logits_or_loss(arch):
+    m = _model(**arch)
     items, actions, gaps = _batch(b=2, n=8)
     tgt_i, tgt_a = torch.roll(items, -1, 1), torch.roll(actions, -1, 1)
     tgt_i[:, -1] = PAD
@@ -92,8 +104,9 @@ def test_item_head_is_tied_and_specials_never_predicted():
     assert [n for n, p in m.named_parameters() if n_items in p.shape] == ["item_emb.weight"]
 
 
-def test_save_load_round_trip(tmp_path):
-    m = _model()
+@pytest.mark.parametrize("arch", ARCHS)
+def test_save_load_round_trip(tmp_path, arch):
+    m = _model(**arch)
     m.save(tmp_path)
     back = BehaviorTransformer.load(tmp_path)
     assert back.config == m.config
@@ -112,13 +125,14 @@ def test_config_validation():
         _model()(*_batch(n=20))
 
 
-def test_last_position_forward_equals_full_forward():
-    m = _model()
+@pytest.mark.parametrize("arch", ARCHS)
+def test_last_position_forward_equals_full_forward(arch):
+    m = _model(**arch)
     items, actions, gaps = _batch(b=4, n=12)
     last = torch.tensor([11, 3, 0, 7])
     items[1, 4:] = PAD  # right padding after each row's last position
     full = m(items, actions, gaps)[torch.arange(4), last]
-    torch.testing.assert_close(m(items, actions, gaps, last=last), full)
+    torch.testing.assert_close(m.hidden(m(items, actions, gaps, last=last)), full)
 
 
 # ----------------------------------------------------------------------------- request time
@@ -173,3 +187,36 @@ def test_a_gap_head_cannot_read_the_request_time_it_would_predict():
 
     with pytest.raises(ConfigurationError, match="gap_head and time_context='request' cannot be combined"):
         _model(time_context="request", gap_head=True)
+
+
+def test_rope_attention_depends_on_distance_not_on_the_window_offset():
+    """Rotary positions: shifting a whole (fully causal) sequence right by a pad-free prefix that
+    is then masked out is not possible, so the property is checked on the rotation itself --
+    q_s . k_t is a function of s - t."""
+    from behaviorlm.nn.model import Rotary
+
+    rot = Rotary(8, 32)
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+    seq = lambda x: x.expand(1, 1, 32, 8)  # noqa: E731  # the same vector at every position
+    scores = rot(seq(q)) @ rot(seq(k)).transpose(-1, -2)  # (1, 1, 32, 32)
+    torch.testing.assert_close(scores[0, 0, 5, 2], scores[0, 0, 20, 17])
+    torch.testing.assert_close(scores[0, 0, 9, 9], scores[0, 0, 0, 0])
+    assert not torch.allclose(scores[0, 0, 5, 2], scores[0, 0, 5, 4])
+    last = torch.tensor([20])
+    torch.testing.assert_close(rot(q, last), rot(seq(q))[:, :, 20:21])
+
+
+def test_architecture_options_are_validated_and_swiglu_keeps_the_adapter_targets():
+    from behaviorlm.nn.lora import TARGETS
+
+    with pytest.raises(ValueError, match="positions"):
+        ModelConfig(10, 5, 5, positions="alibi")
+    with pytest.raises(ValueError, match="ffn"):
+        ModelConfig(10, 5, 5, ffn="relu")
+    with pytest.raises(ValueError, match="even head width"):
+        ModelConfig(10, 5, 5, dim=6, n_heads=2, positions="rope")
+    m = _model(ffn="swiglu", positions="rope")
+    names = {n for n, _ in m.named_modules()}
+    assert all(f"blocks.0.{t}" in names for t in TARGETS)
+    assert m.pos_emb is None and m.blocks[0].mlp[0].out_features == 2 * m.blocks[0].mlp[2].in_features

@@ -113,3 +113,17 @@ def test_a_damaged_export_is_redone_with_one_warning(saved, tmp_path, caplog, da
     engine = BehaviorLM.load(copy).use_engine("onnx", copy).engine
     assert isinstance(engine, OnnxEngine) and "not the file that was exported" in caplog.text
     open_export(copy / FOLDER, engine)  # exported anew, verifies
+
+
+def test_rotary_positions_and_swiglu_export_and_score_the_same(tmp_path):
+    ev = validate_events(make_events(n_users=30, n_items=40, length=20, seed=3))
+    model = BehaviorLM(
+        max_len=24, dim=32, n_layers=2, n_heads=2, epochs=1, seed=0, progress=False, positions="rope", ffn="swiglu"
+    ).fit(ev)
+    model.save(tmp_path / "m")
+    loaded = BehaviorLM.load(tmp_path / "m")
+    assert loaded.params["positions"] == "rope" and loaded.params["ffn"] == "swiglu"
+    onnx = loaded.use_engine("onnx", tmp_path / "m")
+    enc = model.engine.encode(model.history_events())
+    diff = compare(model.engine, onnx.engine, enc, slice(0, len(enc)))
+    assert max(diff.values()) < 1e-4, diff

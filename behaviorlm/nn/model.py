@@ -35,6 +35,12 @@ from behaviorlm.sequence.tokenizer import N_SPECIAL, PAD
 #: what a prediction may know about time: the gaps between past events only, or also the gap
 #: from the last event to the moment the prediction is asked for (the request time)
 TIME_CONTEXTS = ("history", "request")
+#: how a position knows where it is: a learned vector added to its input (SASRec), or rotary
+#: embeddings (RoPE, Su et al. 2021) turning every layer's queries and keys by their position, so
+#: attention reads how far apart two events are rather than where each sits in the window
+POSITIONS = ("learned", "rope")
+#: the feed-forward: a GELU MLP, or SwiGLU (Shazeer 2020), the gated form LLaMA-style models use
+FFNS = ("gelu", "swiglu")
 
 
 @dataclass
@@ -62,6 +68,8 @@ class ModelConfig:
     time_context: str = BASE_PARAMS["time_context"]
     # a head over (next action, next time-gap bucket) pairs: when, not only what (nn.gap_head)
     gap_head: bool = BASE_PARAMS["gap_head"]
+    positions: str = BASE_PARAMS["positions"]  # POSITIONS
+    ffn: str = BASE_PARAMS["ffn"]  # FFNS
 
     def __post_init__(self) -> None:
         self.value_sizes, self.side_sizes = tuple(self.value_sizes), tuple(self.side_sizes)  # from JSON lists
@@ -72,6 +80,13 @@ class ModelConfig:
                 raise ConfigurationError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigurationError(f"dropout must be in [0, 1), got {self.dropout}")
+        for name, allowed in (("positions", POSITIONS), ("ffn", FFNS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigurationError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.positions == "rope" and (self.dim // self.n_heads) % 2:
+            raise ConfigurationError(
+                f"positions='rope' needs an even head width, got dim/n_heads = {self.dim // self.n_heads}"
+            )
         if self.time_context not in TIME_CONTEXTS:
             raise ConfigurationError(f"time_context must be one of {TIME_CONTEXTS}, got {self.time_context!r}")
         if self.gap_head and self.time_context == "request":  # its input would be the gap head's target
@@ -91,6 +106,40 @@ def at_positions(x: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
     return x.gather(1, last[:, None, None].expand(-1, 1, x.shape[-1])).squeeze(1)
 
 
+class Rotary(nn.Module):
+    """Rotary position embedding (RoPE): rotates each pair of a head's channels ``(x_i,
+    x_{i+d/2})`` by ``pos * base^(-2i/d)``, so that ``q_s . k_t`` depends on ``s - t`` only. The
+    angles are a fixed table (not saved: rebuilt from the config)."""
+
+    cos: torch.Tensor  # buffers
+    sin: torch.Tensor
+
+    def __init__(self, head_dim: int, max_len: int, base: float = 10_000.0):
+        super().__init__()
+        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        angles = torch.arange(max_len, dtype=torch.float32)[:, None] * inv_freq[None, :]  # (L, d/2)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` (B, heads, n, d) rotated by positions ``0..n-1``, or, with ``pos`` (B,) and n = 1,
+        by each row's own position."""
+        if pos is None:
+            cos, sin = self.cos[: x.shape[2]], self.sin[: x.shape[2]]
+        else:
+            cos, sin = self.cos[pos][:, None, None, :], self.sin[pos][:, None, None, :]
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class SwiGLU(nn.Module):
+    """``silu(a) * b`` of the two halves of the input (the gate and the value of SwiGLU)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, value = x.chunk(2, dim=-1)
+        return F.silu(gate) * value
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -99,11 +148,14 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.dim, cfg.dim)
         self.attn_dropout = cfg.attn_dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
+        self.rotary = Rotary(cfg.dim // cfg.n_heads, cfg.max_len) if cfg.positions == "rope" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
         q, k, v = self.qkv(x).split(d, dim=2)
         q, k, v = (t.view(b, n, self.n_heads, d // self.n_heads).transpose(1, 2) for t in (q, k, v))
+        if self.rotary is not None:
+            q, k = self.rotary(q), self.rotary(k)
         y = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, dropout_p=self.attn_dropout if self.training else 0.0
         )
@@ -121,8 +173,11 @@ class CausalSelfAttention(nn.Module):
             q, k, v = self.qkv(x).split(d, dim=2)
             q = at_positions(q, last)[:, None]
         heads = lambda t: t.view(b, t.shape[1], self.n_heads, d // self.n_heads).transpose(1, 2)  # noqa: E731
+        q, k, v = heads(q), heads(k), heads(v)
+        if self.rotary is not None:
+            q, k = self.rotary(q, last), self.rotary(k)
         visible = (torch.arange(n, device=x.device)[None, :] <= last[:, None])[:, None, None, :]
-        y = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=visible)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
         return self.proj(y.transpose(1, 2).reshape(b, d))
 
 
@@ -132,10 +187,13 @@ class Block(nn.Module):
         self.ln1 = nn.LayerNorm(cfg.dim)
         self.attn = CausalSelfAttention(cfg)
         self.ln2 = nn.LayerNorm(cfg.dim)
+        hidden, swiglu = cfg.ffn_mult * cfg.dim, cfg.ffn == "swiglu"
+        # the same module names either way (mlp.0 in, mlp.2 out: what LoRA adapts); SwiGLU's
+        # first layer computes gate and value at once
         self.mlp = nn.Sequential(
-            nn.Linear(cfg.dim, cfg.ffn_mult * cfg.dim),
-            nn.GELU(),
-            nn.Linear(cfg.ffn_mult * cfg.dim, cfg.dim),
+            nn.Linear(cfg.dim, 2 * hidden if swiglu else hidden),
+            SwiGLU() if swiglu else nn.GELU(),
+            nn.Linear(hidden, cfg.dim),
             nn.Dropout(cfg.dropout),
         )
 
@@ -161,7 +219,7 @@ class BehaviorTransformer(nn.Module):
         self.action_emb = nn.Embedding(cfg.n_actions, cfg.dim, padding_idx=PAD)
         self.gap_emb = nn.Embedding(cfg.n_gaps, cfg.dim, padding_idx=PAD)
         self.request_emb = nn.Embedding(cfg.n_gaps, cfg.dim, padding_idx=PAD) if cfg.time_context == "request" else None
-        self.pos_emb = nn.Embedding(cfg.max_len, cfg.dim)
+        self.pos_emb = nn.Embedding(cfg.max_len, cfg.dim) if cfg.positions == "learned" else None
         self.value_embs = nn.ModuleList(nn.Embedding(n, cfg.dim, padding_idx=0) for n in cfg.value_sizes)
         self.side_embs = nn.ModuleList(nn.Embedding(n, cfg.dim, padding_idx=0) for n in cfg.side_sizes)
         # each item's side-feature ids (n_items, n_sides): vocabulary, saved in the state dict
@@ -235,7 +293,7 @@ class BehaviorTransformer(nn.Module):
         content = self.input_vectors(items, actions, gaps) if inputs is None else inputs
         if self.request_emb is not None:
             content = content + self.request_vectors(gaps, last, request)
-        x = self.drop(content + self.pos_emb(pos))
+        x = self.drop(content if self.pos_emb is None else content + self.pos_emb(pos))
         if last is None:
             for block in self.blocks:
                 x = block(x)
