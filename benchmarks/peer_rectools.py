@@ -2,6 +2,7 @@
 
     make bench-peer-rectools        # makes .venv-rectools (RecTools 0.19.0, the pinned CPU torch) first
     python benchmarks/peer_rectools.py [--recipe ml-1m] [--minutes 30] [--skip-rectools]
+    python benchmarks/peer_rectools.py --model data/models/ml-1m-loo-v2   # behaviorlm as make bench-ml1m trained it
 
 Both train on the same leave-one-out split (each user's last rating is the test target, the one
 before it the validation target; timestamps tied within a user keep the file's row order, and
@@ -32,6 +33,7 @@ from behaviorlm.data.datasets import data_dir, load_dataset
 from behaviorlm.evaluation import leave_one_out, per_user_metrics
 from behaviorlm.evaluation.metrics import bootstrap_ci, list_ranks, paired_difference
 from behaviorlm.nn.training import peak_rss_mb
+from behaviorlm.recipes import get_recipe
 from behaviorlm.recommender import BehaviorLM
 
 OUT = Path(__file__).parent / "out"
@@ -56,17 +58,24 @@ def run_rectools(python: Path, folder: Path, minutes: float) -> dict:
     return info
 
 
-def run_behaviorlm(split, recipe: str, minutes: float) -> dict:
-    model = BehaviorLM(recipe, max_time_s=minutes * 60, progress=False)
-    t0 = time.perf_counter()
-    model.fit(split.train, split.valid, True, training_data={"source": "ml-1m", "holdout": "loo"})
-    train_s = time.perf_counter() - t0
+def run_behaviorlm(split, recipe: str, minutes: float, saved: Path | None) -> dict:
+    """Train (or, with ``saved``, load what ``make bench-ml1m`` trained on this very split, its
+    training record included) and time the top-100 lists of every test user."""
+    if saved is not None:
+        model = BehaviorLM.load(saved, retrieval="exact")
+        train_s = model.history_.train_time_s
+    else:
+        model = BehaviorLM(recipe, max_time_s=minutes * 60, progress=False)
+        t0 = time.perf_counter()
+        model.fit(split.train, split.valid, True, training_data={"source": "ml-1m", "holdout": "loo"})
+        train_s = time.perf_counter() - t0
     users = split.test.targets["user_id"].to_list()
     t0 = time.perf_counter()
     lists = model.recommend(users, events=split.test.inputs, k=TOP, exclude_seen=True)
     recommend_s = time.perf_counter() - t0
     h = model.history_
     return {
+        "name": f"behaviorlm {get_recipe(model.recipe).ref}",
         "recipe": repr(model),
         "train_s": train_s,
         "epochs_run": len(h.epochs),
@@ -105,6 +114,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--recipe", default="ml-1m", help="behaviorlm's recipe (default: the latest ml-1m)")
     ap.add_argument("--minutes", type=float, default=30.0, help="each library's training budget")
     ap.add_argument("--rectools-python", type=Path, default=Path(".venv-rectools/bin/python"))
+    ap.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="a behaviorlm model trained on this split (make bench-ml1m) instead of training one",
+    )
     ap.add_argument("--skip-rectools", action="store_true", help="behaviorlm's row only (no RecTools environment)")
     args = ap.parse_args(argv)
     split = leave_one_out(load_dataset("ml-1m").events)
@@ -113,7 +128,8 @@ def main(argv: list[str] | None = None) -> dict:
     runs = {}
     if not args.skip_rectools:
         runs["RecTools SASRec"] = run_rectools(args.rectools_python, folder, args.minutes)
-    runs["behaviorlm " + args.recipe] = run_behaviorlm(split, args.recipe, args.minutes)
+    ours = run_behaviorlm(split, args.recipe, args.minutes, args.model)
+    runs[ours.pop("name")] = ours
     targets = split.test.targets
     per_user = {name: per_user_metrics(score_lists(r["lists"], targets), 10) for name, r in runs.items()}
     for m in per_user.values():
