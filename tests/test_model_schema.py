@@ -234,8 +234,10 @@ def test_recipes_are_named_versioned_and_overridable():
     assert "recipe='clickstream-small@2'" in repr(m) and "epochs=3" in repr(m)
     with pytest.raises(ConfigurationError, match="unknown recipe"):
         BehaviorLM("nope")
-    with pytest.raises(ConfigurationError, match="has no version '2'; known: \\['ml-1m@1'\\]"):
-        get_recipe("ml-1m@2")
+    with pytest.raises(ConfigurationError, match="has no version '9'; known: \\['ml-1m@1', 'ml-1m@2'\\]"):
+        get_recipe("ml-1m@9")
+    # a preview version is used only when named: the plain name keeps the latest released one
+    assert get_recipe("ml-1m").ref == "ml-1m@1" and get_recipe("ml-1m@2").params["positions"] == "rope"
     # a new version leaves the old one loadable by name (a saved model names its version)
     assert get_recipe("clickstream-small@1").params["copy_head"] is False
     assert (
