@@ -71,7 +71,7 @@ BENCH_TARGETS := bench-pretrain-ml1m bench-pretrain-taobao bench-tokenizer bench
 	bench-scale bench-scale-large bench-scale-train bench-scale-train-large bench-incremental \
 	bench-retrieval bench-engines bench-api-production bench-propensity-cdnow bench-side-features \
 	bench-clickstream bench-clickstream-ml1m bench-clickstream-cost bench-served-vs-batch bench-attribution bench-ig-captum \
-	bench-finetune bench-adapters bench-ml1m bench-ml1m-time bench-ml1m-time-ab bench-peer-rectools
+	bench-finetune bench-adapters bench-ml1m bench-ml1m-time bench-ml1m-time-ab bench-ml1m-recipes-ab bench-peer-rectools
 ML1M_MODEL := data/models/ml-1m-loo-d01
 
 bench: $(BENCH_TARGETS)
@@ -98,7 +98,13 @@ bench-ml1m-time: data
 bench-ml1m-time-ab: data
 	test -d data/models/ml-1m-loo-v2 || $(MAKE) bench-ml1m
 	test -d data/models/ml-1m-loo-tc-request-v2 || $(MAKE) bench-ml1m-time
-	$(BIN)/python benchmarks/time_context_ab.py --history data/models/ml-1m-loo-v2 --request data/models/ml-1m-loo-tc-request-v2
+	$(BIN)/python benchmarks/time_context_ab.py
+
+# section 27 [<1 min, after bench-pretrain-ml1m and bench-ml1m]: ml-1m@1 against ml-1m@2 on the same users
+bench-ml1m-recipes-ab: data
+	test -d $(ML1M_MODEL) || $(MAKE) bench-pretrain-ml1m
+	test -d data/models/ml-1m-loo-v2 || $(MAKE) bench-ml1m
+	$(BIN)/python benchmarks/paired_models.py $(ML1M_MODEL) data/models/ml-1m-loo-v2 --labels ml-1m@1 ml-1m@2
 
 # section 27 [~35 min, after bench-ml1m]: RecTools' SASRec trained for 30 min beside the ml-1m@2 model that
 # bench-ml1m trained (30 min), both ranked and scored here; RecTools lives in its own virtual environment
