@@ -114,6 +114,8 @@ def main() -> None:
     t0 = time.perf_counter()
     model.fit(dataset)
     train_s = time.perf_counter() - t0
+    # RecTools fits a deep copy of the trainer (model.fit_trainer), callbacks included: read that copy
+    keep = next(c for c in model.fit_trainer.callbacks if isinstance(c, KeepBest))
     if keep.state is not None:
         model.lightning_model.load_state_dict(keep.state)
     users = df[Columns.User].unique()
