@@ -149,7 +149,10 @@ def _load_model(model_dir: Path, retrieval: str = "auto", engine: str = "torch")
 ADAPTER_HELP = "score with this low-rank adapter of the model (`behaviorlm adapt`), e.g. tier=High"
 AS_OF_HELP = "the request time a --time-context request model reads, e.g. 2017-12-03T12:00:00Z (default: now)"
 ENGINE_HELP = "torch | onnx | onnx-int8 (onnxruntime, the export kept in the model folder)"
-RETRIEVAL_HELP = "auto (ANN from 20,000 items) | exact (full catalog) | ann (HNSW candidates, re-scored exactly)"
+RETRIEVAL_HELP = (
+    "auto (from 10,000 items an HNSW index, used where it measured cheaper: online, batch) | exact (full catalog) "
+    "| ann (HNSW candidates, re-scored exactly, everywhere)"
+)
 
 
 Opt = typer.Option
@@ -584,7 +587,8 @@ def score(
         res = score_events(model.engine, ev, out_path, options, quantize=quantize, progress=progress, scored_at=stamp)
     out.print(
         f"scored {res.n_users:,} users -> {res.n_rows:,} rows in {res.seconds:.1f} s "
-        f"({res.users_per_s:,.0f} users/s, peak RSS {res.peak_rss_mb:,.0f} MB, model {res.model_version}); "
+        f"({res.users_per_s:,.0f} users/s, peak RSS {res.peak_rss_mb:,.0f} MB, model {res.model_version}, "
+        f"ranking {res.retrieval}); "
         f"wrote {res.out}",
         highlight=False,
     )

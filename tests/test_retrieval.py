@@ -229,3 +229,56 @@ def test_score_with_a_damaged_index_prints_no_traceback(model, events, tmp_path)
     res = CliRunner().invoke(app, [*argv, "--retrieval", "ann"])
     assert res.exit_code == 0, res.output
     assert "Traceback" not in res.output
+
+
+def test_a_new_index_times_each_path_both_ways_and_auto_follows_the_record(model, events, tmp_path):
+    """Issue 30: the choice between exact and two-stage ranking is measured per path (the
+    service's micro-batches on one thread, batch scoring's large batches) when the index is
+    made, stored in index.json, reused on load, and followed by ``auto`` path by path."""
+    import json
+
+    a = tmp_path / "a"
+    model.save(a)
+    model.use_retrieval("ann", directory=a)
+    model.use_retrieval("exact")
+    routes = json.loads((a / FOLDER / "index.json").read_text())["routes"]
+    assert set(routes) == {"online", "batch"}
+    assert routes["online"]["threads"] == 1 and routes["online"]["rows_per_call"] == 8
+    assert routes["batch"]["rows_per_call"] == 128
+    for r in routes.values():
+        assert r["exact_ms_per_user"] > 0 and r["ann_ms_per_user"] > 0
+        assert r["ann"] == (r["ann_ms_per_user"] < r["exact_ms_per_user"])
+
+    loaded = BehaviorLM.load(a, retrieval="ann")  # the record is reused, not measured again
+    assert loaded.engine.index.fingerprint["routes"] == routes
+
+    index = loaded.engine.index.routed(True)  # what retrieval="auto" does, with a record that splits the paths
+    index.fingerprint = {**index.fingerprint, "routes": {"online": {"ann": True}, "batch": {"ann": False}}}
+    engine = loaded.engine.with_index(index)
+    assert engine.retrieval_for("batch") == "exact (measured cheaper for batch)"
+    assert engine.retrieval_for("online") == "ann:hnswlib (measured cheaper for online)"
+    enc = engine.encode(model.history_events())
+    searched = []
+    index.candidates = lambda q, fetch: searched.append(len(q)) or ItemIndex.candidates(index, q, fetch)
+    batch = engine.top_k_all(enc, 10)
+    assert not searched  # batch scoring ranked exactly
+    np.testing.assert_array_equal(batch[1], model.engine.top_k_all(enc, 10)[1])
+    h, a_logp = engine.heads(enc, slice(0, 4))
+    engine.rank(h, a_logp, slice(0, 4), 10)
+    assert searched  # the online path went through the index
+    assert loaded.engine.retrieval_name == "ann:hnswlib"  # retrieval="ann": every path, no routing
+
+
+def test_an_index_stored_without_cost_routes_is_measured_once_and_kept(model, tmp_path):
+    import json
+
+    a = tmp_path / "a"
+    model.save(a)
+    model.use_retrieval("ann", directory=a)
+    model.use_retrieval("exact")
+    meta_path = a / FOLDER / "index.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["routes"]  # as an index made before issue 30 was stored
+    meta_path.write_text(json.dumps(meta))
+    BehaviorLM.load(a, retrieval="ann")
+    assert "routes" in json.loads(meta_path.read_text())

@@ -51,13 +51,17 @@ class ScoreSummary:
     model_version: str
     scored_at: str
     quantize: str | None
+    retrieval: str = "exact"  # how the lists were ranked: exact, or the ANN index (and why)
 
     @classmethod
     def since(cls, t0: float, out: Path, n_users: int, n_rows: int, engine: InferenceEngine, stamp: datetime, quantize):
         """The summary of a run that started at ``perf_counter() == t0`` and just finished."""
         dt = time.perf_counter() - t0
         rate = n_users / max(dt, 1e-9)
-        return cls(out, n_users, n_rows, dt, rate, peak_rss_mb(), engine.version, stamp.isoformat(), quantize)
+        return cls(
+            out, n_users, n_rows, dt, rate, peak_rss_mb(), engine.version, stamp.isoformat(), quantize,
+            engine.retrieval_for("batch"),
+        )  # fmt: skip
 
 
 def set_threads(n: int | None = None) -> int:

@@ -84,8 +84,12 @@ class InferenceEngine:
 
     @property
     def retrieval_name(self) -> str:
-        """How top-k lists are found: ``exact`` (the full catalog) or the ANN index's name."""
-        return "exact" if self.index is None else self.index.name
+        """How the service finds top-k lists: ``exact`` (the full catalog) or the ANN index's name."""
+        return self.retrieval_for("online")
+
+    def retrieval_for(self, path: str) -> str:
+        """How ``path`` (``online`` or ``batch``) finds top-k lists, and why when the cost chose."""
+        return "exact" if self.index is None else self.index.route_name(path)
 
     @property
     def real_actions(self) -> torch.Tensor:
@@ -336,13 +340,15 @@ class InferenceEngine:
         allowed: torch.Tensor | None = None,
         action_id: int | None = None,
         new_items: bool = False,
+        path: str = "online",
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-``k`` (log-probs, vocabulary indices) for a batch of heads covering ``rows``:
-        over the full catalog, or -- with an index -- over its candidates, re-scored exactly
+        over the full catalog, or -- with an index that serves ``path`` (``online``: a few
+        requests; ``batch``: :meth:`top_k_all`) -- over its candidates, re-scored exactly
         (:mod:`behaviorlm.inference.retrieval`). Masked or missing slots are -inf. With
         ``new_items`` a repeat-aware model may also return the row's new context items, as
         ``n_items + first position`` (:meth:`top_k_all` names them)."""
-        if self.index is None:
+        if self.index is None or not self.index.serves(path):
             return self.top_k(self.item_logp(h, a_logp, action_id, new_items), rows, k, seen, allowed)
         return two_stage_top_k(self, h, a_logp, rows, k, seen, allowed, action_id, new_items)
 
@@ -362,7 +368,7 @@ class InferenceEngine:
         a_id = self.action_id(action)
         for rows in self._batches(enc, batch_size):
             h, a_logp = self.heads(enc, rows)
-            val, idx = self.rank(h, a_logp, rows, k, seen, allowed, a_id, new_items)
+            val, idx = self.rank(h, a_logp, rows, k, seen, allowed, a_id, new_items, path="batch")
             vals.append(val.numpy())
             idxs.append(self.codes_of_new(idx.numpy(), enc.padded_new_codes(rows)))
         if not vals:

@@ -23,6 +23,14 @@ model's own users (no labels involved) is stored with it. The approximation is m
 assumed: recall@10 against exact full-catalog top-10 and the NDCG@10 change on leave-one-out are
 in ``benchmarks/retrieval.py`` (RESULTS.md section 16).
 
+Whether the index is worth it depends on the path, not only on the catalog: exact ranking is a
+matrix product whose cost per user falls as more users share it, the index's cost per user does
+not. So the service's micro-batches on one thread and batch scoring's large batches on every
+core can want different answers for the same model (a 23.7k-item model ranked 6,333 users/s
+exact and 3,350 with the index in batch). A new index times both ways for each path of
+:data:`PATHS` on the same sample and stores the cheaper one (:meth:`ItemIndex.measure_routes`);
+``retrieval="auto"`` follows that record, ``"ann"`` uses the index everywhere.
+
 The index lives in the model directory's ``retrieval/`` folder (this module owns it):
 ``index.bin`` and ``index.json``, whose fingerprint (model version, catalog size, dimension,
 backend, parameters) must match the model it is loaded for, and which records the digest of
@@ -33,11 +41,15 @@ refused with a one-line message and the index rebuilt, never used.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import logging
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -55,9 +67,14 @@ log = logging.getLogger(__name__)
 BACKENDS = ("hnswlib", "faiss", "usearch")
 RETRIEVAL_MODES = ("auto", "exact", "ann")
 FOLDER = "retrieval"
-#: Below this many items exact scoring is the default (section 16: at 3.7k items a full-catalog
-#: pass is 5.7x cheaper than the index path; at 54k items x 4 actions the index is ~2x faster).
-ANN_MIN_ITEMS = 20_000
+#: Below this many items ``auto`` does not build an index at all (section 16: at 3.7k items a
+#: full-catalog pass is 5.7x cheaper than the index path on every path); from here up it builds
+#: one and lets the measured cost of each path decide (:meth:`ItemIndex.measure_routes`).
+ANN_MIN_ITEMS = 10_000
+#: How each path asks for top-k lists: (rows per call, torch threads; None = the process's). The
+#: service ranks micro-batches of a few requests on one thread (``serve --threads 1``); batch
+#: scoring ranks ``ScoringOptions.batch_size`` rows on every core.
+PATHS: dict[str, tuple[int, int | None]] = {"online": (8, 1), "batch": (128, None)}
 FORMAT_VERSION = 2  # 2: index.json records the digests of the files it describes
 #: (ef_search, candidates per next-action query) tried by :meth:`ItemIndex.tune`, shallow first
 DEPTHS = ((48, 30), (64, 50), (100, 100), (200, 200), (400, 400))
@@ -116,7 +133,7 @@ class _Hnswlib:
 
     def search(self, queries: np.ndarray, k: int, ef: int) -> np.ndarray:
         self.index.set_ef(max(ef, k))
-        labels, _ = self.index.knn_query(queries, k=k, num_threads=1)
+        labels, _ = self.index.knn_query(queries, k=k, num_threads=_threads(len(queries)))
         return labels.astype(np.int64)
 
     def save(self, path: Path) -> None:
@@ -175,7 +192,7 @@ class _Usearch:
 
     def search(self, queries: np.ndarray, k: int, ef: int) -> np.ndarray:
         self.index.expansion_search = max(ef, k)  # type: ignore[misc]  # settable at run time
-        found = self.index.search(np.ascontiguousarray(queries, np.float32), k, threads=1)
+        found = self.index.search(np.ascontiguousarray(queries, np.float32), k, threads=_threads(len(queries)))
         keys = np.asarray(found.keys, np.int64).reshape(len(queries), k)
         counts = np.asarray(found.counts).reshape(-1, 1)  # type: ignore[union-attr]  # batch queries: BatchMatches
         return np.where(np.arange(k)[None, :] < counts, keys, -1)  # short results pad with key 0: mask them
@@ -187,14 +204,42 @@ class _Usearch:
         return int(self.index.memory_usage)
 
 
+def _threads(n_queries: int) -> int:
+    """Search threads: torch's budget (one in the service, every core in batch scoring), never
+    more than a thread per 16 queries (a thread pool costs more than a few searches)."""
+    return max(1, min(torch.get_num_threads(), n_queries // 16))
+
+
 _ADAPTERS: dict[str, type] = {"hnswlib": _Hnswlib, "faiss": _Faiss, "usearch": _Usearch}
 
 
 class ItemIndex:
-    """An ANN index over a model's real items (vocabulary index ``N_SPECIAL + row``)."""
+    """An ANN index over a model's real items (vocabulary index ``N_SPECIAL + row``).
+
+    ``routing`` off (``retrieval="ann"``): every path ranks through it; on (``"auto"``): each path
+    of :data:`PATHS` as its measured cost chose (:meth:`serves`)."""
 
     def __init__(self, backend: _Backend, fingerprint: dict[str, Any], tail: np.ndarray, params: IndexParams):
         self.backend, self.fingerprint, self.tail_, self.params = backend, fingerprint, tail, params
+        self.routing = False
+
+    def routed(self, on: bool) -> ItemIndex:
+        """This index (the same graph) with :attr:`routing` set."""
+        other = copy.copy(self)
+        other.routing = on
+        return other
+
+    def serves(self, path: str) -> bool:
+        """Whether ``path`` (a key of :data:`PATHS`) ranks through this index: always without
+        routing; with it, as :meth:`measure_routes` chose (an index never measured: yes)."""
+        route = self.fingerprint.get("routes", {}).get(path)
+        return not self.routing or route is None or bool(route["ann"])
+
+    def route_name(self, path: str) -> str:
+        """How ``path`` ranks: the index's name or ``exact``, and why when the cost chose."""
+        if not self.routing or "routes" not in self.fingerprint:
+            return self.name
+        return f"{self.name if self.serves(path) else 'exact'} (measured cheaper for {path})"
 
     @property
     def name(self) -> str:
@@ -283,18 +328,18 @@ class ItemIndex:
         rows = np.sort(np.random.default_rng(self.params.seed).permutation(len(enc))[:n_users])
         sub = enc.subset(rows)
         h, a_logp = engine.heads(sub, slice(0, len(sub)))
-        exact = engine.with_index(None).top_k(engine.item_logp(h, a_logp), slice(0, len(sub)), 10)[1].numpy()
-        ann = engine.with_index(self)
+        exact = np.concatenate(  # in batches: (256 x 1M items) log-probs per next action would not fit
+            [
+                engine.with_index(None).rank(h[i : i + 64], a_logp[i : i + 64], slice(0, 1), 10)[1].numpy()
+                for i in range(0, len(sub), 64)
+            ]
+        )
+        ann = engine.with_index(self)  # the depth changes below on this very object
         start = self.params
         recall = 0.0
         for ef, fetch in [d for d in DEPTHS if d[0] >= min(start.ef_search, DEPTHS[-1][0])] or DEPTHS[-1:]:
             self.params = replace(start, ef_search=ef, min_fetch=fetch)
-            found = np.concatenate(
-                [
-                    ann.rank(h[i : i + 8], a_logp[i : i + 8], slice(i, min(i + 8, len(sub))), 10)[1].numpy()
-                    for i in range(0, len(sub), 8)
-                ]
-            )
+            found = np.concatenate([_two_stage_ids(ann, h, a_logp, slice(i, i + 8)) for i in range(0, len(sub), 8)])
             recall = float(top_k_recall(exact, found).mean())
             if recall >= target:
                 break
@@ -314,6 +359,42 @@ class ItemIndex:
         )
         return tuned
 
+    def measure_routes(self, engine: Any, enc: Any, n_users: int = 256, k: int = 10) -> dict[str, Any]:
+        """Time exact and two-stage top-``k`` for each path of :data:`PATHS` -- its rows per call
+        and threads -- on a fixed sample of the model's users (their own items excluded, as batch
+        scoring does by default), and record which is cheaper; :meth:`serves` reads it. Best of
+        two rounds each, so one stall does not decide."""
+        rows = np.sort(np.random.default_rng(self.params.seed + 1).permutation(len(enc))[:n_users])
+        sub = enc.subset(rows)
+        h, a_logp = engine.heads(sub, slice(0, len(sub)))
+        seen = _own_items(sub)
+        engines = {"exact": engine.with_index(None), "ann": engine.with_index(self.routed(False))}
+        routes = {}
+        for path, (per_call, threads) in PATHS.items():
+            n = len(sub) if path == "batch" else min(len(sub), 8 * per_call)
+            with _torch_threads(threads):
+                costs = {
+                    name: _ms_per_user(partial(_rank_rows, e, h, a_logp, k, seen, path), n, per_call)
+                    for name, e in engines.items()
+                }
+            routes[path] = {
+                "ann": costs["ann"] < costs["exact"],
+                "exact_ms_per_user": round(costs["exact"], 4),
+                "ann_ms_per_user": round(costs["ann"], 4),
+                "rows_per_call": per_call,
+                "threads": threads or torch.get_num_threads(),
+                "users": n,
+            }
+            log.info(
+                "%s path: exact %.3f ms/user, two-stage %.3f ms/user -> %s",
+                path,
+                costs["exact"],
+                costs["ann"],
+                "the index" if routes[path]["ann"] else "exact",
+            )
+        self.fingerprint = {**self.fingerprint, "routes": routes}
+        return routes
+
     # ------------------------------------------------------------------ search and re-score
     def candidates(self, queries: np.ndarray, fetch: int) -> np.ndarray:
         """Vocabulary indices of the ``fetch`` nearest items of each query, (Q, fetch); a slot
@@ -325,6 +406,49 @@ class ItemIndex:
 
 
 _FILES = ("index.bin", "tail.npy")
+_NONE = (np.zeros(0, np.int64), np.zeros(0, np.int64))  # no seen pairs
+
+
+def _own_items(enc: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(row, vocabulary index) of every item token of each row of ``enc``: the seen pairs that
+    batch scoring masks by default."""
+    rows = np.repeat(np.arange(len(enc)), np.diff(enc.offsets))
+    cols = np.asarray(enc.items, np.int64)
+    keep = cols >= N_SPECIAL
+    return rows[keep], cols[keep]
+
+
+@contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    """Torch's intra-op threads set to ``n`` for a block (``None``: unchanged)."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _two_stage_ids(engine: Any, h: torch.Tensor, a_logp: torch.Tensor, rows: slice) -> np.ndarray:
+    """The two-stage top-10 ids of some rows of precomputed heads, nothing masked (tuning)."""
+    return two_stage_top_k(engine, h[rows], a_logp[rows], rows, 10, _NONE, None, None)[1].numpy()
+
+
+def _rank_rows(engine: Any, h: torch.Tensor, a_logp: torch.Tensor, k: int, seen: Any, path: str, rows: slice) -> Any:
+    """``engine.rank`` of some rows of precomputed heads (what :meth:`ItemIndex.measure_routes` times)."""
+    return engine.rank(h[rows], a_logp[rows], rows, k, seen, path=path)
+
+
+def _ms_per_user(rank: Callable[[slice], Any], n: int, per_call: int, rounds: int = 2) -> float:
+    """Milliseconds per user of ``rank(rows)`` over ``n`` users, ``per_call`` rows a call; best of ``rounds``."""
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for i in range(0, n, per_call):
+            rank(slice(i, min(i + per_call, n)))
+        best = min(best, time.perf_counter() - t0)
+    return 1000.0 * best / max(n, 1)
 
 
 def open_index(
@@ -345,17 +469,27 @@ def open_index(
         except ModelFormatError as e:
             log.warning("%s; building a new one", e)
         else:
-            if "tuned" in index.fingerprint or users is None or not len(users):
-                return index
-            index.tune(engine, users)  # an index stored before depth tuning: calibrate it once
-            _store(index, model_dir)
+            if _calibrate(index, engine, users):  # stored before depth tuning or cost routes: once
+                _store(index, model_dir)
             return index
     index = ItemIndex.build(network, model_version, params)
-    if users is not None and len(users):
-        index.tune(engine, users)
+    _calibrate(index, engine, users)
     if model_dir is not None:
         _store(index, model_dir)
     return index
+
+
+def _calibrate(index: ItemIndex, engine: Any, users: Any) -> bool:
+    """Tune the search depth and measure each path's cost on ``users`` where not done yet;
+    whether anything was (so the caller stores it)."""
+    if users is None or not len(users):
+        return False
+    todo = [s for s in ("tuned", "routes") if s not in index.fingerprint]
+    if "tuned" in todo:
+        index.tune(engine, users)
+    if todo:
+        index.measure_routes(engine, users)
+    return bool(todo)
 
 
 def _store(index: ItemIndex, model_dir: str | Path) -> None:
