@@ -71,7 +71,8 @@ BENCH_TARGETS := bench-pretrain-ml1m bench-pretrain-taobao bench-tokenizer bench
 	bench-scale bench-scale-large bench-scale-train bench-scale-train-large bench-incremental \
 	bench-retrieval bench-engines bench-api-production bench-propensity-cdnow bench-side-features \
 	bench-clickstream bench-clickstream-ml1m bench-clickstream-cost bench-served-vs-batch bench-attribution bench-ig-captum \
-	bench-finetune bench-adapters bench-ml1m bench-ml1m-time bench-ml1m-time-ab bench-ml1m-recipes-ab bench-peer-rectools
+	bench-finetune bench-adapters bench-ml1m bench-ml1m-time bench-ml1m-time-ab bench-ml1m-recipes-ab bench-peer-rectools \
+	bench-sparse-train bench-score-scale
 ML1M_MODEL := data/models/ml-1m-loo-d01
 
 bench: $(BENCH_TARGETS)
@@ -215,6 +216,20 @@ bench-scale-train: bench-scale
 # section 14, L [~10 min after bench-scale-large]: training and scoring the 3M-user shop from its shards
 bench-scale-train-large: bench-scale-large
 	$(BIN)/python benchmarks/scale_train.py --size L --steps 100 --repeats 1 --score-users 3000
+
+# section 28 [~30 min after bench-scale]: row-sparse item-table updates (SparseAdam) vs dense AdamW, interleaved:
+# training tokens/s at S (96k items) and M (965k items), DDP bytes all-reduced per step at M (issue 30)
+bench-sparse-train: bench-scale
+	$(BIN)/python benchmarks/scale_train.py --size S --size M --steps 100 --repeats 2 --sparse off,on \
+		--skip-in-memory --skip-score --ddp --ddp-size M --ddp-repeats 1
+
+# section 28 [~60 min after bench-scale-large: ~10 min to train, ~12 min to build and time the index]: all 3M users
+# of the L shop over its 1M items through the cost-chosen two-stage path, recall@10 against exact ranking on
+# 2,000 of them, and the scoring hot path A/B against the commit before issue 30 (AB_BASE)
+AB_BASE ?= 74a5c4e
+bench-score-scale: bench-scale-large
+	$(BIN)/python benchmarks/score_scale.py --size L --model data/models/synth-L --sample 2000 \
+		--ab-base $(AB_BASE) --ab-users 20000 --ab-rounds 2
 
 # section 15 [~10 min]: one new day by fit_partial vs a full retrain, Taobao, leak-free time cut
 bench-incremental: install

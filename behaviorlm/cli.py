@@ -241,6 +241,14 @@ def train(
     patience: Annotated[int | None, Opt(help="default: the recipe's")] = None,
     seed: Annotated[int | None, Opt(help="default: the recipe's")] = None,
     max_steps: Annotated[int | None, Opt(help="stop after this many optimizer steps")] = None,
+    loss: Annotated[
+        str | None,
+        Opt(help="full | sampled | auto: the item softmax over the catalog or shared negatives; default: the recipe's"),
+    ] = None,
+    sparse_embeddings: Annotated[
+        str | None,
+        Opt(help="auto | on | off: row-sparse item-table updates (SparseAdam); auto: with the sampled loss"),
+    ] = None,
     min_item_count: Annotated[int | None, Opt(help="default: the recipe's (with --prepared: the folder's)")] = None,
     value_buckets: Annotated[
         int | None, Opt(help="quantile buckets for each event's --amount-col/--quantity-col (0: off)")
@@ -303,7 +311,7 @@ def train(
         batch_size=batch_size, lr=lr, dropout=dropout, patience=patience, seed=seed, max_steps=max_steps,
         min_item_count=min_item_count, value_buckets=value_buckets,
         side_features=sides, copy_head=copy_head, gap_head=gap_head, time_context=time_context,
-        positions=positions, ffn=ffn,
+        positions=positions, ffn=ffn, loss=loss, sparse_embeddings=sparse_embeddings,
     )  # fmt: skip
     ckpt = _checkpointing(checkpoint_dir, checkpoint_every)
     model = _fit_for_cli(data, prepared, init_from, holdout, recipe, overrides, ckpt, exclude_seen)

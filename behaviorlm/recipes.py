@@ -52,6 +52,7 @@ BASE_PARAMS: Mapping[str, Any] = MappingProxyType(
         "progress": True,
         "max_time_s": None,
         "max_steps": None,
+        "sparse_embeddings": "auto",  # row-sparse item-table updates: auto (with the sampled loss) | on | off
     }
 )
 

@@ -1,6 +1,7 @@
 """Scale benchmark, part 2 (issue 16): training, DDP and batch scoring on prepared shards.
 
     python benchmarks/scale_train.py --size S --size M [--steps 150] [--ddp] [--score-users 20000]
+    python benchmarks/scale_train.py --size S --size M --sparse off,on --skip-in-memory --skip-score --ddp --ddp-size M
 
 Needs the prepared folders of ``benchmarks/scale.py`` (``data/synth/<size>/prepared``). Each run
 is its own process (wall time and the peak RSS of its process tree sampled every 50 ms):
@@ -11,7 +12,10 @@ is its own process (wall time and the peak RSS of its process tree sampled every
   the two are interleaved (shards, in-memory, shards, in-memory) and the medians are quoted;
 - ``ddp 1`` / ``ddp 2``: ``behaviorlm train --prepared --nproc 1|2`` on S, interleaved, with the
   bytes DDP all-reduced per step (counted by a communication hook);
-- ``score``: ``score_prepared`` over the first ``--score-users`` users with the trained model.
+- ``score``: ``score_prepared`` over the first ``--score-users`` users with the trained model;
+- ``--sparse off,on``: every training row with the dense item table (AdamW) and row-sparse
+  (SparseAdam, :mod:`behaviorlm.nn.optim`), interleaved (issue 30): tokens/s, and under DDP the
+  bytes all-reduced per step.
 
 The model is the clickstream-small shape (dim 64, 2 layers, max_len 200, batch 128, sampled
 softmax with the recipe's 4,096 shared negatives: the catalogs have 10^5-10^6 items). Synthetic data is for
@@ -78,23 +82,25 @@ def run(cmd: list[str]) -> dict:
     return {"wall_s": round(wall, 1), "peak_rss_mb": round(peak / 2**20), **json.loads(line[7:])}
 
 
-def fit(mode: str, size: str, steps: int, out: Path) -> dict:
+def fit(mode: str, size: str, steps: int, out: Path, sparse: str = "off") -> dict:
     folder = ROOT / "data" / "synth" / size
-    res = run([sys.executable, "-c", FIT, mode, str(folder), str(steps), str(out), json.dumps(MODEL)])
-    return {"size": size, "path": f"train {mode}", **res}
+    params = json.dumps({**MODEL, "sparse_embeddings": sparse})
+    res = run([sys.executable, "-c", FIT, mode, str(folder), str(steps), str(out), params])
+    return {"size": size, "path": f"train {mode}{' sparse' if sparse == 'on' else ''}", **res}
 
 
-def ddp(nproc: int, size: str, steps: int, out: Path) -> dict:
+def ddp(nproc: int, size: str, steps: int, out: Path, sparse: str = "off") -> dict:
     folder = ROOT / "data" / "synth" / size / "prepared"
     cmd = [sys.executable, "-m", "behaviorlm", "train", "--prepared", str(folder), "--recipe", "clickstream-small"]
     cmd += ["--epochs", "1", "--max-steps", str(steps), "--nproc", str(nproc), "--out", str(out)]
     cmd += ["--batch-size", str(MODEL["batch_size"]), "--max-len", str(MODEL["max_len"])]
+    cmd += ["--sparse-embeddings", sparse]
     res = run(cmd)
     hist = json.loads((out / "estimator.json").read_text())["history"]
     epoch = hist["epochs"][-1]
     return {
         "size": size,
-        "path": f"ddp {nproc}",
+        "path": f"ddp {nproc}{' sparse' if sparse == 'on' else ''}",
         **res,
         "tokens_per_s": epoch["tokens_per_s"],
         "allreduce_mb_per_step": (hist["allreduce_bytes_per_step"] or 0) / 2**20,
@@ -148,33 +154,45 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--ddp", action="store_true", help="also DDP 1 vs 2 processes on the first size")
     ap.add_argument("--score-users", type=int, default=20_000)
+    ap.add_argument(
+        "--sparse", default="off", help="item-table updates to compare, interleaved: off | on | off,on (issue 30)"
+    )
+    ap.add_argument("--ddp-size", choices=["S", "M", "L"], help="DDP runs on this size (default: the first)")
+    ap.add_argument("--skip-in-memory", action="store_true", help="shards only (the sparse comparison)")
+    ap.add_argument("--skip-score", action="store_true")
+    ap.add_argument("--ddp-repeats", type=int, help="DDP runs per setting (default: --repeats)")
     args = ap.parse_args()
+    sparse_modes = args.sparse.split(",")
     rows: list[dict] = []
     keys = ("wall_s", "peak_rss_mb", "tokens_per_s", "rss_start_mb", "rss_first_step_mb", "allreduce_mb_per_step")
     with tempfile.TemporaryDirectory(dir=ROOT / "data") as tmp:
         for size in args.size:
-            modes = ["shards"] if size == "L" else ["shards", "in-memory"]
-            runs: dict[str, list[dict]] = {m: [] for m in modes}
+            modes = ["shards"] if size == "L" or args.skip_in_memory else ["shards", "in-memory"]
+            variants = [(m, sp) for m in modes for sp in sparse_modes]
+            runs: dict[tuple[str, str], list[dict]] = {v: [] for v in variants}
             for rep in range(args.repeats):
-                for mode in modes:
-                    r = fit(mode, size, args.steps, Path(tmp) / f"{size}-{mode}-{rep}")
+                for mode, sp in variants:
+                    r = fit(mode, size, args.steps, Path(tmp) / f"{size}-{mode}-{sp}-{rep}", sp)
                     print(r, flush=True)
-                    runs[mode].append(r)
-            rows += [median_of(runs[m], keys) for m in modes]
-            r = score(size, Path(tmp) / f"{size}-shards-0", args.score_users, Path(tmp) / f"scores-{size}")
-            print(r, flush=True)
-            rows.append(r)
+                    runs[(mode, sp)].append(r)
+            rows += [median_of(runs[v], keys) for v in variants]
+            if not args.skip_score:
+                trained = Path(tmp) / f"{size}-shards-{sparse_modes[0]}-0"
+                r = score(size, trained, args.score_users, Path(tmp) / f"scores-{size}")
+                print(r, flush=True)
+                rows.append(r)
         if args.ddp:
-            size = args.size[0]
-            runs = {1: [], 2: []}
-            for rep in range(args.repeats):
-                for n in (1, 2):
-                    r = ddp(n, size, args.steps, Path(tmp) / f"ddp{n}-{rep}")
+            size = args.ddp_size or args.size[0]
+            ddp_runs: dict[tuple[int, str], list[dict]] = {(n, sp): [] for n in (1, 2) for sp in sparse_modes}
+            for rep in range(args.ddp_repeats or args.repeats):
+                for n, sp in ddp_runs:
+                    r = ddp(n, size, args.steps, Path(tmp) / f"ddp{n}-{sp}-{rep}", sp)
                     print(r, flush=True)
-                    runs[n].append(r)
-            rows += [median_of(runs[n], keys) for n in (1, 2)]
+                    ddp_runs[(n, sp)].append(r)
+            rows += [median_of(v, keys) for v in ddp_runs.values()]
     print_table(rows)
-    write_json(OUT / f"scale_train_{'_'.join(args.size)}.json", {"model": MODEL, "steps": args.steps, "results": rows})
+    name = "_".join(args.size) + ("" if args.sparse == "off" else "_sparse")
+    write_json(OUT / f"scale_train_{name}.json", {"model": MODEL, "steps": args.steps, "results": rows})
 
 
 if __name__ == "__main__":

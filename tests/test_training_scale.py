@@ -68,10 +68,14 @@ def _fresh(tok: ActionTokenizer) -> BehaviorTransformer:
     return BehaviorTransformer(ModelConfig(tok.n_items, tok.n_actions, tok.n_gaps, max_len=10, dim=16, dropout=0.2))
 
 
-@pytest.mark.parametrize("loss", ["full", "sampled"])
+@pytest.mark.parametrize("loss", ["full", "sampled", "sampled-sparse"])
 def test_a_resumed_checkpoint_continues_the_exact_loss_curve(tmp_path, loss):
     tok, seqs = _toy()
-    cfg = TrainConfig(epochs=3, batch_size=16, loss=loss, n_negatives=32, progress=False, patience=99)
+    sparse = "on" if loss.endswith("-sparse") else "off"  # SparseAdam's moments must resume too
+    cfg = TrainConfig(
+        epochs=3, batch_size=16, loss=loss.split("-")[0], n_negatives=32, progress=False, patience=99,
+        sparse_embeddings=sparse,
+    )  # fmt: skip
     reference: list[float] = []
     train(_fresh(tok), seqs, cfg, on_step=lambda s, v: reference.append(v))
     steps_per_epoch = len(reference) // 3

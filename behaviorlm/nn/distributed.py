@@ -55,6 +55,11 @@ class Dist:
     def active(self) -> bool:
         return self.world > 1
 
+    @property
+    def backend(self) -> str | None:
+        """The process group's backend (``gloo``, ``nccl``), ``None`` for one process."""
+        return str(dist.get_backend()) if self.active else None
+
     def share(self, batch: np.ndarray) -> np.ndarray:
         """This rank's windows of a global batch: every ``world``-th, starting at ``rank``."""
         return batch[self.rank :: self.world]
@@ -87,9 +92,15 @@ class Dist:
 
 
 def _counting_allreduce(state, bucket):  # no annotations: DDP checks them, and ours are strings
-    """The default all-reduce (sum, then divide by world size), counting the bytes it sends."""
+    """The default all-reduce (sum, then divide by world size), counting the bytes it sends: a
+    sparse gradient (a row-sparse item table, nn.optim) coalesced first -- one row per item
+    touched, not one per lookup -- and counted as its indices and values."""
     buf = bucket.buffer()
-    state.bytes += buf.numel() * buf.element_size()
+    if buf.is_sparse:
+        buf = buf.coalesce()
+        state.bytes += buf.values().numel() * buf.element_size() + buf.indices().numel() * 8
+    else:
+        state.bytes += buf.numel() * buf.element_size()
     state.calls += 1
     fut = dist.all_reduce(buf.div_(dist.get_world_size()), async_op=True).get_future()
     return fut.then(lambda f: f.value()[0])

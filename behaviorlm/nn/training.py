@@ -41,6 +41,7 @@ from behaviorlm.nn.checkpoint import Checkpointing
 from behaviorlm.nn.copy_head import COPY_FLOOR, COPY_LR_MULT, gate_logps
 from behaviorlm.nn.gap_head import FIRST_GAP, gap_nll
 from behaviorlm.nn.model import BehaviorTransformer
+from behaviorlm.nn.optim import SPARSE_MODES, Optimizers, clip_grad_norm_, use_sparse_items
 from behaviorlm.recipes import BASE_PARAMS
 from behaviorlm.sequence.corpus import Corpus
 from behaviorlm.sequence.tokenizer import N_SPECIAL, PAD, UNK, EncodedSequences
@@ -66,6 +67,8 @@ class TrainConfig:
     progress: bool = BASE_PARAMS["progress"]
     max_time_s: float | None = BASE_PARAMS["max_time_s"]  # stop (keeping the best) once training exceeds this
     max_steps: int | None = BASE_PARAMS["max_steps"]  # stop after this many optimizer steps (benchmarks, resumable)
+    # row-sparse item-table updates (nn.optim): auto = with the sampled loss, off under NCCL
+    sparse_embeddings: str = BASE_PARAMS["sparse_embeddings"]
 
     def __post_init__(self) -> None:
         if self.loss not in ("full", "sampled", "auto"):
@@ -74,6 +77,11 @@ class TrainConfig:
             raise ConfigurationError("epochs and batch_size must be >= 1")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigurationError("max_steps must be >= 1 (or None)")
+        if self.sparse_embeddings not in SPARSE_MODES:
+            raise ConfigurationError(
+                f"sparse_embeddings must be one of {list(SPARSE_MODES)}, got {self.sparse_embeddings!r}",
+                cli_hint=f"--sparse-embeddings must be one of {list(SPARSE_MODES)}",
+            )
 
     def resolved(self, n_items: int) -> TrainConfig:
         """``loss="auto"`` made concrete for a vocabulary of ``n_items`` items."""
@@ -96,6 +104,7 @@ class TrainHistory:
     train_time_s: float = 0.0
     processes: int = 1
     allreduce_bytes_per_step: float | None = None  # what DDP sent per step and rank (None: one process)
+    sparse_embeddings: bool = False  # whether the item table trained row-sparse (nn.optim)
     rss_start_mb: float | None = None  # resident memory when training began (data and model built)
     rss_first_step_mb: float | None = None  # ... after the first step (gradients, optimizer state)
 
@@ -353,20 +362,24 @@ def _sampled_softmax_loss(model, h, next_action, target, n_neg, gen) -> torch.Te
     return _sampled_softmax_ce(model, model.item_query(h, next_action), target, n_neg, gen).sum()
 
 
-def _optimizer(model: BehaviorTransformer, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW; weight decay on matrices only (not on biases, LayerNorms or embeddings)."""
+def _optimizer(model: BehaviorTransformer, cfg: TrainConfig, sparse_items: bool = False) -> Optimizers:
+    """AdamW; weight decay on matrices only (not on biases, LayerNorms or embeddings). With
+    ``sparse_items`` the item table goes to SparseAdam instead (:mod:`behaviorlm.nn.optim`)."""
     decay: list[torch.nn.Parameter] = []
     no_decay: list[torch.nn.Parameter] = []
     fast: list[torch.nn.Parameter] = []  # the copy head's scalars (nn.copy_head.COPY_LR_MULT)
+    sparse: list[torch.nn.Parameter] = []
     for name, p in model.named_parameters():
-        if name.startswith(("copy_head.recency_bias", "copy_head.action_bias", "copy_head.gate", "copy_head.since")):
+        if sparse_items and name == "item_emb.weight":
+            sparse.append(p)
+        elif name.startswith(("copy_head.recency_bias", "copy_head.action_bias", "copy_head.gate", "copy_head.since")):
             fast.append(p)
         else:
             (decay if p.dim() >= 2 and "emb" not in name else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if fast:
         groups.append({"params": fast, "weight_decay": 0.0, "lr": cfg.lr * COPY_LR_MULT})
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98))  # a group's own "lr" wins
+    return Optimizers(groups, sparse, cfg.lr, (0.9, 0.98))  # a group's own "lr" wins
 
 
 def lr_lambda(total_steps: int, cfg: TrainConfig) -> Callable[[int], float]:
@@ -433,8 +446,11 @@ class _Trainer:
         if len(self.windows.starts) == 0:
             raise InputDataError("no training examples: every user needs at least one event")
         self.steps_per_epoch = math.ceil(len(self.windows.starts) / cfg.batch_size)
-        self.opt = _optimizer(model, cfg)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg.epochs * self.steps_per_epoch, cfg))
+        # row-sparse item gradients must be switched on before DDP sees the model (it buckets them apart)
+        sparse = use_sparse_items(cfg.sparse_embeddings, cfg.loss, model.config.n_items, self.dist.backend)
+        model.item_emb.sparse = sparse
+        self.opt = _optimizer(model, cfg, model.item_emb.sparse)
+        self.sched = self.opt.schedules(lr_lambda(cfg.epochs * self.steps_per_epoch, cfg))
         self.loss = self.dist.wrap(SequenceLoss(model, cfg, self.gen))
         self.fingerprint = {
             "windows": len(self.windows.starts),
@@ -472,6 +488,8 @@ class _Trainer:
             self.hist.epochs.append({**self._epoch_stats(), "partial": True})
         if self.state.best_state is not None:
             self.model.load_state_dict(self.state.best_state)
+        self.model.item_emb.sparse = False  # a training-time switch: inference and later stages read the table densely
+        self.hist.sparse_embeddings = self.opt.sparse
         self.model.eval()
         return self.hist
 
@@ -523,10 +541,10 @@ class _Trainer:
         totals = self.dist.all_reduce_sum(torch.cat([sums.detach().double(), counts]))
         n = len(sums)
         loss = objective(sums, totals[n:], self.cfg) * self.dist.world  # DDP averages gradients over ranks
-        self.opt.zero_grad(set_to_none=True)
+        self.opt.zero_grad()
         loss.backward()
         if self.cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.opt.step()
         self.sched.step()
         return float(objective(totals[:n], totals[n:], self.cfg)), int(totals[n])
