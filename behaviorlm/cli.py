@@ -588,6 +588,8 @@ def score(
         if data.events is not None or data.dataset is not None:
             raise ConfigurationError("--prepared replaces --events/--dataset")
         shards = PreparedShards.open(prepared)
+        if not len(model.histories_):  # trained from shards: calibrate its retrieval on the folder's users
+            model.use_retrieval(retrieval, directory=model_dir, users=shards.sample(256, model.engine.max_len))
         res = score_prepared(model.engine, shards, out_path, stamp, options, quantize=quantize, progress=progress)
     else:
         _parquet_out(out_path)

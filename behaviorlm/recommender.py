@@ -938,7 +938,11 @@ class BehaviorLM:
         return Path(directory)
 
     def use_retrieval(
-        self, mode: str = "auto", params: IndexParams | None = None, directory: str | Path | None = None
+        self,
+        mode: str = "auto",
+        params: IndexParams | None = None,
+        directory: str | Path | None = None,
+        users: EncodedSequences | None = None,
     ) -> BehaviorLM:
         """How top-k lists are found from now on: ``exact`` (the full catalog), ``ann`` (two-stage
         retrieval through an HNSW index over the item embeddings, re-scored exactly; see
@@ -947,12 +951,15 @@ class BehaviorLM:
         each path -- the service's micro-batches, batch scoring -- ranks the way that measured
         cheaper for it on the known users). With ``directory`` the index stored there is used if
         it matches this model, else built (its search depth tuned to 0.995 recall@10 against
-        exact ranking on a sample of the known users, each path timed both ways) and stored there."""
+        exact ranking on a sample of the known users, each path timed both ways) and stored there.
+        ``users`` (encoded sequences) calibrate it instead of the known users: for a model trained
+        from prepared shards, which keeps none (:meth:`PreparedShards.sample`)."""
         engine = self.engine
         self.retrieval_, self.retrieval_params_ = mode, params
         index = None
         if wants_ann(mode, engine.n_items):  # a new index calibrates itself on the known users
-            users = engine.encode(self.history_events()) if len(self.histories_) else None
+            if users is None and len(self.histories_):
+                users = engine.encode(self.history_events())
             index = open_index(directory, engine, params, users).routed(mode == "auto")
         self.engine_ = engine.with_index(index)
         return self

@@ -161,6 +161,7 @@ def main() -> None:
     ap.add_argument("--skip-in-memory", action="store_true", help="shards only (the sparse comparison)")
     ap.add_argument("--skip-score", action="store_true")
     ap.add_argument("--ddp-repeats", type=int, help="DDP runs per setting (default: --repeats)")
+    ap.add_argument("--ddp-procs", default="1,2", help="process counts the DDP comparison runs")
     args = ap.parse_args()
     sparse_modes = args.sparse.split(",")
     rows: list[dict] = []
@@ -183,7 +184,8 @@ def main() -> None:
                 rows.append(r)
         if args.ddp:
             size = args.ddp_size or args.size[0]
-            ddp_runs: dict[tuple[int, str], list[dict]] = {(n, sp): [] for n in (1, 2) for sp in sparse_modes}
+            procs = [int(n) for n in args.ddp_procs.split(",")]
+            ddp_runs: dict[tuple[int, str], list[dict]] = {(n, sp): [] for n in procs for sp in sparse_modes}
             for rep in range(args.ddp_repeats or args.repeats):
                 for n, sp in ddp_runs:
                     r = ddp(n, size, args.steps, Path(tmp) / f"ddp{n}-{sp}-{rep}", sp)

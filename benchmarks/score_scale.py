@@ -9,9 +9,11 @@ process (wall time and the peak RSS of its process tree sampled every 50 ms):
 
 1. ``train``: when ``--model`` does not exist, ``behaviorlm train --prepared`` for
    ``--train-steps`` steps (the clickstream-small shape of ``scale_train.py``);
-2. ``index``: ``BehaviorLM.load(model, retrieval="auto")`` -- builds the HNSW index, tunes its
-   depth and times exact against two-stage ranking per path, and stores all of it in the model
-   folder (``retrieval/index.json``, whose routes this prints);
+2. ``index``: ``BehaviorLM.load(model, retrieval="auto")`` -- builds the HNSW index when the
+   model has none -- then calibrates it on 256 users of the shards (a model trained from shards
+   keeps no histories; ``behaviorlm score --prepared`` does the same): its search depth against
+   exact ranking, and exact against two-stage cost per path, stored in the model folder
+   (``retrieval/index.json``, whose routes this prints);
 3. ``score``: ``score_prepared`` over the first ``--users`` users (default: all) with
    ``retrieval="auto"``, batch 128: users/s and peak RSS;
 4. ``exact``: the first ``--sample`` users again with ``retrieval="exact"`` -- the reference the
@@ -46,9 +48,12 @@ import json, sys, time
 from pathlib import Path
 from behaviorlm.inference.batch import set_threads
 from behaviorlm.recommender import BehaviorLM
+from behaviorlm.sequence.shards import PreparedShards
 set_threads()
 t0 = time.perf_counter()
 model = BehaviorLM.load(sys.argv[1], retrieval="auto")
+sample = PreparedShards.open(sys.argv[2]).sample(256, model.engine.max_len)  # trained from shards: no histories
+model.use_retrieval("auto", directory=sys.argv[1], users=sample)
 meta = json.loads((Path(sys.argv[1]) / "retrieval" / "index.json").read_text())
 print("RESULT", json.dumps({"load_s": time.perf_counter() - t0, "tuned": meta.get("tuned"),
       "routes": meta.get("routes"), "batch": model.engine.retrieval_for("batch"),
@@ -64,6 +69,8 @@ from behaviorlm.sequence.shards import PreparedShards
 set_threads()
 model = BehaviorLM.load(sys.argv[1], retrieval=sys.argv[5])
 prepared = PreparedShards.open(sys.argv[2])
+if hasattr(PreparedShards, "sample") and not len(model.histories_):  # as `behaviorlm score --prepared` does
+    model.use_retrieval(sys.argv[5], directory=sys.argv[1], users=prepared.sample(256, model.engine.max_len))
 s = score_prepared(model.engine, prepared, sys.argv[3], datetime(2026, 1, 1, tzinfo=timezone.utc),
                    ScoringOptions(k=10, batch_size=128), progress=False, max_users=int(sys.argv[4]))
 print("RESULT", json.dumps({"users": s.n_users, "rows": s.n_rows, "seconds": s.seconds, "users_per_s": s.users_per_s,
@@ -148,7 +155,7 @@ def main() -> None:
     if not args.model.exists():
         rows.append(train(prepared, args.model, args.train_steps))
         print(rows[-1], flush=True)
-    rows.append({"step": "index", **run([sys.executable, "-c", INDEX, str(args.model)])})
+    rows.append({"step": "index", **run([sys.executable, "-c", INDEX, str(args.model), str(prepared)])})
     print(rows[-1], flush=True)
     users = args.users or 10**9
     with tempfile.TemporaryDirectory(dir=ROOT / "data") as tmp:

@@ -31,9 +31,10 @@ def model(events):
 
 @pytest.mark.parametrize("backend", ["hnswlib", "faiss", "usearch"])
 def test_whole_catalog_fetch_equals_exact_scores(model, backend):
-    """When the fetch covers the catalog the normaliser is exact: same lists, same scores."""
+    """When the fetch covers the catalog (every next action searched) the normaliser is exact:
+    same lists, same scores."""
     exact = model.recommend(k=10)
-    model.use_retrieval("ann", IndexParams(backend=backend, min_fetch=400))
+    model.use_retrieval("ann", IndexParams(backend=backend, min_fetch=400, skip_below=0.0))
     try:
         ann = model.recommend(k=10)
     finally:

@@ -346,3 +346,25 @@ def test_a_checkpoint_write_that_fails_leaves_the_previous_one_and_no_temp_file(
     with pytest.raises(OSError, match="No space"):
         checkpoint.save(ckpt, checkpoint.TrainState(), model, opt, sched, torch.Generator(), {})
     assert ckpt.path.read_bytes() == b"previous" and sorted(p.name for p in ckpt.folder.iterdir()) == ["checkpoint.pt"]
+
+
+def test_score_prepared_calibrates_the_index_of_a_model_trained_from_shards(tmp_path):
+    """A model trained from shards keeps no histories to tune its ANN index on: `score
+    --prepared` calibrates it on a sample of the folder's users (depth and per-path costs),
+    stores that beside the model, and ranks through it."""
+    from typer.testing import CliRunner
+
+    from behaviorlm.cli import app
+    from behaviorlm.inference.retrieval import FOLDER
+
+    raw = make_funnel_events(n_users=60)
+    prepared = prepare(_write_files(raw, tmp_path / "in"), tmp_path / "out", config=PrepareConfig(rows_per_shard=300))
+    sample = prepared.sample(10, max_len=5)
+    assert len(sample) == 10 and sample.lengths().max() <= 5
+    BehaviorLM("quick", epochs=1, **TINY).fit(prepared).save(tmp_path / "m")
+    argv = ["score", "--model", str(tmp_path / "m"), "--prepared", str(tmp_path / "out")]
+    res = CliRunner().invoke(app, [*argv, "--out", str(tmp_path / "s"), "--retrieval", "ann"])
+    assert res.exit_code == 0, res.output
+    meta = json.loads((tmp_path / "m" / FOLDER / "index.json").read_text())
+    assert {"tuned", "routes"} <= set(meta) and meta["tuned"]["users"] == prepared.shards[0]["users"]
+    assert "ranking ann:hnswlib" in " ".join(res.output.split())

@@ -395,10 +395,7 @@ def _score_tokens(
     lo, hi = enc.offsets[rows].astype(np.int64), enc.offsets[rows + 1].astype(np.int64)
     order = np.argsort(np.minimum(hi - lo, engine.max_len), kind="stable")  # similar lengths share a batch
     lo, hi, rows = lo[order], hi[order], rows[order]
-    start = np.maximum(lo, hi - engine.max_len)
-    flat, offsets = concat_ranges(start, hi)
-    items, actions, gaps = (np.asarray(getattr(enc, f)[flat], np.int64) for f in ("items", "actions", "gaps"))
-    recent = EncodedSequences(list(range(len(rows))), offsets, items, actions, gaps)  # ids attached to the frame below
+    recent = enc.newest(rows, engine.max_len)  # ids attached to the frame below
     seen = NO_SEEN
     if options.exclude_seen:
         every, every_off = concat_ranges(lo, hi)

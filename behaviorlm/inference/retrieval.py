@@ -77,8 +77,10 @@ ANN_MIN_ITEMS = 10_000
 PATHS: dict[str, tuple[int, int | None]] = {"online": (8, 1), "batch": (128, None)}
 FORMAT_VERSION = 2  # 2: index.json records the digests of the files it describes
 #: (ef_search, candidates per next-action query) tried by :meth:`ItemIndex.tune`, shallow first
-DEPTHS = ((48, 30), (64, 50), (100, 100), (200, 200), (400, 400))
+DEPTHS = ((24, 16), (32, 20), (48, 30), (64, 50), (100, 100), (200, 200), (400, 400))
 TARGET_RECALL = 0.995  # on training histories; Taobao's test inputs ran ~0.02 lower (RESULTS.md section 16)
+#: P(next action) thresholds below which :meth:`ItemIndex.tune` tries not searching an action's query, largest first
+SKIP_BELOW = (0.1, 0.05, 0.02, 0.01)
 #: what the stored graph depends on (the rest -- search depth -- is chosen at query time)
 GRAPH_PARAMS = ("backend", "m", "ef_construction", "tail_sample", "seed")
 
@@ -93,10 +95,15 @@ class IndexParams:
     backend: str = "hnswlib"
     m: int = 32
     ef_construction: int = 200
-    ef_search: int = 48
-    min_fetch: int = 30
+    ef_search: int = 24
+    min_fetch: int = 16
     tail_sample: int = 2048
     seed: int = 0
+    #: a row's next-action queries whose P(action) is below this are not searched (its likeliest
+    #: action always is; items of a skipped query still compete when another query or the
+    #: context proposes them). 0: search every action; None: as :meth:`ItemIndex.tune` chooses
+    #: (0 until it has).
+    skip_below: float | None = None
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -107,6 +114,8 @@ class IndexParams:
         for name in ("m", "ef_construction", "ef_search", "min_fetch", "tail_sample"):
             if getattr(self, name) < 1:
                 raise ConfigurationError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.skip_below is not None and not 0 <= self.skip_below < 1:
+            raise ConfigurationError(f"skip_below must be in [0, 1), got {self.skip_below}")
 
 
 class _Backend(Protocol):
@@ -310,7 +319,9 @@ class ItemIndex:
         backend = _ADAPTERS[params.backend](int(network.config.dim), n_real, params, folder / "index.bin")
         index = cls(backend, stored, np.load(folder / "tail.npy"), params)
         if "tuned" in stored:  # the search depth calibrated for this model when the index was made
-            index.params = replace(params, **stored["tuned"]["params"])
+            tuned = stored["tuned"]
+            skip = params.skip_below if params.skip_below is not None else tuned.get("skip_below", 0.0)
+            index.params = replace(params, **tuned["params"], skip_below=skip)
         return index
 
     def memory_bytes(self) -> int:
@@ -338,13 +349,15 @@ class ItemIndex:
         start = self.params
         recall = 0.0
         for ef, fetch in [d for d in DEPTHS if d[0] >= min(start.ef_search, DEPTHS[-1][0])] or DEPTHS[-1:]:
-            self.params = replace(start, ef_search=ef, min_fetch=fetch)
+            self.params = replace(start, ef_search=ef, min_fetch=max(fetch, start.min_fetch))  # the caller's floor
             found = np.concatenate([_two_stage_ids(ann, h, a_logp, slice(i, i + 8)) for i in range(0, len(sub), 8)])
             recall = float(top_k_recall(exact, found).mean())
             if recall >= target:
                 break
+        recall = self._tune_skip(ann, h, a_logp, exact, target, recall)
         tuned = {
             "params": {"ef_search": self.params.ef_search, "min_fetch": self.params.min_fetch},
+            "skip_below": self.params.skip_below or 0.0,  # apart from params: older readers replace() with those
             "recall_at_10": recall,
             "users": len(sub),
             "target": target,
@@ -358,6 +371,25 @@ class ItemIndex:
             len(sub),
         )
         return tuned
+
+    def _tune_skip(
+        self, ann: Any, h: torch.Tensor, a_logp: torch.Tensor, exact: np.ndarray, target: float, recall: float
+    ) -> float:
+        """At the chosen depth, the largest :data:`SKIP_BELOW` threshold whose recall against
+        ``exact`` still reaches ``target`` (most rows put most of their mass on one or two next
+        actions: the other queries cost a search each and rarely add a top-10 item); 0 when none
+        does. Returns the recall at the chosen setting."""
+        if recall < target or self.params.skip_below is not None:  # below target, or set by the caller
+            return recall
+        start = self.params
+        for below in SKIP_BELOW:
+            self.params = replace(start, skip_below=below)
+            found = np.concatenate([_two_stage_ids(ann, h, a_logp, slice(i, i + 8)) for i in range(0, len(h), 8)])
+            got = float(top_k_recall(exact, found).mean())
+            if got >= target:
+                return got
+        self.params = start
+        return recall
 
     def measure_routes(self, engine: Any, enc: Any, n_users: int = 256, k: int = 10) -> dict[str, Any]:
         """Time exact and two-stage top-``k`` for each path of :data:`PATHS` -- its rows per call
@@ -564,8 +596,9 @@ def two_stage_top_k(
     if allowed is not None:  # allow-lists are scored exactly: cheaper than a search
         return _score_candidates(engine, h, q, a_logp, acts, _allowed_candidates(allowed, len(h)), rows, k, seen)
     fetch = max(index.params.min_fetch, k)
+    wanted = _wanted_queries(a_logp[:, acts], index.params.skip_below or 0.0)
     val, idx = _score_candidates(
-        engine, h, q, a_logp, acts, _search(index, q, fetch, h, engine, new_items), rows, k, seen
+        engine, h, q, a_logp, acts, _search(index, q, fetch, h, engine, new_items, wanted), rows, k, seen
     )
     n_seen = np.bincount(_seen_rows(seen, rows), minlength=len(h))
     short = (torch.isfinite(val).sum(1) < k).nonzero().flatten()
@@ -583,14 +616,39 @@ def two_stage_top_k(
     return val, idx
 
 
+def _wanted_queries(a_logp: torch.Tensor, skip_below: float) -> torch.Tensor | None:
+    """(B, A): which next-action queries to search -- each row's actions at or above
+    ``skip_below`` in probability, and its likeliest always; ``None``: all of them."""
+    if skip_below <= 0 or a_logp.shape[1] == 1:
+        return None
+    wanted = a_logp.exp() >= skip_below
+    wanted[torch.arange(len(a_logp)), a_logp.argmax(1)] = True
+    return wanted
+
+
 def _search(
-    index: ItemIndex, q: torch.Tensor, fetch: int, state: torch.Tensor, engine: Any, new_items: bool = False
+    index: ItemIndex,
+    q: torch.Tensor,
+    fetch: int,
+    state: torch.Tensor,
+    engine: Any,
+    new_items: bool = False,
+    wanted: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The union of each row's candidates over its next-action queries, (B, <= A * fetch), plus
-    -- for a repeat-aware model -- every item of the row's context, which the copy part can
-    rank high whatever its embedding: at most ``max_len`` more, scored exactly like the rest
-    (its new items, ``n_items + position``, only with ``new_items``)."""
-    found = torch.from_numpy(index.candidates(q.reshape(-1, q.shape[-1]).numpy(), fetch)).reshape(len(q), -1)
+    """The union of each row's candidates over its next-action queries (the ``wanted`` ones;
+    all by default), (B, <= A * fetch), plus -- for a repeat-aware model -- every item of the
+    row's context, which the copy part can rank high whatever its embedding: at most
+    ``max_len`` more, scored exactly like the rest (its new items, ``n_items + position``, only
+    with ``new_items``)."""
+    flat = q.reshape(-1, q.shape[-1])
+    if wanted is None:
+        found = torch.from_numpy(index.candidates(flat.numpy(), fetch))
+    else:  # skipped queries propose nothing (PAD, never a candidate)
+        keep = wanted.reshape(-1)
+        some = torch.from_numpy(index.candidates(flat[keep].numpy(), fetch))
+        found = torch.zeros(len(flat), some.shape[1], dtype=some.dtype)
+        found[keep] = some
+    found = found.reshape(len(q), -1)
     layout = engine.network.state_layout
     if layout is not None:
         context = layout.context_items(state)

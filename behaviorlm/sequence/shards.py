@@ -142,6 +142,14 @@ class PreparedShards:
         """A shard's user ids, in shard order, in their original type."""
         return pl.read_parquet(self.folder / shard["name"] / "users.parquet")["user_id"]
 
+    def sample(self, n: int, max_len: int, seed: int = 0) -> EncodedSequences:
+        """``n`` users of the first shard drawn at random (seeded), their newest ``max_len``
+        tokens each: a model's own users for calibrating its retrieval when it was trained from
+        this folder and keeps no histories."""
+        enc = load_shard(self.folder / self.shards[0]["name"])
+        rows = np.sort(np.random.default_rng(seed).permutation(len(enc))[:n])
+        return enc.newest(rows, max_len)
+
     def corpus(self) -> Corpus:
         """Every shard memory-mapped, users in global rank order: what training reads."""
         parts = [load_shard(self.folder / s["name"]) for s in self.shards]

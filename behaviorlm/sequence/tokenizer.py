@@ -127,6 +127,15 @@ class EncodedSequences:
             request_times=None if self.request_times is None else self.request_times[rows],
         )
 
+    def newest(self, rows: np.ndarray, max_len: int) -> EncodedSequences:
+        """Some users' newest ``max_len`` tokens (what a model reads of a long history), in
+        ``rows`` order; user ids are the row numbers (callers name them)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        lo, hi = self.offsets[rows].astype(np.int64), self.offsets[rows + 1].astype(np.int64)
+        flat, offsets = concat_ranges(np.maximum(lo, hi - max_len), hi)
+        items, actions, gaps = (np.asarray(getattr(self, f)[flat], np.int64) for f in ("items", "actions", "gaps"))
+        return EncodedSequences(list(range(len(rows))), offsets, items, actions, gaps)
+
     def padded_new_codes(self, rows: slice | np.ndarray) -> np.ndarray | None:
         """:attr:`new_codes` in the layout of :meth:`padded` (-1 on padding), or None."""
         if self.new_codes is None:
