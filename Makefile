@@ -217,13 +217,13 @@ bench-scale-train: bench-scale
 bench-scale-train-large: bench-scale-large
 	$(BIN)/python benchmarks/scale_train.py --size L --steps 100 --repeats 1 --score-users 3000
 
-# section 28 [~30 min after bench-scale]: row-sparse item-table updates (SparseAdam) vs dense AdamW, interleaved:
+# section 28 [~25 min after bench-scale]: row-sparse item-table updates (SparseAdam) vs dense AdamW, interleaved:
 # training tokens/s at S (96k items) and M (965k items), DDP bytes all-reduced per step at M (issue 30)
 bench-sparse-train: bench-scale
 	$(BIN)/python benchmarks/scale_train.py --size S --size M --steps 100 --repeats 2 --sparse off,on \
-		--skip-in-memory --skip-score --ddp --ddp-size M --ddp-repeats 1
+		--skip-in-memory --skip-score --ddp --ddp-size M --ddp-repeats 1 --ddp-procs 2
 
-# section 28 [~60 min after bench-scale-large: ~10 min to train, ~12 min to build and time the index]: all 3M users
+# section 28 [~50 min after bench-scale-large: 3 min to train, ~19 min to build the index, ~21 min to score]: all 3M users
 # of the L shop over its 1M items through the cost-chosen two-stage path, recall@10 against exact ranking on
 # 2,000 of them, and the scoring hot path A/B against the commit before issue 30 (AB_BASE)
 AB_BASE ?= 74a5c4e

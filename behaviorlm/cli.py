@@ -281,6 +281,13 @@ def train(
     ] = None,
     checkpoint_dir: Annotated[Path | None, Opt(help="save resumable state here; a rerun resumes from it")] = None,
     checkpoint_every: Annotated[int, Opt(help="steps between checkpoints")] = 1000,
+    retrieval: Annotated[
+        str,
+        Opt(
+            help="auto: build the ANN index at save from 10,000 items (minutes at 1M items; else on first load) "
+            "| exact: build none"
+        ),
+    ] = "auto",
     nproc: Annotated[int, Opt(help="data-parallel processes on this machine (PyTorch DDP, gloo)")] = 1,
     exclude_seen: Annotated[bool, Opt(help="exclude already-seen items when validating")] = True,
     force: Annotated[
@@ -316,6 +323,8 @@ def train(
     ckpt = _checkpointing(checkpoint_dir, checkpoint_every)
     model = _fit_for_cli(data, prepared, init_from, holdout, recipe, overrides, ckpt, exclude_seen)
     if rank.is_main:
+        if retrieval != "auto":  # auto: save() builds the index beside the model, once
+            model.use_retrieval(retrieval)
         model.save(out_dir, force=force)
         h = model.history_
         best = "" if h.best_score is None else f"best validation ndcg@10 {h.best_score:.4f} at epoch {h.best_epoch}; "

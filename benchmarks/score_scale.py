@@ -118,7 +118,8 @@ def recall_at_10(approx: Path, exact: Path) -> dict:
     mean with a 95% bootstrap CI over users."""
     e = pl.read_parquet(exact / "part-*.parquet").select("user_id", "item_id")
     users = e["user_id"].unique()
-    a = pl.read_parquet(approx / "part-*.parquet").select("user_id", "item_id").filter(pl.col("user_id").is_in(users))
+    a = pl.read_parquet(approx / "part-*.parquet").select("user_id", "item_id")
+    a = a.filter(pl.col("user_id").is_in(users.implode()))
     both = e.join(a.with_columns(found=pl.lit(True)), on=["user_id", "item_id"], how="left")
     per_user = both.group_by("user_id").agg(recall=pl.col("found").fill_null(False).sum() / pl.len())
     r = per_user["recall"].to_numpy()
@@ -172,15 +173,31 @@ def main() -> None:
     write_json(OUT / f"score_scale_{args.size}.json", {"rows": rows, "recall": recall, "ab": ab})
 
 
+def base_model(model: Path, where: Path) -> Path:
+    """``model`` as the code before issue 30 reads it: the same files (linked), its
+    ``estimator.json`` without the keys that code does not know (``sparse_embeddings``)."""
+    where.mkdir(parents=True)
+    for f in model.iterdir():
+        if f.name != "estimator.json":
+            (where / f.name).symlink_to(f.resolve())
+    est = json.loads((model / "estimator.json").read_text())
+    est["history"].pop("sparse_embeddings", None)
+    est["params"].pop("sparse_embeddings", None)
+    (where / "estimator.json").write_text(json.dumps(est, indent=2))
+    return where
+
+
 def ab_rounds(args: argparse.Namespace, prepared: Path, tmp: Path) -> dict:
-    """The base revision and this code scoring the same users, interleaved (base, head, ...)."""
+    """The base revision and this code scoring the same users, interleaved (base, head, ...),
+    through the same stored index (the base reads its tuned depth, not the new routes or skip)."""
     base = worktree(args.ab_base, tmp / "base-src")
+    models = {"base": base_model(args.model, tmp / "base-model"), "head": args.model}
     try:
         runs: dict[str, list[float]] = {"base": [], "head": []}
         for i in range(args.ab_rounds):
             for side in ("base", "head"):
                 env = {"PYTHONPATH": str(base) if side == "base" else ""}
-                r = score(args.model, prepared, tmp / f"ab-{side}-{i}", args.ab_users, "auto", env)
+                r = score(models[side], prepared, tmp / f"ab-{side}-{i}", args.ab_users, "auto", env)
                 runs[side].append(r["users_per_s"])
                 print(side, i, r, flush=True)
     finally:
