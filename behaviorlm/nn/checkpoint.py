@@ -65,7 +65,7 @@ def save(
     ckpt: Checkpointing,
     state: TrainState,
     model: torch.nn.Module,
-    opt: torch.optim.Optimizer,
+    opt: Any,  # anything with state_dict / load_state_dict: nn.optim.Optimizers
     sched: Any,
     gen: torch.Generator,
     fingerprint: dict[str, Any],
@@ -90,7 +90,7 @@ def save(
 def restore(
     ckpt: Checkpointing,
     model: torch.nn.Module,
-    opt: torch.optim.Optimizer,
+    opt: Any,  # anything with state_dict / load_state_dict: nn.optim.Optimizers
     sched: Any,
     gen: torch.Generator,
     fingerprint: dict[str, Any],

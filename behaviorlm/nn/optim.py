@@ -111,7 +111,7 @@ class Schedules:
             s.step()
 
     def get_last_lr(self) -> list[float]:
-        return self.parts[0].get_last_lr()
+        return [float(lr) for lr in self.parts[0].get_last_lr()]
 
     def state_dict(self) -> dict[str, Any]:
         if len(self.parts) == 1:
@@ -128,18 +128,18 @@ def clip_grad_norm_(params: Iterable[torch.nn.Parameter], max_norm: float) -> fl
     """``torch.nn.utils.clip_grad_norm_`` (2-norm over every gradient) that also takes sparse
     gradients, which torch's does not: each is coalesced (duplicate rows summed, as the
     optimiser would) and its values enter the norm and the scaling."""
-    params = [p for p in params if p.grad is not None]
-    if not any(p.grad.is_sparse for p in params):  # torch's own: dense runs stay bit-identical
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    with_grad = [p for p in params if p.grad is not None]
+    if not any(p.grad.is_sparse for p in with_grad if p.grad is not None):  # torch's own: dense runs bit-identical
+        return float(torch.nn.utils.clip_grad_norm_(with_grad, max_norm))
     grads = []
-    for p in params:
-        if p.grad.is_sparse:
-            p.grad = p.grad.coalesce()
-            grads.append(p.grad.values())
+    for p in with_grad:
+        g = p.grad
+        assert g is not None
+        if g.is_sparse:
+            p.grad = g = g.coalesce()
+            grads.append(g.values())
         else:
-            grads.append(p.grad)
-    if not grads:
-        return 0.0
+            grads.append(g)
     total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, 2) for g in grads]), 2)
     scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
     for g in grads:
