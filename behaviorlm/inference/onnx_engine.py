@@ -142,9 +142,8 @@ class OnnxEngine(InferenceEngine):
         self.session = session if session is not None else _session(graph)
         self.label = label
 
-    @property
-    def retrieval_name(self) -> str:
-        return f"{super().retrieval_name} ({self.label})"
+    def retrieval_for(self, path: str) -> str:
+        return f"{super().retrieval_for(path)} ({self.label})"
 
     def with_index(self, index: Any) -> InferenceEngine:
         """The same session (no second session, no re-export) over another index."""

@@ -350,8 +350,7 @@ class ItemIndex:
         recall = 0.0
         for ef, fetch in [d for d in DEPTHS if d[0] >= min(start.ef_search, DEPTHS[-1][0])] or DEPTHS[-1:]:
             self.params = replace(start, ef_search=ef, min_fetch=max(fetch, start.min_fetch))  # the caller's floor
-            found = np.concatenate([_two_stage_ids(ann, h, a_logp, slice(i, i + 8)) for i in range(0, len(sub), 8)])
-            recall = float(top_k_recall(exact, found).mean())
+            recall = _recall_against(exact, ann, h, a_logp)
             if recall >= target:
                 break
         recall = self._tune_skip(ann, h, a_logp, exact, target, recall)
@@ -384,8 +383,7 @@ class ItemIndex:
         start = self.params
         for below in SKIP_BELOW:
             self.params = replace(start, skip_below=below)
-            found = np.concatenate([_two_stage_ids(ann, h, a_logp, slice(i, i + 8)) for i in range(0, len(h), 8)])
-            got = float(top_k_recall(exact, found).mean())
+            got = _recall_against(exact, ann, h, a_logp)
             if got >= target:
                 return got
         self.params = start
@@ -403,7 +401,7 @@ class ItemIndex:
         engines = {"exact": engine.with_index(None), "ann": engine.with_index(self.routed(False))}
         routes = {}
         for path, (per_call, threads) in PATHS.items():
-            n = len(sub) if path == "batch" else min(len(sub), 8 * per_call)
+            n = min(len(sub), 8 * per_call)  # eight calls of the path's size at most
             with _torch_threads(threads):
                 costs = {
                     name: _ms_per_user(partial(_rank_rows, e, h, a_logp, k, seen, path), n, per_call)
@@ -462,9 +460,14 @@ def _torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _two_stage_ids(engine: Any, h: torch.Tensor, a_logp: torch.Tensor, rows: slice) -> np.ndarray:
-    """The two-stage top-10 ids of some rows of precomputed heads, nothing masked (tuning)."""
-    return two_stage_top_k(engine, h[rows], a_logp[rows], rows, 10, _NONE, None, None)[1].numpy()
+def _recall_against(exact: np.ndarray, engine: Any, h: torch.Tensor, a_logp: torch.Tensor) -> float:
+    """Mean recall@10 of the two-stage top-10 of precomputed heads (nothing masked, 8 rows a
+    call, at the index's depth as it is now) against ``exact``: what tuning compares."""
+    found = [
+        two_stage_top_k(engine, h[i : i + 8], a_logp[i : i + 8], slice(i, i + 8), 10, _NONE, None, None)[1].numpy()
+        for i in range(0, len(h), 8)
+    ]
+    return float(top_k_recall(exact, np.concatenate(found)).mean())
 
 
 def _rank_rows(engine: Any, h: torch.Tensor, a_logp: torch.Tensor, k: int, seen: Any, path: str, rows: slice) -> Any:

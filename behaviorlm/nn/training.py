@@ -449,7 +449,7 @@ class _Trainer:
         # row-sparse item gradients must be switched on before DDP sees the model (it buckets them apart)
         sparse = use_sparse_items(cfg.sparse_embeddings, cfg.loss, model.config.n_items, self.dist.backend)
         model.item_emb.sparse = sparse
-        self.opt = _optimizer(model, cfg, model.item_emb.sparse)
+        self.opt = _optimizer(model, cfg, sparse)
         self.sched = self.opt.schedules(lr_lambda(cfg.epochs * self.steps_per_epoch, cfg))
         self.loss = self.dist.wrap(SequenceLoss(model, cfg, self.gen))
         self.fingerprint = {
