@@ -311,6 +311,8 @@ def train(
         raise typer.Exit(distributed.launch(nproc, "behaviorlm", sys.argv[1:]))
     _setup_logging(verbose)
     check_output_dir(out_dir, MANIFEST, "model folder", force)  # before training, not after
+    if retrieval not in ("auto", "exact", "ann"):  # checked before training, not at save
+        raise ConfigurationError(f"--retrieval must be auto, exact or ann, got {retrieval!r}")
     rank = distributed.init_from_env()
     sides = None if side_features is None else tuple(c.strip() for c in side_features.split(",") if c.strip())
     overrides = dict(

@@ -96,3 +96,15 @@ def test_two_ddp_processes_with_sparse_updates_reproduce_one_and_send_the_rows_t
     np.testing.assert_allclose(losses["two"], losses["one"], rtol=1e-4)
     assert hist["two"]["sparse_embeddings"] and not hist["dense"]["sparse_embeddings"]
     assert hist["two"]["allreduce_bytes_per_step"] < 0.5 * hist["dense"]["allreduce_bytes_per_step"], hist
+
+
+def test_train_refuses_a_bad_retrieval_or_sparse_setting_before_training(tmp_path):
+    make_events(n_users=5, n_items=20, length=4).write_csv(tmp_path / "e.csv")
+    base = ["train", "--events", str(tmp_path / "e.csv"), "--out", str(tmp_path / "m"), "--epochs", "1"]
+    for flag, value, said in (
+        ("--retrieval", "fast", "--retrieval must be"),
+        ("--sparse-embeddings", "yes", "--sparse-embeddings must be"),
+    ):
+        res = _cli([*base, flag, value])
+        assert res.returncode != 0 and said in res.stdout + res.stderr, res.stderr[-1000:]
+        assert "Traceback" not in res.stderr and not (tmp_path / "m").exists()
