@@ -10,8 +10,8 @@ STAMP  := $(VENV)/.installed-dev-$(DIGEST)
 STAMP_APP := $(VENV)/.installed-app-$(DIGEST)
 PYTEST_ARGS ?=
 
-.PHONY: install install-app system-deps demo demo-movielens test test-all data cdnow serve dashboard mlflow-ui lint format \
-	typecheck docs docs-build clean bench bench-list bench-ab $(BENCH_TARGETS)
+.PHONY: install gpu-check install-app system-deps demo demo-movielens test test-all data cdnow serve dashboard mlflow-ui lint format \
+	typecheck docs docs-build clean bench bench-list bench-ab bench-api-ab $(BENCH_TARGETS)
 
 # Debian packages the browser test (chromium + chromedriver) and the API load test (wrk) use.
 # Needs root or sudo; without either it says so and the browser test skips with that reason.
@@ -72,12 +72,16 @@ BENCH_TARGETS := bench-pretrain-ml1m bench-pretrain-taobao bench-tokenizer bench
 	bench-retrieval bench-engines bench-api-production bench-propensity-cdnow bench-side-features \
 	bench-clickstream bench-clickstream-ml1m bench-clickstream-cost bench-served-vs-batch bench-attribution bench-ig-captum \
 	bench-finetune bench-adapters bench-ml1m bench-ml1m-time bench-ml1m-time-ab bench-ml1m-recipes-ab bench-peer-rectools \
-	bench-sparse-train bench-score-scale
+	bench-sparse-train bench-score-scale bench-api-fast
 ML1M_MODEL := data/models/ml-1m-loo-d01
 
 bench: $(BENCH_TARGETS)
 
 # the benchmark targets with their RESULTS.md section and expected wall time
+# section 29 [~6 min on a GPU machine; says "skipped" without one]: ML-1M 3 epochs on cuda vs cpu, losses, s/epoch, NDCG@10
+gpu-check: data
+	$(BIN)/python benchmarks/gpu_check.py --devices cuda,cpu --epochs 3
+
 bench-list:
 	@awk '/^# section/ {c=$$0} /^bench-[a-z0-9-]+:/ && c {sub(":.*","",$$1); printf "%-24s %s\n", $$1, substr(c,3); c=""}' Makefile
 
@@ -226,6 +230,24 @@ bench-sparse-train: bench-scale
 # section 28 [~50 min after bench-scale-large: 3 min to train, ~19 min to build the index, ~21 min to score]: all 3M users
 # of the L shop over its 1M items through the cost-chosen two-stage path, recall@10 against exact ranking on
 # 2,000 of them, and the scoring hot path A/B against the commit before issue 30 (AB_BASE)
+# section 29 [~6 min]: the API at c=8 with --workers 2 (issue 30's targets): known ML-1M users with and without the
+# rank cache, 50 raw events, Taobao's known users through the ANN index with and without it
+bench-api-fast: install system-deps
+	test -d $(TAOBAO_LOO) || $(BIN)/python benchmarks/pretrain.py --dataset taobao --recipe clickstream-small --no-exclude-seen --max-minutes 8 --save $(TAOBAO_LOO)
+	$(BIN)/python benchmarks/api_load.py --model $(ML1M_MODEL) --kinds user,events --levels 8 --seconds 20 --serve-args "--workers 2" --name ml-1m-w2
+	$(BIN)/python benchmarks/api_load.py --model $(ML1M_MODEL) --kinds user --levels 8 --seconds 20 --serve-args "--workers 2 --rank-cache 0" --name ml-1m-w2-nocache
+	$(BIN)/python benchmarks/api_load.py --model $(TAOBAO_LOO) --kinds user --levels 8 --seconds 20 --serve-args "--workers 2" --name taobao-w2
+	$(BIN)/python benchmarks/api_load.py --model $(TAOBAO_LOO) --kinds user --levels 8 --seconds 20 --serve-args "--workers 2 --rank-cache 0" --name taobao-w2-nocache
+
+# section 29 [~45 min]: the same four API paths, interleaved A/B against the commit before the rank cache (API_BASE, a worktree)
+API_BASE ?= ../base
+bench-api-ab: install system-deps
+	$(BIN)/python benchmarks/ab_compare.py api --base $(API_BASE) --model $(ML1M_MODEL) --rounds 4 --seconds 15 --serve-args "--workers 2" --tag ml1m_user_w2
+	$(BIN)/python benchmarks/ab_compare.py api --base $(API_BASE) --model $(ML1M_MODEL) --rounds 4 --seconds 15 --serve-args "--workers 2" --this-args "--rank-cache 0" --tag ml1m_user_w2_nocache
+	$(BIN)/python benchmarks/ab_compare.py api --base $(API_BASE) --model $(ML1M_MODEL) --rounds 4 --seconds 15 --serve-args "--workers 2" --kind events --tag ml1m_events_w2
+	$(BIN)/python benchmarks/ab_compare.py api --base $(API_BASE) --model $(TAOBAO_LOO) --rounds 4 --seconds 15 --serve-args "--workers 2" --tag taobao_user_w2
+	$(BIN)/python benchmarks/ab_compare.py api --base $(API_BASE) --model $(TAOBAO_LOO) --rounds 4 --seconds 15 --serve-args "--workers 2" --this-args "--rank-cache 0" --tag taobao_user_w2_nocache
+
 AB_BASE ?= 74a5c4e
 bench-score-scale: bench-scale-large
 	$(BIN)/python benchmarks/score_scale.py --size L --model data/models/synth-L --sample 2000 \

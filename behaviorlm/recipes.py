@@ -53,6 +53,7 @@ BASE_PARAMS: Mapping[str, Any] = MappingProxyType(
         "max_time_s": None,
         "max_steps": None,
         "sparse_embeddings": "auto",  # row-sparse item-table updates: auto (with the sampled loss) | on | off
+        "device": "auto",  # where training and scoring run: auto (a GPU when present) | cpu | cuda | cuda:N | mps
     }
 )
 

@@ -284,24 +284,29 @@ def alias_version(name: str, alias: str) -> str:
     return str(mlflow.MlflowClient().get_model_version_by_alias(name, alias).version)
 
 
-def load_model_ref(ref: str, retrieval: str = "auto", engine: str = "torch") -> tuple[Any, dict[str, Any]]:
+def load_model_ref(
+    ref: str, retrieval: str = "auto", engine: str = "torch", device: str = "auto", compile: bool = False
+) -> tuple[Any, dict[str, Any]]:
     """A registry URI (``models:/name@alias`` or ``models:/name/3``) or a local model directory
     -> (BehaviorLM, provenance: ``model_uri``, ``run_id``, ``registry_version``).
 
     The batch job and the service load the same way, so both can say which model answered.
-    ``retrieval`` and ``engine`` are :meth:`BehaviorLM.use_retrieval` and
-    :meth:`BehaviorLM.use_engine`. A registered version is loaded from its model-folder
-    artifact with the project's own loader (weights only) -- never through
+    ``retrieval``, ``engine``, ``device`` and ``compile`` are :meth:`BehaviorLM.use_retrieval`,
+    :meth:`BehaviorLM.use_engine`, :meth:`BehaviorLM.use_device` and :meth:`BehaviorLM.use_compile`
+    (compiled and warmed here, before anyone is answered). A registered version is
+    loaded from its model-folder artifact with the project's own loader (weights only) -- never through
     ``mlflow.pyfunc.load_model``, which unpickles the version's ``python_model.pkl``: a version
     whose pickle runs code must not run it inside the service.
     """
     from behaviorlm.recommender import BehaviorLM
 
     if not str(ref).startswith("models:/"):
-        model = BehaviorLM.load(ref, retrieval=retrieval).use_engine(engine, ref)
-        return model, {"model_uri": str(Path(ref).resolve()), "run_id": None, "registry_version": None}
-    folder, provenance = _registered_folder(ref)
-    return BehaviorLM.load(folder, retrieval=retrieval).use_engine(engine, folder), provenance
+        model = BehaviorLM.load(ref, retrieval=retrieval, device=device).use_engine(engine, ref)
+        provenance: dict[str, Any] = {"model_uri": str(Path(ref).resolve()), "run_id": None, "registry_version": None}
+    else:
+        folder, provenance = _registered_folder(ref)
+        model = BehaviorLM.load(folder, retrieval=retrieval, device=device).use_engine(engine, folder)
+    return (model.use_compile() if compile else model), provenance
 
 
 def _registered_folder(ref: str) -> tuple[Path, dict[str, Any]]:

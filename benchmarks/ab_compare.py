@@ -11,8 +11,9 @@ numbers. ``score`` alternates the two codes process by process, each scoring all
 (leave-one-out test inputs, top-10, seen excluded, batch 128) fp32 and int8 three times after a
 warm-up, and reports medians and per-round ratios; outputs must be identical. Each worker runs
 in a fresh process with ``PYTHONPATH`` set to its checkout, so it imports that checkout's code.
-``api`` alternates ``behaviorlm serve`` of each checkout (one worker, the model's known users,
-k=10) under ``wrk`` at 8 connections for ``--seconds`` per round, and reports median p50 / p99
+``api`` alternates ``behaviorlm serve`` of each checkout (one worker unless ``--serve-args`` says
+otherwise; the model's known users or, with ``--kind events``, their last 50 raw events; k=10)
+under ``wrk`` at 8 connections for ``--seconds`` per round, and reports median p50 / p99
 latency and requests/s with per-round ratios.
 Both checkouts need ``data/movielens/ml-1m`` (``make data``; a symlink will do). Writes
 ``benchmarks/out/ab_<command>.json``.
@@ -109,15 +110,18 @@ def worker_score(model_dir: str) -> dict:
     return {m: statistics.median(v[1:]) for m, v in runs.items()} | {"rows": top.height, "digest": digest}
 
 
-def api_round(checkout: Path, model: str, seconds: float, tmp: Path) -> dict:
-    """One server of ``checkout`` under wrk at 8 connections: p50, p99 and requests/s."""
+def api_round(
+    checkout: Path, model: str, seconds: float, tmp: Path, kind: str = "user", serve_args: list[str] | None = None
+) -> dict:
+    """One server of ``checkout`` under wrk at 8 connections: p50, p99 and requests/s (``kind``:
+    known users or their last 50 raw events, as benchmarks/api_load.py draws them)."""
     from api_load import free_port, request_bodies, run_level_wrk, start_server
 
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(checkout), OMP_NUM_THREADS="1")
-    proc = start_server(model, port, [], env, cwd=checkout)
+    proc = start_server(model, port, serve_args or [], env, cwd=checkout)
     try:
-        bodies = request_bodies(model, 500, 10, "user", seed=0)
+        bodies = request_bodies(model, 500, 10, kind, seed=0)
         r = run_level_wrk(f"http://127.0.0.1:{port}/v1/recommend", bodies, 8, seconds, tmp)
     finally:
         proc.terminate()
@@ -163,6 +167,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--model", help="model folder both codes can load (score)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=float, default=15, help="api: wrk seconds per round")
+    ap.add_argument("--kind", default="user", choices=["user", "events"], help="api: known users or 50 raw events")
+    ap.add_argument(
+        "--serve-args", default="", help="api: `behaviorlm serve` flags both servers get, e.g. '--workers 2'"
+    )
+    ap.add_argument("--this-args", default="", help="api: flags only this checkout's server gets (a new option)")
+    ap.add_argument("--tag", default="", help="api: output name suffix (ab_api_<tag>.json)")
     args = ap.parse_args(argv)
     if args.command == "_worker":
         kind, *params = args.rest
@@ -182,11 +192,20 @@ def main(argv: list[str] | None = None) -> dict:
         tmp = Path(tempfile.mkdtemp())
         for r in range(rounds):
             for name, checkout in _in_turn(codes, r):
-                results[name].append(api_round(checkout, args.model, args.seconds, tmp))
+                flags = args.serve_args.split() + (args.this_args.split() if name == "this" else [])
+                results[name].append(api_round(checkout, args.model, args.seconds, tmp, args.kind, flags))
                 print(f"round {r + 1} {name}: {results[name][-1]}", flush=True)
-        summary = {"command": "api", "base": str(codes["base"]), "results": results, **_summarise_api(results)}
+        summary = {
+            "command": "api",
+            "base": str(codes["base"]),
+            "kind": args.kind,
+            "serve_args": args.serve_args,
+            "this_args": args.this_args,
+            "results": results,
+            **_summarise_api(results),
+        }
         OUT.mkdir(exist_ok=True)
-        write_json(OUT / "ab_api.json", summary)
+        write_json(OUT / f"ab_api{'_' + args.tag if args.tag else ''}.json", summary)
         return summary
     for r in range(rounds):
         for name, checkout in _in_turn(codes, r):

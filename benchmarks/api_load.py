@@ -134,13 +134,17 @@ end
 
 
 def run_level_wrk(url: str, bodies: list[dict], concurrency: int, seconds: float, tmp: Path) -> dict:
-    """The same closed loop with wrk (one client thread, ``concurrency`` keep-alive connections)."""
+    """The same closed loop with wrk (one client thread, ``concurrency`` keep-alive connections);
+    with the share of rank-cache hits among the measured requests (``None``: no cache counted)."""
     quoted = ",".join("[[" + json.dumps(b) + "]]" for b in bodies)
     script = tmp / "recommend.lua"
     script.write_text(WRK_SCRIPT % quoted)
     subprocess.run(["wrk", "-t1", f"-c{concurrency}", "-d2s", "-s", str(script), url], capture_output=True)  # warm
+    before = rank_cache_counts(url)
     cmd = ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds:g}s", "--timeout", "5s", "-s", str(script), url]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    after = rank_cache_counts(url)
+    hits, misses = (a - b for a, b in zip(after, before, strict=True))
     r = json.loads(out.split("RESULT ", 1)[1])
     n_ok = r["requests"] - r["non2xx"]
     return {
@@ -153,7 +157,24 @@ def run_level_wrk(url: str, bodies: list[dict], concurrency: int, seconds: float
         "max_ms": r["max"] / 1000,
         "errors": r["errors"] + r["non2xx"],
         "error_kinds": {"socket": r["errors"], "non2xx": r["non2xx"]},
+        "rank_cache_hit_share": hits / (hits + misses) if hits + misses else None,
     }
+
+
+def rank_cache_counts(url: str) -> tuple[float, float]:
+    """The service's rank-cache (hits, misses) so far, from ``/metrics`` (all workers pooled; zeros
+    for a server without the counter)."""
+    base = url.split("/v1/")[0]
+    try:
+        text = httpx.get(base + "/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return 0.0, 0.0
+    found = dict.fromkeys(("hit", "miss"), 0.0)
+    for line in text.splitlines():
+        if line.startswith("behaviorlm_rank_cache_lookups_total{"):
+            result = line.split('result="', 1)[1].split('"', 1)[0]
+            found[result] += float(line.rsplit(" ", 1)[1])
+    return found["hit"], found["miss"]
 
 
 def request_bodies(model_dir: str, n: int, k: int, kind: str, seed: int) -> list[dict]:
@@ -306,6 +327,7 @@ def _fmt(r: dict) -> str:
         f"{r['kind']:<8} c={r['concurrency']:<3} {r['requests']:>7} req  {r['rps']:>7.1f} req/s  "
         f"p50 {r['p50_ms']:6.2f}  p95 {r['p95_ms']:6.2f}  p99 {r['p99_ms']:6.2f}  max {r['max_ms']:7.2f} ms  "
         f"errors {r['errors']}"
+        + (f"  rank-cache hits {r['rank_cache_hit_share']:.0%}" if r.get("rank_cache_hit_share") is not None else "")
     )
 
 

@@ -92,6 +92,10 @@ def test_alias_move_swaps_without_failed_requests(registry):
             t.join()
         ready = httpx.get(base + "/ready").json()
         metrics = httpx.get(base + "/metrics").text
+        # the old version's cached lists left with it: a known user is ranked by the new weights
+        new = app.state.service.current
+        answered_now = httpx.post(base + "/v1/recommend", json={"user_id": users[1], "k": 5}).json()["items"]
+        want = new.model.recommend([users[1]], k=5)["item_id"].to_list()
     assert failures == []
     assert len(seen_versions) == 2, seen_versions  # answers came from both sides of the swap
     assert ready["reload"]["reloads"] == 1 and ready["reload"]["last_swap_seconds"] > 0
@@ -100,6 +104,8 @@ def test_alias_move_swaps_without_failed_requests(registry):
     assert 'behaviorlm_requests_total{route="/v1/recommend",status="200"}' in metrics
     assert "behaviorlm_batch_size_bucket" in metrics and "behaviorlm_request_seconds_bucket" in metrics
     assert old.batcher.stopped(timeout=5)  # the retired version's worker has stopped
+    assert new.online.ranks_ is not old.online.ranks_ and len(old.online.ranks_) > 0
+    assert [i["item_id"] for i in answered_now] == want
 
 
 def test_a_failed_reload_keeps_the_old_version_and_says_why(registry):

@@ -114,7 +114,7 @@ def occlusion(
     ``session_gap`` to the previous one share its session) and reports :data:`SESSION_COLUMNS`."""
     if unit not in ("event", "session"):
         raise ConfigurationError(f"unit must be 'event' or 'session', got {unit!r}")
-    engine = model.engine
+    engine = model.engine.on("cpu")  # reads the network itself: on the CPU, whatever model.engine runs on
     ev, recs, cols = _inputs(model, recommendations, events, as_of, new_items=True)
     if recs.height == 0:  # no recommended user has an input event: nothing to attribute
         return Attributions(pl.DataFrame(), pl.DataFrame())
@@ -147,7 +147,7 @@ def integrated_gradients(
     content vector zeroed) so that ``total == score - baseline`` can be checked."""
     if steps < 1:
         raise ConfigurationError(f"steps must be >= 1, got {steps}")
-    engine = model.engine
+    engine = model.engine.on("cpu")  # reads the network itself: on the CPU, whatever model.engine runs on
     ev, recs, cols = _inputs(model, recommendations, events, as_of)
     enc = engine.encode(Events.trusted(ev, "attribution input"))
     row_of = {u: i for i, u in enumerate(enc.user_ids)}

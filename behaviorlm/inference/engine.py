@@ -27,6 +27,7 @@ import torch
 from behaviorlm.data.events import Events
 from behaviorlm.errors import ConfigurationError, InputDataError
 from behaviorlm.inference.retrieval import ItemIndex, two_stage_top_k
+from behaviorlm.nn import device as devices
 from behaviorlm.nn.gap_head import within as gap_within
 from behaviorlm.nn.model import BehaviorTransformer
 from behaviorlm.sequence.tokenizer import N_SPECIAL, ActionTokenizer, EncodedSequences
@@ -42,6 +43,12 @@ class InferenceEngine:
     """A network in eval mode plus the tokenizer that maps original ids to its vocabulary.
 
     ``version`` names the weights (a digest), so every output can say which model produced it.
+
+    The network may live on an accelerator (:meth:`on`, :mod:`behaviorlm.nn.device`); the
+    engine's tensors in and out are CPU tensors whatever the device, so no caller changes: inputs
+    cross to the device in :meth:`heads_from_tensors`, the catalog-sized work (item log-probs,
+    masks, top-k) stays there, and results cross back. Code that reaches into the network itself
+    (attribution, ONNX export) asks for the CPU twin with ``on("cpu")``.
     """
 
     def __init__(
@@ -52,15 +59,72 @@ class InferenceEngine:
         self.version = version
         self.index = index  # ANN candidates for top-k (None: rank the full catalog)
         self._real_actions = torch.arange(N_SPECIAL, tokenizer.n_actions)
+        self._twins: dict[str, InferenceEngine] = {}  # this engine on other devices (:meth:`on`)
 
     def with_index(self, index: ItemIndex | None) -> InferenceEngine:
         """This engine ranking through ``index`` (two-stage retrieval), or exactly with ``None``."""
         return InferenceEngine(self.network, self.tokenizer, self.version, index)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the network runs (its item table's device: read on every call, so it follows a
+        network that training moved; an attribute read, not a walk over the parameters)."""
+        return self.network.item_emb.weight.device
+
+    def on(self, device: str | torch.device) -> InferenceEngine:
+        """This engine with its network on ``device``: itself when it is there already, else a
+        copy there (the weights here stay where they are), kept for the next call."""
+        dev = devices.resolve(device) if isinstance(device, str) else device
+        if _same_device(self.device, dev):
+            return self
+        if self.is_compiled:
+            raise ConfigurationError(f"choose the device before compiling: this compiled engine runs on {self.device}")
+        if str(dev) not in self._twins:
+            twin = copy.copy(self)
+            twin.network = copy.deepcopy(self.network).to(dev).eval()
+            twin._twins = {str(self.device): self}
+            self._twins[str(dev)] = twin
+        return self._twins[str(dev)]
+
+    def compiled(self) -> InferenceEngine:
+        """This engine with the transformer's forward compiled by ``torch.compile`` (dynamic
+        shapes: one graph for any batch size and length above one), sharing the weights.
+
+        Measured on the service's path (RESULTS.md section 29): on 2 CPU cores the forward of one
+        50-event request fell from ~1.15 ms to ~0.70 ms and of 8 batched ones from ~0.26 to
+        ~0.18 ms per request, after ~35 s of compiling on the first call -- so it is an option
+        (``serve --compile``, :meth:`warm` before going live), not the default."""
+        if self.is_compiled:
+            return self
+        twin = copy.copy(self)
+        twin.network = copy.copy(self.network)  # a shallow module copy: the same parameters
+        twin.network.forward = torch.compile(self.network.forward, dynamic=True)  # type: ignore[method-assign]
+        twin._twins = {}
+        return twin
+
+    @property
+    def is_compiled(self) -> bool:
+        """Whether :meth:`compiled` made this engine (its network's forward is an instance attribute)."""
+        return "forward" in vars(self.network)
+
+    def warm(self, lengths: Sequence[int] = (2, 7), batch_sizes: Sequence[int] = (1, 3)) -> None:
+        """Run the forward once per (batch size, length) shape class, so that a compiled engine
+        compiles now (before a service reports ready) instead of in a user's request."""
+        with torch.inference_mode():
+            for b in batch_sizes:
+                for n in lengths:
+                    items = torch.full((b, n), N_SPECIAL, dtype=torch.long)
+                    acts = torch.full(
+                        (b, n), N_SPECIAL if self.tokenizer.n_actions > N_SPECIAL else 0, dtype=torch.long
+                    )
+                    gaps = torch.zeros((b, n), dtype=torch.long)
+                    request = torch.zeros(b, dtype=torch.long) if self.time_context == "request" else None
+                    self.heads_from_tensors(items, acts, gaps, torch.full((b,), n - 1), request)
+
     def renamed(self, version: str) -> InferenceEngine:
         """This engine -- the same runtime, session and index -- under another version name."""
         other = copy.copy(self)
-        other.version = version
+        other.version, other._twins = version, {}
         return other
 
     # ------------------------------------------------------------------ sizes
@@ -89,6 +153,8 @@ class InferenceEngine:
 
     def retrieval_for(self, path: str) -> str:
         """How ``path`` (``online`` or ``batch``) finds top-k lists, and why when the cost chose."""
+        if self.device.type != "cpu":  # the index searches on the CPU; an accelerator ranks it all
+            return f"exact (on {self.device})"
         return "exact" if self.index is None else self.index.route_name(path)
 
     @property
@@ -110,6 +176,11 @@ class InferenceEngine:
             raise ConfigurationError(f"quantize must be 'int8' or None, got {mode!r}", cli_hint="use --quantize int8")
         if mode in (None, "none"):
             return self
+        if self.device.type != "cpu":
+            raise ConfigurationError(
+                f"int8 dynamic quantisation runs on the CPU; this engine runs on {self.device}",
+                cli_hint=f"--quantize int8 runs on the CPU: add --device cpu (the model was on {self.device})",
+            )
         from torch.ao.quantization import quantize_dynamic
 
         with warnings.catch_warnings():  # torch.ao quantisation is deprecated in favour of torchao
@@ -146,10 +217,13 @@ class InferenceEngine:
         """Inference state at each row's position ``last`` (the hidden state, plus the copy part of
         a repeat-aware model: :mod:`behaviorlm.nn.copy_head`), and next-action log-probs (specials
         -inf). ``request``: each row's request-gap bucket (a request-time model only)."""
+        dev = self.device
+        items, actions, gaps, last = (t.to(dev, non_blocking=True) for t in (items, actions, gaps, last))
+        request = None if request is None else request.to(dev, non_blocking=True)
         h = self.network(items, actions, gaps, last=last, request=request)
         a_logits = self.network.action_logits(h)
         a_logits[:, :N_SPECIAL] = float("-inf")
-        return h, torch.log_softmax(a_logits, -1)
+        return h.cpu(), torch.log_softmax(a_logits, -1).cpu()
 
     def heads(self, enc: EncodedSequences, rows: slice | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`heads_from_tensors` at each user's last token, for some rows of ``enc``; for a
@@ -195,25 +269,34 @@ class InferenceEngine:
     ) -> torch.Tensor:
         """``log P(item | next action)`` with ``action_id``, else ``log sum_a P(a) P(item | a)``;
         ``new_items``: plus the row's new context items after the vocabulary (:meth:`decode_new`)."""
+        return self._item_logp_here(h, a_logp, action_id, new_items).cpu()
+
+    def _item_logp_here(
+        self, h: torch.Tensor, a_logp: torch.Tensor, action_id: int | None = None, new_items: bool = False
+    ) -> torch.Tensor:
+        """:meth:`item_logp` left on the network's device (for a top-k taken there)."""
+        h, a_logp = h.to(self.device), a_logp.to(self.device)
         if action_id is not None:
-            return self.item_logp_given(h, torch.full((len(h),), action_id), new_items)
-        return self._over_next_actions(a_logp, lambda actions: self.item_logp_given(h, actions, new_items))
+            return self.network.item_logp(h, torch.full((len(h),), action_id, device=h.device), new_items)
+        return self._over_next_actions(a_logp, lambda actions: self.network.item_logp(h, actions, new_items))
 
     @torch.inference_mode()
     def item_logp_columns(self, h: torch.Tensor, a_logp: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """:meth:`item_logp` at given columns per row only, (B, C) for ``cols`` (B, C): for
         callers that read a few items of many rows (attribution), without a (rows x catalog)
         log-probability matrix per next action."""
-        return self._over_next_actions(a_logp, lambda actions: self.network.item_logp_columns(h, actions, cols))
+        h, a_logp, cols = h.to(self.device), a_logp.to(self.device), cols.to(self.device)
+        return self._over_next_actions(a_logp, lambda actions: self.network.item_logp_columns(h, actions, cols)).cpu()
 
     def _over_next_actions(self, a_logp: torch.Tensor, given: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """``log sum_a P(a) exp(given(a))`` over the real next actions, ``given`` taking one next
         action per row; one real action needs no sum."""
-        if len(self._real_actions) == 1:
-            return given(self._real_actions.expand(len(a_logp)))
+        real = self._real_actions.to(a_logp.device)
+        if len(real) == 1:
+            return given(real.expand(len(a_logp)))
         # accumulated pairwise: 3x faster on CPU than logsumexp over a stacked (actions, B, items) tensor
         total: torch.Tensor | None = None
-        for a in self._real_actions:
+        for a in real:
             part = given(a.expand(len(a_logp))).add_(a_logp[:, a, None])
             total = part if total is None else torch.logaddexp(total, part)
         assert total is not None
@@ -222,7 +305,8 @@ class InferenceEngine:
     @torch.inference_mode()
     def item_logp_given(self, h: torch.Tensor, next_actions: torch.Tensor, new_items: bool = False) -> torch.Tensor:
         """``log P(item | next action)`` with one next action per row (specials -inf)."""
-        return self.network.item_logp(h, next_actions, new_items)
+        dev = self.device
+        return self.network.item_logp(h.to(dev), next_actions.to(dev), new_items).cpu()
 
     def iter_scores(
         self, enc: EncodedSequences, action: str | None = None, batch_size: int = 128, new_items: bool = False
@@ -274,7 +358,7 @@ class InferenceEngine:
             state, _ = self.heads(enc, rows)
             elapsed = torch.from_numpy(np.maximum(self._silence_s(enc, rows), 0.0))
             with torch.inference_mode():
-                lj = head.log_joint(self.network.hidden(state))
+                lj = head.log_joint(self.network.hidden(state.to(self.device))).cpu()
                 out.append(gap_within(lj, a_id, elapsed, horizon_s, float(head.span_s)).numpy())
         return np.concatenate(out) if out else np.zeros(0)
 
@@ -324,10 +408,13 @@ class InferenceEngine:
         masked entries come back as -inf."""
         logp[:, :N_SPECIAL] = float("-inf")
         if allowed is not None:  # an allow-list names catalog items: new items are outside it
-            allowed = torch.nn.functional.pad(allowed, (0, logp.shape[1] - allowed.shape[-1]), value=False)
+            allowed = torch.nn.functional.pad(
+                allowed.to(logp.device), (0, logp.shape[1] - allowed.shape[-1]), value=False
+            )
             logp.masked_fill_(~allowed if allowed.dim() == 2 else ~allowed[None, :], float("-inf"))
         mask_seen_(logp, rows, seen)
-        return torch.topk(logp, min(k, logp.shape[1] - N_SPECIAL), dim=1)
+        val, idx = torch.topk(logp, min(k, logp.shape[1] - N_SPECIAL), dim=1)
+        return val.cpu(), idx.cpu()
 
     @torch.inference_mode()
     def rank(
@@ -348,8 +435,9 @@ class InferenceEngine:
         (:mod:`behaviorlm.inference.retrieval`). Masked or missing slots are -inf. With
         ``new_items`` a repeat-aware model may also return the row's new context items, as
         ``n_items + first position`` (:meth:`top_k_all` names them)."""
-        if self.index is None or not self.index.serves(path):
-            return self.top_k(self.item_logp(h, a_logp, action_id, new_items), rows, k, seen, allowed)
+        # the index searches on the CPU: a network on an accelerator ranks the whole catalog there
+        if self.index is None or not self.index.serves(path) or self.device.type != "cpu":
+            return self.top_k(self._item_logp_here(h, a_logp, action_id, new_items), rows, k, seen, allowed)
         return two_stage_top_k(self, h, a_logp, rows, k, seen, allowed, action_id, new_items)
 
     def top_k_all(
@@ -475,7 +563,8 @@ def mask_seen_(scores: torch.Tensor, rows: slice, seen: SeenPairs) -> None:
     service) and the evaluation's ranking both run it."""
     seen_rows, seen_cols = seen
     a, b = np.searchsorted(seen_rows, [rows.start, rows.stop])
-    scores[torch.from_numpy(seen_rows[a:b] - rows.start), torch.from_numpy(seen_cols[a:b])] = float("-inf")
+    r, c = (torch.from_numpy(x).to(scores.device) for x in (seen_rows[a:b] - rows.start, seen_cols[a:b]))
+    scores[r, c] = float("-inf")
 
 
 def first_positions(codes: np.ndarray) -> np.ndarray:
@@ -499,3 +588,13 @@ def _as_dtype(ids: pl.Series, dtype: pl.DataType | None) -> pl.Series:
     if dtype == pl.String or (ids.dtype.is_integer() and dtype.is_integer()):
         return ids.cast(dtype)
     return ids
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """``cuda`` and ``cuda:0`` (the current GPU) are one device."""
+    if a.type != b.type:
+        return False
+    if a.type != "cuda":
+        return True
+    current = torch.cuda.current_device() if torch.cuda.is_available() else 0
+    return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)

@@ -70,7 +70,7 @@ def export_onnx(engine: InferenceEngine, out_dir: str | Path, quantize: str | No
     onnx, ort = _require()
     if quantize not in (None, "none", "int8"):
         raise ConfigurationError(f"quantize must be 'int8' or None, got {quantize!r}", cli_hint="use --quantize int8")
-    net = engine.network
+    net = engine.on("cpu").network  # exported from the CPU: the graph is the same on any device
     if net.config.time_context != "history":
         raise ConfigurationError(
             "ONNX export covers history-only models; this one reads the request time (time_context="
@@ -139,7 +139,7 @@ class OnnxEngine(InferenceEngine):
     def __init__(self, base: InferenceEngine, graph: Path | None, label: str, session: Any = None):
         """``base`` on the graph at ``graph`` -- or on an already open ``session`` of it."""
         super().__init__(base.network, base.tokenizer, base.version, base.index)
-        self.session = session if session is not None else _session(graph)
+        self.session = session if session is not None else _session(graph, base.device)
         self.label = label
 
     def retrieval_for(self, path: str) -> str:
@@ -173,14 +173,22 @@ class OnnxEngine(InferenceEngine):
         return torch.from_numpy(h), torch.from_numpy(a_logp)
 
 
-def _session(graph: Path | None) -> Any:
+def _session(graph: Path | None, device: torch.device | None = None) -> Any:
     if graph is None:
         raise ValueError("OnnxEngine needs a graph file or an open session")
     _, ort = _require()
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = torch.get_num_threads()  # the same thread budget as torch
     opts.inter_op_num_threads = 1
-    return ort.InferenceSession(str(graph), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(graph), opts, providers=execution_providers(device, ort.get_available_providers()))
+
+
+def execution_providers(device: torch.device | None, installed: list[str]) -> list[str]:
+    """onnxruntime's providers for an engine on ``device``: CUDA's first (its GPU) when the engine
+    runs on a GPU and onnxruntime-gpu is installed, the CPU's always (the fallback for any node)."""
+    if device is not None and device.type == "cuda" and "CUDAExecutionProvider" in installed:
+        return [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]  # type: ignore[list-item]
+    return ["CPUExecutionProvider"]
 
 
 def open_export(folder: str | Path, engine: InferenceEngine) -> dict[str, Any]:
@@ -244,6 +252,7 @@ def _export_folder(engine: InferenceEngine, model_dir: str | Path | None, int8: 
 def compare(torch_engine: InferenceEngine, other: InferenceEngine, enc: Any, rows: slice) -> dict[str, float]:
     """Largest absolute differences of hidden states, action log-probs and item logits between two
     engines on the same rows (the export check and the benchmark use it)."""
+    torch_engine = torch_engine.on("cpu")  # its network reads CPU states below
     h0, a0 = torch_engine.heads(enc, rows)
     h1, a1 = other.heads(enc, rows)
     actions = torch_engine.real_actions[:1].expand(len(h0))

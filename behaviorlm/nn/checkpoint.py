@@ -79,6 +79,7 @@ def save(
         "scheduler": sched.state_dict(),
         "generator": gen.get_state(),
         "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,  # dropout on a GPU
         "fingerprint": fingerprint,
     }
     ckpt.folder.mkdir(parents=True, exist_ok=True)
@@ -98,7 +99,7 @@ def restore(
     """Load the checkpoint into the objects given and return the state; ``None`` when there is none."""
     if not (ckpt.resume and ckpt.path.is_file()):
         return None
-    body = torch.load(ckpt.path, weights_only=True)
+    body = torch.load(ckpt.path, weights_only=True, map_location="cpu")  # a GPU run's checkpoint resumes anywhere
     if body["fingerprint"] != fingerprint:
         diff = sorted(k for k in fingerprint if body["fingerprint"].get(k) != fingerprint[k])
         raise ConfigurationError(
@@ -111,4 +112,6 @@ def restore(
     sched.load_state_dict(body["scheduler"])
     gen.set_state(body["generator"])
     torch.set_rng_state(body["torch_rng"])
+    if body.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(body["cuda_rng"])
     return TrainState(**body["state"], best_state=copy.deepcopy(body["best_state"]))

@@ -14,8 +14,8 @@ how behaviorlm uses it:
 
 Processes find each other through the standard environment (``RANK``, ``WORLD_SIZE``,
 ``MASTER_ADDR``, ``MASTER_PORT``), set by ``torchrun``, by ``behaviorlm train --nproc N`` (which
-runs torchrun's launcher) or by ``TorchDistributor``. The backend is gloo: training runs on CPU
-in this version.
+runs torchrun's launcher) or by ``TorchDistributor``. The backend follows the device
+(:mod:`behaviorlm.nn.device`): NCCL with one GPU per process, gloo for CPU processes.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from behaviorlm.nn import device
 
 
 @dataclass
@@ -113,11 +115,24 @@ def current() -> Dist:
     return Dist()
 
 
-def init_from_env() -> Dist:
-    """Join the process group the launcher described in the environment (no-op for one process)."""
+def init_from_env(device_name: str = "auto") -> Dist:
+    """Join the process group the launcher described in the environment (no-op for one process):
+    NCCL when the ranks train on GPUs (``device_name`` resolves to CUDA), gloo otherwise."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="gloo")
+        dev = rank_device(device_name)
+        dist.init_process_group(backend=device.ddp_backend(dev), device_id=dev if dev.type == "cuda" else None)
     return current()
+
+
+def rank_device(device_name: str = "auto") -> torch.device:
+    """This process's device: under a launcher on GPUs, the GPU of its local rank (``LOCAL_RANK``),
+    one per process as DDP expects; otherwise :func:`behaviorlm.nn.device.resolve`."""
+    dev = device.resolve(device_name)
+    if dev.type == "cuda" and dev.index is None and "LOCAL_RANK" in os.environ:
+        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    return dev
 
 
 def launch(nproc: int, module: str, args: list[str]) -> int:

@@ -12,6 +12,9 @@ Why these choices:
   ``evaluation``, not here) and restores the best weights.
 * **One data source** (:class:`~behaviorlm.sequence.corpus.Corpus`) for sequences in memory and
   memory-mapped shards, in a canonical user order: the same seed gives the same batches either way.
+* **On the device asked for** (:mod:`behaviorlm.nn.device`): the model moves there for the run
+  and back to the CPU at the end (the weights a model saves and fine-tunes); batches are built on
+  the CPU and cross pinned; on CUDA the transformer runs under bf16 autocast and the losses in fp32.
 * **Resumable and data-parallel**: :mod:`behaviorlm.nn.checkpoint` restores every RNG and the
   position in the epoch; under DDP (:mod:`behaviorlm.nn.distributed`) each rank takes its share
   of the same global batch and losses are divided by global token counts, so N processes follow
@@ -36,7 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from behaviorlm.errors import ConfigurationError, InputDataError
-from behaviorlm.nn import checkpoint, distributed
+from behaviorlm.nn import checkpoint, device, distributed
 from behaviorlm.nn.checkpoint import Checkpointing
 from behaviorlm.nn.copy_head import COPY_FLOOR, COPY_LR_MULT, gate_logps
 from behaviorlm.nn.gap_head import FIRST_GAP, gap_nll
@@ -69,6 +72,8 @@ class TrainConfig:
     max_steps: int | None = BASE_PARAMS["max_steps"]  # stop after this many optimizer steps (benchmarks, resumable)
     # row-sparse item-table updates (nn.optim): auto = with the sampled loss, off under NCCL
     sparse_embeddings: str = BASE_PARAMS["sparse_embeddings"]
+    # where the steps run (nn.device): auto = a GPU when present; bf16 autocast there, fp32 on the CPU
+    device: str = BASE_PARAMS["device"]
 
     def __post_init__(self) -> None:
         if self.loss not in ("full", "sampled", "auto"):
@@ -77,6 +82,7 @@ class TrainConfig:
             raise ConfigurationError("epochs and batch_size must be >= 1")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigurationError("max_steps must be >= 1 (or None)")
+        device.check_name(self.device)
         if self.sparse_embeddings not in SPARSE_MODES:
             raise ConfigurationError(
                 f"sparse_embeddings must be one of {list(SPARSE_MODES)}, got {self.sparse_embeddings!r}",
@@ -201,7 +207,9 @@ class SequenceLoss(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         model, cfg = self.model, self.cfg
-        h = model(batch["items"], batch["actions"], batch["gaps"])
+        with device.autocast(batch["items"].device):  # bf16 on CUDA; the losses below run in fp32
+            h = model(batch["items"], batch["actions"], batch["gaps"])
+        h = h.float()
         tgt_i, tgt_a = batch["target_items"], batch["target_actions"]
         mask = tgt_i != PAD
         n_item = int(mask.sum())
@@ -220,7 +228,7 @@ class SequenceLoss(nn.Module):
         if model.gap_head is not None and "target_gaps" in batch:
             tgt_g = batch["target_gaps"] % model.config.n_gaps  # values packed above the gap id dropped
             gap_sum, n_gap = gap_nll(model.gap_head.log_joint(h), tgt_a, tgt_g, batch["censor"])
-        counts = torch.tensor([n_item, int((tgt_a != PAD).sum()), n_gap], dtype=torch.float64)
+        counts = torch.tensor([n_item, int((tgt_a != PAD).sum()), n_gap], dtype=torch.float64, device=h.device)
         return torch.stack([item_sum, action_sum, gap_sum]), counts
 
 
@@ -262,7 +270,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             lse = torch.logsumexp(logits, 1, keepdim=True)
             loss += (lse.squeeze(1) - logits.gather(1, tc[:, None]).squeeze(1)).sum()
             p = (logits - lse).exp_()
-            p[torch.arange(len(tc)), tc] -= 1.0
+            p[torch.arange(len(tc), device=tc.device), tc] -= 1.0
             grad_h[s : s + chunk] = p @ emb
             grad_e.addmm_(p.T, hc)
         ctx.save_for_backward(grad_h, grad_e)
@@ -300,7 +308,7 @@ class FusedTargetLogProb(torch.autograd.Function):
         for s in range(0, len(target), ctx.chunk):
             hc, tc = h[s : s + ctx.chunk], target[s : s + ctx.chunk]
             p = (_chunk_logits(hc, emb) - lse[s : s + ctx.chunk, None]).exp_().neg_()
-            p[torch.arange(len(tc)), tc] += 1.0  # d log p_target / d logits = onehot - p
+            p[torch.arange(len(tc), device=tc.device), tc] += 1.0  # d log p_target / d logits = onehot - p
             p.mul_(grad_out[s : s + ctx.chunk, None])
             grad_h[s : s + ctx.chunk] = p @ emb
             grad_e.addmm_(p.T, hc)
@@ -347,14 +355,16 @@ def _sampled_softmax_ce(model, q, target, n_neg, gen, corrected: bool = False) -
     are masked. ``corrected`` scales the negatives to the catalog (+ log((V-1)/n)), making
     ``-CE`` an estimate of the full-softmax log-probability rather than an inflated one."""
     n_items = model.config.n_items
-    neg = torch.randint(N_SPECIAL, n_items, (n_neg,), generator=gen)
+    neg = torch.randint(N_SPECIAL, n_items, (n_neg,), generator=gen).to(
+        q.device
+    )  # drawn on the CPU: same on any device
     pos_logit = (q * model.item_vectors(target)).sum(-1, keepdim=True)
     neg_logit = q @ model.item_vectors(neg).T
     if corrected:
         neg_logit = neg_logit + math.log(max(n_items - N_SPECIAL - 1, 1) / n_neg)
     neg_logit = neg_logit.masked_fill(neg[None, :] == target[:, None], float("-inf"))
     logits = torch.cat([pos_logit, neg_logit], dim=1)
-    return F.cross_entropy(logits, torch.zeros(len(target), dtype=torch.long), reduction="none")
+    return F.cross_entropy(logits, torch.zeros(len(target), dtype=torch.long, device=q.device), reduction="none")
 
 
 def _sampled_softmax_loss(model, h, next_action, target, n_neg, gen) -> torch.Tensor:
@@ -439,6 +449,10 @@ class _Trainer:
     ):
         self.model, self.corpus, self.cfg, self.ckpt = model, corpus, cfg, ckpt
         self.dist = distributed.current()
+        self.device = distributed.rank_device(cfg.device)  # under DDP on GPUs: this rank's own GPU
+        if self.device.type == "cuda":  # the catalog softmax stays fp32: let it use TF32 tensor cores
+            torch.set_float32_matmul_precision("high")
+        model.to(self.device)
         seed_everything(cfg.seed)
         self.rng = np.random.default_rng(cfg.seed)
         self.gen = torch.Generator().manual_seed(cfg.seed)
@@ -457,7 +471,10 @@ class _Trainer:
             "tokens": corpus.n_tokens,
             "n_items": model.config.n_items,
             "world": self.dist.world,
-            "config": {k: v for k, v in asdict(cfg).items() if k not in ("progress", "max_steps", "max_time_s")},
+            # where it runs is not what it learns: a run may resume on another device
+            "config": {
+                k: v for k, v in asdict(cfg).items() if k not in ("progress", "max_steps", "max_time_s", "device")
+            },
         }
         restored = checkpoint.restore(ckpt, model, self.opt, self.sched, self.gen, self.fingerprint) if ckpt else None
         self.state = restored or checkpoint.TrainState()
@@ -489,6 +506,7 @@ class _Trainer:
         if self.state.best_state is not None:
             self.model.load_state_dict(self.state.best_state)
         self.model.item_emb.sparse = False  # a training-time switch: inference and later stages read the table densely
+        self.model.to("cpu")  # inference chooses its own device (BehaviorLM.use_device); weights are saved from here
         self.hist.sparse_embeddings = self.opt.sparse
         self.model.eval()
         return self.hist
@@ -537,6 +555,7 @@ class _Trainer:
         if empty:
             for key in ("target_items", "target_actions", "target_gaps", "censor"):
                 batch[key].fill_(PAD)
+        batch = device.to_device(batch, self.device)
         sums, counts = self.loss(batch)
         totals = self.dist.all_reduce_sum(torch.cat([sums.detach().double(), counts]))
         n = len(sums)

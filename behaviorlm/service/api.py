@@ -61,6 +61,7 @@ from behaviorlm.extras import missing_extra
 from behaviorlm.segments.store import SegmentsFolder
 from behaviorlm.service.metrics import ServiceMetrics
 from behaviorlm.service.online import MicroBatcher, OnlineRecommender
+from behaviorlm.service.rank_cache import DEFAULT_ENTRIES
 from behaviorlm.service.reload import RegistryWatcher
 from behaviorlm.service.request_events import RequestEncoder
 
@@ -260,7 +261,8 @@ class Serving:
             )
         with self._adapting:  # one build per adapter, however many requests ask at once
             if adapter not in self.adapted:
-                online = OnlineRecommender.from_model(self.model.with_adapter(adapter))
+                cache = self.online.ranks_.max_entries
+                online = OnlineRecommender.from_model(self.model.with_adapter(adapter), cache)
                 batcher = MicroBatcher(online.recommend, max_batch=self.batcher.max_batch, name=f"recommend-{adapter}")
                 self.adapted[adapter] = (online, batcher)
             return self.adapted[adapter]
@@ -323,6 +325,9 @@ def create_app(
     reload_interval: float | None = None,
     retrieval: str = "auto",
     engine: str = "torch",
+    rank_cache: int = DEFAULT_ENTRIES,
+    device: str = "auto",
+    compile: bool = False,
 ) -> FastAPI:
     """The service for ``model``: a fitted ``BehaviorLM``, a local model folder, or ``models:/...``.
 
@@ -332,15 +337,21 @@ def create_app(
     ``reload_interval`` (seconds; registry aliases only) polls the alias and hot-swaps the model
     when it moves. ``retrieval`` (auto | exact | ann) and ``engine`` (torch | onnx | onnx-int8)
     say how a loaded model ranks and runs (:meth:`BehaviorLM.use_retrieval`, :meth:`~BehaviorLM.use_engine`).
+    ``rank_cache``: known users' ranked lists kept per model version (:mod:`behaviorlm.service.rank_cache`; 0: off).
+    ``device``: where the model scores (:meth:`BehaviorLM.use_device`; ``auto``: a GPU when present).
+    ``compile``: the forward through ``torch.compile``, compiled before the service reports ready
+    (:meth:`BehaviorLM.use_compile`; a model object given here is used as it is).
     """
     state = ServiceState()
     key = os.environ.get(API_KEY_ENV, "") if api_key is None else api_key
-    load = functools.partial(_load_serving, segments=segments, max_batch=max_batch, metrics=state.metrics)
+    load = functools.partial(
+        _load_serving, segments=segments, max_batch=max_batch, metrics=state.metrics, rank_cache=rank_cache
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         # load in the background: /health answers at once (liveness), /ready only when loaded
-        options = {"retrieval": retrieval, "engine": engine}
+        options: dict[str, Any] = {"retrieval": retrieval, "engine": engine, "device": device, "compile": compile}
         loading = asyncio.create_task(_load_in_background(state, model, load, threads, reload_interval, options))
         yield
         await asyncio.wait([loading], timeout=0)
@@ -379,7 +390,7 @@ async def _load_in_background(
     load: Callable[..., Serving],
     threads: int,
     reload_interval: float | None,
-    options: dict[str, str],
+    options: dict[str, Any],
 ) -> None:
     try:
         await run_in_threadpool(_first_load, state, model, load, threads, options)
@@ -396,7 +407,7 @@ async def _load_in_background(
 
 
 def _first_load(
-    state: ServiceState, model: Any, load: Callable[..., Serving], threads: int, options: dict[str, str]
+    state: ServiceState, model: Any, load: Callable[..., Serving], threads: int, options: dict[str, Any]
 ) -> None:
     from behaviorlm.inference.batch import set_threads
     from behaviorlm.tracking import load_model_ref
@@ -408,11 +419,13 @@ def _first_load(
     else:
         fitted, provenance = model, {"model_uri": "in-process", "registry_version": None}
     serving = load(fitted, provenance)
-    state.swap(serving)  # being current means ready
     # Everything loaded so far lives as long as the process: keep it out of the cyclic GC, whose
     # full collections over millions of start-up objects showed up as p99 stalls (RESULTS.md section 8).
+    # Before going live, not after: the collection holds the GIL for 0.1-0.3 s, and requests arriving
+    # just after /ready turned green waited it out (RESULTS.md section 29).
     gc.collect()
     gc.freeze()
+    state.swap(serving)  # being current means ready
     log.info(
         "model %s loaded in %.1fs (%d known users)",
         serving.version,
@@ -428,10 +441,12 @@ def _load_serving(
     segments: str | Path | None,
     max_batch: int,
     metrics: ServiceMetrics,
+    rank_cache: int = DEFAULT_ENTRIES,
 ) -> Serving:
-    """Everything one model version needs to answer: built off to the side, then swapped in."""
+    """Everything one model version needs to answer: built off to the side, then swapped in
+    (with it a new, empty rank cache: the new version's histories and weights rank afresh)."""
     seg = SegmentsFolder.load(segments, model.items_) if segments is not None else None
-    online = OnlineRecommender.from_model(model)
+    online = OnlineRecommender.from_model(model, rank_cache)
     batcher = MicroBatcher(
         online.recommend, max_batch=max_batch, name="recommend-batcher", on_batch=metrics.batch_size.observe
     )
@@ -597,6 +612,11 @@ async def _recommend(state: ServiceState, serving: Serving, req: RecommendReques
         raise HTTPException(422, "field 'allowed_items': none of these items is in the model's catalog")
     opts = {"k": req.k, "exclude_seen": exclude, "allowed": allowed}
     events = None
+    if allowed is None and not req.events and not req.explain and online.ranks_.enabled:
+        hit = online.cached(req.user_id, req.k, exclude)
+        state.metrics.rank_cache.labels("miss" if hit is None else "hit").inc()
+        if hit is not None:  # a known user asked again: no model, no batcher hop
+            return _recommend_response(serving, req, hit, cold=False)
     if req.events:
         lean = None if req.explain else serving.encoder.encode(req.user_id, _triples(req.events))
         if lean is not None:  # the common case: no DataFrame, no thread hop
@@ -614,13 +634,17 @@ async def _recommend(state: ServiceState, serving: Serving, req: RecommendReques
         ranked.user_id = query.user_id
     else:
         ranked = await asyncio.wrap_future(batcher.submit(query))
-    pairs = zip(ranked.item_ids, ranked.scores, strict=True)
-    items = [ItemOut(item_id=i, score=s, rank=r) for r, (i, s) in enumerate(pairs, 1)]
-    version = serving.version if req.adapter is None else f"{serving.version} + adapter {req.adapter}"
-    res = RecommendResponse(user_id=req.user_id, model_version=version, cold_start=cold, items=items)
+    res = _recommend_response(serving, req, ranked, cold)
     if req.explain:
         res.rationales = await run_in_threadpool(_explain, state, serving, req.user_id, ranked, events)
     return res
+
+
+def _recommend_response(serving: Serving, req: RecommendRequest, ranked: Any, cold: bool) -> RecommendResponse:
+    pairs = zip(ranked.item_ids, ranked.scores, strict=True)
+    items = [ItemOut(item_id=i, score=s, rank=r) for r, (i, s) in enumerate(pairs, 1)]
+    version = serving.version if req.adapter is None else f"{serving.version} + adapter {req.adapter}"
+    return RecommendResponse(user_id=req.user_id, model_version=version, cold_start=cold, items=items)
 
 
 def _triples(events: list[EventIn]) -> list[tuple[Any, str, str | float]]:

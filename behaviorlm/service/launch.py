@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from behaviorlm.service.connections import MAX_HEADER_BYTES, READ_TIMEOUT_S, GuardedHttpTools, set_limits
+from behaviorlm.service.rank_cache import DEFAULT_ENTRIES
 
 CONFIG_ENV = "BEHAVIORLM_SERVE_CONFIG"
 
@@ -40,6 +41,9 @@ class ServeConfig:
     engine: str = "torch"
     read_timeout: float = READ_TIMEOUT_S
     max_header_bytes: int = MAX_HEADER_BYTES
+    rank_cache: int = DEFAULT_ENTRIES
+    device: str = "auto"
+    compile: bool = False
 
     def app(self):  # noqa: ANN201 - FastAPI, imported lazily
         from behaviorlm.service.api import create_app
@@ -54,6 +58,9 @@ class ServeConfig:
             reload_interval=self.reload_interval,
             retrieval=self.retrieval,
             engine=self.engine,
+            rank_cache=self.rank_cache,
+            device=self.device,
+            compile=self.compile,
         )
 
 

@@ -1,7 +1,8 @@
 """Prometheus metrics of the service (``GET /metrics``), with prometheus-client.
 
 What an operator graphs and alerts on: requests by route and status, latency histograms by
-route, how many requests one forward pass answered (the micro-batcher's batch sizes), which
+route, how many requests one forward pass answered (the micro-batcher's batch sizes), how
+often a known user's ranked list came from the rank cache, which
 model version is live, and reloads by outcome with the time the last swap took.
 
 Each app has its own registry, so tests (and notebooks) can create many apps in one process.
@@ -54,6 +55,9 @@ class ServiceMetrics:
             multiprocess_mode="max",
         )
         self.reloads = Counter("behaviorlm_reloads", "Hot reloads by outcome", ["result"], registry=r)
+        self.rank_cache = Counter(
+            "behaviorlm_rank_cache_lookups", "Known users' ranked-list cache lookups by result", ["result"], registry=r
+        )
         self.swap_seconds = Gauge(
             "behaviorlm_last_reload_seconds",
             "Load-and-swap time of the last successful reload",

@@ -27,6 +27,7 @@ import torch
 from behaviorlm.data.events import Events, EventsError
 from behaviorlm.inference.engine import InferenceEngine
 from behaviorlm.sequence.tokenizer import N_SPECIAL, EncodedSequences
+from behaviorlm.service.rank_cache import DEFAULT_ENTRIES, CachedList, RankCache, Stamp
 from behaviorlm.service.request_events import EncodedRequest
 
 
@@ -59,9 +60,15 @@ class Ranked:
 
 
 class OnlineRecommender:
-    """An inference engine with the known users' histories pre-encoded for per-request inference."""
+    """An inference engine with the known users' histories pre-encoded for per-request inference.
 
-    def __init__(self, engine: InferenceEngine, histories: Events, seen: pl.DataFrame):
+    ``rank_cache``: how many known users' ranked lists to keep (:mod:`~behaviorlm.service.rank_cache`;
+    0 turns it off); a request-time model keeps none.
+    """
+
+    def __init__(
+        self, engine: InferenceEngine, histories: Events, seen: pl.DataFrame, rank_cache: int = DEFAULT_ENTRIES
+    ):
         self.engine = engine
         self.tok = engine.tokenizer
         enc = engine.encode(histories)
@@ -80,11 +87,12 @@ class OnlineRecommender:
         self.hidden_ = torch.zeros(len(enc), engine.state_width)
         self.action_logp_ = torch.zeros(len(enc), self.tok.n_actions)
         self.cached_ = np.zeros(len(enc), dtype=bool)
+        self.ranks_ = RankCache(rank_cache if self.cache_states_ else 0)
 
     @classmethod
-    def from_model(cls, model: Any) -> OnlineRecommender:
+    def from_model(cls, model: Any, rank_cache: int = DEFAULT_ENTRIES) -> OnlineRecommender:
         """From a fitted :class:`~behaviorlm.recommender.BehaviorLM`: its engine and known users."""
-        return cls(model.engine, model.history_events(), model.seen_)
+        return cls(model.engine, model.history_events(), model.seen_, rank_cache)
 
     @staticmethod
     def _key(user_id: Any) -> str:
@@ -110,6 +118,27 @@ class OnlineRecommender:
             new_ids=self.new_ids_,
             last_time=_last_time(self.enc_, row),
         )
+
+    def cached(self, user_id: Any, k: int, exclude_seen: bool) -> Ranked | None:
+        """A known user's top-``k`` from the rank cache (no allow-list), or ``None``: not known,
+        not cached yet, or ranked from another history."""
+        row = self.rows_.get(self._key(user_id))
+        if row is None:
+            return None
+        entry = self.ranks_.get(row, exclude_seen, k, self._stamp(row))
+        if entry is None:
+            return None
+        return Ranked(self.enc_.user_ids[row], *entry.first(k))
+
+    def _stamp(self, row: int) -> Stamp:
+        """The history a known row is ranked from: its length and newest event time."""
+        return int(self.enc_.offsets[row + 1] - self.enc_.offsets[row]), _last_time(self.enc_, row)
+
+    def _remember(self, q: Query, ranked: Ranked) -> None:
+        """Keep a known user's list in the rank cache (allow-listed answers are not reusable)."""
+        if q.known_row >= 0 and q.allowed is None and self.ranks_.enabled:
+            entry = CachedList(tuple(ranked.item_ids), tuple(ranked.scores), self._stamp(q.known_row), q.k)
+            self.ranks_.put(q.known_row, q.exclude_seen, entry)
 
     def query_for_events(self, user_id: Any, events: Events, **opts: Any) -> Query:
         """Raw recent events of one user (validated :class:`Events`), encoded on the fly."""
@@ -149,7 +178,10 @@ class OnlineRecommender:
         k = max(q.k for q in queries)
         new_items = self._new_items(queries, h)
         val, idx = self.engine.rank(h, a_logp, slice(0, len(queries)), k, seen, self._allowed(queries), None, new_items)
-        return [self._ranked(q, val[r, : q.k], idx[r, : q.k]) for r, q in enumerate(queries)]
+        out = [self._ranked(q, val[r, : q.k], idx[r, : q.k]) for r, q in enumerate(queries)]
+        for q, ranked in zip(queries, out, strict=True):
+            self._remember(q, ranked)
+        return out
 
     def _new_items(self, queries: list[Query], h: torch.Tensor) -> bool:
         """Whether new context items may be returned (a repeat-aware model, seen items kept);

@@ -40,7 +40,7 @@ class RegistryWatcher:
         build: Callable[[Any, dict[str, Any]], Any],
         swap: Callable[[Any], Any],
         metrics: Any = None,
-        load_options: dict[str, str] | None = None,
+        load_options: dict[str, Any] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
         if interval <= 0:
