@@ -99,11 +99,6 @@ def ddp_backend(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def of(module: torch.nn.Module) -> torch.device:
-    """The device a module's weights live on (the CPU for a module without any)."""
-    return next(iter(module.parameters()), torch.empty(0)).device
-
-
 @contextlib.contextmanager
 def synchronized(device: torch.device) -> Iterator[None]:
     """Wait for the device's queued work on exit, so a wall-clock timing around it is honest."""
