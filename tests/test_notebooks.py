@@ -12,6 +12,10 @@ from behaviorlm.data.datasets import shared_data_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+# The default suite runs the newcomer's quickstart and the segments notebook; early prediction and
+# explanations (~55 s each on 2 cores) run with `make test-all` -- their APIs have default-suite tests
+# of their own, and the default suite must stay near ten minutes on 2 cores (it reached 11:13).
+SLOW_NOTEBOOKS = ("03_early_prediction", "04_explanations")
 
 
 def test_the_four_notebooks_exist_and_are_stripped():
@@ -23,7 +27,11 @@ def test_the_four_notebooks_exist_and_are_stripped():
 
 
 @pytest.mark.skipif(not shared_data_dir().exists(), reason="../shared/data not present")
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "path",
+    [pytest.param(p, marks=pytest.mark.slow) if p.stem in SLOW_NOTEBOOKS else p for p in NOTEBOOKS],
+    ids=lambda p: p.stem,
+)
 def test_notebook_runs_top_to_bottom(path, tmp_path, monkeypatch):
     monkeypatch.setenv("BEHAVIORLM_NB_FAST", "1")
     monkeypatch.setenv("BEHAVIORLM_NB_OUT", str(tmp_path))
