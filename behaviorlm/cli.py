@@ -290,7 +290,9 @@ def train(
             "| exact: build none"
         ),
     ] = "auto",
-    nproc: Annotated[int, Opt(help="data-parallel processes on this machine (PyTorch DDP, gloo)")] = 1,
+    nproc: Annotated[
+        int, Opt(help="data-parallel processes on this machine (PyTorch DDP: gloo on CPUs, NCCL on GPUs)")
+    ] = 1,
     exclude_seen: Annotated[bool, Opt(help="exclude already-seen items when validating")] = True,
     force: Annotated[
         bool, Opt("--force", help="replace --out even if it is not a folder this command wrote (its contents are lost)")

@@ -94,8 +94,10 @@ def test_service_answers_repeats_from_the_cache_with_the_same_body(model, size):
         first = client.post("/v1/recommend", json={"user_id": u, "k": 6})
         again = client.post("/v1/recommend", json={"user_id": u, "k": 4})
         listed = client.post("/v1/recommend", json={"user_id": u, "k": 4, "allowed_items": ["item1", "item2"]})
+        unknown = client.post("/v1/recommend", json={"user_id": "nobody", "k": 4})  # a 404, not a cache miss
         metrics = client.get("/metrics").text
     assert first.status_code == again.status_code == listed.status_code == 200
+    assert unknown.status_code == 404
     assert again.json()["items"] == first.json()["items"][:4]
     assert {i["item_id"] for i in listed.json()["items"]} <= {"item1", "item2"}
     if size:

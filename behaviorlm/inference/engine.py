@@ -113,13 +113,9 @@ class InferenceEngine:
         with torch.inference_mode():
             for b in batch_sizes:
                 for n in lengths:
-                    items = torch.full((b, n), N_SPECIAL, dtype=torch.long)
-                    acts = torch.full(
-                        (b, n), N_SPECIAL if self.tokenizer.n_actions > N_SPECIAL else 0, dtype=torch.long
-                    )
-                    gaps = torch.zeros((b, n), dtype=torch.long)
+                    tokens = torch.full((b, n), N_SPECIAL, dtype=torch.long)  # the first real item and action
                     request = torch.zeros(b, dtype=torch.long) if self.time_context == "request" else None
-                    self.heads_from_tensors(items, acts, gaps, torch.full((b,), n - 1), request)
+                    self.heads_from_tensors(tokens, tokens, torch.zeros_like(tokens), torch.full((b,), n - 1), request)
 
     def renamed(self, version: str) -> InferenceEngine:
         """This engine -- the same runtime, session and index -- under another version name."""

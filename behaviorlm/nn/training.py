@@ -355,9 +355,8 @@ def _sampled_softmax_ce(model, q, target, n_neg, gen, corrected: bool = False) -
     are masked. ``corrected`` scales the negatives to the catalog (+ log((V-1)/n)), making
     ``-CE`` an estimate of the full-softmax log-probability rather than an inflated one."""
     n_items = model.config.n_items
-    neg = torch.randint(N_SPECIAL, n_items, (n_neg,), generator=gen).to(
-        q.device
-    )  # drawn on the CPU: same on any device
+    # drawn by the CPU generator, then moved: the same negatives on any device
+    neg = torch.randint(N_SPECIAL, n_items, (n_neg,), generator=gen).to(q.device)
     pos_logit = (q * model.item_vectors(target)).sum(-1, keepdim=True)
     neg_logit = q @ model.item_vectors(neg).T
     if corrected:

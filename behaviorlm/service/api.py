@@ -612,7 +612,8 @@ async def _recommend(state: ServiceState, serving: Serving, req: RecommendReques
         raise HTTPException(422, "field 'allowed_items': none of these items is in the model's catalog")
     opts = {"k": req.k, "exclude_seen": exclude, "allowed": allowed}
     events = None
-    if allowed is None and not req.events and not req.explain and online.ranks_.enabled:
+    cacheable = allowed is None and not req.events and not req.explain and online.ranks_.enabled
+    if cacheable and online.knows(req.user_id):  # an unknown user is a 404, not a cache miss
         hit = online.cached(req.user_id, req.k, exclude)
         state.metrics.rank_cache.labels("miss" if hit is None else "hit").inc()
         if hit is not None:  # a known user asked again: no model, no batcher hop
