@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import httpx
 import numpy as np
 import pytest
@@ -105,3 +108,13 @@ def test_service_answers_repeats_from_the_cache_with_the_same_body(model, size):
         assert 'behaviorlm_rank_cache_lookups_total{result="miss"} 1.0' in metrics
     else:
         assert "behaviorlm_rank_cache_lookups_total{" not in metrics
+
+
+def test_serve_refuses_a_negative_cache_size(tmp_path):
+    for name in ("estimator.json", "weights.pt"):  # looks like a model folder: the flags are checked before loading
+        (tmp_path / name).write_text("{}")
+    cmd = [sys.executable, "-m", "behaviorlm.cli", "serve", "--model", str(tmp_path), "--rank-cache", "-1"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    said = res.stdout + res.stderr
+    assert res.returncode != 0 and "--rank-cache must be >= 0 (0 turns it off), got -1" in said, said[-1500:]
+    assert "Traceback" not in said
